@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Idempotent setup: a Python venv holding libtorch 2.11.0 from PyPI (the only libtorch source reachable here),
+# the NCCL symlink cudarc's loader wants, and the S3 test server. Writes .env.build for the build.
+#   XVLM_TORCH=cpu   small CPU-only libtorch (~540 MB)  [default without an NVIDIA GPU]
+#   XVLM_TORCH=cuda  full CUDA wheel set (~2.7 GB)      [default with an NVIDIA GPU]
+#   LIBTORCH=/path   use a cluster's own libtorch 2.11 instead (skips the venv's torch)
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+VENV=${VENV:-$ROOT/.venv}
+TORCH_VERSION=2.11.0
+if [ -z "${XVLM_TORCH:-}" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then XVLM_TORCH=cuda; else XVLM_TORCH=cpu; fi
+fi
+PY=${PYTHON:-python3}
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+installed_version() { cat "$SITE"/torch-*.dist-info/METADATA 2>/dev/null | sed -n 's/^Version: //p' | head -1; }
+if [ -n "${LIBTORCH:-}" ]; then
+  echo "setup: using LIBTORCH=$LIBTORCH (cluster libtorch; not installing torch)"
+  TORCH_DIR=$LIBTORCH
+else
+  if [ "$(installed_version)" != "$TORCH_VERSION" ] || { [ "$XVLM_TORCH" = cuda ] && [ ! -e "$SITE/nvidia/cublas" ]; }; then
+    echo "setup: installing torch==$TORCH_VERSION ($XVLM_TORCH) into $VENV"
+    if [ "$XVLM_TORCH" = cpu ]; then
+      "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps "torch==$TORCH_VERSION" \
+        nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85
+    else
+      "$VENV/bin/pip" install -q --disable-pip-version-check "torch==$TORCH_VERSION"
+    fi
+  fi
+  TORCH_DIR=$SITE/torch
+fi
+mkdir -p "$ROOT/.libs"
+if [ -e "$SITE/nvidia/nccl/lib/libnccl.so.2" ]; then
+  ln -sf "$SITE/nvidia/nccl/lib/libnccl.so.2" "$ROOT/.libs/libnccl.so"
+fi
+cat > "$ROOT/.env.build" <<ENV
+export LIBTORCH=$TORCH_DIR
+export XVLM_LIBS_DIR=$ROOT/.libs
+ENV
+echo "setup: libtorch at $TORCH_DIR ($XVLM_TORCH); build env in .env.build"
