@@ -1,6 +1,7 @@
 // The two libtorch entry points tch does not expose. Errors come back as malloc'd strings, never as
 // C++ exceptions crossing into Rust.
 #include <ATen/ATen.h>
+#include <ATen/Version.h>
 #include <torch/csrc/jit/serialization/pickle.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <cstring>
@@ -75,6 +76,15 @@ void *xvlm_current_cuda_stream(int device) {
     return impl->getStream(c10::Device(c10::DeviceType::CUDA, (c10::DeviceIndex)device)).native_handle();
   } catch (const std::exception &) {
     return nullptr;
+  }
+}
+
+// libtorch's own build description (at::show_config), which names the TORCH_VERSION it was built as.
+char *xvlm_show_config() {
+  try {
+    return strdup(at::show_config().c_str());
+  } catch (const std::exception &e) {
+    return strdup(e.what());
   }
 }
 }

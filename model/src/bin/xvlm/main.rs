@@ -1,0 +1,43 @@
+//! `xvlm`: single-process tools (doctor, parity, convert, data tools).
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use xvlm_proto::logging::{self, LogFormat};
+
+mod doctor;
+mod smoke;
+
+#[derive(Parser)]
+#[command(name = "xvlm", version, about = "X-VLM single-process tools")]
+struct Cli {
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the libtorch, CUDA, NCCL, CPU and storage facts a run depends on; non-zero if libtorch is not 2.11.0.
+    Doctor,
+    /// Train a tiny MLP for a few steps with libtorch (proves the tensor stack works end to end).
+    SmokeTrain(smoke::SmokeArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    let _ = xvlm_model::runtime::load_cuda_backend();
+    if let Err(err) = run(cli.command) {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Doctor => doctor::run(),
+        Command::SmokeTrain(args) => smoke::run(&args),
+    }
+}

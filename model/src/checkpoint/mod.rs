@@ -1,0 +1,1 @@
+//! Checkpoints: official torch.save files, safetensors, key handling and resizing.

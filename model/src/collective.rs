@@ -1,0 +1,80 @@
+//! The collective operations data-parallel training needs. Backends (TCP ring, NCCL) live in the worker;
+//! the model only sees this trait, so a single process uses [`SingleProcess`].
+
+use tch::Tensor;
+
+/// A failed collective: a peer died, a socket broke, NCCL reported an error.
+#[derive(Debug, thiserror::Error)]
+pub enum CollectiveError {
+    /// Transport-level failure talking to a peer.
+    #[error("collective {op} failed at rank {rank}: {reason}")]
+    Failed {
+        /// Which operation.
+        op: &'static str,
+        /// This process's rank.
+        rank: usize,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// Sum/gather/broadcast across the ranks of one job generation. Every rank calls the same operations in
+/// the same order with tensors of the same shape and dtype.
+pub trait Collective: Send {
+    /// This process's rank, 0..world_size.
+    fn rank(&self) -> usize;
+    /// Number of ranks.
+    fn world_size(&self) -> usize;
+    /// In-place element-wise sum across ranks (contiguous tensor).
+    fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<(), CollectiveError>;
+    /// Every rank's tensor, in rank order (the local one included, as given).
+    fn all_gather(&self, tensor: &Tensor) -> Result<Vec<Tensor>, CollectiveError>;
+    /// Overwrites `tensor` with the root rank's value.
+    fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<(), CollectiveError>;
+    /// Returns once every rank has reached it.
+    fn barrier(&self) -> Result<(), CollectiveError>;
+}
+
+/// World size 1: every collective is the identity.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SingleProcess;
+
+impl Collective for SingleProcess {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&self, _tensor: &mut Tensor) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+    fn all_gather(&self, tensor: &Tensor) -> Result<Vec<Tensor>, CollectiveError> {
+        Ok(vec![tensor.shallow_clone()])
+    }
+    fn broadcast(&self, _tensor: &mut Tensor, _root: usize) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+    fn barrier(&self) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+}
+
+/// The official `AllGather` autograd function: the gathered features in rank order, where only the local
+/// slice carries gradient (its backward returns the local slice of the incoming gradient).
+pub fn all_gather_local_grad(
+    collective: &dyn Collective,
+    local: &Tensor,
+) -> Result<Tensor, CollectiveError> {
+    if collective.world_size() == 1 {
+        return Ok(local.shallow_clone());
+    }
+    let gathered = collective.all_gather(&local.detach())?;
+    let rank = collective.rank();
+    let parts: Vec<Tensor> = gathered
+        .into_iter()
+        .enumerate()
+        .map(|(r, t)| if r == rank { local.shallow_clone() } else { t })
+        .collect();
+    Ok(Tensor::cat(&parts, 0))
+}

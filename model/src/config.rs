@@ -1,0 +1,1 @@
+//! Official task YAML keys and model JSON configs (serde), layered with figment.

@@ -1,0 +1,1 @@
+//! Data pipeline: official formats, text, images, regions, sharded resumable streams.

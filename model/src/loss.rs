@@ -1,0 +1,1 @@
+//! Losses: ITC, ITM with hard negatives, MLM, bbox L1 + GIoU.

@@ -1,0 +1,1 @@
+//! AdamW as the official code runs it, param groups, schedule, clipping.

@@ -1,0 +1,1 @@
+//! Task models built on the X-VLM core: pre-training now, fine-tuning tasks beside it.

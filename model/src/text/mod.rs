@@ -1,0 +1,1 @@
+//! Text encoders: BERT with the fusion_layer split (bert), RoBERTa (roberta).

@@ -1,0 +1,1 @@
+//! The Trainer: runs steps and evaluation given a Collective; knows nothing of gRPC.

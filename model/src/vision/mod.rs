@@ -1,0 +1,1 @@
+//! Vision encoders: Swin (swin), CLIP-ViT and DeiT (vit).
