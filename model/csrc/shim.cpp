@@ -2,6 +2,7 @@
 // C++ exceptions crossing into Rust.
 #include <ATen/ATen.h>
 #include <ATen/Version.h>
+#include <ATen/Context.h>
 #include <torch/csrc/jit/serialization/pickle.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <cstring>
@@ -86,5 +87,11 @@ char *xvlm_show_config() {
   } catch (const std::exception &e) {
     return strdup(e.what());
   }
+}
+
+// TF32 matmuls/convolutions on Ampere+ change float32 results; parity checks turn them off.
+void xvlm_set_allow_tf32(bool allow) {
+  at::globalContext().setAllowTF32CuBLAS(allow);
+  at::globalContext().setAllowTF32CuDNN(allow);
 }
 }

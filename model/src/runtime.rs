@@ -179,6 +179,15 @@ pub fn storage_backends() -> Vec<&'static str> {
     backends
 }
 
+/// Allows or forbids TF32 in CUDA matmuls and convolutions (parity checks need it off).
+pub fn set_allow_tf32(allow: bool) {
+    extern "C" {
+        fn xvlm_set_allow_tf32(allow: bool);
+    }
+    // SAFETY: sets two flags on libtorch's global context; no CUDA needed.
+    unsafe { xvlm_set_allow_tf32(allow) }
+}
+
 /// Pointer-sized handle for FFI users that need the current CUDA stream (NCCL).
 pub fn current_cuda_stream(device: usize) -> *mut c_void {
     extern "C" {
