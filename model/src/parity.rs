@@ -3,7 +3,20 @@
 //! A case folder holds `case.yaml` (kind and tolerances), inputs and `expected.safetensors`; every expected
 //! tensor must be computed and compared, and an unknown kind is an error.
 
-use tch::{Kind, Tensor};
+pub mod param_keys;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+use crate::checkpoint;
+use crate::collective::SingleProcess;
+use crate::config::TaskConfig;
+use crate::loss::ReplaySampler;
+use crate::tasks::{PretrainBatch, PretrainModel, RegionInputs};
+use crate::xvlm::ModelError;
 
 /// Per-tensor tolerance: `max|got - expected| <= rtol * max|expected| + atol`.
 #[derive(Debug, Clone, Copy, serde::Deserialize)]
@@ -100,4 +113,294 @@ pub fn not_computed(name: &str) -> Comparison {
         passed: false,
         note: Some("not computed".into()),
     }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Case runner
+// ---------------------------------------------------------------------------------------------------------
+
+/// A case folder that cannot be run (as opposed to a tensor that does not match).
+#[derive(Debug, thiserror::Error)]
+pub enum ParityError {
+    /// A file of the case could not be read.
+    #[error("cannot read {path}: {reason}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// `case.yaml` names a kind nobody knows.
+    #[error("unknown parity kind {0:?} (known: {KNOWN_KINDS:?})")]
+    UnknownKind(String),
+    /// A known kind whose computation is not available in this build.
+    #[error("parity kind {kind:?} is not implemented yet: {reason}")]
+    NotImplemented {
+        /// The kind.
+        kind: String,
+        /// What is missing.
+        reason: String,
+    },
+    /// An input tensor the kind needs is absent from `batch.safetensors`.
+    #[error("{path} lacks input tensor {name}")]
+    MissingInput {
+        /// The batch file.
+        path: PathBuf,
+        /// The tensor name.
+        name: String,
+    },
+    /// The model could not be built, loaded or run.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+/// Every kind a `case.yaml` may name.
+pub const KNOWN_KINDS: [&str; 9] = [
+    "pretrain",
+    "pretrain_train_steps",
+    "retrieval",
+    "grounding_bbox",
+    "nlvr",
+    "vqa",
+    "image_preprocessing",
+    "param_keys",
+    "relpos_resize",
+];
+
+/// Where the model weights of a case come from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WeightsSource {
+    /// `model.th` if present, else `model.safetensors`.
+    #[default]
+    Auto,
+    /// The official `torch.save` file `model.th`.
+    TorchSave,
+    /// `model.safetensors`.
+    Safetensors,
+}
+
+/// `case.yaml`: the kind and its tolerances (other keys are kind-specific).
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct CaseSpec {
+    /// Which computation.
+    pub kind: String,
+    /// Relative tolerance (per tensor, scaled by its largest magnitude).
+    #[serde(default)]
+    pub rtol: Option<f64>,
+    /// Absolute floor.
+    #[serde(default)]
+    pub atol: Option<f64>,
+    /// Kind-specific keys.
+    #[serde(flatten)]
+    pub extra: std::collections::BTreeMap<String, serde_yaml::Value>,
+}
+
+impl CaseSpec {
+    /// Reads `dir/case.yaml`.
+    pub fn load(dir: &Path) -> Result<Self, ParityError> {
+        let path = dir.join("case.yaml");
+        let text = std::fs::read_to_string(&path).map_err(|e| ParityError::Read {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        serde_yaml::from_str(&text).map_err(|e| ParityError::Read {
+            path,
+            reason: e.to_string(),
+        })
+    }
+
+    /// The tolerance (defaults: the README's 1e-5 relative, 1e-6 absolute).
+    pub fn tolerance(&self) -> Tolerance {
+        Tolerance {
+            rtol: self.rtol.unwrap_or(1e-5),
+            atol: self.atol.unwrap_or(1e-6),
+        }
+    }
+}
+
+/// The result of one case: one row per expected tensor (or key set).
+#[derive(Debug)]
+pub struct CaseReport {
+    /// The case kind.
+    pub kind: String,
+    /// One row per compared item.
+    pub rows: Vec<Comparison>,
+}
+
+impl CaseReport {
+    /// True when every row passed and there is at least one row.
+    pub fn passed(&self) -> bool {
+        !self.rows.is_empty() && self.rows.iter().all(|r| r.passed)
+    }
+
+    /// The rows that failed.
+    pub fn failures(&self) -> Vec<&Comparison> {
+        self.rows.iter().filter(|r| !r.passed).collect()
+    }
+}
+
+/// Runs the case in `dir` according to its `case.yaml`.
+pub fn run_case(dir: &Path, weights: WeightsSource) -> Result<CaseReport, ParityError> {
+    let spec = CaseSpec::load(dir)?;
+    let rows = match spec.kind.as_str() {
+        "pretrain" => run_pretrain(dir, &spec, weights)?,
+        "param_keys" => param_keys::run(dir)?,
+        "relpos_resize" => run_relpos_resize(dir, &spec)?,
+        // Dispatch arm for M3's trainer (train/): once `train` exposes the fixture replay of
+        // `Pretrain.train`, call it here and compare its per-step losses / lrs / grad norms and
+        // final weights against expected.safetensors and final.safetensors.
+        "pretrain_train_steps" => {
+            return Err(ParityError::NotImplemented {
+                kind: spec.kind,
+                reason: "the trainer's fixture replay (train/) is not wired in yet".into(),
+            })
+        }
+        k if KNOWN_KINDS.contains(&k) => {
+            return Err(ParityError::NotImplemented {
+                kind: spec.kind.clone(),
+                reason: "its task model is not part of this build".into(),
+            })
+        }
+        _ => return Err(ParityError::UnknownKind(spec.kind)),
+    };
+    Ok(CaseReport {
+        kind: spec.kind,
+        rows,
+    })
+}
+
+fn read_tensors(path: &Path) -> Result<Vec<(String, Tensor)>, ParityError> {
+    Tensor::read_safetensors(path).map_err(|e| ParityError::Read {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+/// Compares every tensor of `expected` with the computed one of the same name; an expected tensor that
+/// was not computed is a failure.
+pub fn compare_all(
+    expected: &[(String, Tensor)],
+    computed: &HashMap<String, Tensor>,
+    tol: Tolerance,
+) -> Vec<Comparison> {
+    expected
+        .iter()
+        .map(|(name, e)| match computed.get(name) {
+            Some(got) => compare(name, got, e, tol),
+            None => not_computed(name),
+        })
+        .collect()
+}
+
+/// Loads the case's weights into `vs` strictly (every variable filled; computed buffers and tied aliases
+/// in the file are skipped).
+pub fn load_case_weights(
+    vs: &VarStore,
+    dir: &Path,
+    source: WeightsSource,
+    aliases: &[(String, String)],
+) -> Result<(), ParityError> {
+    let th = dir.join("model.th");
+    let st = dir.join("model.safetensors");
+    let path = match source {
+        WeightsSource::TorchSave => th,
+        WeightsSource::Safetensors => st,
+        WeightsSource::Auto if th.exists() => th,
+        WeightsSource::Auto => st,
+    };
+    let sd = checkpoint::read_state_dict(&path).map_err(ModelError::from)?;
+    let opts = checkpoint::LoadOptions {
+        strict: true,
+        ignore: aliases.iter().map(|(alias, _)| alias.clone()).collect(),
+    };
+    checkpoint::load_state_dict(vs, &sd, &opts).map_err(ModelError::from)?;
+    Ok(())
+}
+
+fn take(
+    batch: &HashMap<String, Tensor>,
+    path: &Path,
+    name: String,
+) -> Result<Tensor, ParityError> {
+    batch
+        .get(&name)
+        .map(Tensor::shallow_clone)
+        .ok_or(ParityError::MissingInput {
+            path: path.to_path_buf(),
+            name,
+        })
+}
+
+/// Kind `pretrain`: the official pre-training forward on the `general` batch and the `region` batch,
+/// with the recorded ITM negatives replayed.
+fn run_pretrain(
+    dir: &Path,
+    spec: &CaseSpec,
+    weights: WeightsSource,
+) -> Result<Vec<Comparison>, ParityError> {
+    let task = TaskConfig::load(&dir.join("config.yaml")).map_err(ModelError::from)?;
+    let vs = VarStore::new(Device::Cpu);
+    let model = PretrainModel::new(&vs.root(), &task)?;
+    load_case_weights(&vs, dir, weights, &model.core.tied_aliases())?;
+
+    let batch_path = dir.join("batch.safetensors");
+    let batch: HashMap<String, Tensor> = read_tensors(&batch_path)?.into_iter().collect();
+    let expected = read_tensors(&dir.join("expected.safetensors"))?;
+    let mut computed = HashMap::new();
+    for prefix in ["general", "region"] {
+        let t = |name: &str| take(&batch, &batch_path, format!("{prefix}.{name}"));
+        let region = if prefix == "region" {
+            Some(RegionInputs {
+                idx_to_group_img: t("idx_to_group_img")?,
+                image_atts: t("image_atts")?,
+                target_bbox: t("target_bbox")?,
+                is_image: t("is_image")?,
+            })
+        } else {
+            None
+        };
+        let input = PretrainBatch {
+            image: t("image")?,
+            text_ids: t("text_ids")?,
+            text_atts: t("text_atts")?,
+            text_ids_masked: t("text_ids_masked")?,
+            masked_pos: t("masked_pos")?,
+            masked_ids: t("masked_ids")?,
+            region,
+        };
+        let mut sampler = ReplaySampler::new(t("itm_neg_image_idx")?, t("itm_neg_text_idx")?);
+        // The fixtures ran in train mode with every dropout / drop-path at 0, i.e. an eval forward.
+        let out = tch::no_grad(|| model.forward(&input, &SingleProcess, &mut sampler, false))?;
+        for (name, tensor) in out.named_tensors() {
+            computed.insert(format!("{prefix}.{name}"), tensor);
+        }
+    }
+    Ok(compare_all(&expected, &computed, spec.tolerance()))
+}
+
+/// Kind `relpos_resize`: `wA_to_wB.src` resized to (2B−1)² rows must equal `wA_to_wB.dst`.
+fn run_relpos_resize(dir: &Path, spec: &CaseSpec) -> Result<Vec<Comparison>, ParityError> {
+    let batch: HashMap<String, Tensor> = read_tensors(&dir.join("batch.safetensors"))?
+        .into_iter()
+        .collect();
+    let expected = read_tensors(&dir.join("expected.safetensors"))?;
+    let mut computed = HashMap::new();
+    for (name, src) in &batch {
+        let Some(case) = name.strip_suffix(".src") else {
+            continue;
+        };
+        let window = case
+            .rsplit("_to_w")
+            .next()
+            .and_then(|w| w.parse::<i64>().ok())
+            .ok_or_else(|| ParityError::Read {
+                path: dir.join("batch.safetensors"),
+                reason: format!("cannot read the target window from {name:?}"),
+            })?;
+        let dst = (2 * window - 1) * (2 * window - 1);
+        let out = checkpoint::interpolate_relative_pos_embed(src, dst, name)
+            .map_err(ModelError::from)?;
+        computed.insert(format!("{case}.dst"), out);
+    }
+    Ok(compare_all(&expected, &computed, spec.tolerance()))
 }

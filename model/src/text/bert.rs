@@ -136,14 +136,14 @@ impl BertEmbeddings {
         };
         let d = cfg.hidden_size;
         BertEmbeddings {
-            word_embeddings: p.var("word_embeddings.weight", &[cfg.vocab_size, d], init),
-            position_embeddings: p.var(
-                "position_embeddings.weight",
+            word_embeddings: (&p / "word_embeddings").var("weight", &[cfg.vocab_size, d], init),
+            position_embeddings: (&p / "position_embeddings").var(
+                "weight",
                 &[cfg.max_position_embeddings, d],
                 init,
             ),
-            token_type_embeddings: p.var(
-                "token_type_embeddings.weight",
+            token_type_embeddings: (&p / "token_type_embeddings").var(
+                "weight",
                 &[cfg.type_vocab_size, d],
                 init,
             ),
