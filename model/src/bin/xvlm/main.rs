@@ -4,6 +4,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use xvlm_proto::logging::{self, LogFormat};
 
+mod convert;
 mod doctor;
 mod smoke;
 
@@ -23,6 +24,8 @@ enum Command {
     Doctor,
     /// Train a tiny MLP for a few steps with libtorch (proves the tensor stack works end to end).
     SmokeTrain(smoke::SmokeArgs),
+    /// Convert an official `torch.save` checkpoint (`.th`/`.pth`) to safetensors.
+    Convert(convert::ConvertArgs),
 }
 
 fn main() {
@@ -39,5 +42,6 @@ fn run(command: Command) -> Result<()> {
     match command {
         Command::Doctor => doctor::run(),
         Command::SmokeTrain(args) => smoke::run(&args),
+        Command::Convert(args) => convert::run(&args),
     }
 }
