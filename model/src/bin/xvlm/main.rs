@@ -6,6 +6,7 @@ use xvlm_proto::logging::{self, LogFormat};
 
 mod convert;
 mod doctor;
+mod parity;
 mod smoke;
 
 #[derive(Parser)]
@@ -26,6 +27,8 @@ enum Command {
     SmokeTrain(smoke::SmokeArgs),
     /// Convert an official `torch.save` checkpoint (`.th`/`.pth`) to safetensors.
     Convert(convert::ConvertArgs),
+    /// Run a parity fixture case (`case.yaml` + `expected.safetensors`); non-zero if any tensor fails.
+    Parity(parity::ParityArgs),
 }
 
 fn main() {
@@ -43,5 +46,6 @@ fn run(command: Command) -> Result<()> {
         Command::Doctor => doctor::run(),
         Command::SmokeTrain(args) => smoke::run(&args),
         Command::Convert(args) => convert::run(&args),
+        Command::Parity(args) => parity::run(&args),
     }
 }
