@@ -615,3 +615,101 @@ impl TaskConfig {
         self.text_encoder.as_deref().map(|t| self.resolve(t))
     }
 }
+
+/// The project's `configs/` folder (official-format task and model configs).
+pub fn configs_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every shipped task YAML parses, has no unknown keys and resolves its model JSONs.
+    #[test]
+    fn every_task_yaml_in_configs_parses() {
+        let mut seen = 0;
+        for entry in std::fs::read_dir(configs_dir()).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+                continue;
+            }
+            let cfg = TaskConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            assert!(
+                cfg.unknown_keys().is_empty(),
+                "{}: {:?}",
+                path.display(),
+                cfg.unknown_keys()
+            );
+            let text = cfg.load_text_config().unwrap_or_else(|e| panic!("{e}"));
+            assert!(text.fusion_layer < text.num_hidden_layers);
+            assert!(
+                cfg.vision_config_path().unwrap().exists(),
+                "{}",
+                path.display()
+            );
+            seen += 1;
+        }
+        assert!(seen >= 3, "expected the 4m, 16m and tiny configs");
+    }
+
+    /// The 4M config carries the official values (XVLM-REFERENCE.md §1.2, §2.1, §4).
+    #[test]
+    fn base_4m_values() {
+        let cfg = TaskConfig::load(&configs_dir().join("Pretrain_XVLM_base_4m.yaml")).unwrap();
+        assert!(cfg.use_swin && !cfg.use_clip_vit && !cfg.use_roberta);
+        assert_eq!(
+            (cfg.image_res, cfg.patch_size, cfg.embed_dim),
+            (224, 32, Some(256))
+        );
+        assert_eq!(cfg.temp, Some(0.07));
+        assert_eq!((cfg.max_tokens, cfg.max_masks), (Some(40), Some(8)));
+        let regions = cfg.regions.as_ref().unwrap();
+        assert_eq!(
+            (regions.batch_size, regions.max_images, regions.iter_perc),
+            (128, 48, 0.5)
+        );
+        let opt = cfg.optimizer.as_ref().unwrap();
+        assert_eq!(
+            (opt.lr, opt.weight_decay, opt.lr_mult),
+            (1e-4, 0.01, Some(2.0))
+        );
+        let sched = cfg.schedular.as_ref().unwrap();
+        assert_eq!((sched.epochs, sched.num_warmup_steps), (41.0, 2500.0));
+        assert_eq!(cfg.accelerator.as_ref().unwrap().FP16_OPT_LEVEL, "O1");
+    }
+
+    /// Every text JSON parses with the official keys; BERT and RoBERTa are told apart.
+    #[test]
+    fn text_jsons_parse() {
+        let bert = TextConfig::load(&configs_dir().join("config_bert.json")).unwrap();
+        assert_eq!(
+            (bert.vocab_size, bert.pad_token_id, bert.fusion_layer),
+            (30522, 0, 6)
+        );
+        assert_eq!(bert.flavor(), TextFlavor::Bert);
+        let roberta = TextConfig::load(&configs_dir().join("config_roberta.json")).unwrap();
+        assert_eq!((roberta.vocab_size, roberta.pad_token_id), (50265, 1));
+        assert_eq!(roberta.layer_norm_eps, 1e-5);
+        assert_eq!(roberta.flavor(), TextFlavor::Roberta);
+    }
+
+    /// Unknown keys are kept and reported (warnings), not rejected; PyYAML-style `1e-4` strings parse.
+    #[test]
+    fn unknown_keys_are_reported_not_rejected() {
+        let yaml = "image_res: 64\npatch_size: 32\ntext_config: t.json\nsome_new_key: 3\n\
+                    optimizer: {opt: adamW, lr: '1e-4', weight_decay: 0.01}\n";
+        let cfg = TaskConfig::parse(yaml, Path::new("x/task.yaml")).unwrap();
+        assert_eq!(cfg.unknown_keys(), vec!["some_new_key"]);
+        assert_eq!(cfg.optimizer.unwrap().lr, 1e-4);
+    }
+
+    /// A fusion layer past the last layer is refused with the key named.
+    #[test]
+    fn bad_fusion_layer_is_refused() {
+        let mut cfg = TextConfig::load(&configs_dir().join("config_bert.json")).unwrap();
+        cfg.fusion_layer = 13;
+        let err = cfg.validate(Path::new("c.json")).unwrap_err().to_string();
+        assert!(err.contains("fusion_layer"), "{err}");
+    }
+}

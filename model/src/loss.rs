@@ -59,7 +59,12 @@ pub struct ItmWeights {
 
 impl ItmWeights {
     /// Computes the weights on the LOCAL batch. Positives: the diagonal (`idx` None) or equal `idx`.
-    pub fn new(image_feat: &Tensor, text_feat: &Tensor, temp: &Tensor, idx: Option<&Tensor>) -> Self {
+    pub fn new(
+        image_feat: &Tensor,
+        text_feat: &Tensor,
+        temp: &Tensor,
+        idx: Option<&Tensor>,
+    ) -> Self {
         tch::no_grad(|| {
             let sim_i2t = image_feat.matmul(&text_feat.tr()) / temp;
             let sim_t2i = text_feat.matmul(&image_feat.tr()) / temp;
@@ -73,9 +78,8 @@ impl ItmWeights {
                     idx.eq_tensor(&idx.tr())
                 }
             };
-            let weights = |sim: &Tensor| {
-                (sim.softmax(1, Kind::Float) + 1e-5).masked_fill(&positives, 0.0)
-            };
+            let weights =
+                |sim: &Tensor| (sim.softmax(1, Kind::Float) + 1e-5).masked_fill(&positives, 0.0);
             ItmWeights {
                 weights_i2t: weights(&sim_i2t),
                 weights_t2i: weights(&sim_t2i),
@@ -218,12 +222,7 @@ pub fn box_cxcywh_to_xyxy(b: &Tensor) -> Tensor {
     let c = b.unbind(-1);
     let (xc, yc, w, h) = (&c[0], &c[1], &c[2], &c[3]);
     Tensor::stack(
-        &[
-            xc - w * 0.5,
-            yc - h * 0.5,
-            xc + w * 0.5,
-            yc + h * 0.5,
-        ],
+        &[xc - w * 0.5, yc - h * 0.5, xc + w * 0.5, yc + h * 0.5],
         -1,
     )
 }
@@ -231,9 +230,7 @@ pub fn box_cxcywh_to_xyxy(b: &Tensor) -> Tensor {
 /// GIoU of matching rows of two xyxy box sets [N, 4] → [N] (the diagonal of
 /// `box_ops.generalized_box_iou`, computed row by row with the same operations).
 pub fn paired_generalized_iou(b1: &Tensor, b2: &Tensor) -> Tensor {
-    let area = |b: &Tensor| {
-        (b.select(1, 2) - b.select(1, 0)) * (b.select(1, 3) - b.select(1, 1))
-    };
+    let area = |b: &Tensor| (b.select(1, 2) - b.select(1, 0)) * (b.select(1, 3) - b.select(1, 1));
     let (area1, area2) = (area(b1), area(b2));
     let lt = b1.narrow(1, 0, 2).maximum(&b2.narrow(1, 0, 2));
     let rb = b1.narrow(1, 2, 2).minimum(&b2.narrow(1, 2, 2));

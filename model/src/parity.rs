@@ -317,11 +317,7 @@ pub fn load_case_weights(
     Ok(())
 }
 
-fn take(
-    batch: &HashMap<String, Tensor>,
-    path: &Path,
-    name: String,
-) -> Result<Tensor, ParityError> {
+fn take(batch: &HashMap<String, Tensor>, path: &Path, name: String) -> Result<Tensor, ParityError> {
     batch
         .get(&name)
         .map(Tensor::shallow_clone)
@@ -398,8 +394,8 @@ fn run_relpos_resize(dir: &Path, spec: &CaseSpec) -> Result<Vec<Comparison>, Par
                 reason: format!("cannot read the target window from {name:?}"),
             })?;
         let dst = (2 * window - 1) * (2 * window - 1);
-        let out = checkpoint::interpolate_relative_pos_embed(src, dst, name)
-            .map_err(ModelError::from)?;
+        let out =
+            checkpoint::interpolate_relative_pos_embed(src, dst, name).map_err(ModelError::from)?;
         computed.insert(format!("{case}.dst"), out);
     }
     Ok(compare_all(&expected, &computed, spec.tolerance()))

@@ -183,7 +183,12 @@ impl XvlmCore {
                     embed_dim,
                     Default::default(),
                 )),
-                Some(nn::linear(p / "text_proj", d, embed_dim, Default::default())),
+                Some(nn::linear(
+                    p / "text_proj",
+                    d,
+                    embed_dim,
+                    Default::default(),
+                )),
                 Some(p.var("temp", &[], nn::Init::Const(temp))),
             )
         } else {

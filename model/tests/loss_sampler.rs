@@ -22,7 +22,8 @@ fn multinomial_draws_follow_weights_and_skip_zeros() {
     let draws = 20_000;
     let mut counts = [[0u32; 5]; 3];
     for _ in 0..draws {
-        let picks: Vec<i64> = Vec::try_from(sampler.sample(&weights, NegativeKind::ImageForText)).unwrap();
+        let picks: Vec<i64> =
+            Vec::try_from(sampler.sample(&weights, NegativeKind::ImageForText)).unwrap();
         assert_eq!(picks.len(), 3);
         for (r, &j) in picks.iter().enumerate() {
             assert!(rows[r][j as usize] > 0.0, "row {r} drew zeroed entry {j}");
@@ -41,17 +42,24 @@ fn multinomial_draws_follow_weights_and_skip_zeros() {
             })
             .sum();
         let critical = CHI2_999[support.len() - 2];
-        assert!(chi2 < critical, "row {r}: chi2 {chi2:.2} >= {critical} (counts {:?})", counts[r]);
+        assert!(
+            chi2 < critical,
+            "row {r}: chi2 {chi2:.2} >= {critical} (counts {:?})",
+            counts[r]
+        );
     }
 }
 
 #[test]
 fn multinomial_sampler_is_a_function_of_its_seed() {
-    let weights = Tensor::from_slice(&[0.0f32, 0.5, 0.5, 0.3, 0.0, 0.7, 0.2, 0.8, 0.0]).view([3, 3]);
+    let weights =
+        Tensor::from_slice(&[0.0f32, 0.5, 0.5, 0.3, 0.0, 0.7, 0.2, 0.8, 0.0]).view([3, 3]);
     let draw = |seed| {
         let mut s = MultinomialSampler::new(seed);
         (0..50)
-            .flat_map(|_| Vec::<i64>::try_from(s.sample(&weights, NegativeKind::TextForImage)).unwrap())
+            .flat_map(|_| {
+                Vec::<i64>::try_from(s.sample(&weights, NegativeKind::TextForImage)).unwrap()
+            })
             .collect::<Vec<_>>()
     };
     assert_eq!(draw(3), draw(3));
@@ -61,7 +69,10 @@ fn multinomial_sampler_is_a_function_of_its_seed() {
 #[test]
 fn replay_sampler_returns_the_recorded_indices() {
     let weights = Tensor::ones([3, 3], (tch::Kind::Float, tch::Device::Cpu));
-    let mut s = ReplaySampler::new(Tensor::from_slice(&[2i64, 0, 1]), Tensor::from_slice(&[1i64, 2, 0]));
+    let mut s = ReplaySampler::new(
+        Tensor::from_slice(&[2i64, 0, 1]),
+        Tensor::from_slice(&[1i64, 2, 0]),
+    );
     let img: Vec<i64> = Vec::try_from(s.sample(&weights, NegativeKind::ImageForText)).unwrap();
     let txt: Vec<i64> = Vec::try_from(s.sample(&weights, NegativeKind::TextForImage)).unwrap();
     assert_eq!(img, vec![2, 0, 1]);

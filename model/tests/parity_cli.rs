@@ -68,7 +68,11 @@ fn perturbed_expected_tensor_fails_by_name() {
         .unwrap_or_else(|| panic!("no line for {target}:\n{text}"));
     assert!(fail_line.contains("FAIL"), "{fail_line}");
     let failing: Vec<&str> = text.lines().filter(|l| l.contains(" FAIL")).collect();
-    assert_eq!(failing.len(), 1, "only the perturbed tensor fails: {failing:?}");
+    assert_eq!(
+        failing.len(),
+        1,
+        "only the perturbed tensor fails: {failing:?}"
+    );
 }
 
 /// An unknown `kind` in case.yaml is an error, not a silent pass.

@@ -17,10 +17,7 @@ use crate::tasks::PretrainModel;
 use crate::vision::VisionConfig;
 use crate::xvlm::{Heads, ModelError, XvlmCore};
 
-/// The project's `configs/` folder (official-format configs).
-pub fn configs_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs")
-}
+pub use crate::config::configs_dir;
 
 /// One row of a `param_keys_*.tsv`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,7 +48,10 @@ pub fn read_tsv(path: &Path) -> Result<Vec<KeyRow>, ParityError> {
         }
         let cols: Vec<&str> = line.split('\t').collect();
         if cols.len() < 4 {
-            return Err(bad(format!("line {}: expected 5 tab-separated columns", i + 1)));
+            return Err(bad(format!(
+                "line {}: expected 5 tab-separated columns",
+                i + 1
+            )));
         }
         let dims = cols[1].trim_matches(|c| c == '[' || c == ']');
         let shape = if dims.trim().is_empty() {
@@ -159,12 +159,15 @@ pub fn compare_keys(
     std::iter::once(summary).chain(problems).collect()
 }
 
+/// A built model's VarStore with its tied aliases `(alias, source)`.
+pub type BuiltModel = (VarStore, Vec<(String, String)>);
+
 /// Builds (on CPU, random init) the model a `param_keys_<name>.tsv` describes, from the base configs in
 /// `configs`. `None` for models this build does not implement yet.
 pub fn build_model(
     name: &str,
     configs: &Path,
-) -> Result<Option<(VarStore, Vec<(String, String)>)>, ParityError> {
+) -> Result<Option<BuiltModel>, ParityError> {
     let vs = VarStore::new(Device::Cpu);
     let pretrain_yaml = configs.join("Pretrain_XVLM_base_4m.yaml");
     let aliases = match name {
@@ -185,7 +188,8 @@ pub fn build_model(
         }
         // Fine-tuning cores (Retrieval_coco.yaml / Grounding_bbox.yaml: Swin-B 384, bare BertModel).
         "retrieval" | "grounding_bbox" => {
-            let text = TextConfig::load(&configs.join("config_bert.json")).map_err(ModelError::from)?;
+            let text =
+                TextConfig::load(&configs.join("config_bert.json")).map_err(ModelError::from)?;
             let heads = if name == "retrieval" {
                 Heads {
                     contrastive: true,
@@ -240,7 +244,9 @@ pub fn run_filtered(dir: &Path, only: Option<&str>) -> Result<Vec<Comparison>, P
         }
         let official = read_tsv(&file)?;
         match build_model(name, &configs_dir())? {
-            Some((vs, aliases)) => rows.extend(compare_keys(stem, &official, &model_keys(&vs, &aliases))),
+            Some((vs, aliases)) => {
+                rows.extend(compare_keys(stem, &official, &model_keys(&vs, &aliases)))
+            }
             None => rows.push(Comparison {
                 name: stem.to_string(),
                 max_abs: f64::INFINITY,

@@ -164,10 +164,7 @@ impl PretrainModel {
             ("itm_cross_pos_cls".into(), itm.cross_pos_cls),
             ("itm_cross_neg_cls".into(), itm.cross_neg_cls),
             ("itm_logits".into(), itm.logits),
-            (
-                "mlm_hidden_at_masked_pos".into(),
-                mlm.hidden_at_masked_pos,
-            ),
+            ("mlm_hidden_at_masked_pos".into(), mlm.hidden_at_masked_pos),
             ("mlm_logits".into(), mlm.logits),
         ];
 

@@ -238,15 +238,13 @@ impl BertSelfAttention {
         let v = self.split_heads(&self.value.forward(kv));
         // Scores are divided after the matmul, as the official code does with fp16 off.
         let scores = q.matmul(&k.transpose(-1, -2)) / (self.head_dim as f64).sqrt() + mask;
-        let probs = scores
-            .softmax(-1, Kind::Float)
-            .dropout(self.dropout, train);
+        let probs = scores.softmax(-1, Kind::Float).dropout(self.dropout, train);
         let (b, _, lq, _) = q.size4().expect("[B, H, L, d]");
-        probs
-            .matmul(&v)
-            .permute([0, 2, 1, 3])
-            .contiguous()
-            .view([b, lq, self.num_heads * self.head_dim])
+        probs.matmul(&v).permute([0, 2, 1, 3]).contiguous().view([
+            b,
+            lq,
+            self.num_heads * self.head_dim,
+        ])
     }
 }
 
@@ -408,7 +406,13 @@ impl BertModel {
     /// Mode `'text'`: `input_ids` [B, L] → text states [B, L, D].
     pub fn forward_text(&self, input_ids: &Tensor, text_atts: &Tensor, train: bool) -> Tensor {
         let emb = self.embeddings.forward_t(input_ids, train);
-        self.run_layers(emb, text_atts, &[], self.layer_range(EncoderMode::Text), train)
+        self.run_layers(
+            emb,
+            text_atts,
+            &[],
+            self.layer_range(EncoderMode::Text),
+            train,
+        )
     }
 
     /// Mode `'fusion'`: text states [B, L, D] (from [`Self::forward_text`]) cross-attending to `cross`.

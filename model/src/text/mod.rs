@@ -209,7 +209,11 @@ impl SpecialTokens {
             .enumerate()
             .map(|(i, tok)| (tok.trim_end_matches('\r'), i as i64))
             .collect();
-        Self::lookup(path, |t| ids.get(t).copied(), ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+        Self::lookup(
+            path,
+            |t| ids.get(t).copied(),
+            ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+        )
     }
 
     /// From a byte-level BPE `vocab.json` (`{token: id}`).
@@ -223,7 +227,11 @@ impl SpecialTokens {
                 path: path.to_path_buf(),
                 reason: e.to_string(),
             })?;
-        Self::lookup(path, |t| ids.get(t).copied(), ["<pad>", "<unk>", "<s>", "</s>", "<mask>"])
+        Self::lookup(
+            path,
+            |t| ids.get(t).copied(),
+            ["<pad>", "<unk>", "<s>", "</s>", "<mask>"],
+        )
     }
 
     fn lookup(

@@ -75,7 +75,11 @@ pub fn run(args: &ParityArgs) -> Result<()> {
     }
     if !report.passed() {
         let names: Vec<&str> = report.failures().iter().map(|r| r.name.as_str()).collect();
-        bail!("{failed} of {} failed: {}", report.rows.len(), names.join(", "));
+        bail!(
+            "{failed} of {} failed: {}",
+            report.rows.len(),
+            names.join(", ")
+        );
     }
     Ok(())
 }
