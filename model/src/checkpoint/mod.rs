@@ -1,4 +1,4 @@
-//! Checkpoints: official `torch.save` files (`torch_pickle`), safetensors (`safetensors`), loading a
+//! Checkpoints: official `torch.save` files (`torch_zip` + `torch_pickle`), safetensors (`safetensors`), loading a
 //! state dict into a `VarStore` with a report (`load`), the official key handling and position-table
 //! resizing (`official`, `resize`).
 //!
@@ -10,6 +10,7 @@ pub mod official;
 pub mod resize;
 pub mod safetensors;
 pub mod torch_pickle;
+pub mod torch_zip;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
