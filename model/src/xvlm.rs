@@ -518,3 +518,18 @@ pub fn normalize(x: &Tensor) -> Tensor {
         .clamp_min(1e-12);
     x / norm.expand_as(x)
 }
+
+/// The model's state dict as the official code saves it: every VarStore variable plus each tied alias
+/// pointing at its source tensor (one tensor in memory, several keys).
+pub fn state_dict_with_aliases(
+    vs: &nn::VarStore,
+    aliases: &[(String, String)],
+) -> crate::checkpoint::StateDict {
+    let mut sd: crate::checkpoint::StateDict = vs.variables().into_iter().collect();
+    for (alias, source) in aliases {
+        if let Some(t) = sd.get(source).map(Tensor::shallow_clone) {
+            sd.insert(alias.clone(), t);
+        }
+    }
+    sd
+}
