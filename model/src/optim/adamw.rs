@@ -8,7 +8,8 @@ use std::collections::HashMap;
 use tch::{Kind, Tensor};
 
 use super::groups::{group_index, NamedParam, ParamGroup};
-use super::{Gradients, OptimError, OptimizerConfig};
+use super::{Gradients, OptimError};
+use crate::config::OptimizerConfig;
 
 /// Moment and epsilon settings (official: betas (0.9, 0.98), eps 1e-8, bias correction on).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -75,11 +76,13 @@ impl AdamW {
                 return Err(OptimError::DuplicateParam(p.name.clone()));
             }
         }
+        // optim.py: lr_mult = getattr(args, 'lr_mult', 1)
+        let lr_mult = cfg.lr_mult.unwrap_or(1.0);
         let settings = [
             (cfg.weight_decay, cfg.lr),
             (0.0, cfg.lr),
-            (cfg.weight_decay, cfg.lr * cfg.lr_mult),
-            (0.0, cfg.lr * cfg.lr_mult),
+            (cfg.weight_decay, cfg.lr * lr_mult),
+            (0.0, cfg.lr * lr_mult),
         ];
         let mut groups: Vec<ParamGroup> = settings
             .iter()

@@ -34,6 +34,16 @@ pub fn group_index(name: &str, is_new_param: bool) -> usize {
     }
 }
 
+/// `init_params` of the pre-training model (XVLM-REFERENCE.md §1.8): the parameters that do not come
+/// from the pretrained BERT/RoBERTa and Swin/ViT weights (the text encoder's cross-attention blocks,
+/// which HF reports missing, the projections, `temp` and the ITM/box heads). They train at lr × lr_mult.
+pub fn is_pretrain_init_param(name: &str) -> bool {
+    const NEW_HEADS: [&str; 4] = ["vision_proj.", "text_proj.", "itm_head.", "bbox_head."];
+    name == "temp"
+        || (name.starts_with("text_encoder.") && name.contains(".crossattention."))
+        || NEW_HEADS.iter().any(|h| name.starts_with(h))
+}
+
 /// A trainable parameter under its state-dict name (a tied tensor appears once, under its first name).
 #[derive(Debug)]
 pub struct NamedParam {

@@ -6,16 +6,15 @@
 //! loop behaves under torch >= 2.0 (`zero_grad` sets grads to `None`).
 
 mod adamw;
-mod config;
 mod grads;
 mod groups;
 mod schedule;
 
 pub use adamw::{AdamW, AdamWHyper, ParamState};
-pub use config::{OptimizerConfig, SchedulerConfig, Warmup};
 pub use grads::{GradAccumulator, Gradients, DEFAULT_BUCKET_ELEMENTS};
 pub use groups::{
-    group_index, is_no_decay, named_trainable_params, NamedParam, ParamGroup, NO_DECAY,
+    group_index, is_no_decay, is_pretrain_init_param, named_trainable_params, NamedParam,
+    ParamGroup, NO_DECAY,
 };
 pub use schedule::{LinearSchedule, Scheduler};
 
@@ -30,7 +29,7 @@ pub enum OptimError {
     /// The config names a schedule other than `linear`.
     #[error("schedular.sched = {0:?} is not supported (only \"linear\")")]
     UnknownSchedule(String),
-    /// A fractional warm-up outside [0, 1).
+    /// A warm-up that is neither a whole number of steps nor a fraction in [0, 1).
     #[error("schedular.num_warmup_steps = {0} must be an integer or a fraction in [0, 1)")]
     BadWarmup(f64),
     /// Neither `num_training_steps` nor `epochs` × steps per epoch is known.

@@ -1,6 +1,7 @@
 //! The linear warm-up/decay `LambdaLR` of scheduler.py:create_scheduler.
 
-use super::{OptimError, SchedulerConfig, Warmup};
+use super::OptimError;
+use crate::config::SchedulerConfig;
 
 /// Factor of every group's initial lr at a scheduler step: `step / warmup` during warm-up, then linear
 /// decay to 0 at `total`. Step 0 gives factor 0 when `warmup > 0`: the first update uses lr 0 (§8.9).
@@ -18,19 +19,28 @@ impl LinearSchedule {
         if cfg.sched != "linear" {
             return Err(OptimError::UnknownSchedule(cfg.sched.clone()));
         }
-        let total = match (cfg.num_training_steps, cfg.epochs) {
-            (Some(total), _) => total,
-            (None, Some(epochs)) => epochs * step_per_epoch,
-            (None, None) => {
-                return Err(OptimError::BadSchedule(
-                    "neither num_training_steps nor epochs is set".into(),
-                ))
+        let whole = |v: f64, key: &str| {
+            if v >= 0.0 && v.fract() == 0.0 {
+                Ok(v as u64)
+            } else {
+                Err(OptimError::BadSchedule(format!(
+                    "{key} = {v} is not a whole number"
+                )))
             }
         };
-        let warmup = match cfg.num_warmup_steps {
-            Warmup::Steps(steps) => steps,
-            Warmup::Fraction(f) if (0.0..1.0).contains(&f) => (total as f64 * f) as u64,
-            Warmup::Fraction(f) => return Err(OptimError::BadWarmup(f)),
+        let total = match cfg.num_training_steps {
+            Some(total) => whole(total, "num_training_steps")?,
+            None => whole(cfg.epochs, "epochs")? * step_per_epoch,
+        };
+        // scheduler.py: an int is a step count, a float in [0, 1) a fraction (int(total * f)). YAML
+        // numbers arrive as f64 here, so a whole number counts as a step count.
+        let w = cfg.num_warmup_steps;
+        let warmup = if w >= 0.0 && w.fract() == 0.0 {
+            w as u64
+        } else if (0.0..1.0).contains(&w) {
+            (total as f64 * w) as u64
+        } else {
+            return Err(OptimError::BadWarmup(w));
         };
         Ok(Self { warmup, total })
     }
@@ -76,10 +86,10 @@ impl Scheduler {
 mod tests {
     use super::*;
 
-    fn cfg(warmup: Warmup, epochs: Option<u64>, total: Option<u64>) -> SchedulerConfig {
+    fn cfg(warmup: f64, epochs: f64, total: Option<f64>) -> SchedulerConfig {
         SchedulerConfig {
             sched: "linear".into(),
-            lr: None,
+            lr: 1e-4,
             epochs,
             num_warmup_steps: warmup,
             num_training_steps: total,
@@ -88,8 +98,7 @@ mod tests {
 
     #[test]
     fn fractional_warmup_truncates_like_python_int() {
-        let s =
-            LinearSchedule::from_config(&cfg(Warmup::Fraction(0.1), Some(3), None), 333).unwrap();
+        let s = LinearSchedule::from_config(&cfg(0.1, 3.0, None), 333).unwrap();
         assert_eq!(
             s,
             LinearSchedule {
@@ -97,14 +106,22 @@ mod tests {
                 total: 999
             }
         );
-        let err = LinearSchedule::from_config(&cfg(Warmup::Fraction(1.5), Some(3), None), 10);
+        let err = LinearSchedule::from_config(&cfg(1.5, 3.0, None), 10);
         assert!(matches!(err, Err(OptimError::BadWarmup(_))));
+        let s = LinearSchedule::from_config(&cfg(2500.0, 41.0, None), 4995).unwrap();
+        assert_eq!(
+            s,
+            LinearSchedule {
+                warmup: 2500,
+                total: 204_795
+            }
+        );
     }
 
     #[test]
     fn explicit_total_wins_over_epochs() {
-        let s =
-            LinearSchedule::from_config(&cfg(Warmup::Steps(5), Some(3), Some(40)), 100).unwrap();
+        let s = LinearSchedule::from_config(&cfg(5.0, 3.0, Some(40.0)), 100).unwrap();
         assert_eq!(s.total, 40);
+        assert!(LinearSchedule::from_config(&cfg(5.0, 2.5, None), 100).is_err());
     }
 }
