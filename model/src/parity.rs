@@ -75,7 +75,7 @@ pub fn compare(name: &str, got: &Tensor, expected: &Tensor, tol: Tolerance) -> C
         };
     }
     let exact = !expected.is_floating_point();
-    let g = got.to_kind(Kind::Double);
+    let g = got.to_device(expected.device()).to_kind(Kind::Double);
     let e = expected.to_kind(Kind::Double);
     let (max_abs, scale) = if e.numel() == 0 {
         (0.0, 0.0)
@@ -239,11 +239,20 @@ impl CaseReport {
     }
 }
 
-/// Runs the case in `dir` according to its `case.yaml`.
+/// Runs the case in `dir` according to its `case.yaml`, on the CPU.
 pub fn run_case(dir: &Path, weights: WeightsSource) -> Result<CaseReport, ParityError> {
+    run_case_on(dir, weights, Device::Cpu)
+}
+
+/// Runs the case in `dir` with the model on `device` (expected tensors stay on the CPU).
+pub fn run_case_on(
+    dir: &Path,
+    weights: WeightsSource,
+    device: Device,
+) -> Result<CaseReport, ParityError> {
     let spec = CaseSpec::load(dir)?;
     let rows = match spec.kind.as_str() {
-        "pretrain" => run_pretrain(dir, &spec, weights)?,
+        "pretrain" => run_pretrain(dir, &spec, weights, device)?,
         "param_keys" => param_keys::run(dir)?,
         "relpos_resize" => run_relpos_resize(dir, &spec)?,
         // Dispatch arm for M3's trainer (train/): once `train` exposes the fixture replay of
@@ -333,9 +342,10 @@ fn run_pretrain(
     dir: &Path,
     spec: &CaseSpec,
     weights: WeightsSource,
+    device: Device,
 ) -> Result<Vec<Comparison>, ParityError> {
     let task = TaskConfig::load(&dir.join("config.yaml")).map_err(ModelError::from)?;
-    let vs = VarStore::new(Device::Cpu);
+    let vs = VarStore::new(device);
     let model = PretrainModel::new(&vs.root(), &task)?;
     load_case_weights(&vs, dir, weights, &model.core.tied_aliases())?;
 
@@ -344,7 +354,9 @@ fn run_pretrain(
     let expected = read_tensors(&dir.join("expected.safetensors"))?;
     let mut computed = HashMap::new();
     for prefix in ["general", "region"] {
-        let t = |name: &str| take(&batch, &batch_path, format!("{prefix}.{name}"));
+        let t = |name: &str| {
+            take(&batch, &batch_path, format!("{prefix}.{name}")).map(|x| x.to_device(device))
+        };
         let region = if prefix == "region" {
             Some(RegionInputs {
                 idx_to_group_img: t("idx_to_group_img")?,

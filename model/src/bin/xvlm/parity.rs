@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use xvlm_model::parity::{run_case, WeightsSource};
+use xvlm_model::parity::{run_case_on, WeightsSource};
 
 /// Where the case's model weights are read from.
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -28,6 +28,21 @@ pub struct ParityArgs {
     /// Which weights file of the case to load.
     #[arg(long, value_enum, default_value_t = Weights::Auto)]
     pub weights: Weights,
+    /// Where the model runs: `cpu`, `cuda` or `cuda:N` (expected tensors are compared on the CPU).
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: tch::Device,
+}
+
+fn parse_device(s: &str) -> Result<tch::Device, String> {
+    match s {
+        "cpu" => Ok(tch::Device::Cpu),
+        "cuda" => Ok(tch::Device::Cuda(0)),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(tch::Device::Cuda)
+            .ok_or_else(|| format!("expected cpu, cuda or cuda:N, got {s:?}")),
+    }
 }
 
 /// Runs the case, prints one line per compared tensor, fails if any tensor fails.
@@ -37,7 +52,10 @@ pub fn run(args: &ParityArgs) -> Result<()> {
         Weights::Th => WeightsSource::TorchSave,
         Weights::Safetensors => WeightsSource::Safetensors,
     };
-    let report = run_case(&args.case_dir, source)
+    if args.device.is_cuda() && !tch::Cuda::is_available() {
+        bail!("--device {:?}: CUDA is not available to this libtorch", args.device);
+    }
+    let report = run_case_on(&args.case_dir, source, args.device)
         .with_context(|| format!("parity case {}", args.case_dir.display()))?;
     for row in &report.rows {
         println!("{row}");
