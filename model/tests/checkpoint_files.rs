@@ -36,7 +36,10 @@ fn assert_same(a: &StateDict, b: &StateDict, what: &str) {
 #[test]
 fn every_fixture_model_th_equals_its_safetensors() {
     let cases = fixture_cases_with_th();
-    assert!(cases.len() >= 7, "expected the 7 model fixtures, found {cases:?}");
+    assert!(
+        cases.len() >= 7,
+        "expected the 7 model fixtures, found {cases:?}"
+    );
     for case in cases {
         let file = read_torch_file(&case.join("model.th")).unwrap();
         assert!(
@@ -57,7 +60,11 @@ fn every_fixture_model_th_equals_its_safetensors() {
             .collect();
         assert_same(&th, &st, &case.display().to_string());
         // read_state_dict recognises both formats by content
-        assert_same(&read_state_dict(&case.join("model.th")).unwrap(), &st, "auto th");
+        assert_same(
+            &read_state_dict(&case.join("model.th")).unwrap(),
+            &st,
+            "auto th",
+        );
     }
 }
 
@@ -116,14 +123,25 @@ fn bad_files_give_clear_errors() {
 
     let text = write(dir.path(), "text.th", b"hello, this is not a checkpoint");
     let err = read_torch_file(&text).unwrap_err().to_string();
-    assert!(err.contains("text.th") && err.contains("not a zip"), "{err}");
+    assert!(
+        err.contains("text.th") && err.contains("not a zip"),
+        "{err}"
+    );
 
-    let legacy = write(dir.path(), "legacy.th", &[0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc]);
+    let legacy = write(
+        dir.path(),
+        "legacy.th",
+        &[0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc],
+    );
     let err = read_torch_file(&legacy).unwrap_err().to_string();
     assert!(err.contains("legacy"), "{err}");
 
     // a zip that is not a torch.save archive
-    let zip = write(dir.path(), "broken.th", b"PK\x03\x04garbage garbage garbage");
+    let zip = write(
+        dir.path(),
+        "broken.th",
+        b"PK\x03\x04garbage garbage garbage",
+    );
     let err = read_torch_file(&zip).unwrap_err().to_string();
     assert!(
         err.contains("broken.th") && err.contains("end-of-central-directory"),
@@ -143,8 +161,14 @@ fn load_reports_missing_unexpected_and_names_every_shape_mismatch() {
     let _c = (&root / "c").zeros("weight", &[5]);
 
     let mut sd: StateDict = BTreeMap::new();
-    sd.insert("a.weight".into(), Tensor::ones([2, 3], (Kind::Double, Device::Cpu)));
-    sd.insert("x.extra".into(), Tensor::ones([1], (Kind::Float, Device::Cpu)));
+    sd.insert(
+        "a.weight".into(),
+        Tensor::ones([2, 3], (Kind::Double, Device::Cpu)),
+    );
+    sd.insert(
+        "x.extra".into(),
+        Tensor::ones([1], (Kind::Float, Device::Cpu)),
+    );
     sd.insert(
         "layers.0.blocks.1.attn_mask".into(),
         Tensor::ones([1], (Kind::Float, Device::Cpu)),
@@ -166,14 +190,26 @@ fn load_reports_missing_unexpected_and_names_every_shape_mismatch() {
     let err = load_state_dict(&vs, &sd, &strict).unwrap_err().to_string();
     assert!(err.contains("b.weight") && err.contains("x.extra"), "{err}");
 
-    sd.insert("b.weight".into(), Tensor::zeros([3], (Kind::Float, Device::Cpu)));
-    sd.insert("c.weight".into(), Tensor::zeros([5, 1], (Kind::Float, Device::Cpu)));
+    sd.insert(
+        "b.weight".into(),
+        Tensor::zeros([3], (Kind::Float, Device::Cpu)),
+    );
+    sd.insert(
+        "c.weight".into(),
+        Tensor::zeros([5, 1], (Kind::Float, Device::Cpu)),
+    );
     let err = load_state_dict(&vs, &sd, &LoadOptions::default()).unwrap_err();
     let CheckpointError::ShapeMismatch(m) = &err else {
         panic!("expected a shape mismatch, got {err}");
     };
     assert_eq!(m.len(), 2);
     let msg = err.to_string();
-    assert!(msg.contains("b.weight (model [4], checkpoint [3])"), "{msg}");
-    assert!(msg.contains("c.weight (model [5], checkpoint [5, 1])"), "{msg}");
+    assert!(
+        msg.contains("b.weight (model [4], checkpoint [3])"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("c.weight (model [5], checkpoint [5, 1])"),
+        "{msg}"
+    );
 }

@@ -43,10 +43,17 @@ fn relpos_resize_same_size_is_identity_and_window2_is_refused() {
     let same = interpolate_relative_pos_embed(&t, 49, "t").unwrap();
     assert!(same.equal(&t));
     let tiny = Tensor::randn([9, 1], tch::kind::FLOAT_CPU);
-    let err = interpolate_relative_pos_embed(&tiny, 49, "layers.3.blocks.0.attn.relative_position_bias_table")
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("relative_position_bias_table") && err.contains("too few"), "{err}");
+    let err = interpolate_relative_pos_embed(
+        &tiny,
+        49,
+        "layers.3.blocks.0.attn.relative_position_bias_table",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("relative_position_bias_table") && err.contains("too few"),
+        "{err}"
+    );
     let not_square = Tensor::randn([50, 1], tch::kind::FLOAT_CPU);
     assert!(interpolate_relative_pos_embed(&not_square, 81, "x").is_err());
 }

@@ -43,7 +43,11 @@ fn build(case: &Path) -> (nn::VarStore, VisionEncoder) {
         .collect();
     let report = load_state_dict(&vs, &sd, &LoadOptions::default()).unwrap();
     assert!(report.missing.is_empty(), "missing {:?}", report.missing);
-    assert!(report.unexpected.is_empty(), "unexpected {:?}", report.unexpected);
+    assert!(
+        report.unexpected.is_empty(),
+        "unexpected {:?}",
+        report.unexpected
+    );
     (vs, enc)
 }
 
@@ -78,10 +82,20 @@ fn run_case(case_name: &str) {
         );
         let full = full.expect("full-image output with regions");
         check(&mut failures, "region.image_embeds", &region, &expected);
-        check(&mut failures, "region.vision_encoder_out_full", &full, &expected);
+        check(
+            &mut failures,
+            "region.vision_encoder_out_full",
+            &full,
+            &expected,
+        );
         // get_vision_embeds: the full-image outputs gathered per text.
         let gathered = full.index_select(0, idx);
-        check(&mut failures, "region.image_embeds_fullatts", &gathered, &expected);
+        check(
+            &mut failures,
+            "region.image_embeds_fullatts",
+            &gathered,
+            &expected,
+        );
     });
     assert_eq!(
         enc.num_patch_tokens() + 1,

@@ -15,10 +15,10 @@ pub mod torch_zip;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+pub use self::safetensors::{read_safetensors, write_safetensors};
 pub use load::{load_state_dict, LoadOptions, LoadReport};
 pub use official::{adapt_for_finetune, vision_init_state_dict};
 pub use resize::{interpolate_pos_embed, interpolate_relative_pos_embed};
-pub use self::safetensors::{read_safetensors, write_safetensors};
 pub use torch_pickle::{read_torch_file, TorchFile};
 
 /// Official key → tensor (sorted by key).
@@ -91,7 +91,12 @@ pub struct ShapeMismatch {
 
 fn format_mismatches(m: &[ShapeMismatch]) -> String {
     m.iter()
-        .map(|s| format!("{} (model {:?}, checkpoint {:?})", s.key, s.model, s.checkpoint))
+        .map(|s| {
+            format!(
+                "{} (model {:?}, checkpoint {:?})",
+                s.key, s.model, s.checkpoint
+            )
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }

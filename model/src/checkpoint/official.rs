@@ -117,9 +117,11 @@ pub fn vision_init_state_dict(
                 }
             }
             let key = "pos_embed.weight";
-            let pos = sd
-                .get(key)
-                .ok_or_else(|| CheckpointError::MissingKey(format!("vision_model.embeddings.position_embedding.weight ({key})")))?;
+            let pos = sd.get(key).ok_or_else(|| {
+                CheckpointError::MissingKey(format!(
+                    "vision_model.embeddings.position_embedding.weight ({key})"
+                ))
+            })?;
             let resized = interpolate_pos_embed(&pos.unsqueeze(0), num_patches(cfg), 1, key)?;
             sd.insert(key.into(), resized.squeeze_dim(0));
             sd

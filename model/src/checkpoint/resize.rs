@@ -139,9 +139,12 @@ pub fn interpolate_relative_pos_embed(
         key: key.to_string(),
         reason,
     };
-    let (src_num_pos, heads) = table
-        .size2()
-        .map_err(|_| err(format!("expected a [rows, heads] table, got {:?}", table.size())))?;
+    let (src_num_pos, heads) = table.size2().map_err(|_| {
+        err(format!(
+            "expected a [rows, heads] table, got {:?}",
+            table.size()
+        ))
+    })?;
     let src = (src_num_pos as f64).sqrt() as i64;
     let dst = (dst_num_pos as f64).sqrt() as i64;
     if src * src != src_num_pos || dst * dst != dst_num_pos {

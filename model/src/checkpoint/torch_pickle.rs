@@ -48,7 +48,10 @@ impl TorchFile {
     pub fn config(&self) -> Vec<(String, serde_json::Value)> {
         self.scalars
             .iter()
-            .filter_map(|(k, v)| k.strip_prefix("config.").map(|s| (s.to_string(), v.clone())))
+            .filter_map(|(k, v)| {
+                k.strip_prefix("config.")
+                    .map(|s| (s.to_string(), v.clone()))
+            })
             .collect()
     }
 }
@@ -139,7 +142,9 @@ impl<'a> Machine<'a> {
     }
 
     fn pop(&mut self) -> Result<Value, String> {
-        self.stack.pop().ok_or_else(|| "pickle stack underflow".to_string())
+        self.stack
+            .pop()
+            .ok_or_else(|| "pickle stack underflow".to_string())
     }
 
     fn pop_mark(&mut self) -> Result<Vec<Value>, String> {
@@ -151,7 +156,9 @@ impl<'a> Machine<'a> {
     }
 
     fn top(&mut self) -> Result<&mut Value, String> {
-        self.stack.last_mut().ok_or_else(|| "pickle stack underflow".to_string())
+        self.stack
+            .last_mut()
+            .ok_or_else(|| "pickle stack underflow".to_string())
     }
 
     fn storage(&mut self, pid: &Value) -> Result<Value, String> {
@@ -287,7 +294,11 @@ impl<'a> Machine<'a> {
                     self.memo.insert(i, v);
                 }
                 b'h' | b'j' => {
-                    let i = if op == b'h' { self.u8()? as u32 } else { self.u32()? };
+                    let i = if op == b'h' {
+                        self.u8()? as u32
+                    } else {
+                        self.u32()?
+                    };
                     let v = self.memo.get(&i).cloned().ok_or("memo key missing")?;
                     self.stack.push(v);
                 }
@@ -472,7 +483,9 @@ fn flatten(v: &Value, path: &str, out: &mut TorchFile) {
                 flatten(v, &join(&i.to_string()), out);
             }
         }
-        Value::None => out.scalars.push((path.to_string(), serde_json::Value::Null)),
+        Value::None => out
+            .scalars
+            .push((path.to_string(), serde_json::Value::Null)),
         Value::Bool(b) => out.scalars.push((path.to_string(), (*b).into())),
         Value::Int(i) => out.scalars.push((path.to_string(), (*i).into())),
         Value::Float(f) => out.scalars.push((
@@ -510,9 +523,12 @@ pub fn read_torch_file(path: &Path) -> Result<TorchFile, CheckpointError> {
         return Err(format_err(path, reason));
     }
     let zip = ZipRecords::parse(&bytes).map_err(|e| format_err(path, e))?;
-    let (pkl_name, pkl) = zip
-        .find("data.pkl")
-        .ok_or_else(|| format_err(path, "zip has no data.pkl record (not a torch.save archive)"))?;
+    let (pkl_name, pkl) = zip.find("data.pkl").ok_or_else(|| {
+        format_err(
+            path,
+            "zip has no data.pkl record (not a torch.save archive)",
+        )
+    })?;
     let prefix = pkl_name.trim_end_matches("data.pkl").to_string();
     if let Some(r) = zip.get(&format!("{prefix}byteorder")) {
         if &bytes[r] != b"little" {

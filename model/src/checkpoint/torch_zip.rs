@@ -66,9 +66,7 @@ impl ZipRecords {
             let comment_len = u16_at(bytes, p + 32).ok_or_else(short)? as usize;
             let uncompressed = u32_at(bytes, p + 24).ok_or_else(short)?;
             let mut local = u32_at(bytes, p + 42).ok_or_else(short)?;
-            let name = bytes
-                .get(p + 46..p + 46 + name_len)
-                .ok_or_else(short)?;
+            let name = bytes.get(p + 46..p + 46 + name_len).ok_or_else(short)?;
             let name = String::from_utf8_lossy(name).into_owned();
             // zip64 extra field: the 0xFFFFFFFF fields, in order uncompressed, compressed, offset.
             let extra = bytes

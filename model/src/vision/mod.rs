@@ -241,10 +241,14 @@ impl VisionConfig {
     ) -> Result<Self, VisionError> {
         let text = match (backbone, path) {
             (Backbone::Deit, _) | (_, None) => None,
-            (_, Some(p)) => Some(std::fs::read_to_string(p).map_err(|source| VisionError::Read {
-                path: p.to_path_buf(),
-                source,
-            })?),
+            (_, Some(p)) => {
+                Some(
+                    std::fs::read_to_string(p).map_err(|source| VisionError::Read {
+                        path: p.to_path_buf(),
+                        source,
+                    })?,
+                )
+            }
         };
         let origin = path.map_or_else(|| "<none>".to_string(), |p| p.display().to_string());
         Self::from_task_json(backbone, text.as_deref(), &origin, image_res, patch_size)
@@ -314,7 +318,9 @@ impl VisionConfig {
                 for (s, &h) in c.num_heads.iter().enumerate() {
                     let ch = c.embed_dim << s;
                     if h <= 0 || ch % h != 0 {
-                        return bad(format!("stage {s}: {ch} channels not divisible by {h} heads"));
+                        return bad(format!(
+                            "stage {s}: {ch} channels not divisible by {h} heads"
+                        ));
                     }
                     let res = (c.image_res / 4) >> s;
                     let w = c.window_size.min(res);
@@ -443,6 +449,16 @@ impl VisionEncoder {
             VisionEncoder::Swin(m) => m.num_patch_tokens(),
             VisionEncoder::ClipVit(m) => m.num_patch_tokens(),
             VisionEncoder::Deit(m) => m.num_patch_tokens(),
+        }
+    }
+
+    /// Buffers the official state dict holds but we compute (Swin `relative_position_index`/`attn_mask`,
+    /// CLIP `position_ids`), named relative to `vision_encoder.`.
+    pub fn buffers(&self) -> Vec<(String, Tensor)> {
+        match self {
+            VisionEncoder::Swin(m) => m.buffers(),
+            VisionEncoder::ClipVit(m) => m.buffers(),
+            VisionEncoder::Deit(_) => Vec::new(),
         }
     }
 

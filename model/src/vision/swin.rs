@@ -231,8 +231,9 @@ impl SwinBlock {
             shift = 0;
             window = min_res;
         }
-        let attn_mask = (shift > 0)
-            .then(|| shift_attn_mask(resolution.0, resolution.1, window, shift).to_device(p.device()));
+        let attn_mask = (shift > 0).then(|| {
+            shift_attn_mask(resolution.0, resolution.1, window, shift).to_device(p.device())
+        });
         SwinBlock {
             norm1: layer_norm(&p / "norm1", dim, 1e-5),
             attn: WindowAttention::new(&p / "attn", dim, window, num_heads),
@@ -256,11 +257,25 @@ impl SwinBlock {
         self.shift
     }
 
+    /// The computed `relative_position_index` buffer [w², w²].
+    pub fn relative_position_index(&self) -> &Tensor {
+        &self.attn.relative_position_index
+    }
+
+    /// The computed shift `attn_mask` buffer [nW, w², w²] (shifted blocks only).
+    pub fn attn_mask(&self) -> Option<&Tensor> {
+        self.attn_mask.as_ref()
+    }
+
     /// x [B, H·W, C] → [B, H·W, C].
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
         let (h, wd) = self.resolution;
         let (b, l, c) = x.size3().expect("SwinBlock expects [B, L, C]");
-        assert_eq!(l, h * wd, "Swin block: input has {l} tokens, expected {h}x{wd}");
+        assert_eq!(
+            l,
+            h * wd,
+            "Swin block: input has {l} tokens, expected {h}x{wd}"
+        );
         let w = self.window;
         let shortcut = x;
         let mut y = x.apply(&self.norm1).view([b, h, wd, c]);
@@ -407,7 +422,8 @@ impl SwinTransformer {
                 })
                 .collect();
             offset += depth as usize;
-            let downsample = (s + 1 < stages).then(|| PatchMerging::new(&lp / "downsample", dim, res));
+            let downsample =
+                (s + 1 < stages).then(|| PatchMerging::new(&lp / "downsample", dim, res));
             layers.push(SwinStage { blocks, downsample });
         }
         let width = cfg.embed_dim << (stages - 1);
@@ -436,6 +452,25 @@ impl SwinTransformer {
     /// The stages (for inspection in tests).
     pub fn stages(&self) -> &[SwinStage] {
         &self.layers
+    }
+
+    /// The computed buffers under their official names (relative to `vision_encoder.`), for writing
+    /// checkpoints the official code loads unchanged.
+    pub fn buffers(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for (s, stage) in self.layers.iter().enumerate() {
+            for (b, block) in stage.blocks.iter().enumerate() {
+                let base = format!("layers.{s}.blocks.{b}");
+                if let Some(mask) = block.attn_mask() {
+                    out.push((format!("{base}.attn_mask"), mask.shallow_clone()));
+                }
+                out.push((
+                    format!("{base}.attn.relative_position_index"),
+                    block.relative_position_index().shallow_clone(),
+                ));
+            }
+        }
+        out
     }
 
     /// Final normed patch tokens [B, P, C] of images [B, 3, R, R].
@@ -481,9 +516,7 @@ impl SwinTransformer {
                 let sum = (&weights * &x_bs)
                     .transpose(1, 2)
                     .sum_dim_intlist(-1, true, x.kind());
-                let count = weights
-                    .transpose(1, 2)
-                    .sum_dim_intlist(-1, true, x.kind());
+                let count = weights.transpose(1, 2).sum_dim_intlist(-1, true, x.kind());
                 let cls = sum / count; // [Bt, C, 1]
                 (Tensor::cat(&[cls.transpose(1, 2), x_bs], 1), Some(full))
             }

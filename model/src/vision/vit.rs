@@ -12,7 +12,13 @@ use super::{gather_rows, ClipVitConfig, DeitConfig};
 /// `[image_atts; ones]` [Bt + B, N] → additive key mask [Bt + B, 1, 1, N] (`(1 − m)·(−10000)`).
 fn local_attention_mask(image_atts: &Tensor, batch: i64, tokens: i64, like: &Tensor) -> Tensor {
     let full = Tensor::ones([batch, tokens], (like.kind(), like.device()));
-    let atts = Tensor::cat(&[image_atts.to_device(like.device()).to_kind(like.kind()), full], 0);
+    let atts = Tensor::cat(
+        &[
+            image_atts.to_device(like.device()).to_kind(like.kind()),
+            full,
+        ],
+        0,
+    );
     (atts.unsqueeze(1).unsqueeze(2).neg() + 1.0) * -10000.0
 }
 
@@ -171,7 +177,9 @@ impl ClipEncoderLayer {
     }
 
     fn forward_t(&self, x: &Tensor, mask: Option<&Tensor>, train: bool) -> Tensor {
-        let h = x + self.self_attn.forward_t(&x.apply(&self.layer_norm1), mask, train);
+        let h = x + self
+            .self_attn
+            .forward_t(&x.apply(&self.layer_norm1), mask, train);
         &h + h.apply(&self.layer_norm2).apply(&self.mlp)
     }
 }
@@ -246,6 +254,15 @@ impl ClipVisionTransformer {
         self.num_patches
     }
 
+    /// The `position_ids` buffer [1, 1+P] under its official name.
+    pub fn buffers(&self) -> Vec<(String, Tensor)> {
+        let ids = Tensor::arange(
+            self.num_patches + 1,
+            (tch::Kind::Int64, self.class_embedding.device()),
+        );
+        vec![("position_ids".to_string(), ids.unsqueeze(0))]
+    }
+
     /// `CLIPVisionTransformer.forward`: ([B, 1+P, D], None), or with regions
     /// (region states per text [Bt, 1+P, D], Some(full states per image [B, 1+P, D])).
     pub fn forward_t(
@@ -261,7 +278,10 @@ impl ClipVisionTransformer {
             self.image_res
         );
         let b = size[0];
-        let x = image.apply(&self.patch_embed).flatten(2, -1).transpose(1, 2);
+        let x = image
+            .apply(&self.patch_embed)
+            .flatten(2, -1)
+            .transpose(1, 2);
         let cls = self.class_embedding.expand([b, 1, -1], false);
         let x = Tensor::cat(&[cls, x], 1) + self.pos_embed.ws.unsqueeze(0);
         let x = x.apply(&self.pre_layrnorm);
@@ -352,7 +372,11 @@ impl DeitBlock {
     fn forward_t(&self, x: &Tensor, mask: Option<&Tensor>, train: bool) -> Tensor {
         // drop_path is 0 in the official DeiT build.
         let x = x + drop_path(&self.attn.forward(&x.apply(&self.norm1), mask), 0.0, train);
-        let m = x.apply(&self.norm2).apply(&self.fc1).gelu("none").apply(&self.fc2);
+        let m = x
+            .apply(&self.norm2)
+            .apply(&self.fc1)
+            .gelu("none")
+            .apply(&self.fc2);
         &x + m
     }
 }
