@@ -155,7 +155,6 @@ impl WindowAttention {
             .permute([2, 0, 3, 1, 4]);
         let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
         let q = q * self.scale;
-        let mut attn = q.matmul(&k.transpose(-2, -1));
         let nn_ = self.window * self.window;
         let bias = self
             .relative_position_bias_table
@@ -163,12 +162,15 @@ impl WindowAttention {
             .view([nn_, nn_, -1])
             .permute([2, 0, 1])
             .contiguous();
-        attn = attn + bias.unsqueeze(0);
-        if let Some(mask) = mask {
-            let nw = mask.size()[0];
-            attn = attn.view([b_ / nw, nw, h, n, n]) + mask.unsqueeze(1).unsqueeze(0);
-            attn = attn.view([-1, h, n, n]);
-        }
+        let attn = q.matmul(&k.transpose(-2, -1)) + bias.unsqueeze(0);
+        let attn = match mask {
+            Some(mask) => {
+                let nw = mask.size()[0];
+                (attn.view([b_ / nw, nw, h, n, n]) + mask.unsqueeze(1).unsqueeze(0))
+                    .view([-1, h, n, n])
+            }
+            None => attn,
+        };
         let attn = attn.softmax(-1, attn.kind());
         attn.matmul(&v)
             .transpose(1, 2)

@@ -313,10 +313,11 @@ impl DeitAttention {
             .reshape([b, n, 3, self.heads, c / self.heads])
             .permute([2, 0, 3, 1, 4]);
         let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
-        let mut attn = q.matmul(&k.transpose(-2, -1)) * self.scale;
-        if let Some(mask) = mask {
-            attn = attn + mask;
-        }
+        let attn = q.matmul(&k.transpose(-2, -1)) * self.scale;
+        let attn = match mask {
+            Some(mask) => attn + mask,
+            None => attn,
+        };
         attn.softmax(-1, attn.kind())
             .matmul(&v)
             .transpose(1, 2)
