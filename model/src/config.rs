@@ -518,12 +518,42 @@ impl TaskConfig {
         Ok(cfg)
     }
 
+    /// Reads a task YAML and applies `overrides` (a mapping, e.g. a job's `overrides:`) on top: nested
+    /// mappings merge key by key, any other value replaces. Unknown keys are logged as warnings.
+    pub fn load_with_overrides(
+        path: &Path,
+        overrides: &serde_yaml::Value,
+    ) -> Result<Self, ConfigError> {
+        let parse_err = |reason: String| ConfigError::Parse {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let mut base: serde_yaml::Value =
+            serde_yaml::from_str(&read(path)?).map_err(|e| parse_err(e.to_string()))?;
+        merge_yaml(&mut base, overrides);
+        let cfg = Self::from_value(base, path)?;
+        for key in cfg.unknown_keys() {
+            tracing::warn!(config = %path.display(), key, "unknown key in task config (ignored)");
+        }
+        Ok(cfg)
+    }
+
     /// Parses YAML text; `path` names the source in errors and anchors relative file names.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let mut cfg: TaskConfig = serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+        let value: serde_yaml::Value =
+            serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+        Self::from_value(value, path)
+    }
+
+    fn from_value(value: serde_yaml::Value, path: &Path) -> Result<Self, ConfigError> {
+        let mut cfg: TaskConfig =
+            serde_yaml::from_value(value).map_err(|e| ConfigError::Parse {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
         cfg.source = path.to_path_buf();
         cfg.source_dir = path
             .parent()
@@ -616,6 +646,23 @@ impl TaskConfig {
     }
 }
 
+/// Merges `over` into `base`: mappings key by key (recursively), anything else replaced.
+fn merge_yaml(base: &mut serde_yaml::Value, over: &serde_yaml::Value) {
+    match (base, over) {
+        (serde_yaml::Value::Mapping(b), serde_yaml::Value::Mapping(o)) => {
+            for (k, v) in o {
+                match b.get_mut(k) {
+                    Some(slot) => merge_yaml(slot, v),
+                    None => {
+                        b.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o.clone(),
+    }
+}
+
 /// The project's `configs/` folder (official-format task and model configs).
 pub fn configs_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs")
@@ -702,6 +749,21 @@ mod tests {
         let cfg = TaskConfig::parse(yaml, Path::new("x/task.yaml")).unwrap();
         assert_eq!(cfg.unknown_keys(), vec!["some_new_key"]);
         assert_eq!(cfg.optimizer.unwrap().lr, 1e-4);
+    }
+
+    /// Overrides patch nested keys and leave their siblings alone.
+    #[test]
+    fn overrides_merge_into_the_file() {
+        let over: serde_yaml::Value =
+            serde_yaml::from_str("images: {batch_size: 16}\nembed_dim: 64\n").unwrap();
+        let cfg = TaskConfig::load_with_overrides(
+            &configs_dir().join("Pretrain_XVLM_base_4m.yaml"),
+            &over,
+        )
+        .unwrap();
+        let images = cfg.images.unwrap();
+        assert_eq!((images.batch_size, images.num_workers), (16, 4));
+        assert_eq!(cfg.embed_dim, Some(64));
     }
 
     /// A fusion layer past the last layer is refused with the key named.

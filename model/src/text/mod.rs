@@ -254,3 +254,55 @@ impl SpecialTokens {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fixtures' tiny vocabularies number the special tokens differently from bert-base-uncased;
+    /// the ids come from the files.
+    #[test]
+    fn special_tokens_come_from_the_vocabulary() {
+        let fixtures = crate::fixtures_dir();
+        let bert = SpecialTokens::from_dir(&fixtures.join("pretrain_swin_bert"), TextFlavor::Bert)
+            .unwrap();
+        assert_eq!(
+            bert,
+            SpecialTokens {
+                pad: 0,
+                unk: 1,
+                cls: 2,
+                sep: 3,
+                mask: 4
+            }
+        );
+        let roberta = SpecialTokens::from_dir(
+            &fixtures.join("pretrain_clipvit_roberta"),
+            TextFlavor::Roberta,
+        )
+        .unwrap();
+        assert_eq!(
+            roberta,
+            SpecialTokens {
+                pad: 1,
+                unk: 3,
+                cls: 0,
+                sep: 2,
+                mask: 250
+            }
+        );
+    }
+
+    /// A vocabulary without `[MASK]` is refused, naming the token and the file.
+    #[test]
+    fn missing_special_token_is_named() {
+        let dir = std::env::temp_dir().join(format!("xvlm-vocab-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("vocab.txt"), "[PAD]\n[UNK]\n[CLS]\n[SEP]\nhello\n").unwrap();
+        let err = SpecialTokens::from_dir(&dir, TextFlavor::Bert)
+            .unwrap_err()
+            .to_string();
+        std::fs::remove_dir_all(&dir).ok();
+        assert!(err.contains("[MASK]") && err.contains("vocab.txt"), "{err}");
+    }
+}
