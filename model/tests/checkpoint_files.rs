@@ -213,3 +213,34 @@ fn load_reports_missing_unexpected_and_names_every_shape_mismatch() {
         "{msg}"
     );
 }
+
+/// Tied tensors keep sharing memory when read from `model.th` (as after `torch.load`), and a state dict
+/// written with aliases holds the tied tensor under every official key and reads back equal.
+#[test]
+fn tied_weights_share_storage_on_read_and_are_saved_under_every_key() {
+    let case = xvlm_model::fixtures_dir().join("pretrain_swin_bert");
+    let sd = read_torch_file(&case.join("model.th"))
+        .unwrap()
+        .state_dict();
+    let word = &sd["text_encoder.bert.embeddings.word_embeddings.weight"];
+    let decoder = &sd["text_encoder.cls.predictions.decoder.weight"];
+    assert_eq!(word.data_ptr(), decoder.data_ptr());
+
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _w = (&vs.root() / "emb").randn("weight", &[3, 2], 0.0, 1.0);
+    let mut out = xvlm_model::checkpoint::varstore_state_dict(&vs);
+    xvlm_model::checkpoint::add_aliases(
+        &mut out,
+        &[("decoder.weight".to_string(), "emb.weight".to_string())],
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tied.safetensors");
+    xvlm_model::checkpoint::write_safetensors(&out, &path).unwrap();
+    let back = read_state_dict(&path).unwrap();
+    assert_eq!(back.len(), 2);
+    assert!(back["decoder.weight"].equal(&back["emb.weight"]));
+    let missing =
+        xvlm_model::checkpoint::add_aliases(&mut out, &[("x".to_string(), "nope".to_string())]);
+    assert!(missing.unwrap_err().to_string().contains("nope"));
+}

@@ -116,3 +116,21 @@ pub fn load_state_dict(
 pub fn varstore_state_dict(vs: &VarStore) -> StateDict {
     vs.variables().into_iter().collect()
 }
+
+/// Adds every `(alias, source)` pair to `sd` as another handle on the source tensor, so tied weights
+/// (MLM decoder = word embeddings, NLVR shared cross K/V) are saved under every official key.
+pub fn add_aliases(
+    sd: &mut StateDict,
+    aliases: &[(String, String)],
+) -> Result<(), CheckpointError> {
+    for (alias, source) in aliases {
+        let t = sd
+            .get(source)
+            .ok_or_else(|| {
+                CheckpointError::MissingKey(format!("{source} (source of alias {alias})"))
+            })?
+            .shallow_clone();
+        sd.insert(alias.clone(), t);
+    }
+    Ok(())
+}

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 pub use self::safetensors::{read_safetensors, write_safetensors};
-pub use load::{load_state_dict, LoadOptions, LoadReport};
+pub use load::{add_aliases, load_state_dict, varstore_state_dict, LoadOptions, LoadReport};
 pub use official::{adapt_for_finetune, vision_init_state_dict};
 pub use resize::{interpolate_pos_embed, interpolate_relative_pos_embed};
 pub use torch_pickle::{read_torch_file, TorchFile};
