@@ -7,7 +7,7 @@
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
-use crate::checkpoint::CheckpointError;
+use crate::checkpoint::{CheckpointError, StateDict};
 use crate::collective::{Collective, CollectiveError};
 use crate::config::{ConfigError, TaskConfig, TextConfig};
 use crate::loss::{self, ItmWeights, NegativeKind, NegativeSampler};
@@ -225,6 +225,31 @@ impl XvlmCore {
             .into_iter()
             .map(|(a, s)| (format!("text_encoder.{a}"), format!("text_encoder.{s}")))
             .collect()
+    }
+
+    /// The buffers the official state dict holds besides the parameters (Swin index tables and shift
+    /// masks, CLIP and BERT `position_ids`), computed, with their full keys.
+    pub fn buffers(&self) -> Vec<(String, Tensor)> {
+        let vision = self
+            .vision
+            .buffers()
+            .into_iter()
+            .map(|(k, t)| (format!("vision_encoder.{k}"), t));
+        let text = self
+            .text
+            .buffers()
+            .into_iter()
+            .map(|(k, t)| (format!("text_encoder.{k}"), t));
+        vision.chain(text).collect()
+    }
+
+    /// The state dict as the official code saves it, for the variables of `vs` (the VarStore this core
+    /// was built in): every parameter, each tied alias pointing at its source tensor (one tensor in
+    /// memory, several keys) and the computed buffers.
+    pub fn state_dict(&self, vs: &nn::VarStore) -> StateDict {
+        let mut sd = state_dict_with_aliases(vs, &self.tied_aliases());
+        sd.extend(self.buffers());
+        sd
     }
 
     fn require<'a, T>(head: &'a Option<T>, name: &str) -> Result<&'a T, ModelError> {
@@ -519,13 +544,10 @@ pub fn normalize(x: &Tensor) -> Tensor {
     x / norm.expand_as(x)
 }
 
-/// The model's state dict as the official code saves it: every VarStore variable plus each tied alias
-/// pointing at its source tensor (one tensor in memory, several keys).
-pub fn state_dict_with_aliases(
-    vs: &nn::VarStore,
-    aliases: &[(String, String)],
-) -> crate::checkpoint::StateDict {
-    let mut sd: crate::checkpoint::StateDict = vs.variables().into_iter().collect();
+/// Parameters of `vs` plus each tied alias pointing at its source tensor (one tensor in memory, several
+/// keys), without the computed buffers; [`XvlmCore::state_dict`] adds those.
+pub fn state_dict_with_aliases(vs: &nn::VarStore, aliases: &[(String, String)]) -> StateDict {
+    let mut sd: StateDict = vs.variables().into_iter().collect();
     for (alias, source) in aliases {
         if let Some(t) = sd.get(source).map(Tensor::shallow_clone) {
             sd.insert(alias.clone(), t);

@@ -152,7 +152,7 @@ fn mlm_decoder_is_tied_to_word_embeddings() {
         "text_encoder.cls.predictions.decoder.weight".to_string(),
         "text_encoder.bert.embeddings.word_embeddings.weight".to_string()
     )));
-    let sd = xvlm_model::xvlm::state_dict_with_aliases(&vs, &aliases);
+    let sd = model.core.state_dict(&vs);
     let word = &sd["text_encoder.bert.embeddings.word_embeddings.weight"];
     let decoder = &sd["text_encoder.cls.predictions.decoder.weight"];
     assert_eq!(word.data_ptr(), decoder.data_ptr(), "one tensor in memory");

@@ -1,8 +1,9 @@
 //! Kind `param_keys`: the state-dict keys, shapes and dtypes of each official model for the real base
-//! configurations (`param_keys_*.tsv`) against the VarStore of our model built from `configs/`.
+//! configurations (`param_keys_*.tsv`) against the state dict of our model built from `configs/`.
 //!
-//! Our VarStore holds parameters only; the tied aliases (MLM decoder) are added from the model's alias
-//! list, and the computed buffers (`relative_position_index`, `attn_mask`, `position_ids`) may be absent.
+//! Our side is the model's full state dict (`XvlmCore::state_dict`: parameters, tied aliases, computed
+//! buffers); a computed buffer (`relative_position_index`, `attn_mask`, `position_ids`) may be absent but,
+//! when present, must have the official shape and dtype.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,6 +13,7 @@ use tch::{Device, Kind};
 
 use super::{Comparison, ParityError};
 use crate::checkpoint::load::is_computed_buffer;
+use crate::checkpoint::StateDict;
 use crate::config::{TaskConfig, TextConfig};
 use crate::tasks::PretrainModel;
 use crate::vision::VisionConfig;
@@ -86,22 +88,11 @@ fn dtype_name(kind: Kind) -> String {
     }
 }
 
-/// Our state-dict entries: every VarStore variable plus the tied aliases (with their source's shape).
-pub fn model_keys(
-    vs: &VarStore,
-    aliases: &[(String, String)],
-) -> BTreeMap<String, (Vec<i64>, String)> {
-    let mut keys: BTreeMap<String, (Vec<i64>, String)> = vs
-        .variables()
-        .into_iter()
-        .map(|(k, t)| (k, (t.size(), dtype_name(t.kind()))))
-        .collect();
-    for (alias, source) in aliases {
-        if let Some(entry) = keys.get(source).cloned() {
-            keys.insert(alias.clone(), entry);
-        }
-    }
-    keys
+/// Key → (shape, dtype) of a state dict.
+pub fn model_keys(sd: &StateDict) -> BTreeMap<String, (Vec<i64>, String)> {
+    sd.iter()
+        .map(|(k, t)| (k.clone(), (t.size(), dtype_name(t.kind()))))
+        .collect()
 }
 
 /// Compares the official rows with our keys: a summary row named `label`, then one failing row per
@@ -159,21 +150,16 @@ pub fn compare_keys(
     std::iter::once(summary).chain(problems).collect()
 }
 
-/// A built model's VarStore with its tied aliases `(alias, source)`.
-pub type BuiltModel = (VarStore, Vec<(String, String)>);
-
 /// Builds (on CPU, random init) the model a `param_keys_<name>.tsv` describes, from the base configs in
-/// `configs`. `None` for models this build does not implement yet.
-pub fn build_model(
-    name: &str,
-    configs: &Path,
-) -> Result<Option<BuiltModel>, ParityError> {
+/// `configs`, and returns its full state dict (parameters, tied aliases, computed buffers). `None` for
+/// models this build does not implement yet.
+pub fn build_model(name: &str, configs: &Path) -> Result<Option<StateDict>, ParityError> {
     let vs = VarStore::new(Device::Cpu);
     let pretrain_yaml = configs.join("Pretrain_XVLM_base_4m.yaml");
-    let aliases = match name {
+    let sd = match name {
         "pretrain" => {
             let task = TaskConfig::load(&pretrain_yaml).map_err(ModelError::from)?;
-            PretrainModel::new(&vs.root(), &task)?.core.tied_aliases()
+            PretrainModel::new(&vs.root(), &task)?.core.state_dict(&vs)
         }
         "pretrain_clipvit_roberta" => {
             let mut task = TaskConfig::load(&pretrain_yaml).map_err(ModelError::from)?;
@@ -184,7 +170,7 @@ pub fn build_model(
             task.patch_size = 16;
             task.use_roberta = true;
             task.text_config = configs.join("config_roberta.json").display().to_string();
-            PretrainModel::new(&vs.root(), &task)?.core.tied_aliases()
+            PretrainModel::new(&vs.root(), &task)?.core.state_dict(&vs)
         }
         // Fine-tuning cores (Retrieval_coco.yaml / Grounding_bbox.yaml: Swin-B 384, bare BertModel).
         "retrieval" | "grounding_bbox" => {
@@ -210,11 +196,11 @@ pub fn build_model(
                 256,
                 0.07,
             )?;
-            core.tied_aliases()
+            core.state_dict(&vs)
         }
         _ => return Ok(None),
     };
-    Ok(Some((vs, aliases)))
+    Ok(Some(sd))
 }
 
 /// Runs every `param_keys_*.tsv` in `dir` (selected by `only`, if given) against our models.
@@ -244,9 +230,7 @@ pub fn run_filtered(dir: &Path, only: Option<&str>) -> Result<Vec<Comparison>, P
         }
         let official = read_tsv(&file)?;
         match build_model(name, &configs_dir())? {
-            Some((vs, aliases)) => {
-                rows.extend(compare_keys(stem, &official, &model_keys(&vs, &aliases)))
-            }
+            Some(sd) => rows.extend(compare_keys(stem, &official, &model_keys(&sd))),
             None => rows.push(Comparison {
                 name: stem.to_string(),
                 max_abs: f64::INFINITY,

@@ -154,6 +154,11 @@ impl BertEmbeddings {
         }
     }
 
+    /// `position_embeddings.weight` [max_position_embeddings, D].
+    pub fn position_table(&self) -> &Tensor {
+        &self.position_embeddings
+    }
+
     /// `input_ids` [B, L] → [B, L, D].
     pub fn forward_t(&self, input_ids: &Tensor, train: bool) -> Tensor {
         let (b, l) = input_ids.size2().expect("input_ids must be [B, L]");

@@ -111,6 +111,20 @@ impl TextEncoder {
         }
     }
 
+    /// The buffer the official state dict holds besides the parameters: `embeddings.position_ids`
+    /// [1, max_position_embeddings] int64 (under `bert.`/`roberta.` in the `*ForMaskedLM` layout), named
+    /// relative to `text_encoder.`.
+    pub fn buffers(&self) -> Vec<(String, Tensor)> {
+        let table = &self.model.embeddings.position_table();
+        let n = table.size()[0];
+        let ids = Tensor::arange(n, (tch::Kind::Int64, table.device())).unsqueeze(0);
+        let key = match self.mlm_head {
+            Some(_) => format!("{}.embeddings.position_ids", self.flavor.prefix()),
+            None => "embeddings.position_ids".to_string(),
+        };
+        vec![(key, ids)]
+    }
+
     /// Mode `'text'` (layers before `fusion_layer`): [B, L] ids → [B, L, D].
     pub fn forward_text(&self, ids: &Tensor, atts: &Tensor, train: bool) -> Tensor {
         self.model.forward_text(ids, atts, train)
