@@ -53,7 +53,10 @@ pub fn run(args: &ParityArgs) -> Result<()> {
         Weights::Safetensors => WeightsSource::Safetensors,
     };
     if args.device.is_cuda() && !tch::Cuda::is_available() {
-        bail!("--device {:?}: CUDA is not available to this libtorch", args.device);
+        bail!(
+            "--device {:?}: CUDA is not available to this libtorch",
+            args.device
+        );
     }
     let report = run_case_on(&args.case_dir, source, args.device)
         .with_context(|| format!("parity case {}", args.case_dir.display()))?;
