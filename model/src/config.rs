@@ -144,6 +144,10 @@ pub struct TextConfig {
     /// `bert` or `roberta`.
     #[serde(default)]
     pub model_type: Option<String>,
+    /// Set at build time when pre-training with apex O1/O2 (`build_text_encoder`): attention divides the
+    /// query by √head_dim before `QKᵀ` instead of the scores after it (an fp16 overflow guard).
+    #[serde(default)]
+    pub fp16: bool,
     /// Other transformers keys (`architectures`, `bos_token_id`, …), kept for round trips.
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,

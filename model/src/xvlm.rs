@@ -208,7 +208,13 @@ impl XvlmCore {
     /// Builds from an official task config (its `vision_config`, `text_config`, `embed_dim`, `temp`).
     pub fn from_task(p: &nn::Path, task: &TaskConfig, heads: Heads) -> Result<Self, ModelError> {
         let vision_cfg = vision_config(task)?;
-        let text_cfg = task.load_text_config()?;
+        let mut text_cfg = task.load_text_config()?;
+        // build_text_encoder: only the pre-training model (MLM) under apex O1/O2 sets config_text.fp16.
+        text_cfg.fp16 = heads.mlm
+            && task
+                .accelerator
+                .as_ref()
+                .is_some_and(|a| a.FP16_OPT_LEVEL != "O0");
         let (embed_dim, temp) = if heads.contrastive {
             (task.require_embed_dim()?, task.require_temp()?)
         } else {

@@ -212,6 +212,7 @@ pub struct BertSelfAttention {
     num_heads: i64,
     head_dim: i64,
     dropout: f64,
+    scale_query_first: bool,
 }
 
 impl BertSelfAttention {
@@ -225,6 +226,7 @@ impl BertSelfAttention {
             num_heads: cfg.num_attention_heads,
             head_dim: d / cfg.num_attention_heads,
             dropout: cfg.attention_probs_dropout_prob,
+            scale_query_first: cfg.fp16,
         }
     }
 
@@ -241,8 +243,12 @@ impl BertSelfAttention {
         let q = self.split_heads(&self.query.forward(hidden));
         let k = self.split_heads(&self.key.forward(kv));
         let v = self.split_heads(&self.value.forward(kv));
-        // Scores are divided after the matmul, as the official code does with fp16 off.
-        let scores = q.matmul(&k.transpose(-1, -2)) / (self.head_dim as f64).sqrt() + mask;
+        let scale = (self.head_dim as f64).sqrt();
+        let scores = if self.scale_query_first {
+            (&q / scale).matmul(&k.transpose(-1, -2))
+        } else {
+            q.matmul(&k.transpose(-1, -2)) / scale
+        } + mask;
         let probs = scores.softmax(-1, Kind::Float).dropout(self.dropout, train);
         let (b, _, lq, _) = q.size4().expect("[B, H, L, d]");
         probs.matmul(&v).permute([0, 2, 1, 3]).contiguous().view([
@@ -496,5 +502,57 @@ impl BertMlmHead {
         self.layer_norm
             .forward(&h)
             .linear(&self.decoder_weight, Some(&self.bias))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    fn tiny_cfg() -> TextConfig {
+        serde_json::from_str(
+            r#"{"vocab_size": 50, "hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2,
+                "intermediate_size": 16, "fusion_layer": 1, "encoder_width": 6}"#,
+        )
+        .unwrap()
+    }
+
+    /// Quirk 17: self-attention masks add −10000, cross-attention masks −1e9, visible positions 0.
+    #[test]
+    fn mask_constants() {
+        let atts = Tensor::from_slice(&[1i64, 1, 0]).view([1, 3]);
+        let s: Vec<f32> = Vec::try_from(self_attention_mask(&atts).view([-1])).unwrap();
+        assert_eq!(s, vec![0.0, 0.0, -10000.0]);
+        let c: Vec<f32> = Vec::try_from(cross_attention_mask(&atts).view([-1])).unwrap();
+        assert_eq!(c, vec![0.0, 0.0, -1e9]);
+    }
+
+    /// The fp16 overflow guard (query scaled before QKᵀ) computes the same attention.
+    #[test]
+    fn fp16_query_scaling_is_equivalent() {
+        tch::manual_seed(0);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let mut attn = BertSelfAttention::new(vs.root() / "self", &tiny_cfg(), 6);
+        let hidden = Tensor::randn([2, 4, 8], (Kind::Float, Device::Cpu));
+        let kv = Tensor::randn([2, 5, 6], (Kind::Float, Device::Cpu));
+        let mask = cross_attention_mask(&Tensor::ones([2, 5], (Kind::Int64, Device::Cpu)));
+        let plain = attn.forward_t(&hidden, &kv, &mask, false);
+        attn.scale_query_first = true;
+        let guarded = attn.forward_t(&hidden, &kv, &mask, false);
+        assert!(plain.allclose(&guarded, 1e-5, 1e-6, false));
+    }
+
+    /// Only layers at or after `fusion_layer` have cross-attention, with key/value of the vision width.
+    #[test]
+    fn fusion_split_builds_cross_attention_from_fusion_layer() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _model = BertModel::new(vs.root(), &tiny_cfg(), TextFlavor::Bert);
+        let vars = vs.variables();
+        assert!(!vars.contains_key("encoder.layer.0.crossattention.self.key.weight"));
+        assert_eq!(
+            vars["encoder.layer.1.crossattention.self.key.weight"].size(),
+            vec![8, 6]
+        );
     }
 }
