@@ -213,3 +213,40 @@ fn pos_embed_interpolation_keeps_constants_and_extra_tokens() {
         .unwrap()
         .equal(&pos));
 }
+
+#[test]
+fn deit_weights_initialise_a_larger_deit_with_interpolated_positions() {
+    use xvlm_model::vision::DeitConfig;
+    let deit = |image_res| {
+        VisionConfig::Deit(DeitConfig {
+            image_res,
+            patch_size: 16,
+            embed_dim: 8,
+            depth: 2,
+            num_heads: 2,
+            mlp_ratio: 4,
+            local_attn_depth: 1,
+        })
+    };
+    // a timm checkpoint `{'model': {...}}` at 32 px (2x2 patches) with its classifier head
+    let (src_vs, _) = build(&deit(32));
+    let mut raw = StateDict::new();
+    for (k, t) in src_vs.variables() {
+        let k = k.strip_prefix("vision_encoder.").unwrap().to_string();
+        raw.insert(format!("model.{k}"), t.detach().copy());
+    }
+    raw.insert(
+        "model.head.weight".into(),
+        Tensor::zeros([3, 8], (Kind::Float, Device::Cpu)),
+    );
+    let src_pos = raw["model.pos_embed"].shallow_clone();
+    let cfg = deit(48);
+    let sd = vision_init_state_dict(raw, &cfg).unwrap();
+    let (vs, _) = build(&cfg);
+    let report = load_state_dict(&vs, &sd, &LoadOptions::default()).unwrap();
+    assert!(report.missing.is_empty(), "{report}");
+    assert_eq!(report.unexpected, vec!["vision_encoder.head.weight"]);
+    let pos = &vs.variables()["vision_encoder.pos_embed"];
+    assert_eq!(pos.size(), vec![1, 10, 8]);
+    assert!(pos.equal(&interpolate_pos_embed(&src_pos, 9, 1, "p").unwrap()));
+}
