@@ -152,6 +152,9 @@ pub enum ParityError {
     /// The model could not be built, loaded or run.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// The training replay could not run.
+    #[error(transparent)]
+    Train(#[from] crate::train::TrainError),
 }
 
 /// Every kind a `case.yaml` may name.
@@ -251,19 +254,19 @@ pub fn run_case_on(
     device: Device,
 ) -> Result<CaseReport, ParityError> {
     let spec = CaseSpec::load(dir)?;
+    if device != Device::Cpu && spec.kind != "pretrain" {
+        return Err(ParityError::NotImplemented {
+            kind: spec.kind,
+            reason: format!("only the CPU is supported for this kind, not {device:?}"),
+        });
+    }
     let rows = match spec.kind.as_str() {
         "pretrain" => run_pretrain(dir, &spec, weights, device)?,
         "param_keys" => param_keys::run(dir)?,
         "relpos_resize" => run_relpos_resize(dir, &spec)?,
-        // Dispatch arm for M3's trainer (train/): once `train` exposes the fixture replay of
-        // `Pretrain.train`, call it here and compare its per-step losses / lrs / grad norms and
-        // final weights against expected.safetensors and final.safetensors.
-        "pretrain_train_steps" => {
-            return Err(ParityError::NotImplemented {
-                kind: spec.kind,
-                reason: "the trainer's fixture replay (train/) is not wired in yet".into(),
-            })
-        }
+        // The trainer's replay of `Pretrain.train` (train/replay.rs): per-step losses, lrs, grad norms,
+        // param groups and final weights.
+        "pretrain_train_steps" => crate::train::run_train_steps_case(dir, weights)?,
         k if KNOWN_KINDS.contains(&k) => {
             return Err(ParityError::NotImplemented {
                 kind: spec.kind.clone(),
