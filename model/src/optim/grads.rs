@@ -210,7 +210,7 @@ impl Gradients {
                 .expect("bucket members have gradients");
             let n = g.numel() as i64;
             let part = buffer.f_narrow(0, offset, n)?.f_view(g.size().as_slice())?;
-            let _ = g.f_copy_(&part)?;
+            g.f_copy_(&part)?;
             offset += n;
         }
         Ok(())
