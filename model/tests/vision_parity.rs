@@ -105,6 +105,37 @@ fn run_case(case_name: &str) {
     assert!(failures.is_empty(), "{failures:#?}");
 }
 
+/// Window 4 at 64 px: stage 2 (4x4 map) and stage 3 (2x2 map) are clamped, unshifted windows.
+#[test]
+fn swin_with_clamped_windows_matches_the_finetune_fixtures() {
+    tch::set_num_threads(1);
+    for (case_name, pairs) in [
+        (
+            "retrieval",
+            vec![
+                ("eval.image", "eval.image_embeds"),
+                ("train.image", "train.image_embeds"),
+            ],
+        ),
+        ("grounding_bbox", vec![("image", "image_embeds")]),
+        ("nlvr", vec![("image", "image_embeds")]),
+        ("vqa", vec![("eval.image", "eval.image_embeds")]),
+    ] {
+        let case = xvlm_model::fixtures_dir().join(case_name);
+        let (_vs, enc) = build(&case);
+        let batch = tensors(&case.join("batch.safetensors"));
+        let expected = tensors(&case.join("expected.safetensors"));
+        let mut failures = Vec::new();
+        tch::no_grad(|| {
+            for (input, output) in pairs {
+                let got = enc.forward(&batch[input], None, None);
+                check(&mut failures, output, &got, &expected);
+            }
+        });
+        assert!(failures.is_empty(), "{case_name}: {failures:#?}");
+    }
+}
+
 #[test]
 fn swin_matches_pretrain_swin_bert_fixture() {
     run_case("pretrain_swin_bert");
