@@ -250,3 +250,34 @@ fn deit_weights_initialise_a_larger_deit_with_interpolated_positions() {
     assert_eq!(pos.size(), vec![1, 10, 8]);
     assert!(pos.equal(&interpolate_pos_embed(&src_pos, 9, 1, "p").unwrap()));
 }
+
+/// Fine-tuning from a checkpoint whose last stages have clamped windows (fixture `retrieval`: window 4
+/// at 64 px, stage 3 is 2x2) keeps those tables as they are and loads completely.
+#[test]
+fn finetune_load_of_a_clamped_window_checkpoint_loads_completely() {
+    let case = xvlm_model::fixtures_dir().join("retrieval");
+    let mut sd: StateDict = xvlm_model::checkpoint::read_state_dict(&case.join("model.th"))
+        .unwrap()
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("vision_encoder."))
+        .collect();
+    let before = sd["vision_encoder.layers.3.blocks.0.attn.relative_position_bias_table"].copy();
+    assert_eq!(before.size()[0], 9);
+    let cfg = VisionConfig::from_task(
+        xvlm_model::vision::Backbone::Swin,
+        Some(&case.join("vision_config.json")),
+        64,
+        32,
+    )
+    .unwrap();
+    adapt_for_finetune(&mut sd, &cfg, true).unwrap();
+    assert!(
+        sd["vision_encoder.layers.3.blocks.0.attn.relative_position_bias_table"].equal(&before)
+    );
+    let (vs, _) = build(&cfg);
+    let strict = LoadOptions {
+        strict: true,
+        ..Default::default()
+    };
+    load_state_dict(&vs, &sd, &strict).unwrap();
+}

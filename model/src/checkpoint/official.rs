@@ -5,7 +5,7 @@
 //! - `models/xvlm.py:build_vision_encoder(load_params=True)` (pre-training initialisation, §1.8): the
 //!   ImageNet Swin / HF CLIP / DeiT weights mapped to our `vision_encoder.*` names.
 
-use crate::vision::VisionConfig;
+use crate::vision::{SwinConfig, VisionConfig};
 
 use super::resize::{interpolate_pos_embed, interpolate_relative_pos_embed};
 use super::{CheckpointError, StateDict};
@@ -17,14 +17,35 @@ fn num_patches(cfg: &VisionConfig) -> i64 {
     side * side
 }
 
-/// Resizes every `relative_position_bias_table` to the config's window and drops the index/mask
+/// The window a block of stage `stage` really uses: the config window, clamped to the stage resolution
+/// when that is not larger (`SwinTransformerBlock.__init__`).
+fn stage_window(c: &SwinConfig, stage: usize) -> i64 {
+    let res = (c.image_res / 4) >> stage;
+    if res <= c.window_size {
+        res
+    } else {
+        c.window_size
+    }
+}
+
+/// The stage index of a key containing `layers.{s}.`.
+fn stage_of(key: &str) -> Option<usize> {
+    let rest = &key[key.find("layers.")? + "layers.".len()..];
+    rest.split('.').next()?.parse().ok()
+}
+
+/// Resizes every `relative_position_bias_table` to its block's window and drops the index/mask
 /// buffers, for keys in `sd` (any prefix).
-fn adapt_swin_tables(sd: &mut StateDict, window: i64) -> Result<(), CheckpointError> {
-    let dst = (2 * window - 1) * (2 * window - 1);
+///
+/// Deliberate difference: the official code resizes every table to the config window; for a stage
+/// whose window is clamped (resolution < window) that makes a table the model cannot load (or fails in
+/// the spline fit). We resize to the clamped window, which is identical wherever the official works.
+fn adapt_swin_tables(sd: &mut StateDict, c: &SwinConfig) -> Result<(), CheckpointError> {
     let keys: Vec<String> = sd.keys().cloned().collect();
     for k in keys {
         if k.contains("relative_position_bias_table") {
-            let resized = interpolate_relative_pos_embed(&sd[&k], dst, &k)?;
+            let w = stage_of(&k).map_or(c.window_size, |s| stage_window(c, s));
+            let resized = interpolate_relative_pos_embed(&sd[&k], (2 * w - 1) * (2 * w - 1), &k)?;
             sd.insert(k, resized);
         } else if k.contains("relative_position_index") || k.contains("attn_mask") {
             sd.remove(&k);
@@ -49,7 +70,7 @@ pub fn adapt_for_finetune(
             let resized = interpolate_pos_embed(&pos.unsqueeze(0), num_patches(vision), 1, key)?;
             sd.insert(key.into(), resized.squeeze_dim(0));
         }
-        VisionConfig::Swin(c) => adapt_swin_tables(sd, c.window_size)?,
+        VisionConfig::Swin(c) => adapt_swin_tables(sd, c)?,
         VisionConfig::Deit(_) => {
             let key = "vision_encoder.pos_embed";
             let pos = sd
@@ -97,7 +118,7 @@ pub fn vision_init_state_dict(
     let mut sd: StateDict = match cfg {
         VisionConfig::Swin(c) => {
             let mut sd = strip_model(raw);
-            adapt_swin_tables(&mut sd, c.window_size)?;
+            adapt_swin_tables(&mut sd, c)?;
             sd
         }
         VisionConfig::ClipVit(_) => {
