@@ -21,10 +21,15 @@ fn copy_case(name: &str) -> (tempfile::TempDir, PathBuf) {
 }
 
 fn run_parity(dir: &Path) -> (bool, String) {
+    run_parity_with(dir, &[])
+}
+
+fn run_parity_with(dir: &Path, extra: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_xvlm"))
         .arg("parity")
         .arg(dir)
         .args(["--weights", "safetensors"])
+        .args(extra)
         .output()
         .expect("xvlm runs");
     let text = format!(
@@ -38,9 +43,14 @@ fn run_parity(dir: &Path) -> (bool, String) {
 /// A perturbed expected tensor makes the command exit non-zero and name that tensor as FAIL.
 #[test]
 fn perturbed_expected_tensor_fails_by_name() {
-    let (_tmp, dir) = copy_case("pretrain_swin_bert");
-    let (ok, text) = run_parity(&dir);
+    let (tmp, dir) = copy_case("pretrain_swin_bert");
+    let report = tmp.path().join("report.json");
+    let (ok, text) = run_parity_with(&dir, &["--out", report.to_str().unwrap()]);
     assert!(ok, "the intact copy must pass:\n{text}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(json["passed"], true);
+    assert_eq!(json["rows"].as_array().unwrap().len(), 44);
 
     let path = dir.join("expected.safetensors");
     let target = "general.loss_itm";
