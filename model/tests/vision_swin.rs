@@ -18,6 +18,9 @@ fn tiny(drop_path_rate: f64) -> SwinConfig {
     }
 }
 
+/// (window, shift, attn_mask shape) of a block.
+type BlockShape = (i64, i64, Option<Vec<i64>>);
+
 #[test]
 fn windows_shifts_and_masks_follow_the_stage_resolution() {
     let vs = nn::VarStore::new(Device::Cpu);
@@ -29,7 +32,7 @@ fn windows_shifts_and_masks_follow_the_stage_resolution() {
     let VisionEncoder::Swin(swin) = &enc else {
         panic!("expected Swin");
     };
-    let got: Vec<Vec<(i64, i64, Option<Vec<i64>>)>> = swin
+    let got: Vec<Vec<BlockShape>> = swin
         .stages()
         .iter()
         .map(|s| {
