@@ -175,3 +175,16 @@ fn mlm_decoder_is_tied_to_word_embeddings() {
         .select(1, 7)
         .allclose(&after.select(1, 7), 1e-6, 1e-6, false));
 }
+
+/// A batch with inconsistent shapes is refused with the input named, not a libtorch panic.
+#[test]
+fn malformed_batch_is_an_error() {
+    let (_vs, model) = tiny();
+    let mut b = batch(4, 4, None);
+    b.text_atts = b.text_atts.narrow(1, 0, 10);
+    let err = model
+        .forward(&b, &SingleProcess, &mut MultinomialSampler::new(0), false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("text_atts"), "{err}");
+}

@@ -41,6 +41,64 @@ pub struct PretrainBatch {
     pub region: Option<RegionInputs>,
 }
 
+impl PretrainBatch {
+    /// Checks the shapes the forward relies on, naming the offending input.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let bad = |what: String| Err(ModelError::Input(what));
+        let image = self.image.size();
+        if image.len() != 4 {
+            return bad(format!("image must be [B, 3, R, R], got {image:?}"));
+        }
+        let ids = self.text_ids.size();
+        if ids.len() != 2 {
+            return bad(format!("text_ids must be [B, L], got {ids:?}"));
+        }
+        for (name, t) in [
+            ("text_atts", &self.text_atts),
+            ("text_ids_masked", &self.text_ids_masked),
+        ] {
+            if t.size() != ids {
+                return bad(format!("{name} {:?} != text_ids {ids:?}", t.size()));
+            }
+        }
+        let pos = self.masked_pos.size();
+        if pos.len() != 2 || pos[0] != ids[0] || self.masked_ids.size() != pos {
+            return bad(format!(
+                "masked_pos {pos:?} and masked_ids {:?} must both be [B={}, M]",
+                self.masked_ids.size(),
+                ids[0]
+            ));
+        }
+        let b = ids[0];
+        match &self.region {
+            None if image[0] != b => bad(format!("{} images for {b} texts", image[0])),
+            None => Ok(()),
+            Some(r) => {
+                let shapes = [
+                    ("idx_to_group_img", r.idx_to_group_img.size(), 1),
+                    ("image_atts", r.image_atts.size(), 2),
+                    ("target_bbox", r.target_bbox.size(), 2),
+                    ("is_image", r.is_image.size(), 1),
+                ];
+                for (name, shape, dims) in shapes {
+                    if shape.len() != dims || shape[0] != b {
+                        return bad(format!(
+                            "{name} {shape:?} must have {dims} dims and {b} rows"
+                        ));
+                    }
+                }
+                if r.target_bbox.size()[1] != 4 {
+                    return bad(format!(
+                        "target_bbox {:?} must be [B, 4]",
+                        r.target_bbox.size()
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 /// Every loss of a forward and the intermediates the parity fixtures record.
 #[derive(Debug)]
 pub struct PretrainOutput {
@@ -110,6 +168,7 @@ impl PretrainModel {
         sampler: &mut dyn NegativeSampler,
         train: bool,
     ) -> Result<PretrainOutput, ModelError> {
+        batch.validate()?;
         let core = &self.core;
         core.clamp_temp()?;
         let vision = match &batch.region {
