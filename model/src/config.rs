@@ -486,6 +486,7 @@ const KNOWN_UNTYPED_KEYS: &[&str] = &[
     "test_file",
     "val_file",
     "image_root",
+    "batch_size",
     "batch_size_train",
     "batch_size_test",
     "batch_size_test_text",

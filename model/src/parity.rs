@@ -15,7 +15,7 @@ use crate::checkpoint;
 use crate::collective::SingleProcess;
 use crate::config::TaskConfig;
 use crate::loss::ReplaySampler;
-use crate::tasks::{PretrainBatch, PretrainModel, RegionInputs};
+use crate::tasks::{NlvrModel, PretrainBatch, PretrainModel, RegionInputs};
 use crate::xvlm::ModelError;
 
 /// Per-tensor tolerance: `max|got - expected| <= rtol * max|expected| + atol`.
@@ -254,7 +254,7 @@ pub fn run_case_on(
     device: Device,
 ) -> Result<CaseReport, ParityError> {
     let spec = CaseSpec::load(dir)?;
-    if device != Device::Cpu && spec.kind != "pretrain" {
+    if device != Device::Cpu && !["pretrain", "nlvr"].contains(&spec.kind.as_str()) {
         return Err(ParityError::NotImplemented {
             kind: spec.kind,
             reason: format!("only the CPU is supported for this kind, not {device:?}"),
@@ -262,6 +262,7 @@ pub fn run_case_on(
     }
     let rows = match spec.kind.as_str() {
         "pretrain" => run_pretrain(dir, &spec, weights, device)?,
+        "nlvr" => run_nlvr(dir, &spec, weights, device)?,
         "param_keys" => param_keys::run(dir)?,
         "relpos_resize" => run_relpos_resize(dir, &spec)?,
         // The trainer's replay of `Pretrain.train` (train/replay.rs): per-step losses, lrs, grad norms,
@@ -386,6 +387,40 @@ fn run_pretrain(
             computed.insert(format!("{prefix}.{name}"), tensor);
         }
     }
+    Ok(compare_all(&expected, &computed, spec.tolerance()))
+}
+
+/// Kind `nlvr`: the NLVR2 forward (logits, loss, prediction, accuracy) on the recorded pairs.
+fn run_nlvr(
+    dir: &Path,
+    spec: &CaseSpec,
+    weights: WeightsSource,
+    device: Device,
+) -> Result<Vec<Comparison>, ParityError> {
+    let task = TaskConfig::load(&dir.join("config.yaml")).map_err(ModelError::from)?;
+    let vs = VarStore::new(device);
+    let model = NlvrModel::new(&vs.root(), &task)?;
+    load_case_weights(&vs, dir, weights, &model.core.tied_aliases())?;
+
+    let batch_path = dir.join("batch.safetensors");
+    let batch: HashMap<String, Tensor> = read_tensors(&batch_path)?.into_iter().collect();
+    let t = |name: &str| take(&batch, &batch_path, name.to_string()).map(|x| x.to_device(device));
+    let targets = t("targets")?;
+    let (image, ids, atts) = (t("image")?, t("text_ids")?, t("text_atts")?);
+    let out = tch::no_grad(|| model.forward(&image, &ids, &atts, false))?;
+    let pred = out.pred_class();
+    let computed: HashMap<String, Tensor> = [
+        ("loss", out.loss(&targets)),
+        ("accuracy", NlvrModel::accuracy(&pred, &targets)),
+        ("pred_class", pred),
+        ("image_embeds", out.image_embeds),
+        ("cross_cls", out.cross_cls),
+        ("logits", out.logits),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let expected = read_tensors(&dir.join("expected.safetensors"))?;
     Ok(compare_all(&expected, &computed, spec.tolerance()))
 }
 

@@ -170,10 +170,29 @@ impl XvlmCore {
         embed_dim: i64,
         temp: f64,
     ) -> Result<Self, ModelError> {
+        Self::with_shared_cross_kv(p, vision_cfg, text_cfg, heads, embed_dim, temp, 1)
+    }
+
+    /// As [`Self::new`], with the text encoder's cross layers sharing key/value in groups of
+    /// `cross_kv_group` (NLVR2: 2, see `TextEncoder::with_shared_cross_kv`).
+    pub fn with_shared_cross_kv(
+        p: &nn::Path,
+        vision_cfg: &VisionConfig,
+        text_cfg: &TextConfig,
+        heads: Heads,
+        embed_dim: i64,
+        temp: f64,
+        cross_kv_group: usize,
+    ) -> Result<Self, ModelError> {
         let vision = VisionEncoder::new(&(p / "vision_encoder"), vision_cfg)?;
         let mut text_cfg = text_cfg.clone();
         text_cfg.encoder_width = vision.width();
-        let text = TextEncoder::new(p / "text_encoder", &text_cfg, heads.mlm);
+        let text = TextEncoder::with_shared_cross_kv(
+            p / "text_encoder",
+            &text_cfg,
+            heads.mlm,
+            cross_kv_group,
+        );
         let d = text_cfg.hidden_size;
         let (vision_proj, text_proj, temp) = if heads.contrastive {
             (

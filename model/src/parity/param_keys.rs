@@ -15,7 +15,7 @@ use super::{Comparison, ParityError};
 use crate::checkpoint::load::is_computed_buffer;
 use crate::checkpoint::StateDict;
 use crate::config::{TaskConfig, TextConfig};
-use crate::tasks::PretrainModel;
+use crate::tasks::{NlvrModel, PretrainModel};
 use crate::vision::VisionConfig;
 use crate::xvlm::{Heads, ModelError, XvlmCore};
 
@@ -197,6 +197,14 @@ pub fn build_model(name: &str, configs: &Path) -> Result<Option<StateDict>, Pari
                 0.07,
             )?;
             core.state_dict(&vs)
+        }
+        "nlvr" => {
+            let mut task = TaskConfig::load(&pretrain_yaml).map_err(ModelError::from)?;
+            // NLVR.yaml: Swin-B at 384 px (window 12), BERT-base.
+            task.image_res = 384;
+            task.vision_config = Some(configs.join("config_swinB_384.json").display().to_string());
+            let model = NlvrModel::new(&vs.root(), &task)?;
+            model.core.state_dict(&vs)
         }
         _ => return Ok(None),
     };

@@ -90,6 +90,14 @@ pub(crate) fn bert_linear(p: nn::Path, in_dim: i64, out_dim: i64, cfg: &TextConf
     )
 }
 
+/// Another handle on the same Linear tensors (tied modules).
+fn share_linear(l: &nn::Linear) -> nn::Linear {
+    nn::Linear {
+        ws: l.ws.shallow_clone(),
+        bs: l.bs.as_ref().map(Tensor::shallow_clone),
+    }
+}
+
 /// A LayerNorm with the config's eps (weight 1, bias 0).
 pub(crate) fn bert_layer_norm(p: nn::Path, dim: i64, eps: f64) -> nn::LayerNorm {
     nn::layer_norm(
@@ -218,11 +226,29 @@ pub struct BertSelfAttention {
 impl BertSelfAttention {
     /// `query`, `key`, `value` under `p`; key/value input width `kv_width`.
     pub fn new(p: nn::Path, cfg: &TextConfig, kv_width: i64) -> Self {
+        Self::with_kv(p, cfg, kv_width, None)
+    }
+
+    /// As [`Self::new`], but with `shared` = another attention whose `key`/`value` modules this one uses
+    /// (the same tensors, NLVR2's `share_cross_attention`).
+    pub fn with_kv(
+        p: nn::Path,
+        cfg: &TextConfig,
+        kv_width: i64,
+        shared: Option<&BertSelfAttention>,
+    ) -> Self {
         let d = cfg.hidden_size;
+        let (key, value) = match shared {
+            Some(other) => (share_linear(&other.key), share_linear(&other.value)),
+            None => (
+                bert_linear(&p / "key", kv_width, d, cfg),
+                bert_linear(&p / "value", kv_width, d, cfg),
+            ),
+        };
         BertSelfAttention {
             query: bert_linear(&p / "query", d, d, cfg),
-            key: bert_linear(&p / "key", kv_width, d, cfg),
-            value: bert_linear(&p / "value", kv_width, d, cfg),
+            key,
+            value,
             num_heads: cfg.num_attention_heads,
             head_dim: d / cfg.num_attention_heads,
             dropout: cfg.attention_probs_dropout_prob,
@@ -296,8 +322,23 @@ pub struct BertAttention {
 impl BertAttention {
     /// `self.*` and `output.*` under `p`; key/value width `kv_width`.
     pub fn new(p: nn::Path, cfg: &TextConfig, kv_width: i64) -> Self {
+        Self::with_kv(p, cfg, kv_width, None)
+    }
+
+    /// As [`Self::new`], taking key/value from `shared` when given.
+    pub fn with_kv(
+        p: nn::Path,
+        cfg: &TextConfig,
+        kv_width: i64,
+        shared: Option<&BertAttention>,
+    ) -> Self {
         BertAttention {
-            self_attn: BertSelfAttention::new(&p / "self", cfg, kv_width),
+            self_attn: BertSelfAttention::with_kv(
+                &p / "self",
+                cfg,
+                kv_width,
+                shared.map(|a| &a.self_attn),
+            ),
             output: BertOutput::new(&p / "output", cfg, cfg.hidden_size),
         }
     }
@@ -323,8 +364,20 @@ pub struct BertLayer {
 impl BertLayer {
     /// Layer `layer_num` under `p` (`attention`, `crossattention`, `intermediate.dense`, `output`).
     pub fn new(p: nn::Path, cfg: &TextConfig, layer_num: i64) -> Self {
-        let crossattention = (layer_num >= cfg.fusion_layer)
-            .then(|| BertAttention::new(&p / "crossattention", cfg, cfg.encoder_width));
+        Self::with_shared_cross_kv(p, cfg, layer_num, None)
+    }
+
+    /// As [`Self::new`]; a cross layer takes its cross-attention key/value from `shared`'s when given.
+    pub fn with_shared_cross_kv(
+        p: nn::Path,
+        cfg: &TextConfig,
+        layer_num: i64,
+        shared: Option<&BertLayer>,
+    ) -> Self {
+        let shared_cross = shared.and_then(|l| l.crossattention.as_ref());
+        let crossattention = (layer_num >= cfg.fusion_layer).then(|| {
+            BertAttention::with_kv(&p / "crossattention", cfg, cfg.encoder_width, shared_cross)
+        });
         BertLayer {
             attention: BertAttention::new(&p / "attention", cfg, cfg.hidden_size),
             crossattention,
@@ -357,6 +410,14 @@ impl BertLayer {
     }
 }
 
+/// The layer whose cross-attention key/value layer `layer` uses, if not its own: cross layers form
+/// groups of `group` starting at `fusion_layer`, owned by the first of the group.
+pub fn shared_kv_owner(layer: i64, fusion_layer: i64, group: usize) -> Option<i64> {
+    let group = group.max(1) as i64;
+    let offset = (layer - fusion_layer).rem_euclid(group);
+    (layer >= fusion_layer && offset != 0).then_some(layer - offset)
+}
+
 // models/xbert.py: BertModel(add_pooling_layer=False) with BertEncoder(mode)
 /// Embeddings + `encoder.layer.{i}`; no pooler.
 #[derive(Debug)]
@@ -370,9 +431,26 @@ pub struct BertModel {
 impl BertModel {
     /// Builds `embeddings.*` and `encoder.layer.{0..num_hidden_layers}.*` under `p`.
     pub fn new(p: nn::Path, cfg: &TextConfig, flavor: TextFlavor) -> Self {
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| BertLayer::new(&p / "encoder" / "layer" / i, cfg, i))
-            .collect();
+        Self::with_shared_cross_kv(p, cfg, flavor, 1)
+    }
+
+    /// As [`Self::new`], with the cross layers in groups of `group` consecutive layers that share one
+    /// cross-attention key/value (the first of the group owns it). `group` 2 is NLVR2's
+    /// `share_cross_attention`; 1 shares nothing.
+    pub fn with_shared_cross_kv(
+        p: nn::Path,
+        cfg: &TextConfig,
+        flavor: TextFlavor,
+        group: usize,
+    ) -> Self {
+        let mut layers: Vec<BertLayer> = Vec::with_capacity(cfg.num_hidden_layers as usize);
+        for i in 0..cfg.num_hidden_layers {
+            let owner = shared_kv_owner(i, cfg.fusion_layer, group);
+            let shared = owner.map(|o| &layers[o as usize]);
+            let layer =
+                BertLayer::with_shared_cross_kv(&p / "encoder" / "layer" / i, cfg, i, shared);
+            layers.push(layer);
+        }
         BertModel {
             embeddings: BertEmbeddings::new(&p / "embeddings", cfg, flavor),
             layers,

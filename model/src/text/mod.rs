@@ -43,18 +43,31 @@ pub struct TextEncoder {
     pub mlm_head: Option<MlmHead>,
     flavor: TextFlavor,
     hidden_size: i64,
+    cross_kv_group: usize,
+    fusion_layer: i64,
+    num_layers: i64,
 }
 
 impl TextEncoder {
     /// Builds under `p` (= `text_encoder`). `with_mlm_head` selects the `*ForMaskedLM` layout.
     pub fn new(p: nn::Path, cfg: &TextConfig, with_mlm_head: bool) -> Self {
+        Self::with_shared_cross_kv(p, cfg, with_mlm_head, 1)
+    }
+
+    /// As [`Self::new`], with cross layers sharing key/value in groups of `group` (NLVR2: 2).
+    pub fn with_shared_cross_kv(
+        p: nn::Path,
+        cfg: &TextConfig,
+        with_mlm_head: bool,
+        group: usize,
+    ) -> Self {
         let flavor = cfg.flavor();
         let model_path = if with_mlm_head {
             &p / flavor.prefix()
         } else {
             p.clone()
         };
-        let model = BertModel::new(model_path, cfg, flavor);
+        let model = BertModel::with_shared_cross_kv(model_path, cfg, flavor, group);
         let mlm_head = with_mlm_head.then(|| match flavor {
             TextFlavor::Bert => MlmHead::Bert(bert::BertMlmHead::new(
                 &p / "cls",
@@ -72,6 +85,9 @@ impl TextEncoder {
             mlm_head,
             flavor,
             hidden_size: cfg.hidden_size,
+            cross_kv_group: group,
+            fusion_layer: cfg.fusion_layer,
+            num_layers: cfg.num_hidden_layers,
         }
     }
 
@@ -88,6 +104,29 @@ impl TextEncoder {
     /// State-dict keys (relative to `text_encoder.`) that are the same tensor as another key:
     /// `(alias, source)`. The source is the variable in the VarStore; the alias is only written on save.
     pub fn tied_aliases(&self) -> Vec<(String, String)> {
+        let mut aliases = self.head_aliases();
+        let layer_prefix = match self.mlm_head {
+            Some(_) => format!("{}.encoder.layer", self.flavor.prefix()),
+            None => "encoder.layer".to_string(),
+        };
+        for l in 0..self.num_layers {
+            let Some(owner) = bert::shared_kv_owner(l, self.fusion_layer, self.cross_kv_group)
+            else {
+                continue;
+            };
+            for module in ["key", "value"] {
+                for tensor in ["weight", "bias"] {
+                    let key = |layer| {
+                        format!("{layer_prefix}.{layer}.crossattention.self.{module}.{tensor}")
+                    };
+                    aliases.push((key(l), key(owner)));
+                }
+            }
+        }
+        aliases
+    }
+
+    fn head_aliases(&self) -> Vec<(String, String)> {
         let prefix = self.flavor.prefix();
         match (&self.mlm_head, self.flavor) {
             (None, _) => vec![],
