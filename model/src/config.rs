@@ -503,6 +503,7 @@ const KNOWN_UNTYPED_KEYS: &[&str] = &[
     "det_file",
     "coco_file",
     "careful_hflip",
+    "vlue_test",
     "block_num",
     "label_smoothing",
     "apply_FG_free",

@@ -15,6 +15,7 @@ use crate::checkpoint;
 use crate::collective::SingleProcess;
 use crate::config::TaskConfig;
 use crate::loss::ReplaySampler;
+use crate::tasks::grounding_bbox::{self, GroundingBboxModel};
 use crate::tasks::{NlvrModel, PretrainBatch, PretrainModel, RegionInputs};
 use crate::xvlm::ModelError;
 
@@ -254,7 +255,9 @@ pub fn run_case_on(
     device: Device,
 ) -> Result<CaseReport, ParityError> {
     let spec = CaseSpec::load(dir)?;
-    if device != Device::Cpu && !["pretrain", "nlvr"].contains(&spec.kind.as_str()) {
+    if device != Device::Cpu
+        && !["pretrain", "nlvr", "grounding_bbox"].contains(&spec.kind.as_str())
+    {
         return Err(ParityError::NotImplemented {
             kind: spec.kind,
             reason: format!("only the CPU is supported for this kind, not {device:?}"),
@@ -263,6 +266,7 @@ pub fn run_case_on(
     let rows = match spec.kind.as_str() {
         "pretrain" => run_pretrain(dir, &spec, weights, device)?,
         "nlvr" => run_nlvr(dir, &spec, weights, device)?,
+        "grounding_bbox" => run_grounding_bbox(dir, &spec, weights, device)?,
         "param_keys" => param_keys::run(dir)?,
         "relpos_resize" => run_relpos_resize(dir, &spec)?,
         // The trainer's replay of `Pretrain.train` (train/replay.rs): per-step losses, lrs, grad norms,
@@ -416,6 +420,45 @@ fn run_nlvr(
         ("image_embeds", out.image_embeds),
         ("cross_cls", out.cross_cls),
         ("logits", out.logits),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let expected = read_tensors(&dir.join("expected.safetensors"))?;
+    Ok(compare_all(&expected, &computed, spec.tolerance()))
+}
+
+/// Kind `grounding_bbox`: box prediction, L1 + GIoU against made-up targets, and the VLUE score.
+fn run_grounding_bbox(
+    dir: &Path,
+    spec: &CaseSpec,
+    weights: WeightsSource,
+    device: Device,
+) -> Result<Vec<Comparison>, ParityError> {
+    let task = TaskConfig::load(&dir.join("config.yaml")).map_err(ModelError::from)?;
+    let vs = VarStore::new(device);
+    let model = GroundingBboxModel::new(&vs.root(), &task)?;
+    load_case_weights(&vs, dir, weights, &model.core.tied_aliases())?;
+
+    let batch_path = dir.join("batch.safetensors");
+    let batch: HashMap<String, Tensor> = read_tensors(&batch_path)?.into_iter().collect();
+    let t = |name: &str| take(&batch, &batch_path, name.to_string()).map(|x| x.to_device(device));
+    let (image, ids, atts) = (t("image")?, t("text_ids")?, t("text_atts")?);
+    let out = tch::no_grad(|| model.forward(&image, &ids, &atts, false))?;
+    let (l1, giou) = GroundingBboxModel::loss(&out.bbox.coord, &t("target_bbox")?);
+    let pred_xywh = grounding_bbox::to_pixel_xywh(&out.bbox.coord, &t("eval.image_wh")?);
+    let (iou, score) = grounding_bbox::grounding_score(&t("eval.ref_bbox_xywh")?, &pred_xywh);
+    let computed: HashMap<String, Tensor> = [
+        ("loss_total", &l1 + &giou),
+        ("loss_bbox", l1),
+        ("loss_giou", giou),
+        ("eval.iou", iou),
+        ("eval.score", Tensor::from(score)),
+        ("eval.pred_box_xywh", pred_xywh),
+        ("eval.output_coord", out.bbox.coord.shallow_clone()),
+        ("output_coord", out.bbox.coord),
+        ("bbox_head_output", out.bbox.head_output),
+        ("image_embeds", out.image_embeds),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
