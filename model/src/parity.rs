@@ -16,6 +16,7 @@ use crate::collective::SingleProcess;
 use crate::config::TaskConfig;
 use crate::loss::ReplaySampler;
 use crate::tasks::grounding_bbox::{self, GroundingBboxModel};
+use crate::tasks::retrieval::{self, RetrievalModel, TieRule};
 use crate::tasks::{NlvrModel, PretrainBatch, PretrainModel, RegionInputs};
 use crate::xvlm::ModelError;
 
@@ -256,7 +257,7 @@ pub fn run_case_on(
 ) -> Result<CaseReport, ParityError> {
     let spec = CaseSpec::load(dir)?;
     if device != Device::Cpu
-        && !["pretrain", "nlvr", "grounding_bbox"].contains(&spec.kind.as_str())
+        && !["pretrain", "nlvr", "grounding_bbox", "retrieval"].contains(&spec.kind.as_str())
     {
         return Err(ParityError::NotImplemented {
             kind: spec.kind,
@@ -267,6 +268,7 @@ pub fn run_case_on(
         "pretrain" => run_pretrain(dir, &spec, weights, device)?,
         "nlvr" => run_nlvr(dir, &spec, weights, device)?,
         "grounding_bbox" => run_grounding_bbox(dir, &spec, weights, device)?,
+        "retrieval" => run_retrieval(dir, &spec, weights, device)?,
         "param_keys" => param_keys::run(dir)?,
         "relpos_resize" => run_relpos_resize(dir, &spec)?,
         // The trainer's replay of `Pretrain.train` (train/replay.rs): per-step losses, lrs, grad norms,
@@ -463,6 +465,120 @@ fn run_grounding_bbox(
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
+    let expected = read_tensors(&dir.join("expected.safetensors"))?;
+    Ok(compare_all(&expected, &computed, spec.tolerance()))
+}
+
+/// Kind `retrieval`: evaluation (similarities, top-k ITM re-ranking, recall), one training forward with
+/// image ids, and `itm_eval` on a made-up matrix.
+fn run_retrieval(
+    dir: &Path,
+    spec: &CaseSpec,
+    weights: WeightsSource,
+    device: Device,
+) -> Result<Vec<Comparison>, ParityError> {
+    let task = TaskConfig::load(&dir.join("config.yaml")).map_err(ModelError::from)?;
+    let k_test = task
+        .extra
+        .get("k_test")
+        .and_then(serde_yaml::Value::as_i64)
+        .ok_or_else(|| ParityError::Read {
+            path: dir.join("config.yaml"),
+            reason: "missing integer key k_test".into(),
+        })?;
+    let vs = VarStore::new(device);
+    let model = RetrievalModel::new(&vs.root(), &task)?;
+    load_case_weights(&vs, dir, weights, &model.core.tied_aliases())?;
+
+    let batch_path = dir.join("batch.safetensors");
+    let batch: HashMap<String, Tensor> = read_tensors(&batch_path)?.into_iter().collect();
+    let t = |name: &str| take(&batch, &batch_path, name.to_string()).map(|x| x.to_device(device));
+    let mut computed: HashMap<String, Tensor> = HashMap::new();
+    let mut put = |k: &str, v: Tensor| {
+        computed.insert(k.to_string(), v);
+    };
+
+    let ev = model.evaluate(
+        &t("eval.image")?,
+        &t("eval.text_ids")?,
+        &t("eval.text_atts")?,
+        k_test,
+    )?;
+    let (txt2img, img2txt) = (t("eval.txt2img")?, t("eval.img2txt")?);
+    let metrics = |rule| {
+        Tensor::from_slice(&retrieval::itm_eval(
+            &ev.score_i2t,
+            &ev.score_t2i,
+            &txt2img,
+            &img2txt,
+            rule,
+        ))
+    };
+    put("eval.metrics", metrics(TieRule::NumpySmallRows));
+    put(
+        "eval.metrics_ties_favor_gt",
+        metrics(TieRule::FavorGroundTruth),
+    );
+    put(
+        "eval.metrics_ties_against_gt",
+        metrics(TieRule::AgainstGroundTruth),
+    );
+    put("eval.image_embeds", ev.image_embeds);
+    put("eval.image_feat", ev.image_feat);
+    put("eval.text_embeds", ev.text_embeds);
+    put("eval.text_feat", ev.text_feat);
+    put("eval.sims_matrix", ev.sims);
+    put("eval.i2t_topk_idx", ev.i2t_topk_idx);
+    put("eval.i2t_topk_sim", ev.i2t_topk_sim);
+    put("eval.i2t_topk_itm_score", ev.i2t_topk_itm_score);
+    put("eval.t2i_topk_idx", ev.t2i_topk_idx);
+    put("eval.t2i_topk_sim", ev.t2i_topk_sim);
+    put("eval.t2i_topk_itm_score", ev.t2i_topk_itm_score);
+    put("eval.score_matrix_i2t", ev.score_i2t);
+    put("eval.score_matrix_t2i", ev.score_t2i);
+
+    put(
+        "metric.metrics",
+        Tensor::from_slice(&retrieval::itm_eval(
+            &t("metric.scores_i2t")?,
+            &t("metric.scores_t2i")?,
+            &t("metric.txt2img")?,
+            &t("metric.img2txt")?,
+            TieRule::FavorGroundTruth,
+        )),
+    );
+
+    let mut sampler =
+        ReplaySampler::new(t("train.itm_neg_image_idx")?, t("train.itm_neg_text_idx")?);
+    let (image, ids, atts, idx) = (
+        t("train.image")?,
+        t("train.text_ids")?,
+        t("train.text_atts")?,
+        t("train.idx")?,
+    );
+    let tr = tch::no_grad(|| {
+        model.train_forward(
+            &image,
+            &ids,
+            &atts,
+            &idx,
+            &SingleProcess,
+            &mut sampler,
+            false,
+        )
+    })?;
+    put("train.image_embeds", tr.image_embeds);
+    put("train.image_feat", tr.image_feat);
+    put("train.text_embeds", tr.text_embeds);
+    put("train.text_feat", tr.text_feat);
+    put("train.loss_itc", tr.loss_itc);
+    put("train.loss_itm", tr.itm.loss);
+    put("train.itm_logits", tr.itm.logits);
+    put("train.itm_weights_i2t", tr.itm.weights.weights_i2t);
+    put("train.itm_weights_t2i", tr.itm.weights.weights_t2i);
+    put("train.sim_i2t", tr.itm.weights.sim_i2t);
+    put("train.temp", model.core.temp()?.detach().copy());
+
     let expected = read_tensors(&dir.join("expected.safetensors"))?;
     Ok(compare_all(&expected, &computed, spec.tolerance()))
 }

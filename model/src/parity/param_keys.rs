@@ -14,10 +14,9 @@ use tch::{Device, Kind};
 use super::{Comparison, ParityError};
 use crate::checkpoint::load::is_computed_buffer;
 use crate::checkpoint::StateDict;
-use crate::config::{TaskConfig, TextConfig};
-use crate::tasks::{NlvrModel, PretrainModel};
-use crate::vision::VisionConfig;
-use crate::xvlm::{Heads, ModelError, XvlmCore};
+use crate::config::TaskConfig;
+use crate::tasks::{GroundingBboxModel, NlvrModel, PretrainModel, RetrievalModel};
+use crate::xvlm::ModelError;
 
 pub use crate::config::configs_dir;
 
@@ -172,43 +171,35 @@ pub fn build_model(name: &str, configs: &Path) -> Result<Option<StateDict>, Pari
             task.text_config = configs.join("config_roberta.json").display().to_string();
             PretrainModel::new(&vs.root(), &task)?.core.state_dict(&vs)
         }
-        // Fine-tuning cores (Retrieval_coco.yaml / Grounding_bbox.yaml: Swin-B 384, bare BertModel).
-        "retrieval" | "grounding_bbox" => {
-            let text =
-                TextConfig::load(&configs.join("config_bert.json")).map_err(ModelError::from)?;
-            let heads = if name == "retrieval" {
-                Heads {
-                    contrastive: true,
-                    matching: true,
-                    ..Heads::default()
-                }
-            } else {
-                Heads {
-                    bbox: true,
-                    ..Heads::default()
-                }
-            };
-            let core = XvlmCore::new(
-                &vs.root(),
-                &VisionConfig::swin_b_384(),
-                &text,
-                heads,
-                256,
-                0.07,
-            )?;
-            core.state_dict(&vs)
+        // Fine-tuning models (Retrieval_coco.yaml / Grounding_bbox.yaml: Swin-B 384, bare BertModel).
+        "retrieval" => {
+            let task = finetune_task(configs)?;
+            RetrievalModel::new(&vs.root(), &task)?.core.state_dict(&vs)
+        }
+        "grounding_bbox" => {
+            let task = finetune_task(configs)?;
+            GroundingBboxModel::new(&vs.root(), &task)?
+                .core
+                .state_dict(&vs)
         }
         "nlvr" => {
-            let mut task = TaskConfig::load(&pretrain_yaml).map_err(ModelError::from)?;
-            // NLVR.yaml: Swin-B at 384 px (window 12), BERT-base.
-            task.image_res = 384;
-            task.vision_config = Some(configs.join("config_swinB_384.json").display().to_string());
+            let task = finetune_task(configs)?;
             let model = NlvrModel::new(&vs.root(), &task)?;
             model.core.state_dict(&vs)
         }
         _ => return Ok(None),
     };
     Ok(Some(sd))
+}
+
+/// The base fine-tuning setting of NLVR.yaml, Retrieval_coco.yaml, Grounding_bbox.yaml: the 4M config
+/// at 384 px with Swin-B window 12 and BERT-base.
+fn finetune_task(configs: &Path) -> Result<TaskConfig, ParityError> {
+    let mut task =
+        TaskConfig::load(&configs.join("Pretrain_XVLM_base_4m.yaml")).map_err(ModelError::from)?;
+    task.image_res = 384;
+    task.vision_config = Some(configs.join("config_swinB_384.json").display().to_string());
+    Ok(task)
 }
 
 /// Runs every `param_keys_*.tsv` in `dir` (selected by `only`, if given) against our models.
