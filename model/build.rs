@@ -1,5 +1,5 @@
-//! Links libtorch (rpath, CUDA) and compiles the C++ shim: libtorch's pickle reader for official
-//! `torch.save` checkpoints and the current CUDA stream for NCCL, neither of which tch exposes.
+//! Links libtorch (rpath, CUDA) and compiles the C++ shim: the current CUDA stream for NCCL, TF32
+//! switches and libtorch's build config, none of which tch exposes.
 
 #[path = "build/libtorch_link.rs"]
 mod libtorch_link;

@@ -1,1 +1,11 @@
-//! Task models built on the X-VLM core: pre-training now, fine-tuning tasks beside it.
+//! Task models built on the X-VLM core: pre-training, retrieval, NLVR2, grounding with boxes; the other fine-tuning tasks slot in beside.
+
+pub mod grounding_bbox;
+pub mod nlvr;
+pub mod pretrain;
+pub mod retrieval;
+
+pub use grounding_bbox::{GroundingBboxModel, GroundingBboxOutput};
+pub use nlvr::{NlvrModel, NlvrOutput};
+pub use pretrain::{PretrainBatch, PretrainModel, PretrainOutput, RegionInputs};
+pub use retrieval::{RetrievalEval, RetrievalModel, RetrievalTrainOutput};

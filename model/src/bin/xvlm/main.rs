@@ -4,7 +4,9 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use xvlm_proto::logging::{self, LogFormat};
 
+mod convert;
 mod doctor;
+mod parity;
 mod smoke;
 
 #[derive(Parser)]
@@ -23,6 +25,10 @@ enum Command {
     Doctor,
     /// Train a tiny MLP for a few steps with libtorch (proves the tensor stack works end to end).
     SmokeTrain(smoke::SmokeArgs),
+    /// Convert an official `torch.save` checkpoint (`.th`/`.pth`) to safetensors.
+    Convert(convert::ConvertArgs),
+    /// Run a parity fixture case (`case.yaml` + `expected.safetensors`); non-zero if any tensor fails.
+    Parity(parity::ParityArgs),
 }
 
 fn main() {
@@ -39,5 +45,7 @@ fn run(command: Command) -> Result<()> {
     match command {
         Command::Doctor => doctor::run(),
         Command::SmokeTrain(args) => smoke::run(&args),
+        Command::Convert(args) => convert::run(&args),
+        Command::Parity(args) => parity::run(&args),
     }
 }

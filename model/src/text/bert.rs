@@ -1,0 +1,636 @@
+//! X-VLM's BERT (models/xbert.py, transformers 4.12.5 BertModel with the `fusion_layer` split): layers
+//! `[0, fusion_layer)` are text-only, layers `[fusion_layer, num_hidden_layers)` add a cross-attention block
+//! whose key/value read the vision tokens (`encoder_width` wide). RoBERTa (models/xroberta.py) shares every
+//! block here; only its embeddings' position ids and its MLM head differ (see `roberta.rs`).
+
+use std::ops::Range;
+
+use tch::nn::{self, Module};
+use tch::{Kind, Tensor};
+
+use crate::config::TextConfig;
+
+/// Which official text backbone: decides the state-dict prefix, position ids and the MLM head layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextFlavor {
+    /// `BertForMaskedLM` / `BertModel`: prefix `bert.`, head `cls.predictions.*`.
+    Bert,
+    /// `RobertaForMaskedLM` / `RobertaModel`: prefix `roberta.`, head `lm_head.*`, positions from padding.
+    Roberta,
+}
+
+impl TextFlavor {
+    /// The submodule name of the encoder inside the `*ForMaskedLM` wrapper.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            TextFlavor::Bert => "bert",
+            TextFlavor::Roberta => "roberta",
+        }
+    }
+}
+
+/// Which layers a forward runs (`BertEncoder.forward(mode)`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EncoderMode {
+    /// `'text'`: layers `[0, fusion_layer)` from the embeddings.
+    Text,
+    /// `'fusion'`: layers `[fusion_layer, num_hidden_layers)` on already contextualised text states.
+    Fusion,
+    /// `'multi_modal'`: every layer from the embeddings.
+    MultiModal,
+}
+
+/// One vision stream a cross-attention layer attends to: `embeds` [B, Nv, encoder_width] and its additive
+/// key mask [B, 1, 1, Nv] (see [`cross_attention_mask`]).
+pub struct CrossContext<'a> {
+    /// Vision tokens.
+    pub embeds: &'a Tensor,
+    /// Additive mask, `(1 - m) * -1e9`.
+    pub mask: Tensor,
+}
+
+impl<'a> CrossContext<'a> {
+    /// Builds the context from 0/1 `image_atts` [B, Nv] (any dtype).
+    pub fn new(embeds: &'a Tensor, image_atts: &Tensor) -> Self {
+        CrossContext {
+            embeds,
+            mask: cross_attention_mask(image_atts),
+        }
+    }
+}
+
+/// Self-attention additive mask from 0/1 `atts` [B, L] → [B, 1, 1, L]: `(1 - m) * -10000`
+/// (`BertModel.get_extended_attention_mask`, quirk 17).
+pub fn self_attention_mask(atts: &Tensor) -> Tensor {
+    let m = atts.unsqueeze(1).unsqueeze(1).to_kind(Kind::Float);
+    (m.ones_like() - m) * -10000.0
+}
+
+/// Cross-attention additive mask from 0/1 `image_atts` [B, Nv] → [B, 1, 1, Nv]: `(1 - m) * -1e9`
+/// (transformers 4.12.5 `invert_attention_mask` in float32, quirk 17).
+pub fn cross_attention_mask(image_atts: &Tensor) -> Tensor {
+    let m = image_atts.unsqueeze(1).unsqueeze(1).to_kind(Kind::Float);
+    (m.ones_like() - m) * -1e9
+}
+
+/// A Linear initialised as BERT's `_init_weights` does: weight N(0, initializer_range), bias 0.
+pub(crate) fn bert_linear(p: nn::Path, in_dim: i64, out_dim: i64, cfg: &TextConfig) -> nn::Linear {
+    nn::linear(
+        p,
+        in_dim,
+        out_dim,
+        nn::LinearConfig {
+            ws_init: nn::Init::Randn {
+                mean: 0.0,
+                stdev: cfg.initializer_range,
+            },
+            bs_init: Some(nn::Init::Const(0.0)),
+            bias: true,
+        },
+    )
+}
+
+/// Another handle on the same Linear tensors (tied modules).
+fn share_linear(l: &nn::Linear) -> nn::Linear {
+    nn::Linear {
+        ws: l.ws.shallow_clone(),
+        bs: l.bs.as_ref().map(Tensor::shallow_clone),
+    }
+}
+
+/// A LayerNorm with the config's eps (weight 1, bias 0).
+pub(crate) fn bert_layer_norm(p: nn::Path, dim: i64, eps: f64) -> nn::LayerNorm {
+    nn::layer_norm(
+        p,
+        vec![dim],
+        nn::LayerNormConfig {
+            eps,
+            ..Default::default()
+        },
+    )
+}
+
+/// The activation named by `hidden_act` (transformers `ACT2FN`).
+pub(crate) fn activation(xs: &Tensor, name: &str) -> Tensor {
+    match name {
+        "gelu_new" => xs.gelu("tanh"),
+        "relu" => xs.relu(),
+        "quick_gelu" => xs * (xs * 1.702).sigmoid(),
+        // "gelu" (and anything validated earlier) is the exact erf GELU.
+        _ => xs.gelu("none"),
+    }
+}
+
+// models/xbert.py: BertEmbeddings (and RobertaEmbeddings for the position ids)
+/// Word + token-type (always 0) + absolute position embeddings → LayerNorm → dropout.
+#[derive(Debug)]
+pub struct BertEmbeddings {
+    /// `word_embeddings.weight` [vocab, D]; the MLM decoder shares this tensor.
+    pub word_embeddings: Tensor,
+    position_embeddings: Tensor,
+    token_type_embeddings: Tensor,
+    layer_norm: nn::LayerNorm,
+    dropout: f64,
+    pad_token_id: i64,
+    flavor: TextFlavor,
+}
+
+impl BertEmbeddings {
+    /// Builds `word_embeddings`, `position_embeddings`, `token_type_embeddings`, `LayerNorm` under `p`.
+    pub fn new(p: nn::Path, cfg: &TextConfig, flavor: TextFlavor) -> Self {
+        let init = nn::Init::Randn {
+            mean: 0.0,
+            stdev: cfg.initializer_range,
+        };
+        let d = cfg.hidden_size;
+        BertEmbeddings {
+            word_embeddings: (&p / "word_embeddings").var("weight", &[cfg.vocab_size, d], init),
+            position_embeddings: (&p / "position_embeddings").var(
+                "weight",
+                &[cfg.max_position_embeddings, d],
+                init,
+            ),
+            token_type_embeddings: (&p / "token_type_embeddings").var(
+                "weight",
+                &[cfg.type_vocab_size, d],
+                init,
+            ),
+            layer_norm: bert_layer_norm(&p / "LayerNorm", d, cfg.layer_norm_eps),
+            dropout: cfg.hidden_dropout_prob,
+            pad_token_id: cfg.pad_token_id,
+            flavor,
+        }
+    }
+
+    /// `position_embeddings.weight` [max_position_embeddings, D].
+    pub fn position_table(&self) -> &Tensor {
+        &self.position_embeddings
+    }
+
+    /// `input_ids` [B, L] → [B, L, D].
+    pub fn forward_t(&self, input_ids: &Tensor, train: bool) -> Tensor {
+        let (b, l) = input_ids.size2().expect("input_ids must be [B, L]");
+        let position_ids = match self.flavor {
+            TextFlavor::Bert => Tensor::arange(l, (Kind::Int64, input_ids.device()))
+                .unsqueeze(0)
+                .expand([b, l], false),
+            TextFlavor::Roberta => super::roberta::position_ids(input_ids, self.pad_token_id),
+        };
+        // Padding rows get no gradient from the lookup, as nn.Embedding(padding_idx) does.
+        let roberta_pad = match self.flavor {
+            TextFlavor::Bert => -1,
+            TextFlavor::Roberta => self.pad_token_id,
+        };
+        let words = Tensor::embedding(
+            &self.word_embeddings,
+            input_ids,
+            self.pad_token_id,
+            false,
+            false,
+        );
+        let token_types = Tensor::embedding(
+            &self.token_type_embeddings,
+            &input_ids.zeros_like(),
+            -1,
+            false,
+            false,
+        );
+        let positions = Tensor::embedding(
+            &self.position_embeddings,
+            &position_ids,
+            roberta_pad,
+            false,
+            false,
+        );
+        let embeddings = words + token_types + positions;
+        self.layer_norm
+            .forward(&embeddings)
+            .dropout(self.dropout, train)
+    }
+}
+
+// models/xbert.py: BertSelfAttention
+/// Multi-head attention; keys/values come from the text itself or, for cross-attention, from the vision
+/// tokens (`encoder_width` wide).
+#[derive(Debug)]
+pub struct BertSelfAttention {
+    query: nn::Linear,
+    key: nn::Linear,
+    value: nn::Linear,
+    num_heads: i64,
+    head_dim: i64,
+    dropout: f64,
+    scale_query_first: bool,
+}
+
+impl BertSelfAttention {
+    /// `query`, `key`, `value` under `p`; key/value input width `kv_width`.
+    pub fn new(p: nn::Path, cfg: &TextConfig, kv_width: i64) -> Self {
+        Self::with_kv(p, cfg, kv_width, None)
+    }
+
+    /// As [`Self::new`], but with `shared` = another attention whose `key`/`value` modules this one uses
+    /// (the same tensors, NLVR2's `share_cross_attention`).
+    pub fn with_kv(
+        p: nn::Path,
+        cfg: &TextConfig,
+        kv_width: i64,
+        shared: Option<&BertSelfAttention>,
+    ) -> Self {
+        let d = cfg.hidden_size;
+        let (key, value) = match shared {
+            Some(other) => (share_linear(&other.key), share_linear(&other.value)),
+            None => (
+                bert_linear(&p / "key", kv_width, d, cfg),
+                bert_linear(&p / "value", kv_width, d, cfg),
+            ),
+        };
+        BertSelfAttention {
+            query: bert_linear(&p / "query", d, d, cfg),
+            key,
+            value,
+            num_heads: cfg.num_attention_heads,
+            head_dim: d / cfg.num_attention_heads,
+            dropout: cfg.attention_probs_dropout_prob,
+            scale_query_first: cfg.fp16,
+        }
+    }
+
+    /// [B, L, D] → [B, heads, L, head_dim].
+    fn split_heads(&self, xs: &Tensor) -> Tensor {
+        let (b, l, _) = xs.size3().expect("[B, L, D]");
+        xs.view([b, l, self.num_heads, self.head_dim])
+            .permute([0, 2, 1, 3])
+    }
+
+    /// `hidden` [B, Lq, D], `kv` [B, Lk, W] (the hidden states themselves for self-attention), additive
+    /// `mask` [B, 1, 1, Lk] → context [B, Lq, D].
+    pub fn forward_t(&self, hidden: &Tensor, kv: &Tensor, mask: &Tensor, train: bool) -> Tensor {
+        let q = self.split_heads(&self.query.forward(hidden));
+        let k = self.split_heads(&self.key.forward(kv));
+        let v = self.split_heads(&self.value.forward(kv));
+        let scale = (self.head_dim as f64).sqrt();
+        let scores = if self.scale_query_first {
+            (&q / scale).matmul(&k.transpose(-1, -2))
+        } else {
+            q.matmul(&k.transpose(-1, -2)) / scale
+        } + mask;
+        let probs = scores.softmax(-1, Kind::Float).dropout(self.dropout, train);
+        let (b, _, lq, _) = q.size4().expect("[B, H, L, d]");
+        probs.matmul(&v).permute([0, 2, 1, 3]).contiguous().view([
+            b,
+            lq,
+            self.num_heads * self.head_dim,
+        ])
+    }
+}
+
+// models/xbert.py: BertSelfOutput / BertOutput
+/// `LayerNorm(dropout(dense(x)) + residual)`.
+#[derive(Debug)]
+pub struct BertOutput {
+    dense: nn::Linear,
+    layer_norm: nn::LayerNorm,
+    dropout: f64,
+}
+
+impl BertOutput {
+    /// `dense` (in_dim → D) and `LayerNorm` under `p`.
+    pub fn new(p: nn::Path, cfg: &TextConfig, in_dim: i64) -> Self {
+        BertOutput {
+            dense: bert_linear(&p / "dense", in_dim, cfg.hidden_size, cfg),
+            layer_norm: bert_layer_norm(&p / "LayerNorm", cfg.hidden_size, cfg.layer_norm_eps),
+            dropout: cfg.hidden_dropout_prob,
+        }
+    }
+
+    /// `xs` [B, L, in_dim], `residual` [B, L, D] → [B, L, D].
+    pub fn forward_t(&self, xs: &Tensor, residual: &Tensor, train: bool) -> Tensor {
+        let h = self.dense.forward(xs).dropout(self.dropout, train);
+        self.layer_norm.forward(&(h + residual))
+    }
+}
+
+// models/xbert.py: BertAttention
+/// Attention block: `self` + `output`.
+#[derive(Debug)]
+pub struct BertAttention {
+    self_attn: BertSelfAttention,
+    output: BertOutput,
+}
+
+impl BertAttention {
+    /// `self.*` and `output.*` under `p`; key/value width `kv_width`.
+    pub fn new(p: nn::Path, cfg: &TextConfig, kv_width: i64) -> Self {
+        Self::with_kv(p, cfg, kv_width, None)
+    }
+
+    /// As [`Self::new`], taking key/value from `shared` when given.
+    pub fn with_kv(
+        p: nn::Path,
+        cfg: &TextConfig,
+        kv_width: i64,
+        shared: Option<&BertAttention>,
+    ) -> Self {
+        BertAttention {
+            self_attn: BertSelfAttention::with_kv(
+                &p / "self",
+                cfg,
+                kv_width,
+                shared.map(|a| &a.self_attn),
+            ),
+            output: BertOutput::new(&p / "output", cfg, cfg.hidden_size),
+        }
+    }
+
+    /// Post-LN attention block: `LN(hidden + dropout(dense(attn(hidden, kv))))`.
+    pub fn forward_t(&self, hidden: &Tensor, kv: &Tensor, mask: &Tensor, train: bool) -> Tensor {
+        let ctx = self.self_attn.forward_t(hidden, kv, mask, train);
+        self.output.forward_t(&ctx, hidden, train)
+    }
+}
+
+// models/xbert.py: BertLayer(config, layer_num)
+/// One transformer layer; layers at or after `fusion_layer` carry `crossattention`.
+#[derive(Debug)]
+pub struct BertLayer {
+    attention: BertAttention,
+    crossattention: Option<BertAttention>,
+    intermediate: nn::Linear,
+    output: BertOutput,
+    hidden_act: String,
+}
+
+impl BertLayer {
+    /// Layer `layer_num` under `p` (`attention`, `crossattention`, `intermediate.dense`, `output`).
+    pub fn new(p: nn::Path, cfg: &TextConfig, layer_num: i64) -> Self {
+        Self::with_shared_cross_kv(p, cfg, layer_num, None)
+    }
+
+    /// As [`Self::new`]; a cross layer takes its cross-attention key/value from `shared`'s when given.
+    pub fn with_shared_cross_kv(
+        p: nn::Path,
+        cfg: &TextConfig,
+        layer_num: i64,
+        shared: Option<&BertLayer>,
+    ) -> Self {
+        let shared_cross = shared.and_then(|l| l.crossattention.as_ref());
+        let crossattention = (layer_num >= cfg.fusion_layer).then(|| {
+            BertAttention::with_kv(&p / "crossattention", cfg, cfg.encoder_width, shared_cross)
+        });
+        BertLayer {
+            attention: BertAttention::new(&p / "attention", cfg, cfg.hidden_size),
+            crossattention,
+            intermediate: bert_linear(
+                &p / "intermediate" / "dense",
+                cfg.hidden_size,
+                cfg.intermediate_size,
+                cfg,
+            ),
+            output: BertOutput::new(&p / "output", cfg, cfg.intermediate_size),
+            hidden_act: cfg.hidden_act.clone(),
+        }
+    }
+
+    /// `hidden` [B, L, D] with self mask [B, 1, 1, L]; `cross` is required for cross layers.
+    pub fn forward_t(
+        &self,
+        hidden: &Tensor,
+        self_mask: &Tensor,
+        cross: Option<&CrossContext>,
+        train: bool,
+    ) -> Tensor {
+        let mut h = self.attention.forward_t(hidden, hidden, self_mask, train);
+        if let Some(crossattention) = &self.crossattention {
+            let ctx = cross.expect("a cross-attention layer needs vision embeddings");
+            h = crossattention.forward_t(&h, ctx.embeds, &ctx.mask, train);
+        }
+        let inter = activation(&self.intermediate.forward(&h), &self.hidden_act);
+        self.output.forward_t(&inter, &h, train)
+    }
+}
+
+/// The layer whose cross-attention key/value layer `layer` uses, if not its own: cross layers form
+/// groups of `group` starting at `fusion_layer`, owned by the first of the group.
+pub fn shared_kv_owner(layer: i64, fusion_layer: i64, group: usize) -> Option<i64> {
+    let group = group.max(1) as i64;
+    let offset = (layer - fusion_layer).rem_euclid(group);
+    (layer >= fusion_layer && offset != 0).then_some(layer - offset)
+}
+
+// models/xbert.py: BertModel(add_pooling_layer=False) with BertEncoder(mode)
+/// Embeddings + `encoder.layer.{i}`; no pooler.
+#[derive(Debug)]
+pub struct BertModel {
+    /// The embedding block (its word embeddings are shared with the MLM decoder).
+    pub embeddings: BertEmbeddings,
+    layers: Vec<BertLayer>,
+    fusion_layer: usize,
+}
+
+impl BertModel {
+    /// Builds `embeddings.*` and `encoder.layer.{0..num_hidden_layers}.*` under `p`.
+    pub fn new(p: nn::Path, cfg: &TextConfig, flavor: TextFlavor) -> Self {
+        Self::with_shared_cross_kv(p, cfg, flavor, 1)
+    }
+
+    /// As [`Self::new`], with the cross layers in groups of `group` consecutive layers that share one
+    /// cross-attention key/value (the first of the group owns it). `group` 2 is NLVR2's
+    /// `share_cross_attention`; 1 shares nothing.
+    pub fn with_shared_cross_kv(
+        p: nn::Path,
+        cfg: &TextConfig,
+        flavor: TextFlavor,
+        group: usize,
+    ) -> Self {
+        let mut layers: Vec<BertLayer> = Vec::with_capacity(cfg.num_hidden_layers as usize);
+        for i in 0..cfg.num_hidden_layers {
+            let owner = shared_kv_owner(i, cfg.fusion_layer, group);
+            let shared = owner.map(|o| &layers[o as usize]);
+            let layer =
+                BertLayer::with_shared_cross_kv(&p / "encoder" / "layer" / i, cfg, i, shared);
+            layers.push(layer);
+        }
+        BertModel {
+            embeddings: BertEmbeddings::new(&p / "embeddings", cfg, flavor),
+            layers,
+            fusion_layer: cfg.fusion_layer as usize,
+        }
+    }
+
+    /// Number of layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// The layer range a mode runs.
+    pub fn layer_range(&self, mode: EncoderMode) -> Range<usize> {
+        match mode {
+            EncoderMode::Text => 0..self.fusion_layer,
+            EncoderMode::Fusion => self.fusion_layer..self.layers.len(),
+            EncoderMode::MultiModal => 0..self.layers.len(),
+        }
+    }
+
+    /// Runs `range` of layers on `hidden` [B, L, D]. Cross layer `l` attends to
+    /// `cross[(l - fusion_layer) % cross.len()]` (a list for NLVR2's two images).
+    pub fn run_layers(
+        &self,
+        hidden: Tensor,
+        text_atts: &Tensor,
+        cross: &[CrossContext],
+        range: Range<usize>,
+        train: bool,
+    ) -> Tensor {
+        let self_mask = self_attention_mask(text_atts);
+        let mut h = hidden;
+        for l in range {
+            let ctx = (l >= self.fusion_layer && !cross.is_empty())
+                .then(|| &cross[(l - self.fusion_layer) % cross.len()]);
+            h = self.layers[l].forward_t(&h, &self_mask, ctx, train);
+        }
+        h
+    }
+
+    /// Mode `'text'`: `input_ids` [B, L] → text states [B, L, D].
+    pub fn forward_text(&self, input_ids: &Tensor, text_atts: &Tensor, train: bool) -> Tensor {
+        let emb = self.embeddings.forward_t(input_ids, train);
+        self.run_layers(
+            emb,
+            text_atts,
+            &[],
+            self.layer_range(EncoderMode::Text),
+            train,
+        )
+    }
+
+    /// Mode `'fusion'`: text states [B, L, D] (from [`Self::forward_text`]) cross-attending to `cross`.
+    pub fn forward_fusion(
+        &self,
+        text_embeds: &Tensor,
+        text_atts: &Tensor,
+        cross: &[CrossContext],
+        train: bool,
+    ) -> Tensor {
+        self.run_layers(
+            text_embeds.shallow_clone(),
+            text_atts,
+            cross,
+            self.layer_range(EncoderMode::Fusion),
+            train,
+        )
+    }
+
+    /// Mode `'multi_modal'`: every layer from `input_ids`.
+    pub fn forward_multimodal(
+        &self,
+        input_ids: &Tensor,
+        text_atts: &Tensor,
+        cross: &[CrossContext],
+        train: bool,
+    ) -> Tensor {
+        let emb = self.embeddings.forward_t(input_ids, train);
+        self.run_layers(
+            emb,
+            text_atts,
+            cross,
+            self.layer_range(EncoderMode::MultiModal),
+            train,
+        )
+    }
+}
+
+// models/xbert.py: BertOnlyMLMHead / BertLMPredictionHead
+/// `transform.dense` → GELU → `transform.LayerNorm` → decoder (weight = word embeddings) + `bias`.
+#[derive(Debug)]
+pub struct BertMlmHead {
+    dense: nn::Linear,
+    layer_norm: nn::LayerNorm,
+    /// `cls.predictions.bias` (also saved as `cls.predictions.decoder.bias`).
+    pub bias: Tensor,
+    decoder_weight: Tensor,
+    hidden_act: String,
+}
+
+impl BertMlmHead {
+    /// Builds `predictions.*` under `p` (= `text_encoder.cls`); the decoder weight is `word_embeddings`.
+    pub fn new(p: nn::Path, cfg: &TextConfig, word_embeddings: &Tensor) -> Self {
+        let pred = &p / "predictions";
+        BertMlmHead {
+            dense: bert_linear(
+                &pred / "transform" / "dense",
+                cfg.hidden_size,
+                cfg.hidden_size,
+                cfg,
+            ),
+            layer_norm: bert_layer_norm(
+                &pred / "transform" / "LayerNorm",
+                cfg.hidden_size,
+                cfg.layer_norm_eps,
+            ),
+            bias: pred.var("bias", &[cfg.vocab_size], nn::Init::Const(0.0)),
+            decoder_weight: word_embeddings.shallow_clone(),
+            hidden_act: cfg.hidden_act.clone(),
+        }
+    }
+
+    /// [.., D] → logits [.., vocab].
+    pub fn forward(&self, xs: &Tensor) -> Tensor {
+        let h = activation(&self.dense.forward(xs), &self.hidden_act);
+        self.layer_norm
+            .forward(&h)
+            .linear(&self.decoder_weight, Some(&self.bias))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    fn tiny_cfg() -> TextConfig {
+        serde_json::from_str(
+            r#"{"vocab_size": 50, "hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2,
+                "intermediate_size": 16, "fusion_layer": 1, "encoder_width": 6}"#,
+        )
+        .unwrap()
+    }
+
+    /// Quirk 17: self-attention masks add −10000, cross-attention masks −1e9, visible positions 0.
+    #[test]
+    fn mask_constants() {
+        let atts = Tensor::from_slice(&[1i64, 1, 0]).view([1, 3]);
+        let s: Vec<f32> = Vec::try_from(self_attention_mask(&atts).view([-1])).unwrap();
+        assert_eq!(s, vec![0.0, 0.0, -10000.0]);
+        let c: Vec<f32> = Vec::try_from(cross_attention_mask(&atts).view([-1])).unwrap();
+        assert_eq!(c, vec![0.0, 0.0, -1e9]);
+    }
+
+    /// The fp16 overflow guard (query scaled before QKᵀ) computes the same attention.
+    #[test]
+    fn fp16_query_scaling_is_equivalent() {
+        tch::manual_seed(0);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let mut attn = BertSelfAttention::new(vs.root() / "self", &tiny_cfg(), 6);
+        let hidden = Tensor::randn([2, 4, 8], (Kind::Float, Device::Cpu));
+        let kv = Tensor::randn([2, 5, 6], (Kind::Float, Device::Cpu));
+        let mask = cross_attention_mask(&Tensor::ones([2, 5], (Kind::Int64, Device::Cpu)));
+        let plain = attn.forward_t(&hidden, &kv, &mask, false);
+        attn.scale_query_first = true;
+        let guarded = attn.forward_t(&hidden, &kv, &mask, false);
+        assert!(plain.allclose(&guarded, 1e-5, 1e-6, false));
+    }
+
+    /// Only layers at or after `fusion_layer` have cross-attention, with key/value of the vision width.
+    #[test]
+    fn fusion_split_builds_cross_attention_from_fusion_layer() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _model = BertModel::new(vs.root(), &tiny_cfg(), TextFlavor::Bert);
+        let vars = vs.variables();
+        assert!(!vars.contains_key("encoder.layer.0.crossattention.self.key.weight"));
+        assert_eq!(
+            vars["encoder.layer.1.crossattention.self.key.weight"].size(),
+            vec![8, 6]
+        );
+    }
+}
