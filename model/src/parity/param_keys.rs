@@ -15,7 +15,7 @@ use super::{Comparison, ParityError};
 use crate::checkpoint::load::is_computed_buffer;
 use crate::checkpoint::StateDict;
 use crate::config::TaskConfig;
-use crate::tasks::{GroundingBboxModel, NlvrModel, PretrainModel, RetrievalModel};
+use crate::tasks::{GroundingBboxModel, NlvrModel, PretrainModel, RetrievalModel, VqaModel};
 use crate::xvlm::ModelError;
 
 pub use crate::config::configs_dir;
@@ -186,6 +186,11 @@ pub fn build_model(name: &str, configs: &Path) -> Result<Option<StateDict>, Pari
             let task = finetune_task(configs)?;
             let model = NlvrModel::new(&vs.root(), &task)?;
             model.core.state_dict(&vs)
+        }
+        "vqa" => {
+            // VQA.yaml: num_dec_layers 6 (= the cross layers), pad_token_id 0 from the tokenizer.
+            let task = finetune_task(configs)?;
+            VqaModel::new(&vs.root(), &task)?.state_dict(&vs)
         }
         _ => return Ok(None),
     };
