@@ -1,7 +1,11 @@
 //! Runs a parity case folder against its expected tensors (`xvlm parity`).
 //!
 //! A case folder holds `case.yaml` (kind and tolerances), inputs and `expected.safetensors`; every expected
-//! tensor must be computed and compared, and an unknown kind is an error.
+//! tensor must be computed and compared, and an unknown kind is an error. Kinds run here: `pretrain`,
+//! `retrieval`, `vqa`, `nlvr`, `grounding_bbox` (task forwards, the model on any device), `param_keys`
+//! (state-dict key sets of the base models), `relpos_resize` (checkpoint resize), `pretrain_train_steps`
+//! (the trainer's replay, `train::run_train_steps_case`). `image_preprocessing` (the data pipeline) is
+//! known but not wired in.
 
 pub mod param_keys;
 
