@@ -217,6 +217,18 @@ pub fn mlm_loss(logits: &Tensor, labels: &Tensor) -> Tensor {
     )
 }
 
+/// Next-token loss of a decoder, summed per sequence (`BertLMHeadModel` with `reduction='none'`): logits
+/// [N, L, V] at positions 0..L−1 predict `labels` [N, L] at 1..L (−100 ignored) → [N].
+pub fn lm_loss_per_sequence(logits: &Tensor, labels: &Tensor) -> Tensor {
+    let (n, l, v) = logits.size3().expect("logits must be [N, L, V]");
+    let shifted = logits.narrow(1, 0, l - 1).contiguous().view([-1, v]);
+    let targets = labels.narrow(1, 1, l - 1).contiguous().view([-1]);
+    shifted
+        .cross_entropy_loss::<Tensor>(&targets, None, Reduction::None, -100, 0.0)
+        .view([n, -1])
+        .sum_dim_intlist(1, false, Kind::Float)
+}
+
 /// `box_ops.box_cxcywh_to_xyxy`: [N, 4] (cx, cy, w, h) → (x0, y0, x1, y1).
 pub fn box_cxcywh_to_xyxy(b: &Tensor) -> Tensor {
     let c = b.unbind(-1);

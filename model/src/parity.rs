@@ -1,7 +1,11 @@
 //! Runs a parity case folder against its expected tensors (`xvlm parity`).
 //!
 //! A case folder holds `case.yaml` (kind and tolerances), inputs and `expected.safetensors`; every expected
-//! tensor must be computed and compared, and an unknown kind is an error.
+//! tensor must be computed and compared, and an unknown kind is an error. Kinds run here: `pretrain`,
+//! `retrieval`, `vqa`, `nlvr`, `grounding_bbox` (task forwards, the model on any device), `param_keys`
+//! (state-dict key sets of the base models), `relpos_resize` (checkpoint resize), `pretrain_train_steps`
+//! (the trainer's replay, `train::run_train_steps_case`). `image_preprocessing` (the data pipeline) is
+//! known but not wired in.
 
 pub mod param_keys;
 
@@ -17,6 +21,7 @@ use crate::config::TaskConfig;
 use crate::loss::ReplaySampler;
 use crate::tasks::grounding_bbox::{self, GroundingBboxModel};
 use crate::tasks::retrieval::{self, RetrievalModel, TieRule};
+use crate::tasks::vqa::VqaModel;
 use crate::tasks::{NlvrModel, PretrainBatch, PretrainModel, RegionInputs};
 use crate::xvlm::ModelError;
 
@@ -257,7 +262,7 @@ pub fn run_case_on(
 ) -> Result<CaseReport, ParityError> {
     let spec = CaseSpec::load(dir)?;
     if device != Device::Cpu
-        && !["pretrain", "nlvr", "grounding_bbox", "retrieval"].contains(&spec.kind.as_str())
+        && !["pretrain", "nlvr", "grounding_bbox", "retrieval", "vqa"].contains(&spec.kind.as_str())
     {
         return Err(ParityError::NotImplemented {
             kind: spec.kind,
@@ -269,6 +274,7 @@ pub fn run_case_on(
         "nlvr" => run_nlvr(dir, &spec, weights, device)?,
         "grounding_bbox" => run_grounding_bbox(dir, &spec, weights, device)?,
         "retrieval" => run_retrieval(dir, &spec, weights, device)?,
+        "vqa" => run_vqa(dir, &spec, weights, device)?,
         "param_keys" => param_keys::run(dir)?,
         "relpos_resize" => run_relpos_resize(dir, &spec)?,
         // The trainer's replay of `Pretrain.train` (train/replay.rs): per-step losses, lrs, grad norms,
@@ -578,6 +584,80 @@ fn run_retrieval(
     put("train.itm_weights_t2i", tr.itm.weights.weights_t2i);
     put("train.sim_i2t", tr.itm.weights.sim_i2t);
     put("train.temp", model.core.temp()?.detach().copy());
+
+    let expected = read_tensors(&dir.join("expected.safetensors"))?;
+    Ok(compare_all(&expected, &computed, spec.tolerance()))
+}
+
+/// Kind `vqa`: `rank_answer` over the answer list and the weighted training loss.
+fn run_vqa(
+    dir: &Path,
+    spec: &CaseSpec,
+    weights: WeightsSource,
+    device: Device,
+) -> Result<Vec<Comparison>, ParityError> {
+    let task = TaskConfig::load(&dir.join("config.yaml")).map_err(ModelError::from)?;
+    let k_test = task
+        .extra
+        .get("k_test")
+        .and_then(serde_yaml::Value::as_i64)
+        .ok_or_else(|| ParityError::Read {
+            path: dir.join("config.yaml"),
+            reason: "missing integer key k_test".into(),
+        })?;
+    let vs = VarStore::new(device);
+    let model = VqaModel::new(&vs.root(), &task)?;
+    load_case_weights(&vs, dir, weights, &model.tied_aliases())?;
+
+    let batch_path = dir.join("batch.safetensors");
+    let batch: HashMap<String, Tensor> = read_tensors(&batch_path)?.into_iter().collect();
+    let t = |name: &str| take(&batch, &batch_path, name.to_string()).map(|x| x.to_device(device));
+    let mut computed: HashMap<String, Tensor> = HashMap::new();
+
+    let (q_ids, q_atts) = (t("eval.question_ids")?, t("eval.question_atts")?);
+    let eval_image = t("eval.image")?;
+    let (image_embeds, states) =
+        tch::no_grad(|| model.encode_question(&eval_image, &q_ids, &q_atts, false));
+    let ranking = model.rank_answer(
+        &states,
+        &q_atts,
+        &t("eval.answer_ids")?,
+        &t("eval.answer_atts")?,
+        k_test,
+    )?;
+    computed.insert("eval.pred_answer_index".into(), ranking.pred_answer_index());
+    for (name, tensor) in [
+        ("eval.image_embeds", image_embeds),
+        ("eval.question_states", states),
+        ("eval.start_logits", ranking.start_logits),
+        ("eval.prob_first_token", ranking.prob_first_token),
+        ("eval.first_token_topk_ids", ranking.first_token_topk_ids),
+        (
+            "eval.first_token_topk_probs",
+            ranking.first_token_topk_probs,
+        ),
+        ("eval.candidate_answer_nll", ranking.candidate_answer_nll),
+        ("eval.topk_ids", ranking.topk_ids),
+        ("eval.topk_probs", ranking.topk_probs),
+    ] {
+        computed.insert(name.into(), tensor);
+    }
+
+    let (image, ids, atts) = (
+        t("train.image")?,
+        t("train.question_ids")?,
+        t("train.question_atts")?,
+    );
+    let (a_ids, a_atts, k, w) = (
+        t("train.answer_ids")?,
+        t("train.answer_atts")?,
+        t("train.k")?,
+        t("train.weights")?,
+    );
+    let (loss, per_answer) =
+        tch::no_grad(|| model.train_loss(&image, &ids, &atts, &a_ids, &a_atts, &k, &w, false))?;
+    computed.insert("train.loss".into(), loss);
+    computed.insert("train.per_answer_loss".into(), per_answer);
 
     let expected = read_tensors(&dir.join("expected.safetensors"))?;
     Ok(compare_all(&expected, &computed, spec.tolerance()))

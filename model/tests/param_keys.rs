@@ -42,3 +42,12 @@ fn pretrain_swin_bert_keys_match_official() {
 fn pretrain_clipvit_roberta_keys_match_official() {
     check("pretrain_clipvit", 1);
 }
+
+/// The fine-tuning models (retrieval, grounding_bbox, NLVR2 with shared cross key/value, VQA with its
+/// decoder) at Swin-B/384 + BERT-base also have exactly the official keys.
+#[test]
+fn finetune_model_keys_match_official() {
+    for name in ["retrieval", "grounding_bbox", "nlvr", "vqa"] {
+        check(name, 1);
+    }
+}

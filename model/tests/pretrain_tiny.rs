@@ -188,3 +188,25 @@ fn malformed_batch_is_an_error() {
         .to_string();
     assert!(err.contains("text_atts"), "{err}");
 }
+
+/// The train flag reaches the text dropouts (0.1 in the tiny config) and Swin's drop-path: two train-mode
+/// forwards differ, two eval-mode forwards are identical.
+#[test]
+fn train_flag_enables_dropout() {
+    use xvlm_model::loss::ReplaySampler;
+    let (_vs, model) = tiny();
+    let b = batch(4, 4, None);
+    let run = |train: bool| {
+        let mut sampler = ReplaySampler::new(
+            Tensor::from_slice(&[1i64, 2, 3, 0]),
+            Tensor::from_slice(&[3i64, 0, 1, 2]),
+        );
+        model
+            .forward(&b, &SingleProcess, &mut sampler, train)
+            .unwrap()
+            .loss_total
+            .double_value(&[])
+    };
+    assert_eq!(run(false), run(false));
+    assert_ne!(run(true), run(true));
+}

@@ -2,11 +2,20 @@
 //! model must reproduce the fixture's per-step losses, learning rates and grad norms (1e-5 relative),
 //! the official param groups, and the final weights (1e-4 relative; attention key biases absolute).
 
-use xvlm_model::parity::WeightsSource;
-use xvlm_model::train::run_train_steps_case;
+use std::collections::HashMap;
+use std::sync::{Arc, Barrier, Mutex};
+
+use tch::nn::VarStore;
+use tch::{Device, Tensor};
+use xvlm_model::collective::{Collective, CollectiveError, SingleProcess};
+use xvlm_model::config::TaskConfig;
+use xvlm_model::parity::{load_case_weights, WeightsSource};
+use xvlm_model::tasks::{PretrainBatch, PretrainModel, RegionInputs};
+use xvlm_model::train::{run_train_steps_case, IterationLog, PretrainTrainer};
 
 #[test]
 fn pretrain_train_steps_fixture() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = xvlm_model::fixtures_dir().join("pretrain_train_steps");
     let rows = run_train_steps_case(&dir, WeightsSource::Safetensors).unwrap();
     let mut worst_final: (f64, String) = (0.0, String::new());
@@ -45,19 +54,12 @@ fn pretrain_train_steps_fixture() {
     );
 }
 
-/// Live iterations use only derived randomness (region coin, ITM negatives, dropout/drop-path seeds):
-/// 3 iterations straight equal 2 iterations, a state export/restore into a fresh model, and 1 more,
-/// bit for bit.
-#[test]
-fn resume_from_exported_state_is_exact() {
-    use std::collections::HashMap;
-    use tch::nn::VarStore;
-    use tch::{Device, Tensor};
-    use xvlm_model::collective::SingleProcess;
-    use xvlm_model::config::TaskConfig;
-    use xvlm_model::tasks::{PretrainBatch, PretrainModel, RegionInputs};
-    use xvlm_model::train::PretrainTrainer;
+/// libtorch's global generator (dropout, drop-path) is process-wide: tests that train run one at a time
+/// so that the seeds each iteration derives are not interleaved with another test's draws.
+static SERIAL: Mutex<()> = Mutex::new(());
 
+/// The fixture's task config and its (image-text, region) batches.
+fn fixture() -> (TaskConfig, PretrainBatch, PretrainBatch) {
     let dir = xvlm_model::fixtures_dir().join("pretrain_train_steps");
     let task = TaskConfig::load(&dir.join("config.yaml")).unwrap();
     let batch: HashMap<String, Tensor> = Tensor::read_safetensors(dir.join("batch.safetensors"))
@@ -79,47 +81,184 @@ fn resume_from_exported_state_is_exact() {
             is_image: t(&format!("{p}.is_image")),
         }),
     };
-    let (general, region) = (make("general", false), make("region", true));
-    let build = || {
-        let vs = VarStore::new(Device::Cpu);
-        let model = PretrainModel::new(&vs.root(), &task).unwrap();
-        (vs, model)
-    };
-    let iterate = |trainer: &mut PretrainTrainer| {
-        let due = trainer.region_step_due();
-        let r = [&region];
-        trainer
-            .run_iteration(due.then_some(&r[..]), &[&general], &SingleProcess)
-            .unwrap()
-    };
+    (task, make("general", false), make("region", true))
+}
 
-    let (vs_a, model_a) = build();
-    let (mut vs_b, model_b) = build();
-    vs_b.copy(&vs_a).unwrap();
+/// A model with the fixture's starting weights.
+fn fixture_model(task: &TaskConfig) -> (VarStore, PretrainModel) {
+    let dir = xvlm_model::fixtures_dir().join("pretrain_train_steps");
+    let vs = VarStore::new(Device::Cpu);
+    let model = PretrainModel::new(&vs.root(), task).unwrap();
+    load_case_weights(
+        &vs,
+        &dir,
+        WeightsSource::Safetensors,
+        &model.core.tied_aliases(),
+    )
+    .unwrap();
+    (vs, model)
+}
+
+/// One live iteration: a region step when the derived coin says so, then the image-text step.
+fn iterate(
+    trainer: &mut PretrainTrainer,
+    general: &PretrainBatch,
+    region: &PretrainBatch,
+    collective: &dyn Collective,
+) -> IterationLog {
+    let due = trainer.region_step_due();
+    let r = [region];
+    trainer
+        .run_iteration(due.then_some(&r[..]), &[general], collective)
+        .unwrap()
+}
+
+/// Live iterations use only derived randomness (region coin, ITM negatives, dropout/drop-path seeds):
+/// 2 iterations straight equal 1 iteration, a state export/restore into a fresh model, and 1 more,
+/// bit for bit.
+#[test]
+fn resume_from_exported_state_is_exact() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (task, general, region) = fixture();
+    let (vs_a, model_a) = fixture_model(&task);
+    let (vs_b, model_b) = fixture_model(&task);
     let mut a = PretrainTrainer::from_task(&model_a, &vs_a, &task, 1).unwrap();
-    let mut logs_a = Vec::new();
-    for _ in 0..3 {
-        logs_a.push(iterate(&mut a));
-    }
+    let logs_a: Vec<IterationLog> = (0..2)
+        .map(|_| iterate(&mut a, &general, &region, &SingleProcess))
+        .collect();
     assert!(
-        logs_a.iter().any(|l| l.steps.len() == 2),
+        logs_a.iter().all(|l| l.steps.len() == 2),
         "iter_perc 1.0 runs region steps"
     );
 
     let mut b = PretrainTrainer::from_task(&model_b, &vs_b, &task, 1).unwrap();
-    for _ in 0..2 {
-        iterate(&mut b);
-    }
+    iterate(&mut b, &general, &region, &SingleProcess);
     let state: HashMap<String, Tensor> = b.state_tensors().into_iter().collect();
-    let (mut vs_c, model_c) = build();
+    let (mut vs_c, model_c) = fixture_model(&task);
     vs_c.copy(&vs_b).unwrap();
     let mut c = PretrainTrainer::from_task(&model_c, &vs_c, &task, 1).unwrap();
     c.load_state_tensors(&state).unwrap();
-    assert_eq!(c.iteration(), 2);
-    let log_c = iterate(&mut c);
-    assert_eq!(log_c, logs_a[2]);
+    assert_eq!(c.iteration(), 1);
+    let log_c = iterate(&mut c, &general, &region, &SingleProcess);
+    assert_eq!(log_c, logs_a[1]);
     let (wa, wc) = (vs_a.variables(), vs_c.variables());
     for (name, ta) in &wa {
         assert!(ta.equal(&wc[name]), "{name} differs after resume");
     }
+}
+
+/// An in-process collective for `world` threads: every operation exchanges one tensor per rank through
+/// shared slots between two barriers.
+struct ThreadCollective {
+    rank: usize,
+    world: usize,
+    shared: Arc<(Barrier, Mutex<Vec<Option<Tensor>>>)>,
+}
+
+impl ThreadCollective {
+    fn group(world: usize) -> Vec<ThreadCollective> {
+        let shared = Arc::new((
+            Barrier::new(world),
+            Mutex::new((0..world).map(|_| None).collect()),
+        ));
+        (0..world)
+            .map(|rank| ThreadCollective {
+                rank,
+                world,
+                shared: shared.clone(),
+            })
+            .collect()
+    }
+
+    fn exchange(&self, t: &Tensor) -> Vec<Tensor> {
+        let (barrier, slots) = &*self.shared;
+        slots.lock().unwrap()[self.rank] = Some(t.detach().copy());
+        barrier.wait();
+        let all = slots
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_ref().unwrap().copy())
+            .collect();
+        barrier.wait();
+        all
+    }
+}
+
+impl Collective for ThreadCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world
+    }
+    fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<(), CollectiveError> {
+        let all = self.exchange(tensor);
+        // Same summation order on every rank, so every rank gets bit-identical sums.
+        let mut sum = all[0].copy();
+        for t in &all[1..] {
+            sum += t;
+        }
+        tensor.copy_(&sum);
+        Ok(())
+    }
+    fn all_gather(&self, tensor: &Tensor) -> Result<Vec<Tensor>, CollectiveError> {
+        Ok(self.exchange(tensor))
+    }
+    fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<(), CollectiveError> {
+        let all = self.exchange(tensor);
+        tensor.copy_(&all[root]);
+        Ok(())
+    }
+    fn barrier(&self) -> Result<(), CollectiveError> {
+        self.shared.0.wait();
+        Ok(())
+    }
+}
+
+/// Two ranks on different data (rank 1 sees mirrored images) apply the same averaged update: after two
+/// iterations their weights are bit-identical, and differ from a single rank's.
+#[test]
+fn two_ranks_stay_in_sync() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let ranks: Vec<Vec<(String, Tensor)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = ThreadCollective::group(2)
+            .into_iter()
+            .map(|collective| {
+                s.spawn(move || {
+                    let (task, mut general, mut region) = fixture();
+                    if collective.rank() == 1 {
+                        general.image = general.image.flip([3]);
+                        region.image = region.image.flip([3]);
+                    }
+                    let (vs, model) = fixture_model(&task);
+                    let mut trainer = PretrainTrainer::from_task(&model, &vs, &task, 2).unwrap();
+                    for _ in 0..2 {
+                        let log = iterate(&mut trainer, &general, &region, &collective);
+                        assert_eq!(log.steps.len(), 2);
+                    }
+                    let mut w: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+                    w.sort_by(|a, b| a.0.cmp(&b.0));
+                    w
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let (task, general, region) = fixture();
+    let (vs, model) = fixture_model(&task);
+    let mut single = PretrainTrainer::from_task(&model, &vs, &task, 1).unwrap();
+    for _ in 0..2 {
+        iterate(&mut single, &general, &region, &SingleProcess);
+    }
+    let single = vs.variables();
+    let mut differs_from_single = false;
+    for ((name, w0), (_, w1)) in ranks[0].iter().zip(&ranks[1]) {
+        assert!(w0.equal(w1), "{name} differs between ranks");
+        differs_from_single |= !w0.equal(&single[name]);
+    }
+    assert!(
+        differs_from_single,
+        "averaging over a second rank changed nothing"
+    );
 }

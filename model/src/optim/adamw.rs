@@ -270,8 +270,9 @@ fn update_param(
     let _ = state.exp_avg_sq.f_mul_scalar_(beta2)?;
     let _ = state
         .exp_avg_sq
-        .f_add_(&grad.f_mul_scalar(1.0 - beta2)?.f_mul(grad)?)?;
-    let denom = state.exp_avg_sq.f_sqrt()?.f_add_scalar(eps)?;
+        .f_addcmul_(&grad.f_mul_scalar(1.0 - beta2)?, grad)?;
+    let mut denom = state.exp_avg_sq.f_sqrt()?;
+    let _ = denom.f_add_scalar_(eps)?;
     let mut step_size = group.lr;
     if correct_bias {
         // python `beta ** step` with an int step is C pow(), as powf is.
@@ -280,7 +281,7 @@ fn update_param(
     }
     // p.addcdiv_(exp_avg, denom, value=-step_size)
     let mut p = param.shallow_clone();
-    let _ = p.f_add_(&state.exp_avg.f_mul_scalar(-step_size)?.f_div(&denom)?)?;
+    let _ = p.f_addcdiv_(&state.exp_avg.f_mul_scalar(-step_size)?, &denom)?;
     if group.weight_decay > 0.0 {
         // p.add_(p, alpha=-lr * wd): decay of the already updated weights.
         let decay = p.f_mul_scalar(-group.lr * group.weight_decay)?;

@@ -15,7 +15,7 @@ use super::{Comparison, ParityError};
 use crate::checkpoint::load::is_computed_buffer;
 use crate::checkpoint::StateDict;
 use crate::config::TaskConfig;
-use crate::tasks::{GroundingBboxModel, NlvrModel, PretrainModel, RetrievalModel};
+use crate::tasks::{GroundingBboxModel, NlvrModel, PretrainModel, RetrievalModel, VqaModel};
 use crate::xvlm::ModelError;
 
 pub use crate::config::configs_dir;
@@ -155,6 +155,8 @@ pub fn compare_keys(
 pub fn build_model(name: &str, configs: &Path) -> Result<Option<StateDict>, ParityError> {
     let vs = VarStore::new(Device::Cpu);
     let pretrain_yaml = configs.join("Pretrain_XVLM_base_4m.yaml");
+    // Each model from its official task config (the CLIP/RoBERTa variant patches the 4M one as the
+    // fixture generator did).
     let sd = match name {
         "pretrain" => {
             let task = TaskConfig::load(&pretrain_yaml).map_err(ModelError::from)?;
@@ -171,35 +173,32 @@ pub fn build_model(name: &str, configs: &Path) -> Result<Option<StateDict>, Pari
             task.text_config = configs.join("config_roberta.json").display().to_string();
             PretrainModel::new(&vs.root(), &task)?.core.state_dict(&vs)
         }
-        // Fine-tuning models (Retrieval_coco.yaml / Grounding_bbox.yaml: Swin-B 384, bare BertModel).
         "retrieval" => {
-            let task = finetune_task(configs)?;
+            let task = load_task(&configs.join("Retrieval_coco.yaml"))?;
             RetrievalModel::new(&vs.root(), &task)?.core.state_dict(&vs)
         }
         "grounding_bbox" => {
-            let task = finetune_task(configs)?;
+            let task = load_task(&configs.join("Grounding_bbox.yaml"))?;
             GroundingBboxModel::new(&vs.root(), &task)?
                 .core
                 .state_dict(&vs)
         }
         "nlvr" => {
-            let task = finetune_task(configs)?;
+            let task = load_task(&configs.join("NLVR.yaml"))?;
             let model = NlvrModel::new(&vs.root(), &task)?;
             model.core.state_dict(&vs)
+        }
+        "vqa" => {
+            let task = load_task(&configs.join("VQA.yaml"))?;
+            VqaModel::new(&vs.root(), &task)?.state_dict(&vs)
         }
         _ => return Ok(None),
     };
     Ok(Some(sd))
 }
 
-/// The base fine-tuning setting of NLVR.yaml, Retrieval_coco.yaml, Grounding_bbox.yaml: the 4M config
-/// at 384 px with Swin-B window 12 and BERT-base.
-fn finetune_task(configs: &Path) -> Result<TaskConfig, ParityError> {
-    let mut task =
-        TaskConfig::load(&configs.join("Pretrain_XVLM_base_4m.yaml")).map_err(ModelError::from)?;
-    task.image_res = 384;
-    task.vision_config = Some(configs.join("config_swinB_384.json").display().to_string());
-    Ok(task)
+fn load_task(path: &Path) -> Result<TaskConfig, ParityError> {
+    Ok(TaskConfig::load(path).map_err(ModelError::from)?)
 }
 
 /// Runs every `param_keys_*.tsv` in `dir` (selected by `only`, if given) against our models.

@@ -1,11 +1,13 @@
-//! Task models built on the X-VLM core: pre-training, retrieval, NLVR2, grounding with boxes; the other fine-tuning tasks slot in beside.
+//! Task models built on the X-VLM core: pre-training, retrieval, VQA, NLVR2, grounding with boxes; the other fine-tuning tasks slot in beside.
 
 pub mod grounding_bbox;
 pub mod nlvr;
 pub mod pretrain;
 pub mod retrieval;
+pub mod vqa;
 
 pub use grounding_bbox::{GroundingBboxModel, GroundingBboxOutput};
 pub use nlvr::{NlvrModel, NlvrOutput};
 pub use pretrain::{PretrainBatch, PretrainModel, PretrainOutput, RegionInputs};
 pub use retrieval::{RetrievalEval, RetrievalModel, RetrievalTrainOutput};
+pub use vqa::{AnswerRanking, VqaModel};

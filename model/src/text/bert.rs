@@ -66,6 +66,19 @@ pub fn self_attention_mask(atts: &Tensor) -> Tensor {
     (m.ones_like() - m) * -10000.0
 }
 
+/// Decoder self-attention mask: causal (position i sees j ≤ i) times the padding mask, then
+/// `(1 - m) * -10000` → [B, 1, L, L] (`get_extended_attention_mask` with `is_decoder`).
+pub fn causal_self_attention_mask(atts: &Tensor) -> Tensor {
+    let l = atts.size()[1];
+    let seq = Tensor::arange(l, (Kind::Int64, atts.device()));
+    let causal = seq
+        .view([1, 1, l])
+        .le_tensor(&seq.view([1, l, 1]))
+        .to_kind(atts.kind());
+    let m = (causal.unsqueeze(1) * atts.unsqueeze(1).unsqueeze(1)).to_kind(Kind::Float);
+    (m.ones_like() - m) * -10000.0
+}
+
 /// Cross-attention additive mask from 0/1 `image_atts` [B, Nv] → [B, 1, 1, Nv]: `(1 - m) * -1e9`
 /// (transformers 4.12.5 `invert_attention_mask` in float32, quirk 17).
 pub fn cross_attention_mask(image_atts: &Tensor) -> Tensor {
@@ -482,12 +495,23 @@ impl BertModel {
         range: Range<usize>,
         train: bool,
     ) -> Tensor {
-        let self_mask = self_attention_mask(text_atts);
+        self.run_layers_with_mask(hidden, &self_attention_mask(text_atts), cross, range, train)
+    }
+
+    /// [`Self::run_layers`] with a precomputed additive self-attention mask ([B, 1, 1 or L, L]).
+    pub fn run_layers_with_mask(
+        &self,
+        hidden: Tensor,
+        self_mask: &Tensor,
+        cross: &[CrossContext],
+        range: Range<usize>,
+        train: bool,
+    ) -> Tensor {
         let mut h = hidden;
         for l in range {
             let ctx = (l >= self.fusion_layer && !cross.is_empty())
                 .then(|| &cross[(l - self.fusion_layer) % cross.len()]);
-            h = self.layers[l].forward_t(&h, &self_mask, ctx, train);
+            h = self.layers[l].forward_t(&h, self_mask, ctx, train);
         }
         h
     }
@@ -517,6 +541,25 @@ impl BertModel {
             text_atts,
             cross,
             self.layer_range(EncoderMode::Fusion),
+            train,
+        )
+    }
+
+    /// Decoder (`is_decoder`, as `BertLMHeadModel`): every layer from `input_ids` with causal
+    /// self-attention.
+    pub fn forward_decoder(
+        &self,
+        input_ids: &Tensor,
+        text_atts: &Tensor,
+        cross: &[CrossContext],
+        train: bool,
+    ) -> Tensor {
+        let emb = self.embeddings.forward_t(input_ids, train);
+        self.run_layers_with_mask(
+            emb,
+            &causal_self_attention_mask(text_atts),
+            cross,
+            self.layer_range(EncoderMode::MultiModal),
             train,
         )
     }
@@ -604,6 +647,15 @@ mod tests {
         assert_eq!(s, vec![0.0, 0.0, -10000.0]);
         let c: Vec<f32> = Vec::try_from(cross_attention_mask(&atts).view([-1])).unwrap();
         assert_eq!(c, vec![0.0, 0.0, -1e9]);
+    }
+
+    /// The decoder mask hides later positions and padding: row i of a [1, 0]-padded length-3 input.
+    #[test]
+    fn causal_mask_hides_the_future_and_padding() {
+        let atts = Tensor::from_slice(&[1i64, 1, 0]).view([1, 3]);
+        let m: Vec<f32> = Vec::try_from(causal_self_attention_mask(&atts).view([-1])).unwrap();
+        let x = -10000.0;
+        assert_eq!(m, vec![0.0, x, x, 0.0, 0.0, x, 0.0, 0.0, x]);
     }
 
     /// The fp16 overflow guard (query scaled before QKᵀ) computes the same attention.

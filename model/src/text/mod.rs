@@ -191,6 +191,18 @@ impl TextEncoder {
         self.model.forward_multimodal(ids, atts, cross, train)
     }
 
+    /// Decoder forward (`BertLMHeadModel`, causal self-attention, every layer cross-attending to
+    /// `cross`) → [B, L, D].
+    pub fn forward_decoder(
+        &self,
+        ids: &Tensor,
+        atts: &Tensor,
+        cross: &[CrossContext],
+        train: bool,
+    ) -> Tensor {
+        self.model.forward_decoder(ids, atts, cross, train)
+    }
+
     /// MLM logits for hidden states [.., D]; `None` without an MLM head.
     pub fn mlm_logits(&self, hidden: &Tensor) -> Option<Tensor> {
         self.mlm_head.as_ref().map(|h| h.forward(hidden))

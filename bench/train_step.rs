@@ -1,0 +1,196 @@
+//! CPU cost of pre-training: one optimizer step (forward + backward + AdamW) on an image-text batch and
+//! on a region batch, and one eval forward (no_grad), for the tiny config and the real base config
+//! (Swin-B 224 + BERT-base), fp32, random weights and inputs.
+//!
+//! Run: `cargo bench -p xvlm-model --bench train_step --profile dev -- [--iters N] [--batch B]
+//! [--threads T] [--only tiny|base]` (defaults: 3 timed iterations after 1 warm-up, batch 2,
+//! 2 threads). Without `--bench` in its arguments (e.g. under `cargo test --all-targets`) it does
+//! nothing, so test runs stay fast.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+use xvlm_model::collective::SingleProcess;
+use xvlm_model::config::TaskConfig;
+use xvlm_model::loss::MultinomialSampler;
+use xvlm_model::optim::{is_pretrain_init_param, named_trainable_params, AdamW, Gradients};
+use xvlm_model::tasks::{PretrainBatch, PretrainModel, RegionInputs};
+use xvlm_model::train::{PretrainTrainer, StepKind};
+
+struct Options {
+    iters: usize,
+    batch: i64,
+    threads: i32,
+    only: Option<String>,
+}
+
+fn parse_options(args: &[String]) -> Result<Options> {
+    let mut o = Options {
+        iters: 3,
+        batch: 2,
+        threads: 2,
+        only: None,
+    };
+    let mut it = args.iter().skip(1);
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| {
+            it.next()
+                .with_context(|| format!("{name} needs a value"))
+                .cloned()
+        };
+        match a.as_str() {
+            "--iters" => o.iters = value("--iters")?.parse().context("--iters")?,
+            "--batch" => o.batch = value("--batch")?.parse().context("--batch")?,
+            "--threads" => o.threads = value("--threads")?.parse().context("--threads")?,
+            "--only" => o.only = Some(value("--only")?),
+            "--bench" => {}
+            other if other.starts_with("--") => bail!("unknown option {other}"),
+            _ => {}
+        }
+    }
+    if o.iters == 0 || o.batch < 2 {
+        bail!("--iters must be >= 1 and --batch >= 2 (ITM needs a negative)");
+    }
+    Ok(o)
+}
+
+/// A random image-text batch (or region batch: one image, `b` texts with random patch masks) shaped as
+/// the task config's loader would produce it.
+fn random_batch(task: &TaskConfig, vocab: i64, b: i64, region: bool) -> Result<PretrainBatch> {
+    let res = task.image_res;
+    let len = task.max_tokens.context("max_tokens")? as i64;
+    let masks = task.max_masks.context("max_masks")? as i64;
+    let opts = (Kind::Int64, Device::Cpu);
+    let text_ids = Tensor::randint_low(1000.min(vocab - 1), vocab, [b, len], opts);
+    let _ = text_ids.narrow(1, 0, 1).fill_(2);
+    let text_atts = Tensor::ones([b, len], opts);
+    let _ = text_atts.narrow(1, len - 2, 2).fill_(0);
+    let masked_pos = Tensor::randint_low(1, len - 2, [b, masks], opts);
+    let masked_ids = text_ids.gather(1, &masked_pos, false);
+    let text_ids_masked = text_ids.scatter_value(1, &masked_pos, 4);
+    let images = if region { 1 } else { b };
+    let image = Tensor::randn([images, 3, res, res], (Kind::Float, Device::Cpu));
+    let region = region.then(|| {
+        let grid = res / task.patch_size;
+        let patches = Tensor::randint(2, [b, grid * grid], opts);
+        let _ = patches.narrow(1, 0, 1).fill_(1);
+        RegionInputs {
+            idx_to_group_img: Tensor::zeros([b], opts),
+            image_atts: Tensor::cat(&[Tensor::ones([b, 1], opts), patches], 1),
+            target_bbox: Tensor::rand([b, 4], (Kind::Float, Device::Cpu)) * 0.4 + 0.3,
+            is_image: Tensor::zeros([b], opts),
+        }
+    });
+    Ok(PretrainBatch {
+        image,
+        text_ids,
+        text_atts,
+        text_ids_masked,
+        masked_pos,
+        masked_ids,
+        region,
+    })
+}
+
+/// Mean and min seconds of `iters` runs after one warm-up run.
+fn time(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {
+    f()?;
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let start = Instant::now();
+        f()?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    let mean = times.iter().sum::<f64>() / iters as f64;
+    let min = times.iter().cloned().fold(f64::INFINITY, f64::min);
+    Ok((mean, min))
+}
+
+fn bench_config(label: &str, path: &Path, o: &Options) -> Result<()> {
+    let task = TaskConfig::load(path).with_context(|| format!("loading {}", path.display()))?;
+    let vocab = task.load_text_config()?.vocab_size;
+    tch::manual_seed(0);
+    let vs = VarStore::new(Device::Cpu);
+    let model = PretrainModel::new(&vs.root(), &task)?;
+    let params: i64 = vs
+        .trainable_variables()
+        .iter()
+        .map(Tensor::numel)
+        .sum::<usize>() as i64;
+    let mut trainer = PretrainTrainer::from_task(&model, &vs, &task, 1)?;
+    let general = random_batch(&task, vocab, o.batch, false)?;
+    let region = random_batch(&task, vocab, o.batch, true)?;
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "{label}: {} ({params} parameters), image_res {}, max_tokens {}, batch {}, fp32, {} threads \
+         (load average at start: {})",
+        path.display(),
+        task.image_res,
+        task.max_tokens.unwrap_or(0),
+        o.batch,
+        tch::get_num_threads(),
+        load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    );
+    let mut sampler = MultinomialSampler::new(0);
+    let (mean, min) = time(o.iters, || {
+        trainer.step(StepKind::General, &[&general], &SingleProcess, &mut sampler)?;
+        Ok(())
+    })?;
+    println!("  train step, image-text batch: mean {mean:.3} s, min {min:.3} s");
+    let (mean, min) = time(o.iters, || {
+        trainer.step(StepKind::Region, &[&region], &SingleProcess, &mut sampler)?;
+        Ok(())
+    })?;
+    println!("  train step, region batch (1 image): mean {mean:.3} s, min {min:.3} s");
+    let (mean, min) = time(o.iters, || {
+        tch::no_grad(|| model.forward(&general, &SingleProcess, &mut sampler, false))?;
+        Ok(())
+    })?;
+    println!("  eval forward (no_grad), image-text batch: mean {mean:.3} s, min {min:.3} s");
+    // The optimizer's share: clipping + AdamW over every parameter with a gradient.
+    let mut adamw = AdamW::new(
+        named_trainable_params(&vs),
+        task.optimizer.as_ref().context("optimizer")?,
+        is_pretrain_init_param,
+    )?;
+    adamw.set_lr_factor(0.5);
+    let (mean, min) = time(o.iters, || {
+        let mut grads = Gradients::from_options(
+            adamw
+                .params()
+                .iter()
+                .map(|p| Some(p.tensor.ones_like()))
+                .collect(),
+        );
+        grads.clip_norm(1.0)?;
+        adamw.step(&grads)?;
+        Ok(())
+    })?;
+    println!("  of which clip + AdamW alone: mean {mean:.3} s, min {min:.3} s");
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if !args.iter().any(|a| a == "--bench") {
+        println!("train_step: benchmark; run it with `cargo bench -p xvlm-model --bench train_step --profile dev`");
+        return Ok(());
+    }
+    let o = parse_options(&args)?;
+    tch::set_num_threads(o.threads);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let configs = [
+        ("tiny", root.join("configs/Pretrain_XVLM_tiny.yaml")),
+        ("base", root.join("configs/Pretrain_XVLM_base_4m.yaml")),
+    ];
+    for (label, path) in &configs {
+        if o.only.as_deref().is_some_and(|only| only != *label) {
+            continue;
+        }
+        bench_config(label, path, &o)?;
+    }
+    Ok(())
+}
