@@ -15,6 +15,7 @@ pub mod masking;
 pub mod pixels;
 pub mod region;
 pub mod rng;
+pub mod sample;
 pub mod shard;
 pub mod store;
 pub mod synth;

@@ -3,7 +3,7 @@
 
 use rand::Rng;
 
-use super::augment::{self, AugOp, RandAugment};
+use super::augment::{self, AugOp, CropBox, RandAugment};
 use super::pixels::{self, RgbImage, CLIP_MEAN, CLIP_STD};
 use super::DataError;
 
@@ -65,15 +65,60 @@ impl TrainTransform {
         }
     }
 
+    fn crop_params(&self, rng: &mut impl Rng, w: usize, h: usize) -> CropBox {
+        augment::random_resized_crop_params(rng, w, h, self.scale, (3.0 / 4.0, 4.0 / 3.0))
+    }
+
     /// Crop, resize, flip and augment to uint8 (before `ToTensor`).
     pub fn augment(&self, rng: &mut impl Rng, img: &RgbImage) -> RgbImage {
-        let b = augment::random_resized_crop_params(
-            rng,
-            img.width,
-            img.height,
-            self.scale,
-            (3.0 / 4.0, 4.0 / 3.0),
-        );
+        let b = self.crop_params(rng, img.width, img.height);
+        self.finish(rng, img, b)
+    }
+
+    /// Decode and augment encoded bytes. JPEGs take a documented shortcut: the crop is drawn on the full
+    /// size, then the file is decoded with libjpeg's DCT scaling at the smallest `n/8` that keeps the
+    /// crop at least `res` pixels on both sides, and the crop is mapped onto the smaller image. Pixels
+    /// differ slightly from a full decode + resize; the random draws are the same.
+    pub fn augment_bytes(&self, rng: &mut impl Rng, bytes: &[u8]) -> Result<RgbImage, DataError> {
+        if !pixels::is_jpeg(bytes) {
+            let img = pixels::decode(bytes)?;
+            return Ok(self.augment(rng, &img));
+        }
+        let mut chosen: Option<(CropBox, usize, usize, u8)> = None;
+        let res = self.res;
+        let img = pixels::decode_jpeg_scaled(bytes, |w, h| {
+            let b = self.crop_params(rng, w, h);
+            let n = (1..=8u8)
+                .find(|&n| b.w * n as usize >= res * 8 && b.h * n as usize >= res * 8)
+                .unwrap_or(8);
+            chosen = Some((b, w, h, n));
+            n
+        })?;
+        let (b, full_w, full_h, n) =
+            chosen.ok_or_else(|| DataError::Sample("JPEG header unreadable".into()))?;
+        let b = if img.width == full_w && img.height == full_h {
+            b
+        } else {
+            let n = n as usize;
+            let x = (b.x * n / 8).min(img.width - 1);
+            let y = (b.y * n / 8).min(img.height - 1);
+            CropBox {
+                x,
+                y,
+                w: ((b.w * n + 4) / 8).clamp(1, img.width - x),
+                h: ((b.h * n + 4) / 8).clamp(1, img.height - y),
+            }
+        };
+        Ok(self.finish(rng, &img, b))
+    }
+
+    /// Decode, augment and normalise: `[3, R, R]` values.
+    pub fn apply_bytes(&self, rng: &mut impl Rng, bytes: &[u8]) -> Result<Vec<f32>, DataError> {
+        let out = self.augment_bytes(rng, bytes)?;
+        Ok(pixels::to_normalized_chw(&out, CLIP_MEAN, CLIP_STD))
+    }
+
+    fn finish(&self, rng: &mut impl Rng, img: &RgbImage, b: CropBox) -> RgbImage {
         let mut out = pixels::resize_bicubic_crop(img, (b.x, b.y, b.w, b.h), self.res, self.res);
         if self.hflip && rng.random::<f64>() < 0.5 {
             out.hflip();
