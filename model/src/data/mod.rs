@@ -12,6 +12,7 @@ pub mod caption;
 pub mod formats;
 pub mod loader;
 pub mod masking;
+pub mod pipeline;
 pub mod pixels;
 pub mod region;
 pub mod rng;
