@@ -29,7 +29,7 @@ pub struct RegionConfig {
 }
 
 /// One image of a region batch with its texts.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RegionSample {
     /// `[3, R, R]` normalised pixels.
     pub image: Vec<f32>,

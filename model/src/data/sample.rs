@@ -86,7 +86,7 @@ impl TextPipeline {
 }
 
 /// One image-text pair after the pre-training transform.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ImageTextSample {
     /// `[3, R, R]` normalised pixels.
     pub image: Vec<f32>,

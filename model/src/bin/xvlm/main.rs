@@ -4,8 +4,10 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use xvlm_proto::logging::{self, LogFormat};
 
+mod bench_data;
 mod doctor;
 mod smoke;
+mod synth_data;
 
 #[derive(Parser)]
 #[command(name = "xvlm", version, about = "X-VLM single-process tools")]
@@ -23,6 +25,10 @@ enum Command {
     Doctor,
     /// Train a tiny MLP for a few steps with libtorch (proves the tensor stack works end to end).
     SmokeTrain(smoke::SmokeArgs),
+    /// Write a synthetic multi-grained corpus (shapes with boxes and captions) in the official formats.
+    SynthData(synth_data::SynthDataArgs),
+    /// Measure decode + pre-training transform throughput on a folder of JPEGs.
+    BenchData(bench_data::BenchDataArgs),
 }
 
 fn main() {
@@ -39,5 +45,7 @@ fn run(command: Command) -> Result<()> {
     match command {
         Command::Doctor => doctor::run(),
         Command::SmokeTrain(args) => smoke::run(&args),
+        Command::SynthData(args) => synth_data::run(&args),
+        Command::BenchData(args) => bench_data::run(&args),
     }
 }
