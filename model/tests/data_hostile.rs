@@ -62,7 +62,10 @@ fn b64(bytes: &[u8]) -> String {
 fn bad_images_are_errors() {
     let good = jpeg(16, 16);
     assert!(pixels::decode(&good).is_ok());
-    assert!(pixels::decode(&good[..good.len() / 2]).is_err(), "truncated JPEG");
+    assert!(
+        pixels::decode(&good[..good.len() / 2]).is_err(),
+        "truncated JPEG"
+    );
     assert!(pixels::decode(&zero_size_jpeg()).is_err(), "zero-size JPEG");
     assert!(pixels::decode(&[]).is_err(), "empty bytes");
     assert!(pixels::decode(b"not an image at all").is_err());
@@ -131,14 +134,25 @@ fn missing_files_are_clear_errors() {
     let text = text_pipeline(dir.path());
     let shard = dir.path().join("gone.jsonl");
     std::fs::write(&shard, "{}\n").unwrap();
-    let plan = ShardPlan::new(list_shards(&[shard.display().to_string()]).unwrap(), 0, 1, 0).unwrap();
+    let plan = ShardPlan::new(
+        list_shards(&[shard.display().to_string()]).unwrap(),
+        0,
+        1,
+        0,
+    )
+    .unwrap();
     std::fs::remove_file(&shard).unwrap();
     let processor = ImageTextProcessor {
         keys: RecordKeys::default(),
         text,
         transform: TrainTransform::pretrain(32),
     };
-    let mut loader = Loader::start(plan, Arc::new(processor), LoaderConfig::new(1, 1, 0), StreamState::default());
+    let mut loader = Loader::start(
+        plan,
+        Arc::new(processor),
+        LoaderConfig::new(1, 1, 0),
+        StreamState::default(),
+    );
     let err = loader.next_batch().unwrap_err();
     assert!(err.to_string().contains("gone.jsonl"), "{err}");
 }
@@ -163,7 +177,13 @@ fn bad_boxes_are_skips() {
     let dir = tempfile::tempdir().unwrap();
     let p = region_processor(dir.path(), false);
     let img = b64(&jpeg(40, 30));
-    for bb in [json!([30, 20, 20, 20]), json!([-5, 0, 10, 10]), json!([0, 0, 0, 5]), json!([1, 2, 3]), json!(["a", 0, 1, 1])] {
+    for bb in [
+        json!([30, 20, 20, 20]),
+        json!([-5, 0, 10, 10]),
+        json!([0, 0, 0, 5]),
+        json!([1, 2, 3]),
+        json!(["a", 0, 1, 1]),
+    ] {
         let line = json!({"binary": img, "elems": [{"bb": bb, "caption": "circle"}]}).to_string();
         let mut rng = rng_for(0, Purpose::Sample, &[]);
         let r = p.process(line.as_bytes(), &mut rng);
@@ -180,19 +200,31 @@ fn bad_boxes_are_skips() {
 fn careful_hflip_keeps_left_captions_unflipped() {
     let dir = tempfile::tempdir().unwrap();
     let img = b64(&jpeg(64, 32));
-    let line = json!({"binary": img, "elems": [{"bb": [0, 8, 16, 16], "caption": "circle on the left"}]}).to_string();
+    let line =
+        json!({"binary": img, "elems": [{"bb": [0, 8, 16, 16], "caption": "circle on the left"}]})
+            .to_string();
     let careful = region_processor(dir.path(), true);
     let careless = region_processor(dir.path(), false);
     let left_id = careful.text.tokenizer.token_id("left").unwrap();
     let mut flipped = 0;
     for s in 0..40 {
-        let a = careful.process(line.as_bytes(), &mut rng_for(s, Purpose::Sample, &[])).unwrap();
-        assert!(a.target_bbox[0][0] < 0.5, "seed {s}: careful sample flipped");
+        let a = careful
+            .process(line.as_bytes(), &mut rng_for(s, Purpose::Sample, &[]))
+            .unwrap();
+        assert!(
+            a.target_bbox[0][0] < 0.5,
+            "seed {s}: careful sample flipped"
+        );
         assert!(a.texts[0].ids.contains(&left_id), "caption edited");
-        let b = careless.process(line.as_bytes(), &mut rng_for(s, Purpose::Sample, &[])).unwrap();
+        let b = careless
+            .process(line.as_bytes(), &mut rng_for(s, Purpose::Sample, &[]))
+            .unwrap();
         if b.target_bbox[0][0] > 0.5 {
             flipped += 1;
         }
     }
-    assert!(flipped > 5, "without careful_hflip only {flipped}/40 flipped");
+    assert!(
+        flipped > 5,
+        "without careful_hflip only {flipped}/40 flipped"
+    );
 }

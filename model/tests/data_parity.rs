@@ -67,7 +67,11 @@ fn captions_and_token_ids_match_official() {
             continue;
         }
         let cleaned = cleaned.unwrap();
-        assert_eq!(cleaned, c["pre_caption"].as_str().unwrap(), "pre_caption({raw:?})");
+        assert_eq!(
+            cleaned,
+            c["pre_caption"].as_str().unwrap(),
+            "pre_caption({raw:?})"
+        );
         let (pieces, _) = tok.tokenize(&cleaned).unwrap();
         let want: Vec<&str> = c["wordpieces"]
             .as_array()
@@ -131,7 +135,10 @@ fn test_transform_matches_official() {
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
         println!("image_{i}: test transform max abs err {err}");
-        assert!(err <= 0.016, "image_{i}: test transform error {err} > 0.016");
+        assert!(
+            err <= 0.016,
+            "image_{i}: test transform error {err} > 0.016"
+        );
     }
 }
 
@@ -159,16 +166,29 @@ fn roberta_bpe_tokens_match_official() {
                 .collect();
             let as_ids: Vec<i64> = want
                 .iter()
-                .map(|t| tok.token_id(t).unwrap_or_else(|| panic!("{t} not in vocab")))
+                .map(|t| {
+                    tok.token_id(t)
+                        .unwrap_or_else(|| panic!("{t} not in vocab"))
+                })
                 .collect();
             let (padded, _) = tok.pad(&as_ids, max_tokens);
-            assert_eq!(padded, ids[r * max_tokens..(r + 1) * max_tokens], "{part} row {r}");
+            assert_eq!(
+                padded,
+                ids[r * max_tokens..(r + 1) * max_tokens],
+                "{part} row {r}"
+            );
             // The text spelled by all but the (possibly truncated) last word.
             let spelled: String = want[1..].concat().replace('\u{120}', " ");
-            let Some(cut) = spelled.rfind(' ') else { continue };
+            let Some(cut) = spelled.rfind(' ') else {
+                continue;
+            };
             let text = &spelled[..cut];
             let (pieces, _) = tok.tokenize(text).unwrap();
-            assert_eq!(pieces, want[1..1 + pieces.len()], "{part} row {r}: {text:?}");
+            assert_eq!(
+                pieces,
+                want[1..1 + pieces.len()],
+                "{part} row {r}: {text:?}"
+            );
         }
     }
 }

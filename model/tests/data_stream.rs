@@ -19,7 +19,9 @@ use xvlm_model::data::transform::TrainTransform;
 fn text_shards(dir: &Path) -> Vec<String> {
     let sizes = [3usize, 7, 1, 12, 5];
     for (f, &n) in sizes.iter().enumerate() {
-        let body: String = (0..n).map(|l| format!("{{\"f\": {f}, \"l\": {l}}}\n")).collect();
+        let body: String = (0..n)
+            .map(|l| format!("{{\"f\": {f}, \"l\": {l}}}\n"))
+            .collect();
         std::fs::write(dir.join(format!("shard-{f}.jsonl")), body).unwrap();
     }
     std::fs::write(dir.join("_SUCCESS"), "").unwrap();
@@ -27,7 +29,13 @@ fn text_shards(dir: &Path) -> Vec<String> {
 }
 
 /// Lines (file, line) a rank reads in `epoch`, by walking its stream from the epoch's start.
-fn epoch_lines(entries: &[String], rank: usize, world: usize, seed: u64, epoch: u64) -> Vec<(usize, u64)> {
+fn epoch_lines(
+    entries: &[String],
+    rank: usize,
+    world: usize,
+    seed: u64,
+    epoch: u64,
+) -> Vec<(usize, u64)> {
     let plan = ShardPlan::new(list_shards(entries).unwrap(), rank, world, seed).unwrap();
     let start = Cursor {
         epoch,
@@ -57,13 +65,23 @@ fn ranks_partition_every_line_exactly_once() {
             let mut seen: HashMap<(usize, u64), usize> = HashMap::new();
             for rank in 0..world {
                 let lines = epoch_lines(&entries, rank, world, 11, epoch);
-                assert!(!lines.is_empty(), "rank {rank}/{world} epoch {epoch} is empty");
+                assert!(
+                    !lines.is_empty(),
+                    "rank {rank}/{world} epoch {epoch} is empty"
+                );
                 for l in lines {
                     *seen.entry(l).or_default() += 1;
                 }
             }
-            assert_eq!(seen.len(), all, "world {world} epoch {epoch}: lines missing");
-            assert!(seen.values().all(|&c| c == 1), "world {world} epoch {epoch}: a line read twice");
+            assert_eq!(
+                seen.len(),
+                all,
+                "world {world} epoch {epoch}: lines missing"
+            );
+            assert!(
+                seen.values().all(|&c| c == 1),
+                "world {world} epoch {epoch}: a line read twice"
+            );
         }
     }
 }
@@ -162,12 +180,27 @@ fn take(loader: &mut Loader<ImageTextSample>, n: usize) -> Batches {
 #[test]
 fn batches_do_not_depend_on_thread_count() {
     let c = corpus(40, 5);
-    let one = take(&mut image_text_loader(&c, 0, 1, 9, 1, StreamState::default()), 12);
-    let four = take(&mut image_text_loader(&c, 0, 1, 9, 4, StreamState::default()), 12);
+    let one = take(
+        &mut image_text_loader(&c, 0, 1, 9, 1, StreamState::default()),
+        12,
+    );
+    let four = take(
+        &mut image_text_loader(&c, 0, 1, 9, 4, StreamState::default()),
+        12,
+    );
     assert_eq!(one, four);
-    assert!(one[11].1.cursor.epoch >= 1, "12 batches of 3 should cross an epoch of 32 lines");
-    let other = take(&mut image_text_loader(&c, 0, 1, 10, 2, StreamState::default()), 12);
-    assert_ne!(one[0].0, other[0].0, "different seeds gave the same first batch");
+    assert!(
+        one[11].1.cursor.epoch >= 1,
+        "12 batches of 3 should cross an epoch of 32 lines"
+    );
+    let other = take(
+        &mut image_text_loader(&c, 0, 1, 10, 2, StreamState::default()),
+        12,
+    );
+    assert_ne!(
+        one[0].0, other[0].0,
+        "different seeds gave the same first batch"
+    );
 }
 
 /// Two ranks over five unequal shard files: stopping after any batch (mid-file included) and resuming
@@ -176,7 +209,10 @@ fn batches_do_not_depend_on_thread_count() {
 fn resume_from_saved_state_continues_identically() {
     let c = corpus(40, 5);
     for rank in 0..2 {
-        let full = take(&mut image_text_loader(&c, rank, 2, 21, 2, StreamState::default()), 14);
+        let full = take(
+            &mut image_text_loader(&c, rank, 2, 21, 2, StreamState::default()),
+            14,
+        );
         let mut mid_file = 0;
         for stop in [1usize, 2, 3, 5, 8, 11] {
             let saved = serde_json::to_string(&full[stop - 1].1).unwrap();
@@ -185,9 +221,16 @@ fn resume_from_saved_state_continues_identically() {
                 mid_file += 1;
             }
             let resumed = take(&mut image_text_loader(&c, rank, 2, 21, 3, state), 14 - stop);
-            assert_eq!(resumed, full[stop..].to_vec(), "rank {rank} resumed after batch {stop}");
+            assert_eq!(
+                resumed,
+                full[stop..].to_vec(),
+                "rank {rank} resumed after batch {stop}"
+            );
         }
-        assert!(mid_file > 0, "rank {rank}: no stop point fell inside a file");
+        assert!(
+            mid_file > 0,
+            "rank {rank}: no stop point fell inside a file"
+        );
     }
     // The two ranks' epoch-0 lines are disjoint.
     let lines = |rank| -> HashSet<(usize, u64)> {
@@ -221,11 +264,20 @@ fn region_batches_have_model_shapes() {
             careful_hflip: false,
         },
     };
-    let mut loader = Loader::start(plan, Arc::new(processor), LoaderConfig::new(2, 2, 1), StreamState::default());
+    let mut loader = Loader::start(
+        plan,
+        Arc::new(processor),
+        LoaderConfig::new(2, 2, 1),
+        StreamState::default(),
+    );
     let mut whole = 0;
     for _ in 0..5 {
         let b = loader.next_batch().unwrap();
-        let mut rng = xvlm_model::data::rng::rng_for(1, xvlm_model::data::rng::Purpose::Collate, &[0, b.index]);
+        let mut rng = xvlm_model::data::rng::rng_for(
+            1,
+            xvlm_model::data::rng::Purpose::Collate,
+            &[0, b.index],
+        );
         let batch = xvlm_model::data::batch::RegionBatch::collate(&mut rng, &b.samples, 5);
         assert_eq!(batch.image.size(), vec![2, 3, 64, 64]);
         assert_eq!(batch.text_ids.size(), vec![5, 16]);

@@ -223,8 +223,15 @@ pub fn equalize(img: &mut RgbImage) {
     let mut luts = [[0u8; 256]; 3];
     for c in 0..3 {
         let h = &hist[c];
-        let nonzero: Vec<u64> = h.iter().filter(|&&n| n > 0).map(|&n| u64::from(n)).collect();
-        let step = nonzero[..nonzero.len().saturating_sub(1)].iter().sum::<u64>() / 255;
+        let nonzero: Vec<u64> = h
+            .iter()
+            .filter(|&&n| n > 0)
+            .map(|&n| u64::from(n))
+            .collect();
+        let step = nonzero[..nonzero.len().saturating_sub(1)]
+            .iter()
+            .sum::<u64>()
+            / 255;
         if step == 0 {
             for (v, out) in luts[c].iter_mut().enumerate() {
                 *out = v as u8;
@@ -257,22 +264,28 @@ pub fn sharpness(img: &mut RgbImage, factor: f32) {
         return;
     }
     let src = img.data.clone();
-    let k = 1.0f32 / 13.0;
+    let row = w * 3;
     for y in 1..h - 1 {
-        for x in 1..w - 1 {
-            for c in 0..3 {
-                let mut s = 0f32;
-                for dy in 0..3 {
-                    let row = (y + dy - 1) * w;
-                    for dx in 0..3 {
-                        let wgt = if dy == 1 && dx == 1 { 5.0 } else { 1.0 };
-                        s += wgt * f32::from(src[(row + x + dx - 1) * 3 + c]);
-                    }
-                }
-                let blur = (s * k).round_ties_even().clamp(0.0, 255.0);
-                let v = f32::from(src[(y * w + x) * 3 + c]);
-                img.data[(y * w + x) * 3 + c] = (blur + factor * (v - blur)).clamp(0.0, 255.0) as u8;
-            }
+        let (up, mid, down) = (
+            &src[(y - 1) * row..y * row],
+            &src[y * row..(y + 1) * row],
+            &src[(y + 1) * row..(y + 2) * row],
+        );
+        let out = &mut img.data[y * row..(y + 1) * row];
+        for i in 3..row - 3 {
+            let s = u32::from(up[i - 3])
+                + u32::from(up[i])
+                + u32::from(up[i + 3])
+                + u32::from(mid[i - 3])
+                + 5 * u32::from(mid[i])
+                + u32::from(mid[i + 3])
+                + u32::from(down[i - 3])
+                + u32::from(down[i])
+                + u32::from(down[i + 3]);
+            // round(s / 13): 13 is odd, so there are no ties.
+            let blur = ((2 * s + 13) / 26) as f32;
+            let v = f32::from(mid[i]);
+            out[i] = (blur + factor * (v - blur)).clamp(0.0, 255.0) as u8;
         }
     }
 }
@@ -281,11 +294,18 @@ pub fn sharpness(img: &mut RgbImage, factor: f32) {
 fn rotation_matrix(img: &RgbImage, deg: f64) -> [f64; 6] {
     let (cx, cy) = (img.width as f64 / 2.0, img.height as f64 / 2.0);
     let (a, b) = (deg.to_radians().cos(), deg.to_radians().sin());
-    [a, b, (1.0 - a) * cx - b * cy, -b, a, b * cx + (1.0 - a) * cy]
+    [
+        a,
+        b,
+        (1.0 - a) * cx - b * cy,
+        -b,
+        a,
+        b * cx + (1.0 - a) * cy,
+    ]
 }
 
 /// OpenCV `warpAffine(img, M, (W, H), INTER_LINEAR, BORDER_CONSTANT 128)`: `M` maps source to
-/// destination; every destination pixel samples the inverse-mapped source bilinearly.
+/// destination; every destination pixel samples the inverse-mapped source bilinearly (10-bit weights).
 pub fn warp_affine(img: &RgbImage, m: [f64; 6]) -> RgbImage {
     let det = m[0] * m[4] - m[1] * m[3];
     let det = if det == 0.0 { 1.0 } else { 1.0 / det };
@@ -293,29 +313,47 @@ pub fn warp_affine(img: &RgbImage, m: [f64; 6]) -> RgbImage {
     let c = -a * m[2] - b * m[5];
     let f = -d * m[2] - e * m[5];
     let (w, h) = (img.width as i64, img.height as i64);
-    let mut out = vec![FILL; img.data.len()];
-    let px = |x: i64, y: i64, ch: usize| -> f32 {
-        if x < 0 || y < 0 || x >= w || y >= h {
-            f32::from(FILL)
-        } else {
-            f32::from(img.data[((y * w + x) * 3) as usize + ch])
-        }
-    };
+    let src = &img.data;
+    let mut out = vec![FILL; src.len()];
+    const BITS: i64 = 10;
+    const ONE: i64 = 1 << BITS;
+    let fill = i64::from(FILL);
     for y in 0..h {
+        let (mut sx, mut sy) = (b * y as f64 + c - a, e * y as f64 + f - d);
         for x in 0..w {
-            let sx = a * x as f64 + b * y as f64 + c;
-            let sy = d * x as f64 + e * y as f64 + f;
-            let (x0, y0) = (sx.floor(), sy.floor());
-            let (fx, fy) = ((sx - x0) as f32, (sy - y0) as f32);
-            let (x0, y0) = (x0 as i64, y0 as i64);
+            sx += a;
+            sy += d;
+            let (fx0, fy0) = (sx.floor(), sy.floor());
+            let (x0, y0) = (fx0 as i64, fy0 as i64);
             if x0 < -1 || y0 < -1 || x0 >= w || y0 >= h {
                 continue;
             }
+            let wx = ((sx - fx0) * ONE as f64).round() as i64;
+            let wy = ((sy - fy0) * ONE as f64).round() as i64;
             let o = ((y * w + x) * 3) as usize;
-            for ch in 0..3 {
-                let top = px(x0, y0, ch) * (1.0 - fx) + px(x0 + 1, y0, ch) * fx;
-                let bot = px(x0, y0 + 1, ch) * (1.0 - fx) + px(x0 + 1, y0 + 1, ch) * fx;
-                out[o + ch] = (top * (1.0 - fy) + bot * fy).round().clamp(0.0, 255.0) as u8;
+            if x0 >= 0 && y0 >= 0 && x0 + 1 < w && y0 + 1 < h {
+                let p = ((y0 * w + x0) * 3) as usize;
+                let q = p + (w * 3) as usize;
+                for ch in 0..3 {
+                    let top = i64::from(src[p + ch]) * (ONE - wx) + i64::from(src[p + 3 + ch]) * wx;
+                    let bot = i64::from(src[q + ch]) * (ONE - wx) + i64::from(src[q + 3 + ch]) * wx;
+                    out[o + ch] =
+                        ((top * (ONE - wy) + bot * wy + (1 << (2 * BITS - 1))) >> (2 * BITS)) as u8;
+                }
+            } else {
+                let px = |xx: i64, yy: i64, ch: usize| -> i64 {
+                    if xx < 0 || yy < 0 || xx >= w || yy >= h {
+                        fill
+                    } else {
+                        i64::from(src[((yy * w + xx) * 3) as usize + ch])
+                    }
+                };
+                for ch in 0..3 {
+                    let top = px(x0, y0, ch) * (ONE - wx) + px(x0 + 1, y0, ch) * wx;
+                    let bot = px(x0, y0 + 1, ch) * (ONE - wx) + px(x0 + 1, y0 + 1, ch) * wx;
+                    out[o + ch] =
+                        ((top * (ONE - wy) + bot * wy + (1 << (2 * BITS - 1))) >> (2 * BITS)) as u8;
+                }
             }
         }
     }

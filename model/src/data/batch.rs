@@ -136,7 +136,10 @@ impl RegionBatch {
             .iter()
             .flat_map(|&(i, t)| samples[i].target_bbox[t])
             .collect();
-        let is_image: Vec<i64> = chosen.iter().map(|&(i, t)| samples[i].is_image[t]).collect();
+        let is_image: Vec<i64> = chosen
+            .iter()
+            .map(|&(i, t)| samples[i].is_image[t])
+            .collect();
         let bt = chosen.len() as i64;
         Self {
             image: stack_images(&images),

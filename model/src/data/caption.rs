@@ -3,7 +3,9 @@
 use super::DataError;
 
 /// The characters the official regex `[,.'!?"()*#:;~]` deletes.
-const DELETED: &[char] = &[',', '.', '\'', '!', '?', '"', '(', ')', '*', '#', ':', ';', '~'];
+const DELETED: &[char] = &[
+    ',', '.', '\'', '!', '?', '"', '(', ')', '*', '#', ':', ';', '~',
+];
 
 /// Python's `str.isspace` (what `\s` matches in a `str` regex): Unicode White_Space plus the
 /// information separators U+001C..U+001F, which Python counts as whitespace and Rust does not.
@@ -59,7 +61,10 @@ fn collapse_whitespace_runs(text: &str) -> String {
 pub fn pre_caption(caption: &str, max_words: usize) -> Result<String, DataError> {
     let cleaned = clean_common(caption).replace("<person>", "person");
     let collapsed = collapse_whitespace_runs(&cleaned);
-    let trimmed = collapsed.trim_end_matches('\n').trim_matches(' ').to_string();
+    let trimmed = collapsed
+        .trim_end_matches('\n')
+        .trim_matches(' ')
+        .to_string();
     let out = truncate_words(trimmed, max_words);
     if out.is_empty() {
         return Err(DataError::Sample(format!(

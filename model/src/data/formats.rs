@@ -119,14 +119,17 @@ fn strings(v: Option<&Value>, key: &str) -> Result<Option<Vec<String>>, DataErro
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(vec![s.clone()])),
         Some(Value::Array(items)) => {
-            let out: Option<Vec<String>> = items.iter().map(|i| i.as_str().map(String::from)).collect();
+            let out: Option<Vec<String>> =
+                items.iter().map(|i| i.as_str().map(String::from)).collect();
             match out {
                 Some(v) if !v.is_empty() => Ok(Some(v)),
                 Some(_) => Err(bad(format!("`{key}` is an empty list"))),
                 None => Err(bad(format!("`{key}` has a non-string entry"))),
             }
         }
-        Some(_) => Err(bad(format!("`{key}` is neither a string nor a list of strings"))),
+        Some(_) => Err(bad(format!(
+            "`{key}` is neither a string nor a list of strings"
+        ))),
     }
 }
 
@@ -160,7 +163,10 @@ pub fn resolve_under(root: &Path, rel: &str) -> Result<PathBuf, DataError> {
     Ok(root.join(clean))
 }
 
-fn image_ref(obj: &serde_json::Map<String, Value>, keys: &RecordKeys) -> Result<ImageRef, DataError> {
+fn image_ref(
+    obj: &serde_json::Map<String, Value>,
+    keys: &RecordKeys,
+) -> Result<ImageRef, DataError> {
     let raw = obj
         .get(&keys.image_key)
         .and_then(Value::as_str)
@@ -195,7 +201,9 @@ pub fn parse_region(line: &[u8], keys: &RecordKeys) -> Result<RegionRecord, Data
         .ok_or_else(|| bad("missing `elems` list"))?;
     let mut elems = Vec::with_capacity(elems_v.len());
     for e in elems_v {
-        let e = e.as_object().ok_or_else(|| bad("`elems` entry is not an object"))?;
+        let e = e
+            .as_object()
+            .ok_or_else(|| bad("`elems` entry is not an object"))?;
         let bb_v = e
             .get("bb")
             .and_then(Value::as_array)
@@ -208,8 +216,8 @@ pub fn parse_region(line: &[u8], keys: &RecordKeys) -> Result<RegionRecord, Data
                 .filter(|x| x.is_finite())
                 .ok_or_else(|| bad("`bb` has a non-number"))?;
         }
-        let captions =
-            strings(e.get("caption"), "caption")?.ok_or_else(|| bad("`elems` entry without caption"))?;
+        let captions = strings(e.get("caption"), "caption")?
+            .ok_or_else(|| bad("`elems` entry without caption"))?;
         let attributes = strings(e.get("attributes"), "attributes")?.unwrap_or_default();
         elems.push(RegionElem {
             bb,
@@ -234,7 +242,10 @@ mod tests {
     #[test]
     fn paths_cannot_escape_root() {
         let root = Path::new("/data/img");
-        assert_eq!(resolve_under(root, "a/b.jpg").unwrap(), root.join("a/b.jpg"));
+        assert_eq!(
+            resolve_under(root, "a/b.jpg").unwrap(),
+            root.join("a/b.jpg")
+        );
         assert!(resolve_under(root, "../etc/passwd").is_err());
         assert!(resolve_under(root, "a/../../x").is_err());
         assert!(resolve_under(root, "/etc/passwd").is_err());

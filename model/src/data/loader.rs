@@ -217,7 +217,7 @@ impl<S: Send + 'static> Loader<S> {
                         }
                         Err(DataError::Sample(why)) => {
                             state.skipped += 1;
-                            if state.skipped <= 10 || state.skipped % 1000 == 0 {
+                            if state.skipped <= 10 || state.skipped.is_multiple_of(1000) {
                                 tracing::warn!(
                                     rank,
                                     epoch = d.id.epoch,
@@ -235,7 +235,10 @@ impl<S: Send + 'static> Loader<S> {
                     }
                     if samples.len() == batch_size {
                         let batch = LoadedBatch {
-                            samples: std::mem::replace(&mut samples, Vec::with_capacity(batch_size)),
+                            samples: std::mem::replace(
+                                &mut samples,
+                                Vec::with_capacity(batch_size),
+                            ),
                             index: state.batches,
                             state: StreamState {
                                 batches: state.batches + 1,

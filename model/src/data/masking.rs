@@ -67,7 +67,6 @@ pub fn mask_text(
         .min(round_half_even(n as f64 * cfg.mask_prob).max(1));
     let mut cand: Vec<usize> = (1..n).collect();
     cand.shuffle(rng);
-    let max_cand = n - 1;
     let is_sub = |i: usize| tokens.get(i).is_some_and(|t| t.starts_with("##"));
     let mut masked = vec![false; n];
     let mut count = 0;
@@ -98,14 +97,14 @@ pub fn mask_text(
                 end += 1;
             }
         }
-        for mp in st..end {
-            if mp > 0 && mp <= max_cand {
-                if !masked[mp] {
-                    masked[mp] = true;
+        // The official loop stops at the first position that is 0 or past the end: a span that starts
+        // at 0 adds nothing, one that runs past the end is cut.
+        if st > 0 {
+            for m in masked[st..end.min(n)].iter_mut() {
+                if !*m {
+                    *m = true;
                     count += 1;
                 }
-            } else {
-                break;
             }
         }
     }
@@ -150,10 +149,12 @@ mod tests {
     /// 10 tokens x 0.25 = 2.5 -> 2 masks (never 3), and whole words are never split.
     #[test]
     fn masks_whole_words_and_counts() {
-        let tokens: Vec<String> = ["[CLS]", "a", "u", "##m", "##b", "dog", "on", "the", "red", "mat"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let tokens: Vec<String> = [
+            "[CLS]", "a", "u", "##m", "##b", "dog", "on", "the", "red", "mat",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         let ids: Vec<i64> = (0..10).map(|i| 1000 + i).collect();
         let cfg = MaskConfig {
             skipgram_prb: 0.0,

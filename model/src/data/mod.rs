@@ -68,7 +68,9 @@ pub enum DataError {
         message: String,
     },
     /// Fewer shard files than ranks: the files cannot be partitioned.
-    #[error("{files} shard files cannot be partitioned over {world} ranks (need at least one per rank)")]
+    #[error(
+        "{files} shard files cannot be partitioned over {world} ranks (need at least one per rank)"
+    )]
     TooFewFiles {
         /// Number of files.
         files: usize,

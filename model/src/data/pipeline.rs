@@ -149,7 +149,7 @@ impl ImageTextLoader {
     }
 
     /// The next batch and the state after it.
-    pub fn next(&mut self) -> Result<(ImageTextBatch, StreamState), DataError> {
+    pub fn next_batch(&mut self) -> Result<(ImageTextBatch, StreamState), DataError> {
         let b = self.inner.next_batch()?;
         Ok((ImageTextBatch::collate(&b.samples), b.state))
     }
@@ -198,7 +198,7 @@ impl RegionLoader {
     }
 
     /// The next batch (exactly `batch_size` texts) and the state after it.
-    pub fn next(&mut self) -> Result<(RegionBatch, StreamState), DataError> {
+    pub fn next_batch(&mut self) -> Result<(RegionBatch, StreamState), DataError> {
         let b = self.inner.next_batch()?;
         let mut rng = rng_for(self.seed, Purpose::Collate, &[self.rank, b.index]);
         Ok((

@@ -4,7 +4,8 @@ use super::DataError;
 
 /// CLIP normalisation mean (used for every vision encoder, reference §3.4).
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-/// CLIP normalisation std.
+/// CLIP normalisation std (the official constants verbatim).
+#[allow(clippy::excessive_precision)]
 pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 
 /// Largest accepted side in pixels (guards hostile headers against huge allocations).
@@ -103,9 +104,44 @@ pub fn decode(bytes: &[u8]) -> Result<RgbImage, DataError> {
     RgbImage::new(w, h, rgb.into_raw())
 }
 
+/// Fast JPEG decode (zune-jpeg, SIMD) for training augmentation. Its IDCT and upsampling differ from
+/// libjpeg-turbo's by a few levels, so the test transform uses [`decode`] instead.
+pub fn decode_fast(bytes: &[u8]) -> Result<RgbImage, DataError> {
+    if !is_jpeg(bytes) {
+        return decode(bytes);
+    }
+    use zune_jpeg::zune_core::bytestream::ZCursor;
+    use zune_jpeg::zune_core::colorspace::ColorSpace;
+    use zune_jpeg::zune_core::options::DecoderOptions;
+    let end = bytes.iter().rposition(|&b| b != 0).unwrap_or(0);
+    if end < 3 || bytes[end - 1] != 0xFF || bytes[end] != 0xD9 {
+        return Err(DataError::Sample(
+            "truncated JPEG (no end-of-image marker)".into(),
+        ));
+    }
+    let opts = DecoderOptions::default()
+        .set_max_width(MAX_SIDE as usize)
+        .set_max_height(MAX_SIDE as usize)
+        .jpeg_set_out_colorspace(ColorSpace::RGB);
+    let result = std::panic::catch_unwind(|| {
+        let mut d = zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(bytes), opts);
+        let data = d
+            .decode()
+            .map_err(|e| DataError::Sample(format!("undecodable JPEG: {e:?}")))?;
+        let info = d
+            .info()
+            .ok_or_else(|| DataError::Sample("JPEG without header".into()))?;
+        check_size(info.width as usize, info.height as usize)?;
+        RgbImage::new(info.width as usize, info.height as usize, data)
+    });
+    result.unwrap_or_else(|_| Err(DataError::Sample("JPEG decoder failed".into())))
+}
+
 fn check_size(w: usize, h: usize) -> Result<(), DataError> {
     if w == 0 || h == 0 || w > MAX_SIDE as usize || h > MAX_SIDE as usize {
-        return Err(DataError::Sample(format!("image size {w}x{h} out of range")));
+        return Err(DataError::Sample(format!(
+            "image size {w}x{h} out of range"
+        )));
     }
     Ok(())
 }
@@ -299,21 +335,44 @@ fn vertical_pass(
 /// threshold is inferred from the fixture images (all three are bit-exact with this rule).
 pub fn resize_bicubic_crop(
     img: &RgbImage,
+    crop: (usize, usize, usize, usize),
+    out_w: usize,
+    out_h: usize,
+) -> RgbImage {
+    let (_, _, w, h) = crop;
+    let vertical_first = out_h < h && out_h * w < out_w * h;
+    resize_two_pass(img, crop, out_w, out_h, vertical_first)
+}
+
+fn resize_two_pass(
+    img: &RgbImage,
     (x0, y0, w, h): (usize, usize, usize, usize),
     out_w: usize,
     out_h: usize,
+    vertical_first: bool,
 ) -> RgbImage {
     let need_h = out_w != w;
     let need_v = out_h != h;
     let stride = img.width;
     let data = match (need_h, need_v) {
         (false, false) => img.crop(x0, y0, w, h).data,
-        (true, false) => horizontal_pass(&img.data, stride, (x0, y0), 0..h, &precompute_taps(w, out_w)),
-        (false, true) => vertical_pass(&img.data, stride, (x0, y0, w), 0, &precompute_taps(h, out_h)),
+        (true, false) => horizontal_pass(
+            &img.data,
+            stride,
+            (x0, y0),
+            0..h,
+            &precompute_taps(w, out_w),
+        ),
+        (false, true) => vertical_pass(
+            &img.data,
+            stride,
+            (x0, y0, w),
+            0,
+            &precompute_taps(h, out_h),
+        ),
         (true, true) => {
             let taps_h = precompute_taps(w, out_w);
             let taps_v = precompute_taps(h, out_h);
-            let vertical_first = out_h < h && out_h * w < out_w * h;
             if vertical_first {
                 let tmp = vertical_pass(&img.data, stride, (x0, y0, w), 0, &taps_v);
                 horizontal_pass(&tmp, w, (0, 0), 0..out_h, &taps_h)
@@ -340,9 +399,9 @@ pub fn resize_bicubic(img: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
 /// `ToTensor()` then `Normalize(mean, std)` in float32: CHW values `(v / 255 - mean) / std`.
 pub fn to_normalized_chw(img: &RgbImage, mean: [f32; 3], std: [f32; 3]) -> Vec<f32> {
     let mut lut = [[0f32; 256]; 3];
-    for c in 0..3 {
-        for v in 0..256 {
-            lut[c][v] = (v as f32 / 255.0 - mean[c]) / std[c];
+    for (c, table) in lut.iter_mut().enumerate() {
+        for (v, out) in table.iter_mut().enumerate() {
+            *out = (v as f32 / 255.0 - mean[c]) / std[c];
         }
     }
     let plane = img.width * img.height;

@@ -140,7 +140,8 @@ impl Processor for RegionProcessor {
             let caption = &record.captions[rng.random_range(0..record.captions.len())];
             if let Ok(text) = self.text.prepare(rng, caption) {
                 out.texts.push(text);
-                out.image_atts.push(vec![1; 1 + (res / self.cfg.patch_size).pow(2)]);
+                out.image_atts
+                    .push(vec![1; 1 + (res / self.cfg.patch_size).pow(2)]);
                 out.target_bbox.push([0.5, 0.5, 1.0, 1.0]);
                 out.is_image.push(1);
             }

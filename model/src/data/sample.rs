@@ -63,7 +63,9 @@ impl TextPipeline {
             (enc.ids, enc.tokens)
         };
         if ids.len() < 2 {
-            return Err(DataError::Sample(format!("caption {caption:?} has no tokens")));
+            return Err(DataError::Sample(format!(
+                "caption {caption:?} has no tokens"
+            )));
         }
         let masked = mask_text(
             rng,

@@ -42,9 +42,16 @@ pub struct ShardPlan {
 
 impl ShardPlan {
     /// Plan for `rank` of `world`; needs at least one file per rank.
-    pub fn new(files: Vec<ShardFile>, rank: usize, world: usize, seed: u64) -> Result<Self, DataError> {
+    pub fn new(
+        files: Vec<ShardFile>,
+        rank: usize,
+        world: usize,
+        seed: u64,
+    ) -> Result<Self, DataError> {
         if world == 0 || rank >= world {
-            return Err(DataError::Config(format!("rank {rank} is not in a world of {world}")));
+            return Err(DataError::Config(format!(
+                "rank {rank} is not in a world of {world}"
+            )));
         }
         if files.len() < world {
             return Err(DataError::TooFewFiles {

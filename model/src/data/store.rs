@@ -184,12 +184,14 @@ pub fn open_at(file: &ShardFile, offset: u64) -> Result<Box<dyn BufRead + Send>,
                 range: (offset > 0).then_some(GetRange::Offset(offset)),
                 ..GetOptions::default()
             };
-            let result = rt.block_on(store.get_opts(path, opts)).map_err(|e| match e {
-                object_store::Error::NotFound { .. } => {
-                    DataError::MissingFile(PathBuf::from(&file.name))
-                }
-                e => store_err(&file.name, e),
-            })?;
+            let result = rt
+                .block_on(store.get_opts(path, opts))
+                .map_err(|e| match e {
+                    object_store::Error::NotFound { .. } => {
+                        DataError::MissingFile(PathBuf::from(&file.name))
+                    }
+                    e => store_err(&file.name, e),
+                })?;
             let reader = ObjectReader {
                 rt,
                 stream: result.into_stream(),

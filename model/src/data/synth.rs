@@ -71,7 +71,11 @@ impl Shape {
 fn draw(img: &mut RgbImage, s: &Shape) {
     let [x, y, w, h] = s.bb;
     let rgb = COLOURS[s.colour].1;
-    let (cx, cy, r) = (x as f64 + w as f64 / 2.0, y as f64 + h as f64 / 2.0, w as f64 / 2.0);
+    let (cx, cy, r) = (
+        x as f64 + w as f64 / 2.0,
+        y as f64 + h as f64 / 2.0,
+        w as f64 / 2.0,
+    );
     for py in y..y + h {
         for px in x..x + w {
             let (fx, fy) = (px as f64 + 0.5, py as f64 + 0.5);
@@ -111,10 +115,16 @@ fn make_item(cfg: &SynthConfig, id: usize) -> Result<Item, DataError> {
     for v in img.data.iter_mut() {
         *v = v.saturating_sub(rng.random_range(0..12u8));
     }
-    let first = (rng.random_range(0..COLOURS.len()), rng.random_range(0..SHAPES.len()));
+    let first = (
+        rng.random_range(0..COLOURS.len()),
+        rng.random_range(0..SHAPES.len()),
+    );
     let mut second = first;
     while second == first {
-        second = (rng.random_range(0..COLOURS.len()), rng.random_range(0..SHAPES.len()));
+        second = (
+            rng.random_range(0..COLOURS.len()),
+            rng.random_range(0..SHAPES.len()),
+        );
     }
     let mut shapes = Vec::new();
     for (k, (colour, kind)) in [first, second].into_iter().enumerate() {
@@ -137,7 +147,12 @@ fn make_item(cfg: &SynthConfig, id: usize) -> Result<Item, DataError> {
     ];
     let mut jpeg = Vec::new();
     image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 92)
-        .encode(&img.data, w as u32, h as u32, image::ExtendedColorType::Rgb8)
+        .encode(
+            &img.data,
+            w as u32,
+            h as u32,
+            image::ExtendedColorType::Rgb8,
+        )
         .map_err(|e| DataError::Sample(format!("jpeg encode: {e}")))?;
     Ok(Item {
         id,
@@ -178,10 +193,14 @@ pub struct SynthSummary {
 /// `vocab.txt`, and `README.md`.
 pub fn generate(out: &Path, cfg: &SynthConfig) -> Result<SynthSummary, DataError> {
     if cfg.images < 10 || cfg.shards == 0 {
-        return Err(DataError::Config("synth-data needs at least 10 images and 1 shard".into()));
+        return Err(DataError::Config(
+            "synth-data needs at least 10 images and 1 shard".into(),
+        ));
     }
     if cfg.width < 32 || cfg.height < 32 {
-        return Err(DataError::Config("synth-data images must be at least 32x32".into()));
+        return Err(DataError::Config(
+            "synth-data images must be at least 32x32".into(),
+        ));
     }
     let it_dir = out.join("pretrain/image_text");
     let rg_dir = out.join("pretrain/regions");
@@ -281,7 +300,12 @@ pub fn generate(out: &Path, cfg: &SynthConfig) -> Result<SynthSummary, DataError
         ("grounding_train.json", &grounding[0]),
         ("grounding_test.json", &grounding[1]),
     ] {
-        write_file(&ft_dir.join(name), serde_json::Value::from(items.clone()).to_string().as_bytes())?;
+        write_file(
+            &ft_dir.join(name),
+            serde_json::Value::from(items.clone())
+                .to_string()
+                .as_bytes(),
+        )?;
     }
     write_file(&out.join("vocab.txt"), vocab().as_bytes())?;
     let mut readme = Vec::new();
@@ -311,8 +335,15 @@ pub fn vocab() -> String {
     for s in ["[UNK]", "[CLS]", "[SEP]", "[MASK]"] {
         v.push(s.into());
     }
-    let words = ["a", "the", "of", "on", "left", "right", "an", "and", "is", "in", "with"];
-    for w in words.iter().copied().chain(COLOURS.iter().map(|c| c.0)).chain(SHAPES) {
+    let words = [
+        "a", "the", "of", "on", "left", "right", "an", "and", "is", "in", "with",
+    ];
+    for w in words
+        .iter()
+        .copied()
+        .chain(COLOURS.iter().map(|c| c.0))
+        .chain(SHAPES)
+    {
         if !v.iter().any(|x| x == w) {
             v.push(w.into());
         }

@@ -75,41 +75,11 @@ impl TrainTransform {
         self.finish(rng, img, b)
     }
 
-    /// Decode and augment encoded bytes. JPEGs take a documented shortcut: the crop is drawn on the full
-    /// size, then the file is decoded with libjpeg's DCT scaling at the smallest `n/8` that keeps the
-    /// crop at least `res` pixels on both sides, and the crop is mapped onto the smaller image. Pixels
-    /// differ slightly from a full decode + resize; the random draws are the same.
+    /// Decode and augment encoded bytes. JPEGs go through the fast SIMD decoder ([`pixels::decode_fast`]),
+    /// whose pixels differ from libjpeg-turbo's by a few levels (a documented training-only shortcut).
     pub fn augment_bytes(&self, rng: &mut impl Rng, bytes: &[u8]) -> Result<RgbImage, DataError> {
-        if !pixels::is_jpeg(bytes) {
-            let img = pixels::decode(bytes)?;
-            return Ok(self.augment(rng, &img));
-        }
-        let mut chosen: Option<(CropBox, usize, usize, u8)> = None;
-        let res = self.res;
-        let img = pixels::decode_jpeg_scaled(bytes, |w, h| {
-            let b = self.crop_params(rng, w, h);
-            let n = (1..=8u8)
-                .find(|&n| b.w * n as usize >= res * 8 && b.h * n as usize >= res * 8)
-                .unwrap_or(8);
-            chosen = Some((b, w, h, n));
-            n
-        })?;
-        let (b, full_w, full_h, n) =
-            chosen.ok_or_else(|| DataError::Sample("JPEG header unreadable".into()))?;
-        let b = if img.width == full_w && img.height == full_h {
-            b
-        } else {
-            let n = n as usize;
-            let x = (b.x * n / 8).min(img.width - 1);
-            let y = (b.y * n / 8).min(img.height - 1);
-            CropBox {
-                x,
-                y,
-                w: ((b.w * n + 4) / 8).clamp(1, img.width - x),
-                h: ((b.h * n + 4) / 8).clamp(1, img.height - y),
-            }
-        };
-        Ok(self.finish(rng, &img, b))
+        let img = pixels::decode_fast(bytes)?;
+        Ok(self.augment(rng, &img))
     }
 
     /// Decode, augment and normalise: `[3, R, R]` values.

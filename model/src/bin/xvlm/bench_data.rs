@@ -48,7 +48,7 @@ pub fn run(args: &BenchDataArgs) -> Result<()> {
     let threads = args.threads.max(1);
     let transform = TrainTransform::pretrain(args.res);
     let start = Instant::now();
-    let failures: usize = std::thread::scope(|s| {
+    let (failures, cpu_ns): (usize, Option<u64>) = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let blobs = &blobs;
@@ -56,12 +56,14 @@ pub fn run(args: &BenchDataArgs) -> Result<()> {
                 let full = args.full_decode;
                 let n = args.n;
                 s.spawn(move || {
+                    let cpu0 = thread_cpu_ns();
                     let mut failed = 0usize;
                     for i in (t..n).step_by(threads) {
                         let mut rng = rng_for(0, Purpose::Sample, &[i as u64]);
                         let bytes = &blobs[i % blobs.len()];
                         let out = if full {
-                            xvlm_model::data::pixels::decode(bytes).map(|img| transform.apply(&mut rng, &img))
+                            xvlm_model::data::pixels::decode(bytes)
+                                .map(|img| transform.apply(&mut rng, &img))
                         } else {
                             transform.apply_bytes(&mut rng, bytes)
                         };
@@ -72,11 +74,21 @@ pub fn run(args: &BenchDataArgs) -> Result<()> {
                             Err(_) => failed += 1,
                         }
                     }
-                    failed
+                    (
+                        failed,
+                        thread_cpu_ns().zip(cpu0).map(|(b, a)| b.saturating_sub(a)),
+                    )
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or(usize::MAX)).sum()
+        let mut failures = 0usize;
+        let mut cpu = Some(0u64);
+        for h in handles {
+            let (f, c) = h.join().unwrap_or((usize::MAX, None));
+            failures = failures.saturating_add(f);
+            cpu = cpu.zip(c).map(|(a, b)| a + b);
+        }
+        (failures, cpu)
     });
     let secs = start.elapsed().as_secs_f64();
     let rate = args.n as f64 / secs;
@@ -89,6 +101,26 @@ pub fn run(args: &BenchDataArgs) -> Result<()> {
         secs,
         rate
     );
-    println!("{:.1} images/s per thread", rate / threads as f64);
+    // The machine may be shared: CPU time (from /proc) gives the rate per busy core as well.
+    let per_cpu = cpu_ns
+        .filter(|&ns| ns > 0)
+        .map(|ns| {
+            format!(
+                " ({:.1} images per CPU-second)",
+                args.n as f64 / (ns as f64 * 1e-9)
+            )
+        })
+        .unwrap_or_default();
+    println!("{:.1} images/s per thread{per_cpu}", rate / threads as f64);
     Ok(())
+}
+
+/// On-CPU time of the calling thread in ns (Linux `/proc/thread-self/schedstat`), if available.
+fn thread_cpu_ns() -> Option<u64> {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
