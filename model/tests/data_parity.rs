@@ -192,3 +192,45 @@ fn roberta_bpe_tokens_match_official() {
         }
     }
 }
+
+/// The official batches obey the masking rules we implement: the number of masked positions is
+/// `min(max_masks, max(1, round_half_even(n * mask_prob)))`, labels are the original ids, position 0 is
+/// never masked, and masked ids differ from the originals only at masked positions.
+#[test]
+fn official_mask_counts_follow_round_half_even() {
+    use xvlm_model::data::masking::round_half_even;
+    for case in ["pretrain_swin_bert", "pretrain_clipvit_roberta"] {
+        let bytes = read(case_dir(case).join("batch.safetensors"));
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        for part in ["general", "region"] {
+            let (shape, ids) = i64s(&st, &format!("{part}.text_ids"));
+            let (_, atts) = i64s(&st, &format!("{part}.text_atts"));
+            let (_, masked) = i64s(&st, &format!("{part}.text_ids_masked"));
+            let (mshape, pos) = i64s(&st, &format!("{part}.masked_pos"));
+            let (_, labels) = i64s(&st, &format!("{part}.masked_ids"));
+            let (l, m) = (shape[1], mshape[1]);
+            for r in 0..shape[0] {
+                let n: i64 = atts[r * l..(r + 1) * l].iter().sum();
+                let want = m.min(round_half_even(n as f64 * 0.25).max(1));
+                let row_pos: Vec<usize> = pos[r * m..(r + 1) * m]
+                    .iter()
+                    .filter(|&&p| p > 0)
+                    .map(|&p| p as usize)
+                    .collect();
+                assert_eq!(row_pos.len(), want, "{case} {part} row {r}: n = {n}");
+                for (k, &p) in row_pos.iter().enumerate() {
+                    assert_eq!(labels[r * m + k], ids[r * l + p]);
+                }
+                for j in 0..l {
+                    if !row_pos.contains(&j) {
+                        assert_eq!(
+                            masked[r * l + j],
+                            ids[r * l + j],
+                            "{case} {part} row {r} col {j}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
