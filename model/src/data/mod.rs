@@ -2,9 +2,10 @@
 //!
 //! Layout: `caption` (text cleaning), `tokenizer`, `masking` (MLM), `pixels` (decode, PIL-exact resize,
 //! normalise), `augment` (RandomResizedCrop, RandAugment), `transform` (train/test pipelines), `formats`
-//! (json-lines records), `region` (region sampling, patch masks), `batch` (collate into tensors), `store`
-//! (local / object_store files), `shard` (partition, shuffle, cursor), `loader` (threads, prefetch),
-//! `rng` (derived seeds), `synth` (synthetic corpus).
+//! (json-lines records), `sample` / `region` (line processors: texts, images, regions, patch masks),
+//! `batch` (collate into tensors), `pipeline` (loaders from the official config keys), `store` (local /
+//! object_store files), `shard` (partition, shuffle, cursor), `loader` (threads, prefetch), `rng`
+//! (derived seeds), `synth` (synthetic corpus). See `README.md` beside this file.
 
 pub mod augment;
 pub mod batch;

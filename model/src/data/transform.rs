@@ -75,11 +75,45 @@ impl TrainTransform {
         self.finish(rng, img, b)
     }
 
-    /// Decode and augment encoded bytes. JPEGs go through the fast SIMD decoder ([`pixels::decode_fast`]),
-    /// whose pixels differ from libjpeg-turbo's by a few levels (a documented training-only shortcut).
+    /// Decode and augment encoded bytes. Two documented training-only shortcuts change pixels slightly:
+    /// without the `simd-jpeg` feature JPEGs go through the fast SIMD `zune-jpeg` decoder (a few levels
+    /// from libjpeg-turbo); with it, libjpeg-turbo decodes with DCT scaling by 1/2, 1/4 or 1/8 when the
+    /// crop (drawn on the full size) stays at least `res` pixels on both sides at that scale.
     pub fn augment_bytes(&self, rng: &mut impl Rng, bytes: &[u8]) -> Result<RgbImage, DataError> {
-        let img = pixels::decode_fast(bytes)?;
-        Ok(self.augment(rng, &img))
+        if !pixels::is_jpeg(bytes) {
+            let img = pixels::decode(bytes)?;
+            return Ok(self.augment(rng, &img));
+        }
+        if !cfg!(feature = "simd-jpeg") {
+            let img = pixels::decode_fast(bytes)?;
+            return Ok(self.augment(rng, &img));
+        }
+        let mut chosen: Option<(CropBox, usize)> = None;
+        let res = self.res;
+        let img = pixels::decode_jpeg_scaled(bytes, |w, h| {
+            let b = self.crop_params(rng, w, h);
+            // Only the power-of-two scales have SIMD IDCTs.
+            let n = [1u8, 2, 4, 8]
+                .into_iter()
+                .find(|&n| b.w * n as usize >= res * 8 && b.h * n as usize >= res * 8)
+                .unwrap_or(8);
+            chosen = Some((b, n as usize));
+            n
+        })?;
+        let (b, n) = chosen.ok_or_else(|| DataError::Sample("JPEG header unreadable".into()))?;
+        let b = if n == 8 {
+            b
+        } else {
+            let x = (b.x * n / 8).min(img.width - 1);
+            let y = (b.y * n / 8).min(img.height - 1);
+            CropBox {
+                x,
+                y,
+                w: ((b.w * n + 4) / 8).clamp(1, img.width - x),
+                h: ((b.h * n + 4) / 8).clamp(1, img.height - y),
+            }
+        };
+        Ok(self.finish(rng, &img, b))
     }
 
     /// Decode, augment and normalise: `[3, R, R]` values.
