@@ -7,6 +7,7 @@ RandAugment(2, 7) + ToTensor + Normalize, one process, one thread. Needs torch, 
 """
 import argparse
 import glob
+import io
 import os
 import time
 
@@ -29,8 +30,6 @@ t = transforms.Compose([
     transforms.ToTensor(),
     transforms.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
 ])
-import io
-
 start, cpu0 = time.perf_counter(), time.process_time()
 for i in range(a.n):
     img = Image.open(io.BytesIO(blobs[i % len(blobs)])).convert("RGB")

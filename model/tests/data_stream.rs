@@ -303,3 +303,24 @@ fn region_batches_have_model_shapes() {
     }
     assert!(whole > 0, "no whole-image caption seen");
 }
+
+/// Empty shard files are fine (a rank may even draw only empty files in an epoch); a dataset of only
+/// empty files is an error, not an endless loop.
+#[test]
+fn empty_files_are_tolerated_and_all_empty_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.jsonl"), "").unwrap();
+    std::fs::write(dir.path().join("b.jsonl"), "{}\n{}\n").unwrap();
+    let entries = vec![dir.path().display().to_string()];
+    for rank in 0..2 {
+        let plan = ShardPlan::new(list_shards(&entries).unwrap(), rank, 2, 0).unwrap();
+        let mut s = LineStream::new(plan, Cursor::default(), DEFAULT_MAX_LINE_BYTES);
+        for _ in 0..5 {
+            assert_eq!(s.next_line().unwrap().id.file, 1, "only b.jsonl has lines");
+        }
+    }
+    std::fs::write(dir.path().join("b.jsonl"), "").unwrap();
+    let plan = ShardPlan::new(list_shards(&entries).unwrap(), 0, 1, 0).unwrap();
+    let mut s = LineStream::new(plan, Cursor::default(), DEFAULT_MAX_LINE_BYTES);
+    assert!(s.next_line().unwrap_err().to_string().contains("no lines"));
+}

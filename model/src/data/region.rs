@@ -99,7 +99,7 @@ impl Processor for RegionProcessor {
 
     fn process(&self, line: &[u8], rng: &mut ChaCha8Rng) -> Result<RegionSample, DataError> {
         let record = parse_region(line, &self.keys)?;
-        let img = pixels::decode(&record.image.load()?)?;
+        let img = pixels::decode_fast(&record.image.load()?)?;
         let (full_w, full_h) = (img.width as i64, img.height as i64);
         let elem = &record.elems[rng.random_range(0..record.elems.len())];
         let [x, y, w, h] = elem.bb.map(|v| v.trunc() as i64);

@@ -117,7 +117,11 @@ pub struct LineStream {
     reader: Option<Box<dyn BufRead + Send>>,
     max_line: usize,
     lines_this_epoch: u64,
+    empty_epochs: u64,
 }
+
+/// Consecutive epochs without a single line after which a rank's stream gives up (all files empty).
+const MAX_EMPTY_EPOCHS: u64 = 1000;
 
 impl LineStream {
     /// Start reading at `cursor`.
@@ -130,6 +134,7 @@ impl LineStream {
             reader: None,
             max_line,
             lines_this_epoch: u64::from(cursor.line > 0 || cursor.file > 0),
+            empty_epochs: 0,
         }
     }
 
@@ -142,7 +147,14 @@ impl LineStream {
     pub fn next_line(&mut self) -> Result<StreamLine, DataError> {
         loop {
             if self.cursor.file >= self.order.len() {
-                if self.lines_this_epoch == 0 {
+                // A rank may draw only empty files in some epoch; only a long run of empty epochs
+                // (every file empty) is an error.
+                self.empty_epochs = if self.lines_this_epoch == 0 {
+                    self.empty_epochs + 1
+                } else {
+                    0
+                };
+                if self.empty_epochs >= MAX_EMPTY_EPOCHS {
                     return Err(DataError::Config(format!(
                         "the shard files of rank {} hold no lines",
                         self.plan.rank
