@@ -112,6 +112,35 @@ fn loaders_yield_model_batches() {
     assert_eq!(r.target_bbox.kind(), tch::Kind::Float);
 }
 
+/// `synth-data` writes the data keys of a pre-training config that the loaders accept as they are.
+#[test]
+fn synthetic_corpus_config_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let summary = generate(
+        dir.path(),
+        &SynthConfig {
+            images: 20,
+            width: 40,
+            height: 32,
+            ..SynthConfig::default()
+        },
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(dir.path().join("pretrain_data.yaml")).unwrap();
+    let cfg: PretrainDataConfig = serde_yaml::from_str(&text).unwrap();
+    assert!(
+        text.contains(&format!("train_dataset_size: {}", summary.splits[0])),
+        "{text}"
+    );
+    let mut it = ImageTextLoader::start(&cfg, 0, 1, 0, StreamState::default()).unwrap();
+    assert_eq!(
+        it.next_batch().unwrap().0.image.size(),
+        vec![4, 3, 128, 128]
+    );
+    let mut rg = RegionLoader::start(&cfg, 0, 1, 0, StreamState::default()).unwrap();
+    assert_eq!(rg.next_batch().unwrap().0.image_atts.size(), vec![6, 17]);
+}
+
 /// A `file://` URL goes through object_store and reads the same lines (and resumes at a byte offset).
 #[test]
 fn file_urls_read_like_local_paths() {

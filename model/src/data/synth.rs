@@ -308,13 +308,15 @@ pub fn generate(out: &Path, cfg: &SynthConfig) -> Result<SynthSummary, DataError
         )?;
     }
     write_file(&out.join("vocab.txt"), vocab().as_bytes())?;
+    write_file(&out.join("pretrain_data.yaml"), data_yaml(out).as_bytes())?;
     let mut readme = Vec::new();
     let _ = writeln!(
         readme,
         "# synthetic X-VLM corpus\n\n{n} images ({n_train} train, {n_val} val, {n_test} test), seed {}, \
          {}x{} JPEG.\nPre-training shards hold the train split only (base64 images); fine-tuning files \
          name images under `images/` (is_image_rpath with image root = this folder).\nGrounding boxes \
-         are [x, y, w, h] pixels. `vocab.txt` is a WordPiece vocabulary covering every word.",
+         are [x, y, w, h] pixels. `vocab.txt` is a WordPiece vocabulary covering every word; \
+         `pretrain_data.yaml` holds the official data keys for pre-training on it.",
         cfg.seed, cfg.width, cfg.height
     );
     write_file(&out.join("README.md"), &readme)?;
@@ -323,6 +325,40 @@ pub fn generate(out: &Path, cfg: &SynthConfig) -> Result<SynthSummary, DataError
         region_shards,
         splits: [n_train, n_val, n_test],
     })
+}
+
+/// The data keys of an official pre-training config for this corpus, at the tiny test sizes of reference
+/// §7 (image_res 128, 16 tokens, 3 masks, image batch 4, region batch 6 texts over 2 images).
+fn data_yaml(out: &Path) -> String {
+    let root = std::path::absolute(out).unwrap_or_else(|_| out.to_path_buf());
+    let d = root.display();
+    format!(
+        "# Data keys for pre-training on the synthetic corpus (official key names).\n\
+         train_file: ['{d}/pretrain/image_text']\n\
+         train_file_regions: ['{d}/pretrain/regions']\n\
+         train_dataset_size: {n}\n\
+         images: {{image_key: 'binary', is_image_rpath: False, caption_key: 'caption', tokenized: False, \
+         batch_size: 4, num_workers: 2}}\n\
+         regions: {{image_key: 'binary', is_image_rpath: False, caption_key: 'caption', tokenized: False, \
+         iter_perc: 0.5, batch_size: 6, max_images: 2, max_regions: 3, min_perc_in_image: 0.5, \
+         num_workers: 2}}\n\
+         image_res: 128\npatch_size: 32\nmax_words: 12\nmax_tokens: 16\nmask_prob: 0.25\n\
+         max_masks: 3\nskipgram_prb: 0.2\nskipgram_size: 3\nmask_whole_word: True\n\
+         text_encoder: '{d}'\nuse_roberta: False\n",
+        n = count_lines(&root.join("pretrain/image_text")),
+    )
+}
+
+fn count_lines(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter_map(|e| std::fs::read(e.path()).ok())
+                .map(|b| b.iter().filter(|&&c| c == b'\n').count())
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 /// A WordPiece vocabulary with the BERT special ids ([PAD] 0, [UNK] 100, [CLS] 101, [SEP] 102,
