@@ -5,9 +5,11 @@ use clap::{Parser, Subcommand};
 use xvlm_proto::logging::{self, LogFormat};
 
 mod convert;
+mod bench_data;
 mod doctor;
 mod parity;
 mod smoke;
+mod synth_data;
 
 #[derive(Parser)]
 #[command(name = "xvlm", version, about = "X-VLM single-process tools")]
@@ -29,6 +31,10 @@ enum Command {
     Convert(convert::ConvertArgs),
     /// Run a parity fixture case (`case.yaml` + `expected.safetensors`); non-zero if any tensor fails.
     Parity(parity::ParityArgs),
+    /// Write a synthetic multi-grained corpus (shapes with boxes and captions) in the official formats.
+    SynthData(synth_data::SynthDataArgs),
+    /// Measure decode + pre-training transform throughput on a folder of JPEGs.
+    BenchData(bench_data::BenchDataArgs),
 }
 
 fn main() {
@@ -47,5 +53,7 @@ fn run(command: Command) -> Result<()> {
         Command::SmokeTrain(args) => smoke::run(&args),
         Command::Convert(args) => convert::run(&args),
         Command::Parity(args) => parity::run(&args),
+        Command::SynthData(args) => synth_data::run(&args),
+        Command::BenchData(args) => bench_data::run(&args),
     }
 }

@@ -1,0 +1,395 @@
+//! Random geometry and colour augmentation as the official pipeline: torchvision `RandomResizedCrop`
+//! parameters and the repository's `RandomAugment` (dataset/randaugment.py) on uint8 RGB.
+
+use rand::Rng;
+
+use super::pixels::RgbImage;
+
+/// A crop rectangle in pixels: left, top, width, height.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CropBox {
+    /// Left column.
+    pub x: usize,
+    /// Top row.
+    pub y: usize,
+    /// Width.
+    pub w: usize,
+    /// Height.
+    pub h: usize,
+}
+
+/// torchvision `RandomResizedCrop.get_params`: 10 tries of area fraction `U(scale)` and log-uniform
+/// aspect `ratio`, then the centre-crop fallback with the aspect clamped.
+pub fn random_resized_crop_params(
+    rng: &mut impl Rng,
+    width: usize,
+    height: usize,
+    scale: (f64, f64),
+    ratio: (f64, f64),
+) -> CropBox {
+    let area = (width * height) as f64;
+    let (lr0, lr1) = (ratio.0.ln(), ratio.1.ln());
+    for _ in 0..10 {
+        let target = area * rng.random_range(scale.0..scale.1);
+        let aspect = rng.random_range(lr0..lr1).exp();
+        let w = (target * aspect).sqrt().round() as usize;
+        let h = (target / aspect).sqrt().round() as usize;
+        if w > 0 && w <= width && h > 0 && h <= height {
+            let y = rng.random_range(0..=height - h);
+            let x = rng.random_range(0..=width - w);
+            return CropBox { x, y, w, h };
+        }
+    }
+    let in_ratio = width as f64 / height as f64;
+    let (w, h) = if in_ratio < ratio.0 {
+        (width, (width as f64 / ratio.0).round() as usize)
+    } else if in_ratio > ratio.1 {
+        ((height as f64 * ratio.1).round() as usize, height)
+    } else {
+        (width, height)
+    };
+    let (w, h) = (w.clamp(1, width), h.clamp(1, height));
+    CropBox {
+        x: (width - w) / 2,
+        y: (height - h) / 2,
+        w,
+        h,
+    }
+}
+
+/// The RandAugment operations of the official `RandomAugment`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AugOp {
+    /// No change.
+    Identity,
+    /// Per-channel stretch of [min, max] to [0, 255].
+    AutoContrast,
+    /// PIL-style per-channel histogram equalisation.
+    Equalize,
+    /// Multiply by the enhance factor.
+    Brightness,
+    /// Blend with a 3x3 smoothed copy (interior pixels only).
+    Sharpness,
+    /// Horizontal shear.
+    ShearX,
+    /// Vertical shear.
+    ShearY,
+    /// Horizontal shift.
+    TranslateX,
+    /// Vertical shift.
+    TranslateY,
+    /// Rotation about the centre.
+    Rotate,
+}
+
+/// All ten operations (`pretrain_transform`, `train_transform`).
+pub const ALL_OPS: [AugOp; 10] = [
+    AugOp::Identity,
+    AugOp::AutoContrast,
+    AugOp::Equalize,
+    AugOp::Brightness,
+    AugOp::Sharpness,
+    AugOp::ShearX,
+    AugOp::ShearY,
+    AugOp::TranslateX,
+    AugOp::TranslateY,
+    AugOp::Rotate,
+];
+
+/// The five colour operations of `box_transform` (region batches: geometry stays with the boxes).
+pub const COLOUR_OPS: [AugOp; 5] = [
+    AugOp::Identity,
+    AugOp::AutoContrast,
+    AugOp::Equalize,
+    AugOp::Brightness,
+    AugOp::Sharpness,
+];
+
+/// `RandomAugment(N, M, isPIL=True, augs=ops)`.
+#[derive(Debug, Clone)]
+pub struct RandAugment {
+    /// Number of ops drawn (with replacement).
+    pub n: usize,
+    /// Level (out of `MAX_LEVEL` = 10).
+    pub m: u32,
+    /// The op set.
+    pub ops: Vec<AugOp>,
+}
+
+const MAX_LEVEL: f64 = 10.0;
+const FILL: u8 = 128;
+
+impl RandAugment {
+    /// RandAugment(2, 7) over `ops`, as every official transform uses.
+    pub fn new(ops: &[AugOp]) -> Self {
+        Self {
+            n: 2,
+            m: 7,
+            ops: ops.to_vec(),
+        }
+    }
+
+    /// Draw N ops uniformly with replacement; apply each with probability 0.5.
+    pub fn apply(&self, rng: &mut impl Rng, img: &mut RgbImage) {
+        if self.ops.is_empty() {
+            return;
+        }
+        let level = f64::from(self.m) / MAX_LEVEL;
+        let chosen: Vec<AugOp> = (0..self.n)
+            .map(|_| self.ops[rng.random_range(0..self.ops.len())])
+            .collect();
+        for op in chosen {
+            if rng.random::<f64>() > 0.5 {
+                continue;
+            }
+            let sign = |rng: &mut dyn rand::RngCore| {
+                if rng.random::<f64>() > 0.5 {
+                    -1.0
+                } else {
+                    1.0
+                }
+            };
+            match op {
+                AugOp::Identity => {}
+                AugOp::AutoContrast => autocontrast(img),
+                AugOp::Equalize => equalize(img),
+                AugOp::Brightness => brightness(img, (level * 1.8 + 0.1) as f32),
+                AugOp::Sharpness => sharpness(img, (level * 1.8 + 0.1) as f32),
+                AugOp::ShearX => {
+                    let f = level * 0.3 * sign(rng);
+                    *img = warp_affine(img, [1.0, f, 0.0, 0.0, 1.0, 0.0]);
+                }
+                AugOp::ShearY => {
+                    let f = level * 0.3 * sign(rng);
+                    *img = warp_affine(img, [1.0, 0.0, 0.0, f, 1.0, 0.0]);
+                }
+                AugOp::TranslateX => {
+                    let o = level * 10.0 * sign(rng);
+                    *img = warp_affine(img, [1.0, 0.0, -o, 0.0, 1.0, 0.0]);
+                }
+                AugOp::TranslateY => {
+                    let o = level * 10.0 * sign(rng);
+                    *img = warp_affine(img, [1.0, 0.0, 0.0, 0.0, 1.0, -o]);
+                }
+                AugOp::Rotate => {
+                    let deg = level * 30.0 * sign(rng);
+                    *img = warp_affine(img, rotation_matrix(img, deg));
+                }
+            }
+        }
+    }
+}
+
+fn apply_luts(img: &mut RgbImage, luts: &[[u8; 256]; 3]) {
+    for p in img.data.chunks_exact_mut(3) {
+        p[0] = luts[0][p[0] as usize];
+        p[1] = luts[1][p[1] as usize];
+        p[2] = luts[2][p[2] as usize];
+    }
+}
+
+fn histograms(img: &RgbImage) -> [[u32; 256]; 3] {
+    let mut h = [[0u32; 256]; 3];
+    for p in img.data.chunks_exact(3) {
+        h[0][p[0] as usize] += 1;
+        h[1][p[1] as usize] += 1;
+        h[2][p[2] as usize] += 1;
+    }
+    h
+}
+
+/// AutoContrast with cutoff 0: per channel, map [min, max] onto [0, 255]; identity if max <= min.
+pub fn autocontrast(img: &mut RgbImage) {
+    let hist = histograms(img);
+    let mut luts = [[0u8; 256]; 3];
+    for c in 0..3 {
+        let low = hist[c].iter().position(|&n| n > 0).unwrap_or(0);
+        let high = hist[c].iter().rposition(|&n| n > 0).unwrap_or(0);
+        for (v, out) in luts[c].iter_mut().enumerate() {
+            *out = if high <= low {
+                v as u8
+            } else {
+                let scale = 255.0 / (high - low) as f64;
+                (v as f64 * scale - low as f64 * scale).clamp(0.0, 255.0) as u8
+            };
+        }
+    }
+    apply_luts(img, &luts);
+}
+
+/// PIL-equivalent equalisation per channel (the official `equalize_func`).
+pub fn equalize(img: &mut RgbImage) {
+    let hist = histograms(img);
+    let mut luts = [[0u8; 256]; 3];
+    for c in 0..3 {
+        let h = &hist[c];
+        let nonzero: Vec<u64> = h
+            .iter()
+            .filter(|&&n| n > 0)
+            .map(|&n| u64::from(n))
+            .collect();
+        let step = nonzero[..nonzero.len().saturating_sub(1)]
+            .iter()
+            .sum::<u64>()
+            / 255;
+        if step == 0 {
+            for (v, out) in luts[c].iter_mut().enumerate() {
+                *out = v as u8;
+            }
+            continue;
+        }
+        let mut cum = step / 2;
+        for v in 0..256 {
+            luts[c][v] = (cum / step).min(255) as u8;
+            cum += u64::from(h[v]);
+        }
+    }
+    apply_luts(img, &luts);
+}
+
+/// Brightness: `clip(v * f, 0, 255)` truncated to uint8 (float32 as numpy).
+pub fn brightness(img: &mut RgbImage, factor: f32) {
+    let mut lut = [0u8; 256];
+    for (v, out) in lut.iter_mut().enumerate() {
+        *out = (v as f32 * factor).clamp(0.0, 255.0) as u8;
+    }
+    apply_luts(img, &[lut, lut, lut]);
+}
+
+/// Sharpness: interior pixels = blur + f * (img - blur) with blur = round(filter [[1,1,1],[1,5,1],[1,1,1]]/13);
+/// border pixels unchanged; clipped to 0..255 (DESIGN fix 15: the official cast wraps).
+pub fn sharpness(img: &mut RgbImage, factor: f32) {
+    let (w, h) = (img.width, img.height);
+    if w < 3 || h < 3 {
+        return;
+    }
+    let src = img.data.clone();
+    let row = w * 3;
+    for y in 1..h - 1 {
+        let (up, mid, down) = (
+            &src[(y - 1) * row..y * row],
+            &src[y * row..(y + 1) * row],
+            &src[(y + 1) * row..(y + 2) * row],
+        );
+        let out = &mut img.data[y * row..(y + 1) * row];
+        for i in 3..row - 3 {
+            let s = u32::from(up[i - 3])
+                + u32::from(up[i])
+                + u32::from(up[i + 3])
+                + u32::from(mid[i - 3])
+                + 5 * u32::from(mid[i])
+                + u32::from(mid[i + 3])
+                + u32::from(down[i - 3])
+                + u32::from(down[i])
+                + u32::from(down[i + 3]);
+            // round(s / 13): 13 is odd, so there are no ties.
+            let blur = ((2 * s + 13) / 26) as f32;
+            let v = f32::from(mid[i]);
+            out[i] = (blur + factor * (v - blur)).clamp(0.0, 255.0) as u8;
+        }
+    }
+}
+
+/// OpenCV `getRotationMatrix2D((W/2, H/2), deg, 1)`.
+fn rotation_matrix(img: &RgbImage, deg: f64) -> [f64; 6] {
+    let (cx, cy) = (img.width as f64 / 2.0, img.height as f64 / 2.0);
+    let (a, b) = (deg.to_radians().cos(), deg.to_radians().sin());
+    [
+        a,
+        b,
+        (1.0 - a) * cx - b * cy,
+        -b,
+        a,
+        b * cx + (1.0 - a) * cy,
+    ]
+}
+
+/// OpenCV `warpAffine(img, M, (W, H), INTER_LINEAR, BORDER_CONSTANT 128)`: `M` maps source to
+/// destination; every destination pixel samples the inverse-mapped source bilinearly (10-bit weights).
+pub fn warp_affine(img: &RgbImage, m: [f64; 6]) -> RgbImage {
+    let det = m[0] * m[4] - m[1] * m[3];
+    let det = if det == 0.0 { 1.0 } else { 1.0 / det };
+    let (a, b, d, e) = (m[4] * det, -m[1] * det, -m[3] * det, m[0] * det);
+    let c = -a * m[2] - b * m[5];
+    let f = -d * m[2] - e * m[5];
+    let (w, h) = (img.width as i64, img.height as i64);
+    let src = &img.data;
+    let mut out = vec![FILL; src.len()];
+    const BITS: i64 = 10;
+    const ONE: i64 = 1 << BITS;
+    let fill = i64::from(FILL);
+    for y in 0..h {
+        let (mut sx, mut sy) = (b * y as f64 + c - a, e * y as f64 + f - d);
+        for x in 0..w {
+            sx += a;
+            sy += d;
+            let (fx0, fy0) = (sx.floor(), sy.floor());
+            let (x0, y0) = (fx0 as i64, fy0 as i64);
+            if x0 < -1 || y0 < -1 || x0 >= w || y0 >= h {
+                continue;
+            }
+            let wx = ((sx - fx0) * ONE as f64).round() as i64;
+            let wy = ((sy - fy0) * ONE as f64).round() as i64;
+            let o = ((y * w + x) * 3) as usize;
+            if x0 >= 0 && y0 >= 0 && x0 + 1 < w && y0 + 1 < h {
+                let p = ((y0 * w + x0) * 3) as usize;
+                let q = p + (w * 3) as usize;
+                for ch in 0..3 {
+                    let top = i64::from(src[p + ch]) * (ONE - wx) + i64::from(src[p + 3 + ch]) * wx;
+                    let bot = i64::from(src[q + ch]) * (ONE - wx) + i64::from(src[q + 3 + ch]) * wx;
+                    out[o + ch] =
+                        ((top * (ONE - wy) + bot * wy + (1 << (2 * BITS - 1))) >> (2 * BITS)) as u8;
+                }
+            } else {
+                let px = |xx: i64, yy: i64, ch: usize| -> i64 {
+                    if xx < 0 || yy < 0 || xx >= w || yy >= h {
+                        fill
+                    } else {
+                        i64::from(src[((yy * w + xx) * 3) as usize + ch])
+                    }
+                };
+                for ch in 0..3 {
+                    let top = px(x0, y0, ch) * (ONE - wx) + px(x0 + 1, y0, ch) * wx;
+                    let bot = px(x0, y0 + 1, ch) * (ONE - wx) + px(x0 + 1, y0 + 1, ch) * wx;
+                    out[o + ch] =
+                        ((top * (ONE - wy) + bot * wy + (1 << (2 * BITS - 1))) >> (2 * BITS)) as u8;
+                }
+            }
+        }
+    }
+    RgbImage {
+        width: img.width,
+        height: img.height,
+        data: out,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn translate_by_whole_pixels_shifts_and_fills() {
+        let mut img = RgbImage::filled(4, 2, [0, 0, 0]);
+        img.data[0] = 200; // pixel (0, 0) red
+        let out = warp_affine(&img, [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]);
+        assert_eq!(out.data[0..3], [FILL, FILL, FILL]);
+        assert_eq!(out.data[3], 200);
+    }
+
+    #[test]
+    fn equalize_constant_image_is_identity() {
+        let mut img = RgbImage::filled(3, 3, [7, 8, 9]);
+        equalize(&mut img);
+        assert_eq!(img.data[0..3], [7, 8, 9]);
+    }
+
+    #[test]
+    fn crop_params_fit_inside() {
+        let mut rng = crate::data::rng::rng_for(1, crate::data::rng::Purpose::Sample, &[]);
+        for _ in 0..200 {
+            let b = random_resized_crop_params(&mut rng, 50, 30, (0.2, 1.0), (0.75, 4.0 / 3.0));
+            assert!(b.w > 0 && b.h > 0 && b.x + b.w <= 50 && b.y + b.h <= 30);
+        }
+    }
+}

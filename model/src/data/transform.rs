@@ -1,0 +1,152 @@
+//! The official image pipelines (reference §3.4): `test_transform`, the RandomResizedCrop training
+//! transforms, and the colour-only `box_transform` of region batches. Outputs are normalised CHW float32.
+
+use rand::Rng;
+
+use super::augment::{self, AugOp, CropBox, RandAugment};
+use super::pixels::{self, RgbImage, CLIP_MEAN, CLIP_STD};
+use super::DataError;
+
+/// `Resize((R, R), bicubic) -> ToTensor -> Normalize(CLIP)`.
+#[derive(Debug, Clone)]
+pub struct TestTransform {
+    /// Output side R.
+    pub res: usize,
+}
+
+impl TestTransform {
+    /// The test transform at resolution `res`.
+    pub fn new(res: usize) -> Self {
+        Self { res }
+    }
+
+    /// Transform a decoded image: `[3, R, R]` values.
+    pub fn apply(&self, img: &RgbImage) -> Vec<f32> {
+        let resized = pixels::resize_bicubic(img, self.res, self.res);
+        pixels::to_normalized_chw(&resized, CLIP_MEAN, CLIP_STD)
+    }
+
+    /// Decode JPEG/PNG bytes and transform.
+    pub fn apply_bytes(&self, bytes: &[u8]) -> Result<Vec<f32>, DataError> {
+        Ok(self.apply(&pixels::decode(bytes)?))
+    }
+}
+
+/// `RandomResizedCrop(R, scale, bicubic) -> RandomHorizontalFlip -> RandAugment(2, 7) -> ToTensor ->
+/// Normalize(CLIP)`: `pretrain_transform` with scale (0.2, 1), `train_transform` with (0.5, 1).
+#[derive(Debug, Clone)]
+pub struct TrainTransform {
+    /// Output side R.
+    pub res: usize,
+    /// Area fraction range of the crop.
+    pub scale: (f64, f64),
+    /// Whether to flip with probability 0.5.
+    pub hflip: bool,
+    /// The augmentation.
+    pub rand_augment: RandAugment,
+}
+
+impl TrainTransform {
+    /// The pre-training image-text transform (scale 0.2-1, flip, all ten ops).
+    pub fn pretrain(res: usize) -> Self {
+        Self {
+            res,
+            scale: (0.2, 1.0),
+            hflip: true,
+            rand_augment: RandAugment::new(&augment::ALL_OPS),
+        }
+    }
+
+    /// The fine-tuning `train_transform` (scale 0.5-1).
+    pub fn finetune(res: usize) -> Self {
+        Self {
+            scale: (0.5, 1.0),
+            ..Self::pretrain(res)
+        }
+    }
+
+    fn crop_params(&self, rng: &mut impl Rng, w: usize, h: usize) -> CropBox {
+        augment::random_resized_crop_params(rng, w, h, self.scale, (3.0 / 4.0, 4.0 / 3.0))
+    }
+
+    /// Crop, resize, flip and augment to uint8 (before `ToTensor`).
+    pub fn augment(&self, rng: &mut impl Rng, img: &RgbImage) -> RgbImage {
+        let b = self.crop_params(rng, img.width, img.height);
+        self.finish(rng, img, b)
+    }
+
+    /// Decode and augment encoded bytes. Two documented training-only shortcuts change pixels slightly:
+    /// without the `simd-jpeg` feature JPEGs go through the fast SIMD `zune-jpeg` decoder (a few levels
+    /// from libjpeg-turbo); with it, libjpeg-turbo decodes with DCT scaling by 1/2, 1/4 or 1/8 when the
+    /// crop (drawn on the full size) stays at least `res` pixels on both sides at that scale.
+    pub fn augment_bytes(&self, rng: &mut impl Rng, bytes: &[u8]) -> Result<RgbImage, DataError> {
+        if !pixels::is_jpeg(bytes) {
+            let img = pixels::decode(bytes)?;
+            return Ok(self.augment(rng, &img));
+        }
+        if !cfg!(feature = "simd-jpeg") {
+            let img = pixels::decode_fast(bytes)?;
+            return Ok(self.augment(rng, &img));
+        }
+        let mut chosen: Option<(CropBox, usize)> = None;
+        let res = self.res;
+        let img = pixels::decode_jpeg_scaled(bytes, |w, h| {
+            let b = self.crop_params(rng, w, h);
+            // Only the power-of-two scales have SIMD IDCTs.
+            let n = [1u8, 2, 4, 8]
+                .into_iter()
+                .find(|&n| b.w * n as usize >= res * 8 && b.h * n as usize >= res * 8)
+                .unwrap_or(8);
+            chosen = Some((b, n as usize));
+            n
+        })?;
+        let (b, n) = chosen.ok_or_else(|| DataError::Sample("JPEG header unreadable".into()))?;
+        let b = if n == 8 {
+            b
+        } else {
+            let x = (b.x * n / 8).min(img.width - 1);
+            let y = (b.y * n / 8).min(img.height - 1);
+            CropBox {
+                x,
+                y,
+                w: ((b.w * n + 4) / 8).clamp(1, img.width - x),
+                h: ((b.h * n + 4) / 8).clamp(1, img.height - y),
+            }
+        };
+        Ok(self.finish(rng, &img, b))
+    }
+
+    /// Decode, augment and normalise: `[3, R, R]` values.
+    pub fn apply_bytes(&self, rng: &mut impl Rng, bytes: &[u8]) -> Result<Vec<f32>, DataError> {
+        let out = self.augment_bytes(rng, bytes)?;
+        Ok(pixels::to_normalized_chw(&out, CLIP_MEAN, CLIP_STD))
+    }
+
+    fn finish(&self, rng: &mut impl Rng, img: &RgbImage, b: CropBox) -> RgbImage {
+        let mut out = pixels::resize_bicubic_crop(img, (b.x, b.y, b.w, b.h), self.res, self.res);
+        if self.hflip && rng.random::<f64>() < 0.5 {
+            out.hflip();
+        }
+        self.rand_augment.apply(rng, &mut out);
+        out
+    }
+
+    /// The full transform: `[3, R, R]` normalised values.
+    pub fn apply(&self, rng: &mut impl Rng, img: &RgbImage) -> Vec<f32> {
+        pixels::to_normalized_chw(&self.augment(rng, img), CLIP_MEAN, CLIP_STD)
+    }
+}
+
+/// `box_transform`: RandAugment(2, 7) over the five colour ops, ToTensor, Normalize (geometry is done by
+/// the region sampler so the boxes follow it).
+pub fn box_transform(rng: &mut impl Rng, mut img: RgbImage) -> Vec<f32> {
+    RandAugment::new(&[
+        AugOp::Identity,
+        AugOp::AutoContrast,
+        AugOp::Equalize,
+        AugOp::Brightness,
+        AugOp::Sharpness,
+    ])
+    .apply(rng, &mut img);
+    pixels::to_normalized_chw(&img, CLIP_MEAN, CLIP_STD)
+}
