@@ -170,6 +170,8 @@ pub struct WorkerEntry {
     pub last_seen_ms: Millis,
     /// The generation it is serving: until every one of its ranks has exited.
     pub busy: Option<(String, u64)>,
+    /// Its heartbeat stream is open (commands can reach it); set by the first heartbeat.
+    pub connected: bool,
 }
 
 /// A trainer slot for a worker command.
@@ -438,12 +440,14 @@ impl Scheduler {
                         cuda,
                         last_seen_ms: now,
                         busy: None,
+                        connected: false,
                     },
                 );
             }
             Event::Heartbeat { worker, running } => {
                 let w = self.worker_mut(&worker)?;
                 w.last_seen_ms = now;
+                w.connected = true;
                 let busy = w.busy.clone();
                 for (job, generation) in running {
                     let current = self
@@ -824,7 +828,7 @@ impl Scheduler {
         let free: Vec<String> = self
             .workers
             .values()
-            .filter(|w| w.busy.is_none() && w.slots >= need)
+            .filter(|w| w.connected && w.busy.is_none() && w.slots >= need)
             .map(|w| w.name.clone())
             .collect();
         if (free.len() as u32) < job.spec.workers.min {
@@ -956,14 +960,26 @@ mod tests {
         .unwrap()
     }
 
+    /// Registers a worker and opens its heartbeat stream.
     fn register(s: &mut Scheduler, name: &str, slots: u32) -> Vec<Action> {
+        let registered = s
+            .apply(
+                0,
+                Event::Register {
+                    name: name.into(),
+                    host: "127.0.0.1".into(),
+                    slots,
+                    cuda: false,
+                },
+            )
+            .unwrap();
+        // Nothing is scheduled onto a worker whose command stream is not open yet.
+        assert!(registered.actions.iter().all(|a| !matches!(a, Action::Send { .. })));
         s.apply(
             0,
-            Event::Register {
-                name: name.into(),
-                host: "127.0.0.1".into(),
-                slots,
-                cuda: false,
+            Event::Heartbeat {
+                worker: name.into(),
+                running: vec![],
             },
         )
         .unwrap()
