@@ -6,11 +6,13 @@ use std::time::Instant;
 use tch::{Kind, Tensor};
 use xvlm_model::collective::{Collective, CollectiveError};
 
-use crate::comm::ring::local_ring;
+use crate::comm::ring::local_ring_with;
 
 /// Benchmark outcome.
 #[derive(Clone, Debug)]
 pub struct BenchResult {
+    /// `shm` or `tcp`.
+    pub transport: &'static str,
     /// Ranks.
     pub world: usize,
     /// Buffer size in bytes.
@@ -37,7 +39,8 @@ impl std::fmt::Display for BenchResult {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "allreduce world={} size={}MiB iters={} median={:.2}ms algbw={:.3}GB/s busbw={:.3}GB/s",
+            "allreduce transport={} world={} size={}MiB iters={} median={:.2}ms algbw={:.3}GB/s busbw={:.3}GB/s",
+            self.transport,
             self.world,
             self.bytes >> 20,
             self.iters,
@@ -48,16 +51,31 @@ impl std::fmt::Display for BenchResult {
     }
 }
 
-/// Runs the benchmark; the first all-reduce is checked for the right sum and not timed.
-pub fn run(world: usize, mib: usize, iters: usize) -> Result<BenchResult, CollectiveError> {
-    let comms = local_ring(world)?;
+/// Runs the benchmark (`allow_shm`: same-host neighbours use shared memory, else TCP only); the first
+/// all-reduce is checked for the right sum and not timed.
+pub fn run(
+    world: usize,
+    mib: usize,
+    iters: usize,
+    allow_shm: bool,
+) -> Result<BenchResult, CollectiveError> {
+    let comms = local_ring_with(world, allow_shm)?;
+    let transport = if comms.iter().any(|c| c.uses_shared_memory().0) {
+        "shm"
+    } else {
+        "tcp"
+    };
     let n = (mib << 20) / 4;
     let handles: Vec<_> = comms
         .into_iter()
         .map(|comm| {
             std::thread::spawn(move || -> Result<Vec<f64>, CollectiveError> {
                 let rank = comm.rank();
-                let mut t = Tensor::full([n as i64], (rank + 1) as f64, (Kind::Float, tch::Device::Cpu));
+                let mut t = Tensor::full(
+                    [n as i64],
+                    (rank + 1) as f64,
+                    (Kind::Float, tch::Device::Cpu),
+                );
                 comm.all_reduce_sum(&mut t)?;
                 let expect = (world * (world + 1) / 2) as f64;
                 let got = t.double_value(&[(n as i64 - 1).max(0)]);
@@ -92,6 +110,7 @@ pub fn run(world: usize, mib: usize, iters: usize) -> Result<BenchResult, Collec
         .collect();
     slowest.sort_by(f64::total_cmp);
     Ok(BenchResult {
+        transport,
         world,
         bytes: n * 4,
         iters,

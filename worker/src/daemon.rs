@@ -104,11 +104,18 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> Resul
     let mut backoff = Duration::from_millis(200);
     let mut lost_since: Option<Instant> = None;
     loop {
-        match d.session(&mut shutdown, &mut backoff, &mut lost_since).await {
+        match d
+            .session(&mut shutdown, &mut backoff, &mut lost_since)
+            .await
+        {
             SessionEnd::Shutdown => break,
             SessionEnd::Lost(why) => {
                 let since = *lost_since.get_or_insert_with(Instant::now);
-                warn!(coordinator = d.cfg.coordinator, error = why, "coordinator unreachable; retrying");
+                warn!(
+                    coordinator = d.cfg.coordinator,
+                    error = why,
+                    "coordinator unreachable; retrying"
+                );
                 if since.elapsed() > d.cfg.grace && !d.gens.is_empty() {
                     warn!("grace period over: stopping every trainer");
                     d.stop_all().await;
@@ -151,10 +158,18 @@ impl Daemon {
             Ok(r) => r.into_inner(),
             Err(e) => return SessionEnd::Lost(e.message().to_string()),
         };
-        info!(worker = reply.worker_id, devices = self.cfg.devices.len(), "registered");
+        info!(
+            worker = reply.worker_id,
+            devices = self.cfg.devices.len(),
+            "registered"
+        );
         let beat = Duration::from_millis(reply.heartbeat_interval_ms.max(100));
         let (out_tx, out_rx) = mpsc::channel(256);
-        if out_tx.send(self.take_report(&reply.worker_id)).await.is_err() {
+        if out_tx
+            .send(self.take_report(&reply.worker_id))
+            .await
+            .is_err()
+        {
             return SessionEnd::Lost("report channel closed".into());
         }
         let mut inbound = match client.heartbeat(ReceiverStream::new(out_rx)).await {
@@ -184,7 +199,11 @@ impl Daemon {
             let due = last_beat.elapsed() >= beat || (!self.progress.is_empty() && !urgent);
             if has_news || due {
                 last_beat = Instant::now();
-                if out_tx.send(self.take_report(&reply.worker_id)).await.is_err() {
+                if out_tx
+                    .send(self.take_report(&reply.worker_id))
+                    .await
+                    .is_err()
+                {
                     return SessionEnd::Lost("heartbeat stream closed".into());
                 }
             }
@@ -223,7 +242,13 @@ impl Daemon {
                         self.gens.remove(&key);
                     }
                 }
-                info!(job = e.job_id, generation = e.generation, rank = e.rank, code = e.code, "trainer exited");
+                info!(
+                    job = e.job_id,
+                    generation = e.generation,
+                    rank = e.rank,
+                    code = e.code,
+                    "trainer exited"
+                );
                 self.exits.push(e);
             }
         }
@@ -240,7 +265,12 @@ impl Daemon {
     }
 
     fn prepare(&mut self, p: v1::PrepareRanks) {
-        info!(job = p.job_id, generation = p.generation, ranks = p.slots.len(), "preparing ranks");
+        info!(
+            job = p.job_id,
+            generation = p.generation,
+            ranks = p.slots.len(),
+            "preparing ranks"
+        );
         let key = (p.job_id.clone(), p.generation);
         let gen = self.gens.entry(key).or_default();
         let bind_ip = match self.cfg.host.parse::<std::net::IpAddr>() {
@@ -294,7 +324,8 @@ impl Daemon {
                 message,
             };
             let Some(gen) = self.gens.get_mut(&key) else {
-                self.exits.push(exit("start without prepare (worker restarted?)".into()));
+                self.exits
+                    .push(exit("start without prepare (worker restarted?)".into()));
                 continue;
             };
             let spec = match &spec {
@@ -325,9 +356,21 @@ impl Daemon {
             let listener = gen.listeners.remove(&slot.rank);
             match spawn(&self.cfg.exe, &dir, &assignment, listener.as_ref()) {
                 Ok((child, pid)) => {
-                    info!(job = s.job_id, generation = s.generation, rank = slot.rank, pid, "trainer started");
+                    info!(
+                        job = s.job_id,
+                        generation = s.generation,
+                        rank = slot.rank,
+                        pid,
+                        "trainer started"
+                    );
                     gen.children.insert(slot.rank, pid);
-                    tokio::spawn(supervise(child, pid, assignment, dir.clone(), self.events_tx.clone()));
+                    tokio::spawn(supervise(
+                        child,
+                        pid,
+                        assignment,
+                        dir.clone(),
+                        self.events_tx.clone(),
+                    ));
                 }
                 Err(e) => {
                     gen.exited.push(slot.rank);
@@ -342,7 +385,9 @@ impl Daemon {
 
     fn stop(&mut self, job: &str, generation: u64, reason: &str) {
         let key = (job.to_string(), generation);
-        let Some(gen) = self.gens.get_mut(&key) else { return };
+        let Some(gen) = self.gens.get_mut(&key) else {
+            return;
+        };
         info!(job, generation, reason, "stopping trainers");
         for pid in gen.children.values() {
             process::signal_group(*pid, libc::SIGTERM);
@@ -405,7 +450,8 @@ fn spawn(
 ) -> Result<(tokio::process::Child, u32), WorkerError> {
     std::fs::create_dir_all(dir).map_err(|e| WorkerError::io(dir, e))?;
     let path = dir.join(format!("rank{}.json", a.rank));
-    let json = serde_json::to_string_pretty(a).map_err(|e| WorkerError::Assignment(e.to_string()))?;
+    let json =
+        serde_json::to_string_pretty(a).map_err(|e| WorkerError::Assignment(e.to_string()))?;
     std::fs::write(&path, json).map_err(|e| WorkerError::io(&path, e))?;
     let log_path = dir.join(format!("rank{}.log", a.rank));
     let log = std::fs::File::create(&log_path).map_err(|e| WorkerError::io(&log_path, e))?;
@@ -474,7 +520,12 @@ async fn supervise(
 fn last_error_line(path: &Path) -> String {
     std::fs::read_to_string(path)
         .ok()
-        .and_then(|t| t.lines().rev().find(|l| !l.trim().is_empty()).map(str::to_string))
+        .and_then(|t| {
+            t.lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .map(str::to_string)
+        })
         .map(|l| l.chars().take(300).collect())
         .unwrap_or_default()
 }

@@ -24,7 +24,9 @@ pub fn detect(choice: DeviceChoice, cpu_slots: u32) -> Vec<v1::Device> {
                     v1::Device {
                         kind: v1::DeviceKind::Cuda as i32,
                         index: i,
-                        name: info.map(|d| d.name.clone()).unwrap_or_else(|| format!("cuda:{i}")),
+                        name: info
+                            .map(|d| d.name.clone())
+                            .unwrap_or_else(|| format!("cuda:{i}")),
                         memory_bytes: info.map(|d| d.total_memory).unwrap_or(0),
                     }
                 })

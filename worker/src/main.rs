@@ -27,7 +27,11 @@ struct Cli {
 #[derive(clap::Args)]
 struct DaemonArgs {
     /// Coordinator URL.
-    #[arg(long, env = "XVLM_COORDINATOR", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "XVLM_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
     coordinator: String,
     /// Worker name (default: the host name); unique per worker.
     #[arg(long, env = "XVLM_WORKER_NAME")]
@@ -71,6 +75,9 @@ enum Cmd {
         /// Timed iterations.
         #[arg(long, default_value_t = 10)]
         iters: usize,
+        /// `auto`: same-host neighbours use shared memory; `tcp`: loopback TCP only.
+        #[arg(long, default_value = "auto", value_parser = ["auto", "tcp"])]
+        transport: String,
     },
 }
 
@@ -96,13 +103,23 @@ fn host_name() -> String {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Some(Cmd::Train { assignment, listen_fd }) => {
-            trainer::run_file(&assignment, listen_fd).with_context(|| format!("trainer {}", assignment.display()))
-        }
-        Some(Cmd::BenchAllreduce { world, mb, iters }) => {
-            anyhow::ensure!(world >= 1 && iters >= 1, "--world and --iters must be at least 1");
+        Some(Cmd::Train {
+            assignment,
+            listen_fd,
+        }) => trainer::run_file(&assignment, listen_fd)
+            .with_context(|| format!("trainer {}", assignment.display())),
+        Some(Cmd::BenchAllreduce {
+            world,
+            mb,
+            iters,
+            transport,
+        }) => {
+            anyhow::ensure!(
+                world >= 1 && iters >= 1,
+                "--world and --iters must be at least 1"
+            );
             tch::set_num_threads(1);
-            let result = bench::run(world, mb, iters)?;
+            let result = bench::run(world, mb, iters, transport != "tcp")?;
             println!("{result}");
             Ok(())
         }
@@ -124,7 +141,8 @@ fn run(cli: Cli) -> Result<()> {
                 .build()
                 .context("cannot start the async runtime")?;
             rt.block_on(async {
-                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
                 let stop = async move {
                     tokio::select! {
                         _ = tokio::signal::ctrl_c() => {},

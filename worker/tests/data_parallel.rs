@@ -30,7 +30,9 @@ fn train(spec: &JobSpec, comm: &dyn Collective) -> (Vec<(String, Tensor)>, Vec<f
         comm,
     };
     let mut task = SmokeTask::new(&ctx).unwrap();
-    let losses = (0..task.total_steps()).map(|s| task.step(s, comm).unwrap().losses[0].1).collect();
+    let losses = (0..task.total_steps())
+        .map(|s| task.step(s, comm).unwrap().losses[0].1)
+        .collect();
     (task.state(), losses)
 }
 
@@ -62,10 +64,22 @@ fn two_ranks_match_one_rank_with_double_batch() {
         assert!((a - b).abs() < 1e-5, "loss {a} vs {b}");
     }
     // The comparison is meaningful: parameters moved, and the loss went down.
-    let init = train(&JobSpec { steps: Some(0), ..single_spec.clone() }, &SingleProcess);
-    assert!(max_diff(&init.0, &single) > 1e-3, "training did not change the parameters");
+    let init = train(
+        &JobSpec {
+            steps: Some(0),
+            ..single_spec.clone()
+        },
+        &SingleProcess,
+    );
+    assert!(
+        max_diff(&init.0, &single) > 1e-3,
+        "training did not change the parameters"
+    );
     assert!(single_losses[STEPS as usize - 1] < single_losses[0]);
     // And a rank training alone on its half of the batch ends elsewhere.
     let (alone, _) = train(&spec(4), &SingleProcess);
-    assert!(max_diff(&alone, &single) > 1e-4, "the half batch alone matched the full batch");
+    assert!(
+        max_diff(&alone, &single) > 1e-4,
+        "the half batch alone matched the full batch"
+    );
 }

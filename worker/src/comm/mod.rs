@@ -3,6 +3,7 @@
 
 pub mod nccl;
 pub mod ring;
+pub mod shm;
 
 use tch::Tensor;
 use xvlm_model::collective::{Collective, CollectiveError};

@@ -48,16 +48,30 @@ unsafe impl Send for NcclCollective {}
 
 impl NcclCollective {
     /// Joins the communicator of `world` ranks identified by rank 0's `unique_id`, on CUDA `device`.
-    pub fn new(rank: usize, world: usize, device: usize, unique_id: &[u8]) -> Result<Self, CollectiveError> {
+    pub fn new(
+        rank: usize,
+        world: usize,
+        device: usize,
+        unique_id: &[u8],
+    ) -> Result<Self, CollectiveError> {
         if unique_id.len() != UNIQUE_ID_BYTES {
-            return Err(fail("init", rank, format!("unique id has {} bytes, expected {UNIQUE_ID_BYTES}", unique_id.len())));
+            return Err(fail(
+                "init",
+                rank,
+                format!(
+                    "unique id has {} bytes, expected {UNIQUE_ID_BYTES}",
+                    unique_id.len()
+                ),
+            ));
         }
         if !available() {
             return Err(fail("init", rank, "libnccl.so cannot be loaded"));
         }
         cudarc::runtime::result::device::set(device as i32)
             .map_err(|e| fail("init", rank, format!("cudaSetDevice({device}): {e:?}")))?;
-        let mut id = sys::ncclUniqueId { internal: [0; UNIQUE_ID_BYTES] };
+        let mut id = sys::ncclUniqueId {
+            internal: [0; UNIQUE_ID_BYTES],
+        };
         for (dst, src) in id.internal.iter_mut().zip(unique_id) {
             *dst = *src as _;
         }
@@ -65,7 +79,12 @@ impl NcclCollective {
         // SAFETY: `comm` is a valid out-pointer; rank < world is checked by NCCL.
         unsafe { result::comm_init_rank(&mut comm, world as i32, id, rank as i32) }
             .map_err(|e| fail("init", rank, format!("ncclCommInitRank: {e:?}")))?;
-        Ok(NcclCollective { comm, rank, world, device })
+        Ok(NcclCollective {
+            comm,
+            rank,
+            world,
+            device,
+        })
     }
 
     fn stream(&self) -> sys::cudaStream_t {
@@ -74,7 +93,15 @@ impl NcclCollective {
 
     fn check(&self, op: &'static str, t: &Tensor) -> Result<sys::ncclDataType_t, CollectiveError> {
         if t.device() != Device::Cuda(self.device) {
-            return Err(fail(op, self.rank, format!("tensor on {:?}, communicator on cuda:{}", t.device(), self.device)));
+            return Err(fail(
+                op,
+                self.rank,
+                format!(
+                    "tensor on {:?}, communicator on cuda:{}",
+                    t.device(),
+                    self.device
+                ),
+            ));
         }
         if !t.is_contiguous() {
             return Err(fail(op, self.rank, "tensor is not contiguous"));
@@ -114,7 +141,15 @@ impl Collective for NcclCollective {
         let ptr = tensor.data_ptr();
         // SAFETY: in-place all-reduce on the tensor's device memory, enqueued on its current stream.
         unsafe {
-            result::all_reduce(ptr as *const c_void, ptr, tensor.numel(), dtype, sys::ncclRedOp_t::ncclSum, self.comm, self.stream())
+            result::all_reduce(
+                ptr as *const c_void,
+                ptr,
+                tensor.numel(),
+                dtype,
+                sys::ncclRedOp_t::ncclSum,
+                self.comm,
+                self.stream(),
+            )
         }
         .map(|_| ())
         .map_err(|e| fail("all_reduce_sum", self.rank, format!("{e:?}")))
@@ -127,7 +162,14 @@ impl Collective for NcclCollective {
         let out = Tensor::empty([n * self.world as i64], (local.kind(), local.device()));
         // SAFETY: `out` holds world * n elements on the same device.
         unsafe {
-            result::all_gather(local.data_ptr() as *const c_void, out.data_ptr(), n as usize, dtype, self.comm, self.stream())
+            result::all_gather(
+                local.data_ptr() as *const c_void,
+                out.data_ptr(),
+                n as usize,
+                dtype,
+                self.comm,
+                self.stream(),
+            )
         }
         .map_err(|e| fail("all_gather", self.rank, format!("{e:?}")))?;
         let shape = tensor.size();
@@ -147,7 +189,15 @@ impl Collective for NcclCollective {
         let ptr = tensor.data_ptr();
         // SAFETY: in-place broadcast on device memory.
         unsafe {
-            result::broadcast(ptr as *const c_void, ptr, tensor.numel(), dtype, root as i32, self.comm, self.stream())
+            result::broadcast(
+                ptr as *const c_void,
+                ptr,
+                tensor.numel(),
+                dtype,
+                root as i32,
+                self.comm,
+                self.stream(),
+            )
         }
         .map(|_| ())
         .map_err(|e| fail("broadcast", self.rank, format!("{e:?}")))

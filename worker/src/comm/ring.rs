@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 use xvlm_model::collective::{Collective, CollectiveError};
 
+use super::shm::{self, ShmReceiver, ShmSender};
+
 /// Received data is reduced in pieces of this size while the rest is still in flight.
 const CHUNK_BYTES: usize = 1 << 20;
 const MAGIC: u32 = 0x5856_4c4d; // "XVLM"
@@ -24,10 +26,42 @@ pub struct RingCollective {
 }
 
 struct Links {
-    next: TcpStream,
-    prev: TcpStream,
+    next: Tx,
+    prev: Rx,
     /// 8-byte aligned receive buffer for reduce steps.
     scratch: Vec<u64>,
+}
+
+/// How bytes reach the next rank: TCP, or shared memory when it runs on this host.
+enum Tx {
+    Tcp(TcpStream),
+    Shm(ShmSender),
+}
+
+/// How bytes arrive from the previous rank.
+enum Rx {
+    Tcp(TcpStream),
+    Shm(ShmReceiver),
+}
+
+impl Tx {
+    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            Tx::Tcp(s) => s.write_all(bytes),
+            Tx::Shm(s) => s.write_all(bytes),
+        }
+    }
+}
+
+impl Rx {
+    fn read_exact(&mut self, buf: &mut [u8]) -> std::io::Result<()> {
+        match self {
+            Rx::Tcp(s) => s.read_exact(buf),
+            Rx::Shm(s) => s.receive(buf.len(), |off, piece| {
+                buf[off..off + piece.len()].copy_from_slice(piece)
+            }),
+        }
+    }
 }
 
 fn fail(op: &'static str, rank: usize, reason: impl std::fmt::Display) -> CollectiveError {
@@ -41,13 +75,27 @@ fn fail(op: &'static str, rank: usize, reason: impl std::fmt::Display) -> Collec
 impl RingCollective {
     /// Connects rank `rank` of `peers.len()` ranks: accepts the previous rank on `listener` and
     /// connects to the next rank's address, retrying until `timeout`. `tag` (e.g. the generation) must
-    /// agree on both ends, so a stale peer is refused.
+    /// agree on both ends, so a stale peer is refused. Neighbours on the same host switch to shared
+    /// memory unless `XVLM_RING_TRANSPORT=tcp`.
     pub fn connect(
         rank: usize,
         listener: Option<TcpListener>,
         peers: &[String],
         tag: u64,
         timeout: Duration,
+    ) -> Result<Self, CollectiveError> {
+        let allow_shm = std::env::var("XVLM_RING_TRANSPORT").map_or(true, |v| v != "tcp");
+        Self::connect_with(rank, listener, peers, tag, timeout, allow_shm)
+    }
+
+    /// [`RingCollective::connect`] with the shared-memory choice explicit.
+    pub fn connect_with(
+        rank: usize,
+        listener: Option<TcpListener>,
+        peers: &[String],
+        tag: u64,
+        timeout: Duration,
+        allow_shm: bool,
     ) -> Result<Self, CollectiveError> {
         let world = peers.len();
         if world <= 1 {
@@ -74,7 +122,11 @@ impl RingCollective {
                             continue;
                         }
                         let (magic, from, their_world, their_tag) = decode_hello(&hello);
-                        if magic == MAGIC && from == prev_rank && their_world == world && their_tag == tag {
+                        if magic == MAGIC
+                            && from == prev_rank
+                            && their_world == world
+                            && their_tag == tag
+                        {
                             return Ok(stream);
                         }
                     }
@@ -108,7 +160,11 @@ impl RingCollective {
             s.set_nodelay(true).map_err(|e| fail("connect", rank, e))?;
         }
         // A dead peer shows up as EOF/RST; the timeout only guards against a silent hang.
-        prev.set_read_timeout(Some(Duration::from_secs(600)))
+        let stall = Duration::from_secs(600);
+        prev.set_read_timeout(Some(stall))
+            .map_err(|e| fail("connect", rank, e))?;
+        let same_host = host_of(next_addr) == host_of(&peers[rank]) || is_loopback(next_addr);
+        let (next, prev) = negotiate(rank, tag, next, prev, allow_shm && same_host, stall)
             .map_err(|e| fail("connect", rank, e))?;
         Ok(RingCollective {
             rank,
@@ -121,15 +177,38 @@ impl RingCollective {
         })
     }
 
+    /// Whether the links to the next and previous ranks use shared memory.
+    pub fn uses_shared_memory(&self) -> (bool, bool) {
+        match &self.links {
+            Some(l) => {
+                let l = l.borrow();
+                (matches!(l.next, Tx::Shm(_)), matches!(l.prev, Rx::Shm(_)))
+            }
+            None => (false, false),
+        }
+    }
+
     /// Sends a small header (operation, byte count) around the ring and checks the previous rank's
     /// matches, so mismatched calls fail loudly instead of mixing data.
-    fn handshake(&self, links: &mut Links, op: &'static str, code: u32, bytes: u64) -> Result<(), CollectiveError> {
+    fn handshake(
+        &self,
+        links: &mut Links,
+        op: &'static str,
+        code: u32,
+        bytes: u64,
+    ) -> Result<(), CollectiveError> {
         let mut header = [0u8; 12];
         header[..4].copy_from_slice(&code.to_le_bytes());
         header[4..].copy_from_slice(&bytes.to_le_bytes());
-        links.next.write_all(&header).map_err(|e| fail(op, self.rank, e))?;
+        links
+            .next
+            .write_all(&header)
+            .map_err(|e| fail(op, self.rank, e))?;
         let mut theirs = [0u8; 12];
-        links.prev.read_exact(&mut theirs).map_err(|e| fail(op, self.rank, e))?;
+        links
+            .prev
+            .read_exact(&mut theirs)
+            .map_err(|e| fail(op, self.rank, e))?;
         if theirs != header {
             return Err(fail(
                 op,
@@ -146,7 +225,9 @@ impl RingCollective {
 
     /// In-place ring all-reduce of a typed buffer.
     fn all_reduce_slice<T: Element>(&self, data: &mut [T]) -> Result<(), CollectiveError> {
-        let Some(links) = &self.links else { return Ok(()) };
+        let Some(links) = &self.links else {
+            return Ok(());
+        };
         let links = &mut *links.borrow_mut();
         let op = "all_reduce_sum";
         self.handshake(links, op, 1, std::mem::size_of_val(data) as u64)?;
@@ -159,9 +240,15 @@ impl RingCollective {
             let (ss, se) = bounds((r + w - s) % w);
             let (rs, re) = bounds((r + 2 * w - s - 1) % w);
             // SAFETY: send and receive segments are disjoint ranges of `data` (w >= 2).
-            let send = unsafe { std::slice::from_raw_parts(base.add(ss) as *const u8, (se - ss) * T::SIZE) };
+            let send = unsafe {
+                std::slice::from_raw_parts(base.add(ss) as *const u8, (se - ss) * T::SIZE)
+            };
             let recv = unsafe { std::slice::from_raw_parts_mut(base.add(rs), re - rs) };
-            let Links { next, prev, scratch } = links;
+            let Links {
+                next,
+                prev,
+                scratch,
+            } = links;
             exchange(next, send, || reduce_from(prev, recv, scratch))
                 .map_err(|e| fail(op, r, e))?;
         }
@@ -170,8 +257,12 @@ impl RingCollective {
             let (ss, se) = bounds((r + 1 + w - s) % w);
             let (rs, re) = bounds((r + w - s) % w);
             // SAFETY: as above.
-            let send = unsafe { std::slice::from_raw_parts(base.add(ss) as *const u8, (se - ss) * T::SIZE) };
-            let recv = unsafe { std::slice::from_raw_parts_mut(base.add(rs) as *mut u8, (re - rs) * T::SIZE) };
+            let send = unsafe {
+                std::slice::from_raw_parts(base.add(ss) as *const u8, (se - ss) * T::SIZE)
+            };
+            let recv = unsafe {
+                std::slice::from_raw_parts_mut(base.add(rs) as *mut u8, (re - rs) * T::SIZE)
+            };
             let Links { next, prev, .. } = links;
             exchange(next, send, || prev.read_exact(recv)).map_err(|e| fail(op, r, e))?;
         }
@@ -180,7 +271,9 @@ impl RingCollective {
 
     /// All-gather of equal-sized byte blocks: `out` has `world` blocks, this rank's already in place.
     fn all_gather_bytes(&self, out: &mut [u8]) -> Result<(), CollectiveError> {
-        let Some(links) = &self.links else { return Ok(()) };
+        let Some(links) = &self.links else {
+            return Ok(());
+        };
         let links = &mut *links.borrow_mut();
         let op = "all_gather";
         self.handshake(links, op, 2, out.len() as u64)?;
@@ -192,7 +285,8 @@ impl RingCollective {
             let recv_block = (r + 2 * w - s - 1) % w;
             // SAFETY: distinct blocks of `out`.
             let send = unsafe { std::slice::from_raw_parts(base.add(send_block * block), block) };
-            let recv = unsafe { std::slice::from_raw_parts_mut(base.add(recv_block * block), block) };
+            let recv =
+                unsafe { std::slice::from_raw_parts_mut(base.add(recv_block * block), block) };
             let Links { next, prev, .. } = links;
             exchange(next, send, || prev.read_exact(recv)).map_err(|e| fail(op, r, e))?;
         }
@@ -201,7 +295,9 @@ impl RingCollective {
 
     /// Pipelined broadcast along the ring from `root`.
     fn broadcast_bytes(&self, data: &mut [u8], root: usize) -> Result<(), CollectiveError> {
-        let Some(links) = &self.links else { return Ok(()) };
+        let Some(links) = &self.links else {
+            return Ok(());
+        };
         let links = &mut *links.borrow_mut();
         let op = "broadcast";
         self.handshake(links, op, 3 + root as u32 * 16, data.len() as u64)?;
@@ -221,7 +317,7 @@ impl RingCollective {
 
 /// Writes `send` to `next` on a scoped thread while `recv` runs here.
 fn exchange(
-    next: &mut TcpStream,
+    next: &mut Tx,
     send: &[u8],
     recv: impl FnOnce() -> std::io::Result<()>,
 ) -> std::io::Result<()> {
@@ -235,12 +331,33 @@ fn exchange(
     })
 }
 
-/// Receives `dst.len()` elements chunk by chunk and adds them into `dst`.
-fn reduce_from<T: Element>(prev: &mut TcpStream, dst: &mut [T], scratch: &mut [u64]) -> std::io::Result<()> {
+/// Receives `dst.len()` elements piece by piece and adds them into `dst`: straight out of shared
+/// memory, or through `scratch` from TCP.
+fn reduce_from<T: Element>(
+    prev: &mut Rx,
+    dst: &mut [T],
+    scratch: &mut [u64],
+) -> std::io::Result<()> {
+    let prev = match prev {
+        Rx::Shm(rx) => {
+            let len = std::mem::size_of_val(dst);
+            return rx.receive(len, |off, piece| {
+                let start = off / T::SIZE;
+                // SAFETY: pieces start at 8-byte aligned offsets of the mapping and hold whole elements.
+                let src = unsafe {
+                    std::slice::from_raw_parts(piece.as_ptr() as *const T, piece.len() / T::SIZE)
+                };
+                T::add_assign(&mut dst[start..start + src.len()], src);
+            });
+        }
+        Rx::Tcp(s) => s,
+    };
     let per_chunk = (scratch.len() * 8) / T::SIZE;
     for part in dst.chunks_mut(per_chunk) {
         // SAFETY: scratch is 8-byte aligned and large enough for `part.len()` elements of T.
-        let buf = unsafe { std::slice::from_raw_parts_mut(scratch.as_mut_ptr() as *mut u8, part.len() * T::SIZE) };
+        let buf = unsafe {
+            std::slice::from_raw_parts_mut(scratch.as_mut_ptr() as *mut u8, part.len() * T::SIZE)
+        };
         prev.read_exact(buf)?;
         let src = unsafe { std::slice::from_raw_parts(scratch.as_ptr() as *const T, part.len()) };
         T::add_assign(part, src);
@@ -267,6 +384,77 @@ macro_rules! element {
 }
 element!(f32, f64, i32, i64);
 
+fn host_of(addr: &str) -> &str {
+    addr.rsplit_once(':').map_or(addr, |(h, _)| h)
+}
+
+fn is_loopback(addr: &str) -> bool {
+    matches!(host_of(addr), "localhost" | "[::1]") || host_of(addr).starts_with("127.")
+}
+
+/// Offers the next rank a shared-memory channel and answers the previous rank's offer; a refused or
+/// failed offer keeps TCP. Offers are tiny, so writing before reading cannot deadlock.
+fn negotiate(
+    rank: usize,
+    tag: u64,
+    mut next: TcpStream,
+    mut prev: TcpStream,
+    offer: bool,
+    stall: Duration,
+) -> std::io::Result<(Tx, Rx)> {
+    let mut pending = None;
+    if offer {
+        let path = shm::channel_path(tag, rank);
+        match ShmSender::create(&path, next.try_clone()?, stall) {
+            Ok(sender) => {
+                let bytes = path.to_string_lossy().into_owned().into_bytes();
+                next.write_all(&[1])?;
+                next.write_all(&(bytes.len() as u16).to_le_bytes())?;
+                next.write_all(&bytes)?;
+                pending = Some((sender, path));
+            }
+            Err(_) => next.write_all(&[0])?,
+        }
+    } else {
+        next.write_all(&[0])?;
+    }
+    let mut flag = [0u8; 1];
+    prev.read_exact(&mut flag)?;
+    let rx = if flag[0] == 1 {
+        let mut len = [0u8; 2];
+        prev.read_exact(&mut len)?;
+        let mut path = vec![0u8; u16::from_le_bytes(len) as usize];
+        prev.read_exact(&mut path)?;
+        let path = std::path::PathBuf::from(String::from_utf8_lossy(&path).into_owned());
+        match ShmReceiver::open(&path, prev.try_clone()?, stall) {
+            Ok(rx) => {
+                prev.write_all(&[1])?;
+                Rx::Shm(rx)
+            }
+            Err(_) => {
+                prev.write_all(&[0])?;
+                Rx::Tcp(prev)
+            }
+        }
+    } else {
+        Rx::Tcp(prev)
+    };
+    let tx = match pending {
+        Some((sender, path)) => {
+            let mut answer = [0u8; 1];
+            next.read_exact(&mut answer)?;
+            if answer[0] == 1 {
+                Tx::Shm(sender)
+            } else {
+                let _ = std::fs::remove_file(path);
+                Tx::Tcp(next)
+            }
+        }
+        None => Tx::Tcp(next),
+    };
+    Ok((tx, rx))
+}
+
 fn encode_hello(rank: usize, world: usize, tag: u64) -> [u8; 24] {
     let mut b = [0u8; 24];
     b[..4].copy_from_slice(&MAGIC.to_le_bytes());
@@ -283,7 +471,12 @@ fn decode_hello(b: &[u8; 24]) -> (u32, usize, usize, u64) {
         a.copy_from_slice(&b[i..i + 8]);
         u64::from_le_bytes(a)
     };
-    (u32_at(0), u32_at(4) as usize, u64_at(8) as usize, u64_at(16))
+    (
+        u32_at(0),
+        u32_at(4) as usize,
+        u64_at(8) as usize,
+        u64_at(16),
+    )
 }
 
 /// A CPU contiguous copy (or the tensor itself when it already is one) in a kind the ring reduces.
@@ -291,7 +484,10 @@ fn host_view(t: &Tensor, op: &'static str, rank: usize) -> Result<(Tensor, bool)
     if !t.defined() {
         return Err(fail(op, rank, "undefined tensor"));
     }
-    let native = matches!(t.kind(), Kind::Float | Kind::Double | Kind::Int | Kind::Int64);
+    let native = matches!(
+        t.kind(),
+        Kind::Float | Kind::Double | Kind::Int | Kind::Int64
+    );
     if t.device() == Device::Cpu && t.is_contiguous() && native {
         return Ok((t.shallow_clone(), false));
     }
@@ -329,9 +525,15 @@ impl Collective for RingCollective {
         // SAFETY: `host` is contiguous on the CPU with `n` elements of the matched kind.
         unsafe {
             match host.kind() {
-                Kind::Float => self.all_reduce_slice(std::slice::from_raw_parts_mut(ptr as *mut f32, n)),
-                Kind::Double => self.all_reduce_slice(std::slice::from_raw_parts_mut(ptr as *mut f64, n)),
-                Kind::Int => self.all_reduce_slice(std::slice::from_raw_parts_mut(ptr as *mut i32, n)),
+                Kind::Float => {
+                    self.all_reduce_slice(std::slice::from_raw_parts_mut(ptr as *mut f32, n))
+                }
+                Kind::Double => {
+                    self.all_reduce_slice(std::slice::from_raw_parts_mut(ptr as *mut f64, n))
+                }
+                Kind::Int => {
+                    self.all_reduce_slice(std::slice::from_raw_parts_mut(ptr as *mut i32, n))
+                }
                 _ => self.all_reduce_slice(std::slice::from_raw_parts_mut(ptr as *mut i64, n)),
             }
         }?;
@@ -373,7 +575,11 @@ impl Collective for RingCollective {
         }
         let op = "broadcast";
         if root >= self.world {
-            return Err(fail(op, self.rank, format!("root {root} >= world {}", self.world)));
+            return Err(fail(
+                op,
+                self.rank,
+                format!("root {root} >= world {}", self.world),
+            ));
         }
         let host = tensor.detach().to_device(Device::Cpu).contiguous();
         self.broadcast_bytes(tensor_bytes(&host), root)?;
@@ -389,7 +595,11 @@ impl Collective for RingCollective {
         self.all_reduce_sum(&mut t)?;
         let got = t.int64_value(&[0]);
         if got != self.world as i64 {
-            return Err(fail("barrier", self.rank, format!("counted {got} ranks, expected {}", self.world)));
+            return Err(fail(
+                "barrier",
+                self.rank,
+                format!("counted {got} ranks, expected {}", self.world),
+            ));
         }
         Ok(())
     }
@@ -397,6 +607,14 @@ impl Collective for RingCollective {
 
 /// Binds `world` loopback listeners and connects a ring on threads: for tests and the benchmark.
 pub fn local_ring(world: usize) -> Result<Vec<RingCollective>, CollectiveError> {
+    local_ring_with(world, true)
+}
+
+/// [`local_ring`] choosing whether neighbours may use shared memory (else TCP only).
+pub fn local_ring_with(
+    world: usize,
+    allow_shm: bool,
+) -> Result<Vec<RingCollective>, CollectiveError> {
     let listeners: Vec<TcpListener> = (0..world)
         .map(|r| TcpListener::bind("127.0.0.1:0").map_err(|e| fail("connect", r, e)))
         .collect::<Result<_, _>>()?;
@@ -410,13 +628,23 @@ pub fn local_ring(world: usize) -> Result<Vec<RingCollective>, CollectiveError> 
         .map(|(rank, l)| {
             let peers = peers.clone();
             std::thread::spawn(move || {
-                RingCollective::connect(rank, Some(l), &peers, 7, Duration::from_secs(30))
+                RingCollective::connect_with(
+                    rank,
+                    Some(l),
+                    &peers,
+                    7,
+                    Duration::from_secs(30),
+                    allow_shm,
+                )
             })
         })
         .collect();
     handles
         .into_iter()
         .enumerate()
-        .map(|(r, h)| h.join().map_err(|_| fail("connect", r, "thread panicked"))?)
+        .map(|(r, h)| {
+            h.join()
+                .map_err(|_| fail("connect", r, "thread panicked"))?
+        })
         .collect()
 }

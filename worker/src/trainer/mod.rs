@@ -75,18 +75,25 @@ pub fn run_file(path: &Path, listen_fd: Option<i32>) -> Result<(), WorkerError> 
         .map_err(|e| WorkerError::Assignment(format!("{}: {e}", path.display())))?;
     // SAFETY: the worker passes the fd of a listening TCP socket it bound for this rank, and nothing
     // else in this process owns it.
-    let listener = listen_fd.map(|fd| unsafe {
-        <TcpListener as std::os::fd::FromRawFd>::from_raw_fd(fd)
-    });
+    let listener =
+        listen_fd.map(|fd| unsafe { <TcpListener as std::os::fd::FromRawFd>::from_raw_fd(fd) });
     run(&assignment, listener)
 }
 
-fn collective(a: &Assignment, listener: Option<TcpListener>) -> Result<Box<dyn Collective>, WorkerError> {
+fn collective(
+    a: &Assignment,
+    listener: Option<TcpListener>,
+) -> Result<Box<dyn Collective>, WorkerError> {
     if a.world == 1 {
         return Ok(Box::new(SingleProcess));
     }
     Ok(match a.backend {
-        Backend::Nccl => Box::new(NcclCollective::new(a.rank, a.world, a.device as usize, &a.nccl_id)?),
+        Backend::Nccl => Box::new(NcclCollective::new(
+            a.rank,
+            a.world,
+            a.device as usize,
+            &a.nccl_id,
+        )?),
         Backend::Ring | Backend::Auto => Box::new(RingCollective::connect(
             a.rank,
             listener,
@@ -103,9 +110,20 @@ pub fn run(a: &Assignment, listener: Option<TcpListener>) -> Result<(), WorkerEr
         let _ = xvlm_model::runtime::load_cuda_backend();
     }
     tch::set_num_threads(a.threads.max(1) as i32);
-    let device = if a.cuda { Device::Cuda(a.device as usize) } else { Device::Cpu };
+    let device = if a.cuda {
+        Device::Cuda(a.device as usize)
+    } else {
+        Device::Cpu
+    };
     let comm = collective(a, listener)?;
-    info!(job = a.job_id, generation = a.generation, rank = a.rank, world = a.world, ?device, "trainer connected");
+    info!(
+        job = a.job_id,
+        generation = a.generation,
+        rank = a.rank,
+        world = a.world,
+        ?device,
+        "trainer connected"
+    );
     let ctx = TaskContext {
         spec: &a.spec,
         rank: a.rank,
@@ -133,7 +151,12 @@ pub fn run(a: &Assignment, listener: Option<TcpListener>) -> Result<(), WorkerEr
     if a.rank == 0 {
         save_final(a, task.as_ref())?;
     }
-    info!(job = a.job_id, rank = a.rank, steps = total, "trainer finished");
+    info!(
+        job = a.job_id,
+        rank = a.rank,
+        steps = total,
+        "trainer finished"
+    );
     Ok(())
 }
 

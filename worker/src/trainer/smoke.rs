@@ -48,13 +48,17 @@ impl SmokeTask {
         let opt = nn::Sgd::default().build(&vs, params.lr)?;
         let mut rng = ChaCha8Rng::seed_from_u64(ctx.spec.seed ^ 0x7ea_c4e5);
         let mut draw = |n: usize, scale: f32| -> Vec<f32> {
-            (0..n).map(|_| rng.random_range(-1.0f32..1.0) * scale).collect()
+            (0..n)
+                .map(|_| rng.random_range(-1.0f32..1.0) * scale)
+                .collect()
         };
         let teacher = (
             Tensor::from_slice(&draw((f * 8) as usize, 1.0))
                 .view([f, 8])
                 .to_device(ctx.device),
-            Tensor::from_slice(&draw(8, 1.0)).view([8, 1]).to_device(ctx.device),
+            Tensor::from_slice(&draw(8, 1.0))
+                .view([8, 1])
+                .to_device(ctx.device),
         );
         Ok(SmokeTask {
             vs,
@@ -75,7 +79,8 @@ impl SmokeTask {
         let f = self.params.features as usize;
         let mut data = Vec::with_capacity(n * f);
         for i in start..start + n as u64 {
-            let mut rng = ChaCha8Rng::seed_from_u64(self.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ i);
+            let mut rng =
+                ChaCha8Rng::seed_from_u64(self.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ i);
             data.extend((0..f).map(|_| rng.random_range(-1.0f32..1.0)));
         }
         Tensor::from_slice(&data)
@@ -107,7 +112,10 @@ impl TrainTask for SmokeTask {
         self.opt.zero_grad();
         let loss = self.model.forward(&x).mse_loss(&y, tch::Reduction::Mean);
         loss.backward();
-        let params: Vec<Tensor> = sorted_variables(&self.vs).into_iter().map(|(_, t)| t).collect();
+        let params: Vec<Tensor> = sorted_variables(&self.vs)
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect();
         all_reduce_mean_gradients(&params, comm, BUCKET_BYTES)?;
         self.opt.step();
         let mut global = loss.detach().to_kind(Kind::Float).reshape([1]);
