@@ -167,7 +167,16 @@ pub fn watch_line(s: &v1::JobStatus) -> String {
 /// The `status` table.
 pub fn status_table(jobs: &[v1::JobStatus]) -> String {
     let header = [
-        "JOB", "NAME", "STATE", "GEN", "WORLD", "STEP", "LOSSES", "SAMPLES/S", "ETA", "MESSAGE",
+        "JOB",
+        "NAME",
+        "STATE",
+        "GEN",
+        "WORLD",
+        "STEP",
+        "LOSSES",
+        "SAMPLES/S",
+        "ETA",
+        "MESSAGE",
     ];
     let rows: Vec<Vec<String>> = jobs
         .iter()

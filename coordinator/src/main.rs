@@ -14,7 +14,12 @@ use xvlm_proto::logging::{self, LogFormat};
 #[command(version)]
 struct Cli {
     /// Coordinator to talk to (client commands).
-    #[arg(long, global = true, env = "XVLM_COORDINATOR", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        global = true,
+        env = "XVLM_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
     coordinator: String,
     /// Log line format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -121,7 +126,12 @@ fn outcome(status: &xvlm_proto::v1::JobStatus) -> ExitCode {
     if client::state_name(status) == "SUCCEEDED" {
         ExitCode::SUCCESS
     } else {
-        eprintln!("job {} ended {}: {}", status.job_id, client::state_name(status), status.message);
+        eprintln!(
+            "job {} ended {}: {}",
+            status.job_id,
+            client::state_name(status),
+            status.message
+        );
         ExitCode::FAILURE
     }
 }
@@ -138,7 +148,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let shutdown = async {
                 let _ = tokio::signal::ctrl_c().await;
             };
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             let stop = async move {
                 tokio::select! {
                     _ = shutdown => {},
@@ -188,7 +199,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             serve,
         } => {
             let config = CoordConfig::from(&serve);
-            let last = local::run(&job, &sets, local_workers, cuda, config, &local::worker_binary()).await?;
+            let last = local::run(
+                &job,
+                &sets,
+                local_workers,
+                cuda,
+                config,
+                &local::worker_binary(),
+            )
+            .await?;
             Ok(outcome(&last))
         }
     }

@@ -75,7 +75,7 @@ mod tests {
         }
         let root = std::fs::canonicalize(dir.path()).unwrap();
         let url = format!("file://{}", root.display());
-        let files = list_shards(&[url.clone()]).await.unwrap();
+        let files = list_shards(std::slice::from_ref(&url)).await.unwrap();
         let expect: Vec<String> = ["a.json", "b.json", "sub/c.json"]
             .iter()
             .map(|n| format!("file://{}/{n}", root.display()))
@@ -84,7 +84,9 @@ mod tests {
         let single = list_shards(&[expect[0].clone()]).await.unwrap();
         assert_eq!(single, vec![expect[0].clone()]);
         let missing = format!("{url}/nope");
-        let err = list_shards(&[missing.clone()]).await.unwrap_err();
+        let err = list_shards(std::slice::from_ref(&missing))
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains(&missing), "{err}");
     }
 }

@@ -284,7 +284,13 @@ impl v1::jobs_server::Jobs for JobsService {
                 )
             };
             let done = terminal(&current);
-            if tx.send(Ok(v1::JobEvent { status: Some(current) })).is_err() || done {
+            if tx
+                .send(Ok(v1::JobEvent {
+                    status: Some(current),
+                }))
+                .is_err()
+                || done
+            {
                 return;
             }
             loop {
@@ -299,7 +305,13 @@ impl v1::jobs_server::Jobs for JobsService {
                     Err(broadcast::error::RecvError::Closed) => return,
                 };
                 let done = terminal(&status);
-                if tx.send(Ok(v1::JobEvent { status: Some(status) })).is_err() || done {
+                if tx
+                    .send(Ok(v1::JobEvent {
+                        status: Some(status),
+                    }))
+                    .is_err()
+                    || done
+                {
                     return;
                 }
             }
@@ -328,7 +340,13 @@ impl v1::workers_server::Workers for WorkersService {
             .devices
             .iter()
             .all(|d| d.kind == v1::DeviceKind::Cuda as i32);
-        info!(worker = req.name, host = req.host, devices = req.devices.len(), cuda, "worker registered");
+        info!(
+            worker = req.name,
+            host = req.host,
+            devices = req.devices.len(),
+            cuda,
+            "worker registered"
+        );
         self.0.dispatch(Event::Register {
             name: req.name.clone(),
             host: req.host,
@@ -358,14 +376,9 @@ impl v1::workers_server::Workers for WorkersService {
         self.0.report(first)?;
         let core = self.0.clone();
         tokio::spawn(async move {
-            loop {
-                match inbound.message().await {
-                    Ok(Some(report)) => {
-                        if let Err(e) = core.report(report) {
-                            warn!(worker, error = %e, "bad worker report");
-                        }
-                    }
-                    Ok(None) | Err(_) => break,
+            while let Ok(Some(report)) = inbound.message().await {
+                if let Err(e) = core.report(report) {
+                    warn!(worker, error = %e, "bad worker report");
                 }
             }
             core.detach(&worker, link);

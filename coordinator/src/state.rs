@@ -418,7 +418,8 @@ impl Scheduler {
                 files,
                 output_root,
             } => {
-                out.job_id = Some(self.submit(now, *spec, files, &output_root, &mut out.actions)?);
+                out.job_id =
+                    Some(self.submit(now, *spec, files, &output_root, &mut out.actions)?);
             }
             Event::Cancel { job } => self.cancel(now, &job, &mut out.actions)?,
             Event::Register {
@@ -502,7 +503,15 @@ impl Scheduler {
                 message,
             } => {
                 self.touch(&worker, now);
-                self.exited(now, &job, generation, rank, code, &message, &mut out.actions);
+                self.exited(
+                    now,
+                    &job,
+                    generation,
+                    rank,
+                    code,
+                    &message,
+                    &mut out.actions,
+                );
             }
             Event::Disconnected { worker } => {
                 if self.workers.contains_key(&worker) {
@@ -552,9 +561,10 @@ impl Scheduler {
         let seq = self.next_seq;
         self.next_seq += 1;
         let id = format!("job-{seq:04}");
-        let output = spec.output.clone().unwrap_or_else(|| {
-            format!("{}/{id}", output_root.trim_end_matches('/'))
-        });
+        let output = spec
+            .output
+            .clone()
+            .unwrap_or_else(|| format!("{}/{id}", output_root.trim_end_matches('/')));
         let rec = JobRecord {
             id: id.clone(),
             seq,
@@ -608,7 +618,12 @@ impl Scheduler {
         Ok(())
     }
 
-    fn cancel(&mut self, now: Millis, id: &str, actions: &mut Vec<Action>) -> Result<(), CoordError> {
+    fn cancel(
+        &mut self,
+        now: Millis,
+        id: &str,
+        actions: &mut Vec<Action>,
+    ) -> Result<(), CoordError> {
         let job = self
             .jobs
             .get_mut(id)
@@ -643,15 +658,24 @@ impl Scheduler {
         error: Option<String>,
         actions: &mut Vec<Action>,
     ) {
-        let Some(job) = self.jobs.get_mut(id) else { return };
+        let Some(job) = self.jobs.get_mut(id) else {
+            return;
+        };
         if job.generation != generation || job.state != JobState::Rendezvous {
             return;
         }
         if let Some(error) = error {
-            self.fail_generation(now, id, &format!("rank {rank} could not be prepared: {error}"), actions);
+            self.fail_generation(
+                now,
+                id,
+                &format!("rank {rank} could not be prepared: {error}"),
+                actions,
+            );
             return;
         }
-        let Some(slot) = job.ranks.iter_mut().find(|r| r.rank == rank) else { return };
+        let Some(slot) = job.ranks.iter_mut().find(|r| r.rank == rank) else {
+            return;
+        };
         slot.ring_address = Some(ring_address);
         if rank == 0 {
             job.nccl_id = nccl_id;
@@ -703,7 +727,9 @@ impl Scheduler {
         mut progress: ProgressInfo,
         actions: &mut Vec<Action>,
     ) {
-        let Some(job) = self.jobs.get_mut(id) else { return };
+        let Some(job) = self.jobs.get_mut(id) else {
+            return;
+        };
         if rank != 0 || job.generation != generation || job.state != JobState::Running {
             return;
         }
@@ -715,7 +741,10 @@ impl Scheduler {
             .or(Some((progress.step, now)));
         job.progress = Some(progress);
         job.updated_at_ms = now;
-        let last = self.last_progress_persist.entry(id.to_string()).or_insert(0);
+        let last = self
+            .last_progress_persist
+            .entry(id.to_string())
+            .or_insert(0);
         if now.saturating_sub(*last) >= self.progress_persist_ms {
             *last = now;
             actions.push(Action::Persist(Box::new(job.clone())));
@@ -734,11 +763,15 @@ impl Scheduler {
         message: &str,
         actions: &mut Vec<Action>,
     ) {
-        let Some(job) = self.jobs.get_mut(id) else { return };
+        let Some(job) = self.jobs.get_mut(id) else {
+            return;
+        };
         if job.generation != generation {
             return;
         }
-        let Some(slot) = job.ranks.iter_mut().find(|r| r.rank == rank) else { return };
+        let Some(slot) = job.ranks.iter_mut().find(|r| r.rank == rank) else {
+            return;
+        };
         if slot.exit.is_some() {
             return;
         }
@@ -776,7 +809,9 @@ impl Scheduler {
 
     /// Stops the current generation and restarts the job or fails it.
     fn fail_generation(&mut self, now: Millis, id: &str, why: &str, actions: &mut Vec<Action>) {
-        let Some(job) = self.jobs.get_mut(id) else { return };
+        let Some(job) = self.jobs.get_mut(id) else {
+            return;
+        };
         if !matches!(job.state, JobState::Rendezvous | JobState::Running) {
             return;
         }
@@ -795,7 +830,9 @@ impl Scheduler {
     }
 
     fn lose_worker(&mut self, now: Millis, name: &str, why: &str, actions: &mut Vec<Action>) {
-        let Some(w) = self.workers.get_mut(name) else { return };
+        let Some(w) = self.workers.get_mut(name) else {
+            return;
+        };
         let busy = w.busy.take();
         if let Some((job_id, generation)) = busy {
             if let Some(job) = self.jobs.get_mut(&job_id) {
@@ -812,11 +849,7 @@ impl Scheduler {
 
     /// Starts the first waiting job (submission order) if enough workers are free.
     fn schedule(&mut self, now: Millis, actions: &mut Vec<Action>) {
-        let Some(id) = self
-            .jobs()
-            .find(|j| j.waiting())
-            .map(|j| j.id.clone())
-        else {
+        let Some(id) = self.jobs().find(|j| j.waiting()).map(|j| j.id.clone()) else {
             return;
         };
         let job = &self.jobs[&id];
@@ -974,7 +1007,10 @@ mod tests {
             )
             .unwrap();
         // Nothing is scheduled onto a worker whose command stream is not open yet.
-        assert!(registered.actions.iter().all(|a| !matches!(a, Action::Send { .. })));
+        assert!(registered
+            .actions
+            .iter()
+            .all(|a| !matches!(a, Action::Send { .. })));
         s.apply(
             0,
             Event::Heartbeat {
@@ -1059,14 +1095,23 @@ mod tests {
             Command::Prepare { slots, world, .. } => {
                 assert_eq!(*world, 4);
                 assert_eq!(slots.iter().map(|s| s.rank).collect::<Vec<_>>(), vec![2, 3]);
-                assert_eq!(slots.iter().map(|s| s.local_rank).collect::<Vec<_>>(), vec![0, 1]);
+                assert_eq!(
+                    slots.iter().map(|s| s.local_rank).collect::<Vec<_>>(),
+                    vec![0, 1]
+                );
             }
             other => panic!("{other:?}"),
         }
         let actions = ready_all(&mut s, &job);
         assert_eq!(s.job(&job).unwrap().state, JobState::Running);
-        let persist_at = actions.iter().position(|a| matches!(a, Action::Persist(_))).unwrap();
-        let first_send = actions.iter().position(|a| matches!(a, Action::Send { .. })).unwrap();
+        let persist_at = actions
+            .iter()
+            .position(|a| matches!(a, Action::Persist(_)))
+            .unwrap();
+        let first_send = actions
+            .iter()
+            .position(|a| matches!(a, Action::Send { .. }))
+            .unwrap();
         assert!(persist_at < first_send);
         match sends(&actions)[0].1 {
             Command::Start { peers, .. } => assert_eq!(peers.len(), 4),

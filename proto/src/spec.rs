@@ -577,11 +577,23 @@ mod tests {
         let cases = [
             ("name: a\ntask: smoke\n", "steps"),
             ("name: a\ntask: pretrain\n", "config"),
-            ("name: a\ntask: smoke\nsteps: 1\nworkers: {min: 0}\n", "workers.min"),
-            ("name: a\ntask: smoke\nsteps: 1\nworkers: {min: 3, max: 2}\n", "workers.max"),
-            ("name: a\ntask: smoke\nsteps: 1\nworkers: {min: 100, devices_per_worker: 100}\n", "workers"),
+            (
+                "name: a\ntask: smoke\nsteps: 1\nworkers: {min: 0}\n",
+                "workers.min",
+            ),
+            (
+                "name: a\ntask: smoke\nsteps: 1\nworkers: {min: 3, max: 2}\n",
+                "workers.max",
+            ),
+            (
+                "name: a\ntask: smoke\nsteps: 1\nworkers: {min: 100, devices_per_worker: 100}\n",
+                "workers",
+            ),
             ("name: a\ntask: smoke\nsteps: 1\noutput: /tmp/x\n", "output"),
-            ("name: a\ntask: smoke\nsteps: 1\nconfig: nope.yaml\n", "config"),
+            (
+                "name: a\ntask: smoke\nsteps: 1\nconfig: nope.yaml\n",
+                "config",
+            ),
             ("name: 'a b'\ntask: smoke\nsteps: 1\n", "name"),
         ];
         for (text, field) in cases {

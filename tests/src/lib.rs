@@ -30,14 +30,26 @@ pub fn bin(name: &str) -> PathBuf {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let profile_dir = target_dir();
         let target = profile_dir.parent().expect("target dir");
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace root");
         let status = Command::new(cargo)
             .current_dir(workspace)
-            .args(["build", "-p", "xvlm-coord", "-p", "xvlm-worker", "--target-dir"])
+            .args([
+                "build",
+                "-p",
+                "xvlm-coord",
+                "-p",
+                "xvlm-worker",
+                "--target-dir",
+            ])
             .arg(target)
             .status()
             .expect("run cargo build");
-        assert!(status.success(), "cargo build of xvlm-coord and xvlm-worker failed");
+        assert!(
+            status.success(),
+            "cargo build of xvlm-coord and xvlm-worker failed"
+        );
     });
     let path = target_dir().join(name);
     assert!(path.is_file(), "{} was not built", path.display());
@@ -116,7 +128,15 @@ impl Cluster {
         let log = self.dir.join(format!("{name}.log"));
         let work = self.dir.join(format!("work-{name}"));
         let child = die_with_test(&mut Command::new(bin("xvlm-worker")))
-            .args(["--coordinator", &self.url, "--name", name, "--devices", "cpu", "--cpu-slots"])
+            .args([
+                "--coordinator",
+                &self.url,
+                "--name",
+                name,
+                "--devices",
+                "cpu",
+                "--cpu-slots",
+            ])
             .arg(slots.to_string())
             .arg("--work-dir")
             .arg(&work)
@@ -181,12 +201,20 @@ pub fn start_coordinator(dir: &Path) -> (Proc, String) {
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("coordinator log"))
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+                .expect("coordinator log"),
+        )
         .spawn()
         .expect("start xvlm-coord serve");
     let stdout = child.stdout.take().expect("piped stdout");
     let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).expect("read listen line");
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read listen line");
     let addr = line
         .trim()
         .strip_prefix("listening on ")

@@ -28,19 +28,31 @@ fn cancel_stops_every_trainer() {
         for entry in std::fs::read_dir(&gen_dir).unwrap() {
             let path = entry.unwrap().path();
             if path.extension().is_some_and(|e| e == "pid") {
-                pids.push(std::fs::read_to_string(&path).unwrap().trim().parse::<u32>().unwrap());
+                pids.push(
+                    std::fs::read_to_string(&path)
+                        .unwrap()
+                        .trim()
+                        .parse::<u32>()
+                        .unwrap(),
+                );
             }
         }
     }
     assert_eq!(pids.len(), 4, "expected 4 trainer pid files");
-    assert!(pids.iter().all(|p| alive(*p)), "trainers not running before cancel");
+    assert!(
+        pids.iter().all(|p| alive(*p)),
+        "trainers not running before cancel"
+    );
     let out = c.cli(&["cancel", &job]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("CANCELLED"));
     wait_until(Duration::from_secs(15), || pids.iter().all(|p| !alive(*p)))
         .unwrap_or_else(|| panic!("trainers still alive after cancel: {pids:?}\n{}", c.logs()));
     let watch = c.cli(&["watch", &job]);
-    assert!(!watch.status.success(), "watch of a cancelled job must fail");
+    assert!(
+        !watch.status.success(),
+        "watch of a cancelled job must fail"
+    );
     assert!(text(&watch.stdout).contains("CANCELLED"));
     // The workers were released: a new job runs to completion.
     let next = c.submit(&write(
@@ -49,5 +61,10 @@ fn cancel_stops_every_trainer() {
         "name: next\ntask: smoke\nsteps: 5\nworkers: {min: 2, devices_per_worker: 2}\n",
     ));
     let watch = c.cli(&["watch", &next]);
-    assert!(watch.status.success(), "{}\n{}", text(&watch.stdout), c.logs());
+    assert!(
+        watch.status.success(),
+        "{}\n{}",
+        text(&watch.stdout),
+        c.logs()
+    );
 }

@@ -23,9 +23,17 @@ fn two_workers_run_a_job_to_completion() {
     assert_eq!(job, "job-0001");
     let watch = c.cli(&["watch", &job]);
     let out = text(&watch.stdout);
-    assert!(watch.status.success(), "watch failed:\n{out}\n{}\n{}", text(&watch.stderr), c.logs());
+    assert!(
+        watch.status.success(),
+        "watch failed:\n{out}\n{}\n{}",
+        text(&watch.stderr),
+        c.logs()
+    );
     let last = out.lines().last().unwrap_or_default();
-    assert!(last.starts_with("job-0001 SUCCEEDED gen=1 world=2 step=40/40 losses: mse="), "{out}");
+    assert!(
+        last.starts_with("job-0001 SUCCEEDED gen=1 world=2 step=40/40 losses: mse="),
+        "{out}"
+    );
     let status = c.status(&job);
     let row = status.lines().nth(1).unwrap_or_default();
     for cell in ["job-0001", "e2e-smoke", "SUCCEEDED", " 2 ", "40/40", "mse="] {
@@ -34,7 +42,12 @@ fn two_workers_run_a_job_to_completion() {
     assert!(status.starts_with("JOB"), "{status}");
     // The loss went down over the run (first reported vs last).
     let mse = |line: &str| -> Option<f64> {
-        line.split("mse=").nth(1)?.split_whitespace().next()?.parse().ok()
+        line.split("mse=")
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
     };
     let first = out.lines().find_map(mse).unwrap();
     let final_mse = mse(last).unwrap();
@@ -50,16 +63,29 @@ fn jobs_queue_in_submission_order() {
     let mut c = Cluster::start(dir.path());
     c.add_worker("w0", 1);
     c.add_worker("w1", 1);
-    let slow = JOB.replace("steps: 40", "steps: 30").replace("lr: 0.1}", "lr: 0.1, step_delay_ms: 30}");
+    let slow = JOB
+        .replace("steps: 40", "steps: 30")
+        .replace("lr: 0.1}", "lr: 0.1, step_delay_ms: 30}");
     let first = c.submit(&write(dir.path(), "a.yaml", &slow));
-    let second = c.submit(&write(dir.path(), "b.yaml", &JOB.replace("min: 2", "min: 1")));
+    let second = c.submit(&write(
+        dir.path(),
+        "b.yaml",
+        &JOB.replace("min: 2", "min: 1"),
+    ));
     // While the first holds both workers, the second waits its turn.
-    wait_until(Duration::from_secs(30), || c.status(&first).contains("RUNNING"))
-        .unwrap_or_else(|| panic!("first job never ran:\n{}", c.logs()));
+    wait_until(Duration::from_secs(30), || {
+        c.status(&first).contains("RUNNING")
+    })
+    .unwrap_or_else(|| panic!("first job never ran:\n{}", c.logs()));
     let list = text(&c.cli(&["list"]).stdout);
     assert!(list.contains(&format!("{second}\tPENDING")), "{list}");
     let watch = c.cli(&["watch", &second]);
-    assert!(watch.status.success(), "{}\n{}", text(&watch.stdout), c.logs());
+    assert!(
+        watch.status.success(),
+        "{}\n{}",
+        text(&watch.stdout),
+        c.logs()
+    );
     let status = text(&c.cli(&["status"]).stdout);
     assert_eq!(status.matches("SUCCEEDED").count(), 2, "{status}");
 }

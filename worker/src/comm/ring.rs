@@ -495,7 +495,7 @@ fn host_view(t: &Tensor, op: &'static str, rank: usize) -> Result<(Tensor, bool)
     Ok((t.to_device(Device::Cpu).to_kind(kind).contiguous(), true))
 }
 
-fn tensor_bytes(t: &Tensor) -> &mut [u8] {
+fn tensor_bytes(t: &mut Tensor) -> &mut [u8] {
     let len = t.numel() * t.kind().elt_size_in_bytes();
     if len == 0 {
         return &mut [];
@@ -551,10 +551,10 @@ impl Collective for RingCollective {
         if !tensor.defined() {
             return Err(fail(op, self.rank, "undefined tensor"));
         }
-        let local = tensor.detach().to_device(Device::Cpu).contiguous();
+        let mut local = tensor.detach().to_device(Device::Cpu).contiguous();
         let block = local.numel() * local.kind().elt_size_in_bytes();
         let mut out = vec![0u8; block * self.world];
-        out[self.rank * block..(self.rank + 1) * block].copy_from_slice(tensor_bytes(&local));
+        out[self.rank * block..(self.rank + 1) * block].copy_from_slice(tensor_bytes(&mut local));
         self.all_gather_bytes(&mut out)?;
         let shape = tensor.size();
         (0..self.world)
@@ -581,8 +581,8 @@ impl Collective for RingCollective {
                 format!("root {root} >= world {}", self.world),
             ));
         }
-        let host = tensor.detach().to_device(Device::Cpu).contiguous();
-        self.broadcast_bytes(tensor_bytes(&host), root)?;
+        let mut host = tensor.detach().to_device(Device::Cpu).contiguous();
+        self.broadcast_bytes(tensor_bytes(&mut host), root)?;
         // When `host` is the tensor's own storage the bytes already landed in place.
         if host.data_ptr() != tensor.data_ptr() {
             tch::no_grad(|| tensor.copy_(&host));
