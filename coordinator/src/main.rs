@@ -1,1 +1,214 @@
-fn main() {}
+//! `xvlm-coord`: the coordinator server and its CLI.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use xvlm_coord::{client, local, server, CoordConfig};
+use xvlm_proto::logging::{self, LogFormat};
+
+/// xvlm coordinator: schedules distributed training jobs onto xvlm-worker nodes.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// Coordinator to talk to (client commands).
+    #[arg(
+        long,
+        global = true,
+        env = "XVLM_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    coordinator: String,
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Address to listen on (port 0 picks a free one; the bound address is printed).
+    #[arg(long, env = "XVLM_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// Directory of the job store.
+    #[arg(long, env = "XVLM_STATE_DIR", default_value = "./xvlm-state")]
+    state_dir: PathBuf,
+    /// Default output root of jobs without `output:`.
+    #[arg(long, env = "XVLM_STORAGE", default_value = "file://./runs")]
+    storage: String,
+    /// Workers silent this long (ms) are lost.
+    #[arg(long, default_value_t = 10_000)]
+    heartbeat_timeout_ms: u64,
+}
+
+impl From<&ServeArgs> for CoordConfig {
+    fn from(a: &ServeArgs) -> Self {
+        CoordConfig {
+            listen: a.listen,
+            heartbeat_timeout_ms: a.heartbeat_timeout_ms,
+            ..CoordConfig::default()
+                .with_state_dir(&a.state_dir)
+                .with_storage(&a.storage)
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the coordinator server.
+    Serve(ServeArgs),
+    /// Submit a job.yaml; prints the job id.
+    Submit {
+        /// The job file.
+        job: PathBuf,
+        /// Override a key: `--set workers.min=2` (wins over XVLM_JOB_* and the file).
+        #[arg(long = "set")]
+        sets: Vec<String>,
+    },
+    /// A table of one job or of all jobs.
+    Status {
+        /// Job id; all jobs when omitted.
+        job: Option<String>,
+    },
+    /// Live progress until the job ends; exits non-zero unless it succeeded.
+    Watch {
+        /// Job id.
+        job: String,
+    },
+    /// Job ids, states and names.
+    List,
+    /// Cancel a job (stops every trainer).
+    Cancel {
+        /// Job id.
+        job: String,
+    },
+    /// Coordinator and N local workers in one command: runs the job to its end.
+    Run {
+        /// The job file.
+        job: PathBuf,
+        /// Override a key: `--set steps=10`.
+        #[arg(long = "set")]
+        sets: Vec<String>,
+        /// Workers to start on this machine.
+        #[arg(long, default_value_t = 1)]
+        local_workers: usize,
+        /// Let local workers use CUDA devices (default: CPU slots).
+        #[arg(long)]
+        cuda: bool,
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn outcome(status: &xvlm_proto::v1::JobStatus) -> ExitCode {
+    if client::state_name(status) == "SUCCEEDED" {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!(
+            "job {} ended {}: {}",
+            status.job_id,
+            client::state_name(status),
+            status.message
+        );
+        ExitCode::FAILURE
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Cmd::Serve(args) => {
+            let config = CoordConfig::from(&args);
+            let listener = tokio::net::TcpListener::bind(config.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", config.listen))?;
+            // The bound address on stdout (port 0 picks one), for scripts and tests.
+            println!("listening on {}", listener.local_addr()?);
+            let shutdown = async {
+                let _ = tokio::signal::ctrl_c().await;
+            };
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            let stop = async move {
+                tokio::select! {
+                    _ = shutdown => {},
+                    _ = term.recv() => {},
+                }
+            };
+            server::serve(listener, config, stop).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Submit { job, sets } => {
+            let mut c = client::connect(&cli.coordinator).await?;
+            println!("{}", client::submit(&mut c, &job, &sets).await?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Status { job } => {
+            let mut c = client::connect(&cli.coordinator).await?;
+            let jobs = match job {
+                Some(id) => vec![client::get(&mut c, &id).await?],
+                None => client::list(&mut c).await?,
+            };
+            println!("{}", client::status_table(&jobs));
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Watch { job } => {
+            let mut c = client::connect(&cli.coordinator).await?;
+            let last = client::watch(&mut c, &job, std::io::stdout()).await?;
+            Ok(outcome(&last))
+        }
+        Cmd::List => {
+            let mut c = client::connect(&cli.coordinator).await?;
+            for s in client::list(&mut c).await? {
+                println!("{}\t{}\t{}", s.job_id, client::state_name(&s), s.name);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Cancel { job } => {
+            let mut c = client::connect(&cli.coordinator).await?;
+            let s = client::cancel(&mut c, &job).await?;
+            println!("{} {}", s.job_id, client::state_name(&s));
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Run {
+            job,
+            sets,
+            local_workers,
+            cuda,
+            serve,
+        } => {
+            let config = CoordConfig::from(&serve);
+            let last = local::run(
+                &job,
+                &sets,
+                local_workers,
+                cuda,
+                config,
+                &local::worker_binary(),
+            )
+            .await?;
+            Ok(outcome(&last))
+        }
+    }
+}

@@ -1,1 +1,298 @@
-//! End-to-end tests live in `tests/tests/`; this crate has no library code.
+//! Helpers for the end-to-end tests in `tests/tests/`: build and locate the real binaries, start a
+//! coordinator and workers on loopback with free ports and temporary directories, run CLI commands.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The workspace's target profile directory (`target/debug`), found from the test executable
+/// (`target/debug/deps/<test>`), which is where both cargo test and nextest put it.
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in <target>/<profile>/deps")
+        .to_path_buf()
+}
+
+static BUILT: OnceLock<()> = OnceLock::new();
+
+/// Path of a workspace binary, built once per test process with `cargo build` (a no-op when fresh), so
+/// the tests never run stale binaries. `XVLM_E2E_NO_BUILD=1` skips the build.
+pub fn bin(name: &str) -> PathBuf {
+    BUILT.get_or_init(|| {
+        if std::env::var_os("XVLM_E2E_NO_BUILD").is_some() {
+            return;
+        }
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let profile_dir = target_dir();
+        let target = profile_dir.parent().expect("target dir");
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace root");
+        let status = Command::new(cargo)
+            .current_dir(workspace)
+            .args([
+                "build",
+                "-p",
+                "xvlm-coord",
+                "-p",
+                "xvlm-worker",
+                "--target-dir",
+            ])
+            .arg(target)
+            .status()
+            .expect("run cargo build");
+        assert!(
+            status.success(),
+            "cargo build of xvlm-coord and xvlm-worker failed"
+        );
+    });
+    let path = target_dir().join(name);
+    assert!(path.is_file(), "{} was not built", path.display());
+    path
+}
+
+/// Makes a spawned server die with the test thread that started it, even if the test process is killed.
+fn die_with_test(cmd: &mut Command) -> &mut Command {
+    // SAFETY: prctl is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
+/// A child process killed when dropped; stderr goes to a log file.
+pub struct Proc {
+    /// The process.
+    pub child: Child,
+    /// Its stderr log.
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// The last `n` lines of its log, for assertion messages.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A coordinator on a free loopback port with its state and storage under `dir`.
+pub struct Cluster {
+    /// The coordinator.
+    pub coord: Proc,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// Workers started with [`Cluster::add_worker`].
+    pub workers: Vec<Proc>,
+    /// The test's directory.
+    pub dir: PathBuf,
+}
+
+impl Cluster {
+    /// Starts `xvlm-coord serve --listen 127.0.0.1:0` and reads the bound address it prints.
+    pub fn start(dir: &Path) -> Cluster {
+        let (coord, url) = start_coordinator(dir);
+        Cluster {
+            coord,
+            url,
+            workers: Vec::new(),
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Starts a worker with `slots` CPU slots and waits until the coordinator can see it (a job
+    /// needing it would otherwise be refused as unsatisfiable).
+    pub fn add_worker(&mut self, name: &str, slots: u32) {
+        let log = self.dir.join(format!("{name}.log"));
+        let work = self.dir.join(format!("work-{name}"));
+        let child = die_with_test(&mut Command::new(bin("xvlm-worker")))
+            .args([
+                "--coordinator",
+                &self.url,
+                "--name",
+                name,
+                "--devices",
+                "cpu",
+                "--cpu-slots",
+            ])
+            .arg(slots.to_string())
+            .arg("--work-dir")
+            .arg(&work)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("worker log"))
+            .spawn()
+            .expect("start xvlm-worker");
+        let proc = Proc { child, log };
+        wait_until(Duration::from_secs(20), || {
+            std::fs::read_to_string(&proc.log)
+                .map(|t| t.contains("registered"))
+                .unwrap_or(false)
+        })
+        .unwrap_or_else(|| panic!("worker {name} did not register:\n{}", proc.log_tail(20)));
+        self.workers.push(proc);
+    }
+
+    /// Runs `xvlm-coord --coordinator URL args...` (killed after 60 s).
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(bin("xvlm-coord"));
+        cmd.arg("--coordinator")
+            .arg(&self.url)
+            .args(args)
+            .current_dir(&self.dir);
+        output_within(&mut cmd, Duration::from_secs(60))
+    }
+
+    /// Submits a job file and returns its id (panics with the CLI's stderr on failure).
+    pub fn submit(&self, job: &Path) -> String {
+        let out = self.cli(&["submit", job.to_str().expect("utf-8 path")]);
+        assert!(out.status.success(), "submit failed: {}", text(&out.stderr));
+        text(&out.stdout).trim().to_string()
+    }
+
+    /// The `status JOB` table.
+    pub fn status(&self, job: &str) -> String {
+        let out = self.cli(&["status", job]);
+        assert!(out.status.success(), "status failed: {}", text(&out.stderr));
+        text(&out.stdout)
+    }
+
+    /// Every log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut s = format!("--- coordinator\n{}\n", self.coord.log_tail(30));
+        for w in &self.workers {
+            s.push_str(&format!("--- {}\n{}\n", w.log.display(), w.log_tail(30)));
+        }
+        s
+    }
+}
+
+/// Starts a coordinator with state and storage under `dir`; returns it and its URL.
+pub fn start_coordinator(dir: &Path) -> (Proc, String) {
+    let log = dir.join("coordinator.log");
+    let mut child = die_with_test(&mut Command::new(bin("xvlm-coord")))
+        .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(dir.join("state"))
+        .arg("--storage")
+        .arg(format!("file://{}", dir.join("runs").display()))
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+                .expect("coordinator log"),
+        )
+        .spawn()
+        .expect("start xvlm-coord serve");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read listen line");
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    (Proc { child, log }, format!("http://{addr}"))
+}
+
+/// Runs a command to completion like `Command::output`, but kills it after `timeout` so a hung
+/// command fails the test instead of hanging it.
+pub fn output_within(cmd: &mut Command, timeout: Duration) -> Output {
+    let mut child = die_with_test(cmd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn command");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let out_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut out, &mut buf);
+        buf
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut err, &mut buf);
+        buf
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break child.wait().expect("wait after kill");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: out_reader.join().unwrap_or_default(),
+        stderr: err_reader.join().unwrap_or_default(),
+    }
+}
+
+/// Polls `f` every 50 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> Option<()> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return Some(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+/// Lossy UTF-8.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Writes `contents` to `dir/name` and returns the path.
+pub fn write(dir: &Path, name: &str, contents: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, contents).expect("write file");
+    path
+}
+
+/// Whether a process with this pid exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}

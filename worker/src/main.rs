@@ -1,1 +1,157 @@
-fn main() {}
+//! `xvlm-worker`: the node daemon (default), a trainer (`train`), and `bench-allreduce`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use xvlm_proto::logging::{self, LogFormat};
+use xvlm_worker::devices::{self, DeviceChoice};
+use xvlm_worker::{bench, daemon, trainer};
+
+/// xvlm worker: runs training ranks for an xvlm coordinator.
+#[derive(Parser)]
+#[command(version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+    #[command(flatten)]
+    daemon: DaemonArgs,
+}
+
+/// Flags of the node daemon (the default command).
+#[derive(clap::Args)]
+struct DaemonArgs {
+    /// Coordinator URL.
+    #[arg(
+        long,
+        env = "XVLM_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    coordinator: String,
+    /// Worker name (default: the host name); unique per worker.
+    #[arg(long, env = "XVLM_WORKER_NAME")]
+    name: Option<String>,
+    /// Host or IP other nodes reach this node's trainers on.
+    #[arg(long, env = "XVLM_WORKER_HOST", default_value = "127.0.0.1")]
+    host: String,
+    /// CUDA devices when available, or CPU slots only.
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    devices: DeviceChoice,
+    /// CPU slots to offer without CUDA.
+    #[arg(long, default_value_t = 1)]
+    cpu_slots: u32,
+    /// Where assignments, pid files and trainer logs go.
+    #[arg(long, default_value = "./xvlm-work")]
+    work_dir: PathBuf,
+    /// Seconds trainers keep running while the coordinator is unreachable.
+    #[arg(long, default_value_t = 600)]
+    grace_secs: u64,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one trainer rank (started by the daemon).
+    Train {
+        /// Assignment JSON written by the daemon.
+        #[arg(long)]
+        assignment: PathBuf,
+        /// Inherited fd of this rank's listening ring socket.
+        #[arg(long)]
+        listen_fd: Option<i32>,
+    },
+    /// All-reduce an M MiB float32 buffer across N local ranks; prints median time, algbw, busbw.
+    BenchAllreduce {
+        /// Ranks.
+        #[arg(long, default_value_t = 2)]
+        world: usize,
+        /// Buffer size in MiB.
+        #[arg(long, default_value_t = 64)]
+        mb: usize,
+        /// Timed iterations.
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+        /// `auto`: same-host neighbours use shared memory; `tcp`: loopback TCP only.
+        #[arg(long, default_value = "auto", value_parser = ["auto", "tcp"])]
+        transport: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "worker".into())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Some(Cmd::Train {
+            assignment,
+            listen_fd,
+        }) => trainer::run_file(&assignment, listen_fd)
+            .with_context(|| format!("trainer {}", assignment.display())),
+        Some(Cmd::BenchAllreduce {
+            world,
+            mb,
+            iters,
+            transport,
+        }) => {
+            anyhow::ensure!(
+                world >= 1 && iters >= 1,
+                "--world and --iters must be at least 1"
+            );
+            tch::set_num_threads(1);
+            let result = bench::run(world, mb, iters, transport != "tcp")?;
+            println!("{result}");
+            Ok(())
+        }
+        None => {
+            let a = cli.daemon;
+            let cfg = daemon::DaemonConfig {
+                coordinator: a.coordinator,
+                name: a.name.unwrap_or_else(host_name),
+                host: a.host,
+                devices: devices::detect(a.devices, a.cpu_slots),
+                work_dir: a.work_dir,
+                grace: Duration::from_secs(a.grace_secs),
+                exe: std::env::current_exe().context("cannot locate the xvlm-worker binary")?,
+            };
+            // One thread: trainers get PR_SET_PDEATHSIG from the thread that forks them, so it must
+            // live as long as the daemon.
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            rt.block_on(async {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                let stop = async move {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {},
+                        _ = term.recv() => {},
+                    }
+                };
+                daemon::run(cfg, stop).await?;
+                anyhow::Ok(())
+            })
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! The CLI side: submit, status, watch, list, cancel over gRPC, and how job status is printed.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use tokio_stream::StreamExt;
+use xvlm_proto::spec::JobSpec;
+use xvlm_proto::v1::jobs_client::JobsClient;
+use xvlm_proto::{v1, PROTOCOL_VERSION};
+
+/// A connected Jobs client.
+pub type Client = JobsClient<tonic::transport::Channel>;
+
+/// Connects to the coordinator at `url` (`http://127.0.0.1:50051`).
+pub async fn connect(url: &str) -> Result<Client> {
+    JobsClient::connect(url.to_string())
+        .await
+        .with_context(|| format!("cannot reach the coordinator at {url}"))
+}
+
+/// Turns a gRPC error into a message without the transport noise.
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", s.message())
+}
+
+/// Loads, validates and submits `job.yaml`; returns the job id.
+pub async fn submit(client: &mut Client, path: &Path, sets: &[String]) -> Result<String> {
+    let spec = JobSpec::load(path, sets).with_context(|| format!("{}", path.display()))?;
+    let reply = client
+        .submit(v1::SubmitRequest {
+            protocol_version: PROTOCOL_VERSION,
+            spec_json: spec.to_json(),
+        })
+        .await
+        .map_err(status_error)
+        .with_context(|| format!("{}: rejected by the coordinator", path.display()))?;
+    Ok(reply.into_inner().job_id)
+}
+
+/// One job's status.
+pub async fn get(client: &mut Client, job: &str) -> Result<v1::JobStatus> {
+    Ok(client
+        .get(v1::GetJobRequest {
+            job_id: job.to_string(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner())
+}
+
+/// Every job.
+pub async fn list(client: &mut Client) -> Result<Vec<v1::JobStatus>> {
+    Ok(client
+        .list(v1::ListJobsRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .jobs)
+}
+
+/// Cancels a job; returns its status after the request.
+pub async fn cancel(client: &mut Client, job: &str) -> Result<v1::JobStatus> {
+    Ok(client
+        .cancel(v1::CancelRequest {
+            job_id: job.to_string(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner())
+}
+
+/// Prints a line per event until the job ends; returns its final status.
+pub async fn watch(
+    client: &mut Client,
+    job: &str,
+    mut out: impl std::io::Write,
+) -> Result<v1::JobStatus> {
+    let mut stream = client
+        .watch(v1::WatchRequest {
+            job_id: job.to_string(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let mut last = None;
+    while let Some(event) = stream.next().await {
+        let event = event.map_err(status_error)?;
+        if let Some(status) = event.status {
+            writeln!(out, "{}", watch_line(&status))?;
+            out.flush()?;
+            last = Some(status);
+        }
+    }
+    let last = last.with_context(|| format!("watch of {job} ended without any status"))?;
+    if !is_terminal(&last) {
+        anyhow::bail!("watch of {job} ended before the job did (coordinator gone?)");
+    }
+    Ok(last)
+}
+
+/// The state's upper-case name.
+pub fn state_name(s: &v1::JobStatus) -> &'static str {
+    match v1::JobState::try_from(s.state).unwrap_or(v1::JobState::Unspecified) {
+        v1::JobState::Unspecified => "UNKNOWN",
+        v1::JobState::Pending => "PENDING",
+        v1::JobState::Rendezvous => "RENDEZVOUS",
+        v1::JobState::Running => "RUNNING",
+        v1::JobState::Restarting => "RESTARTING",
+        v1::JobState::Succeeded => "SUCCEEDED",
+        v1::JobState::Failed => "FAILED",
+        v1::JobState::Cancelled => "CANCELLED",
+    }
+}
+
+/// SUCCEEDED, FAILED or CANCELLED.
+pub fn is_terminal(s: &v1::JobStatus) -> bool {
+    matches!(state_name(s), "SUCCEEDED" | "FAILED" | "CANCELLED")
+}
+
+fn losses(p: &v1::Progress) -> String {
+    if p.losses.is_empty() {
+        return "-".into();
+    }
+    p.losses
+        .iter()
+        .map(|l| format!("{}={:.4}", l.name, l.value))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn eta(p: &v1::Progress) -> String {
+    if p.eta_seconds <= 0.0 {
+        return "-".into();
+    }
+    let s = p.eta_seconds.round() as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+    } else if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// One line of `watch` output.
+pub fn watch_line(s: &v1::JobStatus) -> String {
+    let p = s.progress.clone().unwrap_or_default();
+    let mut line = format!(
+        "{} {} gen={} world={} step={}/{} losses: {} lr={:.4} samples/s={:.1} eta={}",
+        s.job_id,
+        state_name(s),
+        s.generation,
+        s.world_size,
+        p.step,
+        p.total_steps,
+        losses(&p),
+        p.lr,
+        p.samples_per_sec,
+        eta(&p)
+    );
+    if !s.message.is_empty() {
+        line.push_str(&format!(" ({})", s.message));
+    }
+    line
+}
+
+/// The `status` table.
+pub fn status_table(jobs: &[v1::JobStatus]) -> String {
+    let header = [
+        "JOB",
+        "NAME",
+        "STATE",
+        "GEN",
+        "WORLD",
+        "STEP",
+        "LOSSES",
+        "SAMPLES/S",
+        "ETA",
+        "MESSAGE",
+    ];
+    let rows: Vec<Vec<String>> = jobs
+        .iter()
+        .map(|s| {
+            let p = s.progress.clone().unwrap_or_default();
+            vec![
+                s.job_id.clone(),
+                s.name.clone(),
+                state_name(s).to_string(),
+                s.generation.to_string(),
+                s.world_size.to_string(),
+                format!("{}/{}", p.step, p.total_steps),
+                losses(&p),
+                format!("{:.1}", p.samples_per_sec),
+                eta(&p),
+                s.message.clone(),
+            ]
+        })
+        .collect();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let fmt = |cells: Vec<String>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    let mut out = fmt(header.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        out.push('\n');
+        out.push_str(&fmt(row));
+    }
+    out
+}

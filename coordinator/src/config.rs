@@ -1,0 +1,58 @@
+//! The coordinator's library configuration (the CLI converts its flags into this).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// How `serve` runs; `Default` works on one machine.
+#[derive(Clone, Debug)]
+pub struct CoordConfig {
+    /// Where the job store lives.
+    pub state_dir: PathBuf,
+    /// Default output root for jobs without `output:`.
+    pub storage: String,
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Workers silent this long are lost.
+    pub heartbeat_timeout_ms: u64,
+    /// How often workers report.
+    pub heartbeat_interval_ms: u64,
+}
+
+impl Default for CoordConfig {
+    fn default() -> Self {
+        CoordConfig {
+            state_dir: PathBuf::from("./xvlm-state"),
+            storage: "file://./runs".into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            heartbeat_timeout_ms: 10_000,
+            heartbeat_interval_ms: 1_000,
+        }
+    }
+}
+
+impl CoordConfig {
+    /// Uses this state directory.
+    pub fn with_state_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.state_dir = dir.into();
+        self
+    }
+
+    /// Uses this default storage root.
+    pub fn with_storage(mut self, url: impl Into<String>) -> Self {
+        self.storage = url.into();
+        self
+    }
+
+    /// `file://./x` made absolute against the current directory, so trainers in other working
+    /// directories write to the same place.
+    pub fn storage_root(&self) -> String {
+        match self.storage.strip_prefix("file://") {
+            Some(path) if !path.starts_with('/') => {
+                let cwd = std::env::current_dir().unwrap_or_default();
+                let joined = cwd.join(path.trim_start_matches("./"));
+                format!("file://{}", joined.display())
+            }
+            _ => self.storage.clone(),
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! The coordinator's one error type; each variant names the job, worker, field or file involved.
+
+use xvlm_proto::spec::SpecError;
+
+/// What can go wrong in the coordinator library.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordError {
+    /// The job spec is invalid.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// The job can never run on the registered workers.
+    #[error("{field}: {message}")]
+    Unsatisfiable {
+        /// The job.yaml field to change.
+        field: String,
+        /// Why.
+        message: String,
+    },
+    /// No job with this id.
+    #[error("no job {0:?}")]
+    UnknownJob(String),
+    /// No registered worker with this name.
+    #[error("no registered worker {0:?}")]
+    UnknownWorker(String),
+    /// The peer speaks another protocol version.
+    #[error("protocol version {theirs} is not supported (this coordinator speaks {ours})")]
+    Protocol {
+        /// Theirs.
+        theirs: u32,
+        /// Ours.
+        ours: u32,
+    },
+    /// The job store failed.
+    #[error("job store {path}: {reason}")]
+    Store {
+        /// Store location.
+        path: String,
+        /// What failed.
+        reason: String,
+    },
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Server(String),
+    /// Listing data shards failed.
+    #[error("data shards {url}: {reason}")]
+    Shards {
+        /// The URL being listed.
+        url: String,
+        /// What failed.
+        reason: String,
+    },
+}
+
+impl From<CoordError> for tonic::Status {
+    fn from(e: CoordError) -> Self {
+        let msg = e.to_string();
+        match e {
+            CoordError::Spec(_) | CoordError::Unsatisfiable { .. } | CoordError::Shards { .. } => {
+                tonic::Status::invalid_argument(msg)
+            }
+            CoordError::UnknownJob(_) | CoordError::UnknownWorker(_) => {
+                tonic::Status::not_found(msg)
+            }
+            CoordError::Protocol { .. } => tonic::Status::failed_precondition(msg),
+            CoordError::Store { .. } | CoordError::Server(_) => tonic::Status::internal(msg),
+        }
+    }
+}

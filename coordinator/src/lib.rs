@@ -1,0 +1,15 @@
+//! The xvlm coordinator: job spec validation, the job state machine and its store, rank and generation
+//! assignment, shard plans, and the gRPC services. It never links libtorch.
+
+pub mod client;
+pub mod config;
+pub mod convert;
+pub mod error;
+pub mod local;
+pub mod planner;
+pub mod server;
+pub mod state;
+pub mod store;
+
+pub use config::CoordConfig;
+pub use error::CoordError;

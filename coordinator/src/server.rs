@@ -1,0 +1,426 @@
+//! `xvlm-coord serve`: the async driver around the state machine and the thin gRPC adapters. Every event
+//! goes through [`Core::dispatch`], which persists the resulting records before it sends any command.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::Stream;
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn};
+use xvlm_proto::spec::JobSpec;
+use xvlm_proto::{v1, PROTOCOL_VERSION};
+
+use crate::config::CoordConfig;
+use crate::convert;
+use crate::error::CoordError;
+use crate::planner;
+use crate::state::{Action, Applied, Event, Scheduler};
+use crate::store::{JobStore, RedbStore};
+
+type CommandSender = mpsc::UnboundedSender<Result<v1::CoordinatorCommand, Status>>;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+struct Inner {
+    sched: Scheduler,
+    store: Box<dyn JobStore>,
+    links: HashMap<String, (u64, CommandSender)>,
+    next_link: u64,
+}
+
+/// The coordinator's shared state: the scheduler, its store, worker links and watchers.
+pub struct Core {
+    inner: Mutex<Inner>,
+    updates: broadcast::Sender<v1::JobStatus>,
+    config: CoordConfig,
+}
+
+impl Core {
+    /// Recovers every stored job and returns the core.
+    pub fn open(config: CoordConfig, store: Box<dyn JobStore>) -> Result<Arc<Self>, CoordError> {
+        let mut sched = Scheduler::new(config.heartbeat_timeout_ms);
+        let records = store.load_all()?;
+        info!(jobs = records.len(), "recovered job store");
+        let actions = sched.recover(records, now_ms());
+        let (updates, _) = broadcast::channel(1024);
+        let core = Arc::new(Core {
+            inner: Mutex::new(Inner {
+                sched,
+                store,
+                links: HashMap::new(),
+                next_link: 0,
+            }),
+            updates,
+            config,
+        });
+        {
+            let mut inner = core.lock();
+            core.act(&mut inner, actions)?;
+        }
+        Ok(core)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies an event: persist first, then send and notify.
+    pub fn dispatch(&self, event: Event) -> Result<Applied, CoordError> {
+        let mut inner = self.lock();
+        let applied = inner.sched.apply(now_ms(), event)?;
+        self.act(&mut inner, applied.actions.clone())?;
+        Ok(applied)
+    }
+
+    fn act(&self, inner: &mut Inner, actions: Vec<Action>) -> Result<(), CoordError> {
+        for action in &actions {
+            if let Action::Persist(rec) = action {
+                inner.store.put(rec)?;
+            }
+        }
+        for action in actions {
+            match action {
+                Action::Persist(_) => {}
+                Action::Send { worker, command } => match inner.links.get(&worker) {
+                    Some((_, tx)) => {
+                        if tx.send(Ok(convert::command(command))).is_err() {
+                            warn!(worker, "worker link closed; command dropped");
+                        }
+                    }
+                    None => warn!(worker, "no link to worker; command dropped"),
+                },
+                Action::Notify(job) => {
+                    if let Some(rec) = inner.sched.job(&job) {
+                        let _ = self.updates.send(convert::job_status(rec));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn status(&self, job: &str) -> Result<v1::JobStatus, CoordError> {
+        let inner = self.lock();
+        inner
+            .sched
+            .job(job)
+            .map(convert::job_status)
+            .ok_or_else(|| CoordError::UnknownJob(job.to_string()))
+    }
+
+    fn attach(&self, worker: &str, tx: CommandSender) -> Result<u64, CoordError> {
+        let mut inner = self.lock();
+        if !inner.sched.workers().any(|w| w.name == worker) {
+            return Err(CoordError::UnknownWorker(worker.to_string()));
+        }
+        inner.next_link += 1;
+        let id = inner.next_link;
+        inner.links.insert(worker.to_string(), (id, tx));
+        Ok(id)
+    }
+
+    fn detach(&self, worker: &str, link: u64) {
+        let current = {
+            let mut inner = self.lock();
+            let current = inner.links.get(worker).map(|(id, _)| *id) == Some(link);
+            if current {
+                inner.links.remove(worker);
+            }
+            current
+        };
+        if current {
+            info!(worker, "heartbeat stream closed");
+            let _ = self.dispatch(Event::Disconnected {
+                worker: worker.to_string(),
+            });
+        }
+    }
+
+    fn report(&self, r: v1::WorkerReport) -> Result<(), CoordError> {
+        let worker = r.worker_id.clone();
+        self.dispatch(Event::Heartbeat {
+            worker: worker.clone(),
+            running: r
+                .running
+                .iter()
+                .map(|g| (g.job_id.clone(), g.generation))
+                .collect(),
+        })?;
+        for ready in r.ready {
+            self.dispatch(Event::Ready {
+                worker: worker.clone(),
+                job: ready.job_id,
+                generation: ready.generation,
+                rank: ready.rank,
+                ring_address: ready.ring_address,
+                nccl_id: ready.nccl_unique_id,
+                error: Some(ready.error).filter(|e| !e.is_empty()),
+            })?;
+        }
+        for p in r.progress {
+            let progress = convert::progress_info(&p);
+            self.dispatch(Event::Progress {
+                job: p.job_id,
+                generation: p.generation,
+                rank: p.rank,
+                progress,
+            })?;
+        }
+        for e in r.exits {
+            self.dispatch(Event::Exited {
+                worker: worker.clone(),
+                job: e.job_id,
+                generation: e.generation,
+                rank: e.rank,
+                code: e.code,
+                message: e.message,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+fn check_protocol(version: u32) -> Result<(), Status> {
+    if version != PROTOCOL_VERSION {
+        return Err(CoordError::Protocol {
+            theirs: version,
+            ours: PROTOCOL_VERSION,
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// The `Jobs` service.
+pub struct JobsService(pub Arc<Core>);
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl v1::jobs_server::Jobs for JobsService {
+    async fn submit(
+        &self,
+        req: Request<v1::SubmitRequest>,
+    ) -> Result<Response<v1::SubmitReply>, Status> {
+        let req = req.into_inner();
+        check_protocol(req.protocol_version)?;
+        let spec = JobSpec::from_json(&req.spec_json).map_err(CoordError::from)?;
+        let files = planner::list_shards(&spec.data.shards).await?;
+        let multi_host = spec.workers.max_workers() > 1;
+        let applied = self.0.dispatch(Event::Submit {
+            spec: Box::new(spec),
+            files,
+            output_root: self.0.config.storage_root(),
+        })?;
+        let job_id = applied.job_id.unwrap_or_default();
+        if let Some(out) = self
+            .0
+            .lock()
+            .sched
+            .job(&job_id)
+            .map(|j| j.output.clone())
+            .filter(|o| o.starts_with("file://") && multi_host)
+        {
+            warn!(job = job_id, output = out, "file:// output on several workers is each host's own disk unless it is a shared file system");
+        }
+        info!(job = job_id, "submitted");
+        Ok(Response::new(v1::SubmitReply { job_id }))
+    }
+
+    async fn get(
+        &self,
+        req: Request<v1::GetJobRequest>,
+    ) -> Result<Response<v1::JobStatus>, Status> {
+        Ok(Response::new(self.0.status(&req.into_inner().job_id)?))
+    }
+
+    async fn list(
+        &self,
+        _req: Request<v1::ListJobsRequest>,
+    ) -> Result<Response<v1::ListJobsReply>, Status> {
+        let inner = self.0.lock();
+        let jobs = inner.sched.jobs().map(convert::job_status).collect();
+        Ok(Response::new(v1::ListJobsReply { jobs }))
+    }
+
+    async fn cancel(
+        &self,
+        req: Request<v1::CancelRequest>,
+    ) -> Result<Response<v1::JobStatus>, Status> {
+        let job = req.into_inner().job_id;
+        self.0.dispatch(Event::Cancel { job: job.clone() })?;
+        info!(job, "cancel requested");
+        Ok(Response::new(self.0.status(&job)?))
+    }
+
+    type WatchStream = BoxStream<v1::JobEvent>;
+
+    async fn watch(
+        &self,
+        req: Request<v1::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let job = req.into_inner().job_id;
+        // Subscribe before reading the current status so no change falls in between.
+        let mut updates = self.0.updates.subscribe();
+        let current = self.0.status(&job)?;
+        let core = self.0.clone();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let terminal = |s: &v1::JobStatus| {
+                matches!(
+                    v1::JobState::try_from(s.state),
+                    Ok(v1::JobState::Succeeded | v1::JobState::Failed | v1::JobState::Cancelled)
+                )
+            };
+            let done = terminal(&current);
+            if tx
+                .send(Ok(v1::JobEvent {
+                    status: Some(current),
+                }))
+                .is_err()
+                || done
+            {
+                return;
+            }
+            loop {
+                let status = match updates.recv().await {
+                    Ok(s) if s.job_id == job => s,
+                    Ok(_) => continue,
+                    // Missed updates: the latest status is what matters.
+                    Err(broadcast::error::RecvError::Lagged(_)) => match core.status(&job) {
+                        Ok(s) => s,
+                        Err(_) => return,
+                    },
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                let done = terminal(&status);
+                if tx
+                    .send(Ok(v1::JobEvent {
+                        status: Some(status),
+                    }))
+                    .is_err()
+                    || done
+                {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+    }
+}
+
+/// The `Workers` service.
+pub struct WorkersService(pub Arc<Core>);
+
+#[tonic::async_trait]
+impl v1::workers_server::Workers for WorkersService {
+    async fn register(
+        &self,
+        req: Request<v1::RegisterRequest>,
+    ) -> Result<Response<v1::RegisterReply>, Status> {
+        let req = req.into_inner();
+        check_protocol(req.protocol_version)?;
+        if req.name.is_empty() || req.devices.is_empty() {
+            return Err(Status::invalid_argument(
+                "register: name and at least one device are required",
+            ));
+        }
+        let cuda = req
+            .devices
+            .iter()
+            .all(|d| d.kind == v1::DeviceKind::Cuda as i32);
+        info!(
+            worker = req.name,
+            host = req.host,
+            devices = req.devices.len(),
+            cuda,
+            "worker registered"
+        );
+        self.0.dispatch(Event::Register {
+            name: req.name.clone(),
+            host: req.host,
+            slots: req.devices.len() as u32,
+            cuda,
+        })?;
+        Ok(Response::new(v1::RegisterReply {
+            worker_id: req.name,
+            heartbeat_interval_ms: self.0.config.heartbeat_interval_ms,
+        }))
+    }
+
+    type HeartbeatStream = BoxStream<v1::CoordinatorCommand>;
+
+    async fn heartbeat(
+        &self,
+        req: Request<Streaming<v1::WorkerReport>>,
+    ) -> Result<Response<Self::HeartbeatStream>, Status> {
+        let mut inbound = req.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("heartbeat stream sent nothing"))?;
+        let worker = first.worker_id.clone();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let link = self.0.attach(&worker, tx)?;
+        self.0.report(first)?;
+        let core = self.0.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(report)) = inbound.message().await {
+                if let Err(e) = core.report(report) {
+                    warn!(worker, error = %e, "bad worker report");
+                }
+            }
+            core.detach(&worker, link);
+        });
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+    }
+}
+
+/// Opens the store under `config.state_dir`, recovers, and serves on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    config: CoordConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), CoordError> {
+    let store = RedbStore::open(&config.state_dir)?;
+    let core = Core::open(config, Box::new(store))?;
+    serve_core(listener, core, shutdown).await
+}
+
+/// Serves an already opened core (tests use an in-memory store).
+pub async fn serve_core(
+    listener: TcpListener,
+    core: Arc<Core>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), CoordError> {
+    let ticker = {
+        let core = core.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                every.tick().await;
+                if let Err(e) = core.dispatch(Event::Tick) {
+                    warn!(error = %e, "tick failed");
+                }
+            }
+        })
+    };
+    let result = tonic::transport::Server::builder()
+        .add_service(v1::jobs_server::JobsServer::new(JobsService(core.clone())))
+        .add_service(v1::workers_server::WorkersServer::new(WorkersService(core)))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    ticker.abort();
+    result.map_err(|e| CoordError::Server(e.to_string()))
+}

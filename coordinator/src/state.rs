@@ -1,0 +1,1268 @@
+//! The job state machine and scheduler: synchronous, no I/O. Events go in, actions come out; the async
+//! driver (`server`) persists every `Persist` action before it sends any command, so a transition is on
+//! disk before a worker acts on it.
+//!
+//! Lifecycle: PENDING -> RENDEZVOUS (ranks assigned, generation g) -> RUNNING -> SUCCEEDED | FAILED |
+//! CANCELLED; a failure in generation g moves the job to RESTARTING (or FAILED past `max_restarts`), and
+//! generation g+1 is formed once enough workers are free. Jobs wait in submission order.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use xvlm_proto::spec::{Backend, JobSpec};
+
+use crate::error::CoordError;
+use crate::planner;
+
+/// Unix milliseconds; passed in so tests control time.
+pub type Millis = u64;
+
+/// Where a job is in its lifecycle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobState {
+    /// Waiting for workers.
+    Pending,
+    /// Ranks assigned; collecting socket addresses and the NCCL id.
+    Rendezvous,
+    /// Trainers are running.
+    Running,
+    /// A generation failed; waiting for its trainers to stop and for workers for the next one.
+    Restarting,
+    /// Every rank finished.
+    Succeeded,
+    /// Failed past `max_restarts`.
+    Failed,
+    /// Cancelled by a user.
+    Cancelled,
+}
+
+impl JobState {
+    /// No further transitions.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
+    }
+
+    /// Upper-case name as the CLI prints it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Pending => "PENDING",
+            JobState::Rendezvous => "RENDEZVOUS",
+            JobState::Running => "RUNNING",
+            JobState::Restarting => "RESTARTING",
+            JobState::Succeeded => "SUCCEEDED",
+            JobState::Failed => "FAILED",
+            JobState::Cancelled => "CANCELLED",
+        }
+    }
+}
+
+/// One rank of the current generation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RankAssignment {
+    /// Global rank.
+    pub rank: u32,
+    /// Worker hosting it.
+    pub worker: String,
+    /// Index among the worker's ranks.
+    pub local_rank: u32,
+    /// Device ordinal or CPU slot.
+    pub device: u32,
+    /// Ring socket address, once the worker prepared the rank.
+    pub ring_address: Option<String>,
+    /// Exit code once the trainer ended.
+    pub exit: Option<i32>,
+}
+
+/// The latest progress report of rank 0.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProgressInfo {
+    /// Steps done.
+    pub step: u64,
+    /// Named losses at that step.
+    pub losses: Vec<(String, f64)>,
+    /// Learning rate.
+    pub lr: f64,
+    /// Global samples per second.
+    pub samples_per_sec: f64,
+    /// When it arrived.
+    pub at_ms: Millis,
+    /// First report of this generation (step, time), for the ETA.
+    pub first: Option<(u64, Millis)>,
+}
+
+/// Everything the coordinator knows about a job; what the store persists.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// `job-0001`.
+    pub id: String,
+    /// Submission order.
+    pub seq: u64,
+    /// The validated spec.
+    pub spec: JobSpec,
+    /// Lifecycle state.
+    pub state: JobState,
+    /// Current generation (0 before the first one forms).
+    pub generation: u64,
+    /// Restarts used.
+    pub restarts: u32,
+    /// Ranks of the current generation.
+    pub ranks: Vec<RankAssignment>,
+    /// The backend chosen for the current generation.
+    pub backend: Backend,
+    /// NCCL unique id from rank 0 (empty for the ring).
+    #[serde(default)]
+    pub nccl_id: Vec<u8>,
+    /// Latest progress.
+    pub progress: Option<ProgressInfo>,
+    /// Why it failed or was cancelled.
+    pub message: String,
+    /// Output URL.
+    pub output: String,
+    /// Data shard files (listed at submit), partitioned across ranks per generation.
+    pub files: Vec<String>,
+    /// Submission time.
+    pub submitted_at_ms: Millis,
+    /// Last change.
+    pub updated_at_ms: Millis,
+}
+
+impl JobRecord {
+    /// Ranks in this generation.
+    pub fn world_size(&self) -> u32 {
+        self.ranks.len() as u32
+    }
+
+    /// Steps the job runs.
+    pub fn total_steps(&self) -> u64 {
+        self.spec.steps.unwrap_or(0)
+    }
+
+    /// Seconds until the last step at the pace seen in this generation.
+    pub fn eta_seconds(&self) -> Option<f64> {
+        let p = self.progress.as_ref()?;
+        let (step0, t0) = p.first?;
+        let steps = p.step.checked_sub(step0).filter(|s| *s > 0)?;
+        let secs = (p.at_ms.saturating_sub(t0)) as f64 / 1000.0;
+        let remaining = self.total_steps().saturating_sub(p.step) as f64;
+        Some(remaining * secs / steps as f64)
+    }
+
+    fn waiting(&self) -> bool {
+        matches!(self.state, JobState::Pending | JobState::Restarting)
+    }
+}
+
+/// A registered node.
+#[derive(Clone, Debug)]
+pub struct WorkerEntry {
+    /// Name (its id).
+    pub name: String,
+    /// Host its trainers' sockets listen on.
+    pub host: String,
+    /// Trainer slots (GPUs or CPU slots).
+    pub slots: u32,
+    /// Whether the slots are CUDA devices.
+    pub cuda: bool,
+    /// Last report.
+    pub last_seen_ms: Millis,
+    /// The generation it is serving: until every one of its ranks has exited.
+    pub busy: Option<(String, u64)>,
+    /// Its heartbeat stream is open (commands can reach it); set by the first heartbeat.
+    pub connected: bool,
+}
+
+/// A trainer slot for a worker command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Slot {
+    /// Global rank.
+    pub rank: u32,
+    /// Index on the worker.
+    pub local_rank: u32,
+    /// Device ordinal or CPU slot.
+    pub device: u32,
+}
+
+/// What a worker is told to do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Command {
+    /// Reserve sockets (and the NCCL id at rank 0) and answer `Ready`.
+    Prepare {
+        /// Job.
+        job: String,
+        /// Generation.
+        generation: u64,
+        /// World size.
+        world: u32,
+        /// Its ranks.
+        slots: Vec<Slot>,
+        /// Backend.
+        backend: Backend,
+    },
+    /// Spawn the trainers.
+    Start {
+        /// Job.
+        job: String,
+        /// Generation.
+        generation: u64,
+        /// World size.
+        world: u32,
+        /// Its ranks.
+        slots: Vec<Slot>,
+        /// Ring addresses in rank order.
+        peers: Vec<String>,
+        /// Rank 0's NCCL id.
+        nccl_id: Vec<u8>,
+        /// The spec.
+        spec: Box<JobSpec>,
+        /// Output URL.
+        output: String,
+        /// Shard files per slot.
+        shards: Vec<Vec<String>>,
+        /// Backend.
+        backend: Backend,
+    },
+    /// Stop (kill) the trainers of a generation.
+    Stop {
+        /// Job.
+        job: String,
+        /// Generation.
+        generation: u64,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What the driver must do, in order: persist first, then send and notify.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Write the record to the store.
+    Persist(Box<JobRecord>),
+    /// Send a command to a worker.
+    Send {
+        /// Worker name.
+        worker: String,
+        /// The command.
+        command: Command,
+    },
+    /// The job's status changed (watchers).
+    Notify(String),
+}
+
+/// Inputs of the state machine.
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// A validated job with its listed shard files; `output_root` is the default storage.
+    Submit {
+        /// The spec.
+        spec: Box<JobSpec>,
+        /// Listed data files.
+        files: Vec<String>,
+        /// Default storage root (`file:///abs/runs`).
+        output_root: String,
+    },
+    /// Cancel a job.
+    Cancel {
+        /// Job id.
+        job: String,
+    },
+    /// A worker (re-)registered.
+    Register {
+        /// Its name.
+        name: String,
+        /// Host for ring sockets.
+        host: String,
+        /// Slots.
+        slots: u32,
+        /// CUDA devices or CPU slots.
+        cuda: bool,
+    },
+    /// A heartbeat with the generations whose trainers run there.
+    Heartbeat {
+        /// Worker.
+        worker: String,
+        /// (job, generation) pairs.
+        running: Vec<(String, u64)>,
+    },
+    /// A rank is prepared.
+    Ready {
+        /// Worker.
+        worker: String,
+        /// Job.
+        job: String,
+        /// Generation.
+        generation: u64,
+        /// Rank.
+        rank: u32,
+        /// Ring address.
+        ring_address: String,
+        /// NCCL id (rank 0, NCCL backend).
+        nccl_id: Vec<u8>,
+        /// Preparation error, if any.
+        error: Option<String>,
+    },
+    /// Progress of a rank.
+    Progress {
+        /// Job.
+        job: String,
+        /// Generation.
+        generation: u64,
+        /// Rank.
+        rank: u32,
+        /// Progress.
+        progress: ProgressInfo,
+    },
+    /// A trainer ended.
+    Exited {
+        /// Worker.
+        worker: String,
+        /// Job.
+        job: String,
+        /// Generation.
+        generation: u64,
+        /// Rank.
+        rank: u32,
+        /// Exit code, -signal when killed.
+        code: i32,
+        /// Its last words.
+        message: String,
+    },
+    /// The worker's heartbeat stream closed.
+    Disconnected {
+        /// Worker.
+        worker: String,
+    },
+    /// Time passed: detect lost heartbeats.
+    Tick,
+}
+
+/// Result of one event.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// Actions for the driver.
+    pub actions: Vec<Action>,
+    /// The new job's id (Submit).
+    pub job_id: Option<String>,
+}
+
+/// The coordinator's whole state.
+#[derive(Debug)]
+pub struct Scheduler {
+    jobs: BTreeMap<String, JobRecord>,
+    workers: BTreeMap<String, WorkerEntry>,
+    next_seq: u64,
+    heartbeat_timeout_ms: Millis,
+    progress_persist_ms: Millis,
+    last_progress_persist: BTreeMap<String, Millis>,
+}
+
+impl Scheduler {
+    /// An empty scheduler declaring workers lost after `heartbeat_timeout_ms` without a report.
+    pub fn new(heartbeat_timeout_ms: Millis) -> Self {
+        Scheduler {
+            jobs: BTreeMap::new(),
+            workers: BTreeMap::new(),
+            next_seq: 1,
+            heartbeat_timeout_ms,
+            progress_persist_ms: 5_000,
+            last_progress_persist: BTreeMap::new(),
+        }
+    }
+
+    /// Rebuilds the state from stored records after a coordinator restart. Jobs that were mid-flight
+    /// lost their workers' sessions: they go to RESTARTING (not counted against `max_restarts`) and form
+    /// a new generation once workers re-register; workers still running old trainers are told to stop.
+    pub fn recover(&mut self, records: Vec<JobRecord>, now: Millis) -> Vec<Action> {
+        let mut actions = Vec::new();
+        for mut rec in records {
+            self.next_seq = self.next_seq.max(rec.seq + 1);
+            if matches!(rec.state, JobState::Rendezvous | JobState::Running) {
+                rec.state = JobState::Restarting;
+                rec.ranks.clear();
+                rec.message = "coordinator restarted".into();
+                rec.updated_at_ms = now;
+                actions.push(Action::Persist(Box::new(rec.clone())));
+            } else if rec.state == JobState::Restarting {
+                rec.ranks.clear();
+            }
+            self.jobs.insert(rec.id.clone(), rec);
+        }
+        actions
+    }
+
+    /// Every job in submission order.
+    pub fn jobs(&self) -> impl Iterator<Item = &JobRecord> {
+        let mut v: Vec<&JobRecord> = self.jobs.values().collect();
+        v.sort_by_key(|j| j.seq);
+        v.into_iter()
+    }
+
+    /// One job.
+    pub fn job(&self, id: &str) -> Option<&JobRecord> {
+        self.jobs.get(id)
+    }
+
+    /// Registered workers.
+    pub fn workers(&self) -> impl Iterator<Item = &WorkerEntry> {
+        self.workers.values()
+    }
+
+    /// Applies one event at time `now`.
+    pub fn apply(&mut self, now: Millis, event: Event) -> Result<Applied, CoordError> {
+        let mut out = Applied::default();
+        match event {
+            Event::Submit {
+                spec,
+                files,
+                output_root,
+            } => {
+                out.job_id =
+                    Some(self.submit(now, *spec, files, &output_root, &mut out.actions)?);
+            }
+            Event::Cancel { job } => self.cancel(now, &job, &mut out.actions)?,
+            Event::Register {
+                name,
+                host,
+                slots,
+                cuda,
+            } => {
+                if self.workers.contains_key(&name) {
+                    // A re-registration means its old session (and trainers) are gone.
+                    self.lose_worker(now, &name, "worker re-registered", &mut out.actions);
+                }
+                self.workers.insert(
+                    name.clone(),
+                    WorkerEntry {
+                        name,
+                        host,
+                        slots,
+                        cuda,
+                        last_seen_ms: now,
+                        busy: None,
+                        connected: false,
+                    },
+                );
+            }
+            Event::Heartbeat { worker, running } => {
+                let w = self.worker_mut(&worker)?;
+                w.last_seen_ms = now;
+                w.connected = true;
+                let busy = w.busy.clone();
+                for (job, generation) in running {
+                    let current = self
+                        .jobs
+                        .get(&job)
+                        .is_some_and(|j| j.generation == generation && !j.state.is_terminal());
+                    if busy.as_ref() != Some(&(job.clone(), generation)) || !current {
+                        out.actions.push(Action::Send {
+                            worker: worker.clone(),
+                            command: Command::Stop {
+                                job,
+                                generation,
+                                reason: "stale generation".into(),
+                            },
+                        });
+                    }
+                }
+            }
+            Event::Ready {
+                worker,
+                job,
+                generation,
+                rank,
+                ring_address,
+                nccl_id,
+                error,
+            } => {
+                self.touch(&worker, now);
+                self.ready(
+                    now,
+                    &job,
+                    generation,
+                    rank,
+                    ring_address,
+                    nccl_id,
+                    error,
+                    &mut out.actions,
+                );
+            }
+            Event::Progress {
+                job,
+                generation,
+                rank,
+                progress,
+            } => self.progress(now, &job, generation, rank, progress, &mut out.actions),
+            Event::Exited {
+                worker,
+                job,
+                generation,
+                rank,
+                code,
+                message,
+            } => {
+                self.touch(&worker, now);
+                self.exited(
+                    now,
+                    &job,
+                    generation,
+                    rank,
+                    code,
+                    &message,
+                    &mut out.actions,
+                );
+            }
+            Event::Disconnected { worker } => {
+                if self.workers.contains_key(&worker) {
+                    self.lose_worker(now, &worker, "heartbeat stream closed", &mut out.actions);
+                    self.workers.remove(&worker);
+                }
+            }
+            Event::Tick => {
+                let lost: Vec<String> = self
+                    .workers
+                    .values()
+                    .filter(|w| now.saturating_sub(w.last_seen_ms) > self.heartbeat_timeout_ms)
+                    .map(|w| w.name.clone())
+                    .collect();
+                for name in lost {
+                    self.lose_worker(now, &name, "heartbeat lost", &mut out.actions);
+                    self.workers.remove(&name);
+                }
+            }
+        }
+        self.schedule(now, &mut out.actions);
+        Ok(out)
+    }
+
+    fn worker_mut(&mut self, name: &str) -> Result<&mut WorkerEntry, CoordError> {
+        self.workers
+            .get_mut(name)
+            .ok_or_else(|| CoordError::UnknownWorker(name.to_string()))
+    }
+
+    fn touch(&mut self, worker: &str, now: Millis) {
+        if let Some(w) = self.workers.get_mut(worker) {
+            w.last_seen_ms = now;
+        }
+    }
+
+    fn submit(
+        &mut self,
+        now: Millis,
+        spec: JobSpec,
+        files: Vec<String>,
+        output_root: &str,
+        actions: &mut Vec<Action>,
+    ) -> Result<String, CoordError> {
+        spec.validate()?;
+        self.check_satisfiable(&spec)?;
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let id = format!("job-{seq:04}");
+        let output = spec
+            .output
+            .clone()
+            .unwrap_or_else(|| format!("{}/{id}", output_root.trim_end_matches('/')));
+        let rec = JobRecord {
+            id: id.clone(),
+            seq,
+            backend: spec.backend,
+            spec,
+            state: JobState::Pending,
+            generation: 0,
+            restarts: 0,
+            ranks: Vec::new(),
+            nccl_id: Vec::new(),
+            progress: None,
+            message: String::new(),
+            output,
+            files,
+            submitted_at_ms: now,
+            updated_at_ms: now,
+        };
+        actions.push(Action::Persist(Box::new(rec.clone())));
+        actions.push(Action::Notify(id.clone()));
+        self.jobs.insert(id.clone(), rec);
+        Ok(id)
+    }
+
+    /// With workers registered, a job needing more workers or devices than the cluster has can never
+    /// start; refuse it at submit instead of blocking the queue forever.
+    fn check_satisfiable(&self, spec: &JobSpec) -> Result<(), CoordError> {
+        if self.workers.is_empty() {
+            return Ok(());
+        }
+        let need = spec.workers.devices_per_worker;
+        let most = self.workers.values().map(|w| w.slots).max().unwrap_or(0);
+        if most < need {
+            return Err(CoordError::Unsatisfiable {
+                field: "workers.devices_per_worker".into(),
+                message: format!(
+                    "{need} devices per worker requested, but the largest registered worker has {most}"
+                ),
+            });
+        }
+        let able = self.workers.values().filter(|w| w.slots >= need).count() as u32;
+        if able < spec.workers.min {
+            return Err(CoordError::Unsatisfiable {
+                field: "workers.min".into(),
+                message: format!(
+                    "world size {} needs {} workers with {need} device(s) each, but only {able} such worker(s) are registered",
+                    spec.world_size(spec.workers.min),
+                    spec.workers.min
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn cancel(
+        &mut self,
+        now: Millis,
+        id: &str,
+        actions: &mut Vec<Action>,
+    ) -> Result<(), CoordError> {
+        let job = self
+            .jobs
+            .get_mut(id)
+            .ok_or_else(|| CoordError::UnknownJob(id.to_string()))?;
+        if job.state.is_terminal() {
+            return Ok(());
+        }
+        let was_active = matches!(
+            job.state,
+            JobState::Rendezvous | JobState::Running | JobState::Restarting
+        );
+        job.state = JobState::Cancelled;
+        job.message = "cancelled by user".into();
+        job.updated_at_ms = now;
+        actions.push(Action::Persist(Box::new(job.clone())));
+        if was_active {
+            stop_generation(job, "cancelled", actions);
+        }
+        actions.push(Action::Notify(id.to_string()));
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn ready(
+        &mut self,
+        now: Millis,
+        id: &str,
+        generation: u64,
+        rank: u32,
+        ring_address: String,
+        nccl_id: Vec<u8>,
+        error: Option<String>,
+        actions: &mut Vec<Action>,
+    ) {
+        let Some(job) = self.jobs.get_mut(id) else {
+            return;
+        };
+        if job.generation != generation || job.state != JobState::Rendezvous {
+            return;
+        }
+        if let Some(error) = error {
+            self.fail_generation(
+                now,
+                id,
+                &format!("rank {rank} could not be prepared: {error}"),
+                actions,
+            );
+            return;
+        }
+        let Some(slot) = job.ranks.iter_mut().find(|r| r.rank == rank) else {
+            return;
+        };
+        slot.ring_address = Some(ring_address);
+        if rank == 0 {
+            job.nccl_id = nccl_id;
+        }
+        if job.ranks.iter().any(|r| r.ring_address.is_none()) {
+            return;
+        }
+        job.state = JobState::Running;
+        job.updated_at_ms = now;
+        job.progress = None;
+        actions.push(Action::Persist(Box::new(job.clone())));
+        let peers: Vec<String> = job
+            .ranks
+            .iter()
+            .map(|r| r.ring_address.clone().unwrap_or_default())
+            .collect();
+        let world = job.world_size();
+        let plan = planner::partition(&job.files, world as usize);
+        for (worker, slots) in slots_by_worker(job) {
+            let shards = slots
+                .iter()
+                .map(|s| plan[s.rank as usize].clone())
+                .collect();
+            actions.push(Action::Send {
+                worker,
+                command: Command::Start {
+                    job: id.to_string(),
+                    generation,
+                    world,
+                    slots,
+                    peers: peers.clone(),
+                    nccl_id: job.nccl_id.clone(),
+                    spec: Box::new(job.spec.clone()),
+                    output: job.output.clone(),
+                    shards,
+                    backend: job.backend,
+                },
+            });
+        }
+        actions.push(Action::Notify(id.to_string()));
+    }
+
+    fn progress(
+        &mut self,
+        now: Millis,
+        id: &str,
+        generation: u64,
+        rank: u32,
+        mut progress: ProgressInfo,
+        actions: &mut Vec<Action>,
+    ) {
+        let Some(job) = self.jobs.get_mut(id) else {
+            return;
+        };
+        if rank != 0 || job.generation != generation || job.state != JobState::Running {
+            return;
+        }
+        progress.at_ms = now;
+        progress.first = job
+            .progress
+            .as_ref()
+            .and_then(|p| p.first)
+            .or(Some((progress.step, now)));
+        job.progress = Some(progress);
+        job.updated_at_ms = now;
+        let last = self
+            .last_progress_persist
+            .entry(id.to_string())
+            .or_insert(0);
+        if now.saturating_sub(*last) >= self.progress_persist_ms {
+            *last = now;
+            actions.push(Action::Persist(Box::new(job.clone())));
+        }
+        actions.push(Action::Notify(id.to_string()));
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn exited(
+        &mut self,
+        now: Millis,
+        id: &str,
+        generation: u64,
+        rank: u32,
+        code: i32,
+        message: &str,
+        actions: &mut Vec<Action>,
+    ) {
+        let Some(job) = self.jobs.get_mut(id) else {
+            return;
+        };
+        if job.generation != generation {
+            return;
+        }
+        let Some(slot) = job.ranks.iter_mut().find(|r| r.rank == rank) else {
+            return;
+        };
+        if slot.exit.is_some() {
+            return;
+        }
+        slot.exit = Some(code);
+        let worker = slot.worker.clone();
+        let worker_done = job
+            .ranks
+            .iter()
+            .filter(|r| r.worker == worker)
+            .all(|r| r.exit.is_some());
+        if worker_done {
+            if let Some(w) = self.workers.get_mut(&worker) {
+                if w.busy.as_ref() == Some(&(id.to_string(), generation)) {
+                    w.busy = None;
+                }
+            }
+        }
+        let state = job.state;
+        if state == JobState::Running || state == JobState::Rendezvous {
+            if code != 0 {
+                let why = if message.is_empty() {
+                    format!("rank {rank} exited with code {code}")
+                } else {
+                    format!("rank {rank} exited with code {code}: {message}")
+                };
+                self.fail_generation(now, id, &why, actions);
+            } else if job.ranks.iter().all(|r| r.exit == Some(0)) {
+                job.state = JobState::Succeeded;
+                job.updated_at_ms = now;
+                actions.push(Action::Persist(Box::new(job.clone())));
+                actions.push(Action::Notify(id.to_string()));
+            }
+        }
+    }
+
+    /// Stops the current generation and restarts the job or fails it.
+    fn fail_generation(&mut self, now: Millis, id: &str, why: &str, actions: &mut Vec<Action>) {
+        let Some(job) = self.jobs.get_mut(id) else {
+            return;
+        };
+        if !matches!(job.state, JobState::Rendezvous | JobState::Running) {
+            return;
+        }
+        if job.restarts < job.spec.max_restarts {
+            job.restarts += 1;
+            job.state = JobState::Restarting;
+            job.message = format!("generation {} failed: {why}", job.generation);
+        } else {
+            job.state = JobState::Failed;
+            job.message = why.to_string();
+        }
+        job.updated_at_ms = now;
+        actions.push(Action::Persist(Box::new(job.clone())));
+        stop_generation(job, why, actions);
+        actions.push(Action::Notify(id.to_string()));
+    }
+
+    fn lose_worker(&mut self, now: Millis, name: &str, why: &str, actions: &mut Vec<Action>) {
+        let Some(w) = self.workers.get_mut(name) else {
+            return;
+        };
+        let busy = w.busy.take();
+        if let Some((job_id, generation)) = busy {
+            if let Some(job) = self.jobs.get_mut(&job_id) {
+                if job.generation == generation {
+                    // Its ranks will never report; count them as gone so other workers free up.
+                    for r in job.ranks.iter_mut().filter(|r| r.worker == name) {
+                        r.exit.get_or_insert(-1);
+                    }
+                }
+            }
+            self.fail_generation(now, &job_id, &format!("worker {name}: {why}"), actions);
+        }
+    }
+
+    /// Starts the first waiting job (submission order) if enough workers are free.
+    fn schedule(&mut self, now: Millis, actions: &mut Vec<Action>) {
+        let Some(id) = self.jobs().find(|j| j.waiting()).map(|j| j.id.clone()) else {
+            return;
+        };
+        let job = &self.jobs[&id];
+        // A restarting job waits until its previous generation's trainers are all gone.
+        if job.ranks.iter().any(|r| r.exit.is_none()) {
+            return;
+        }
+        let need = job.spec.workers.devices_per_worker;
+        let free: Vec<String> = self
+            .workers
+            .values()
+            .filter(|w| w.connected && w.busy.is_none() && w.slots >= need)
+            .map(|w| w.name.clone())
+            .collect();
+        if (free.len() as u32) < job.spec.workers.min {
+            return;
+        }
+        let take = free.len().min(job.spec.workers.max_workers() as usize);
+        let chosen = &free[..take];
+        let all_cuda = chosen.iter().all(|w| self.workers[w].cuda);
+        let job = self.jobs.get_mut(&id).expect("job listed above");
+        job.generation += 1;
+        job.state = JobState::Rendezvous;
+        job.updated_at_ms = now;
+        job.nccl_id.clear();
+        job.backend = match job.spec.backend {
+            Backend::Auto if all_cuda => Backend::Nccl,
+            Backend::Auto => Backend::Ring,
+            other => other,
+        };
+        job.ranks = chosen
+            .iter()
+            .enumerate()
+            .flat_map(|(i, worker)| {
+                (0..need).map(move |local| RankAssignment {
+                    rank: i as u32 * need + local,
+                    worker: worker.clone(),
+                    local_rank: local,
+                    device: local,
+                    ring_address: None,
+                    exit: None,
+                })
+            })
+            .collect();
+        let generation = job.generation;
+        for worker in chosen {
+            if let Some(w) = self.workers.get_mut(worker) {
+                w.busy = Some((id.clone(), generation));
+            }
+        }
+        actions.push(Action::Persist(Box::new(job.clone())));
+        let world = job.world_size();
+        for (worker, slots) in slots_by_worker(job) {
+            actions.push(Action::Send {
+                worker,
+                command: Command::Prepare {
+                    job: id.clone(),
+                    generation,
+                    world,
+                    slots,
+                    backend: job.backend,
+                },
+            });
+        }
+        actions.push(Action::Notify(id));
+    }
+}
+
+fn slots_by_worker(job: &JobRecord) -> Vec<(String, Vec<Slot>)> {
+    let mut by: BTreeMap<String, Vec<Slot>> = BTreeMap::new();
+    for r in &job.ranks {
+        by.entry(r.worker.clone()).or_default().push(Slot {
+            rank: r.rank,
+            local_rank: r.local_rank,
+            device: r.device,
+        });
+    }
+    by.into_iter().collect()
+}
+
+fn stop_generation(job: &JobRecord, reason: &str, actions: &mut Vec<Action>) {
+    let mut workers: Vec<&str> = job
+        .ranks
+        .iter()
+        .filter(|r| r.exit.is_none())
+        .map(|r| r.worker.as_str())
+        .collect();
+    workers.dedup();
+    for worker in workers {
+        actions.push(Action::Send {
+            worker: worker.to_string(),
+            command: Command::Stop {
+                job: job.id.clone(),
+                generation: job.generation,
+                reason: reason.to_string(),
+            },
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use xvlm_proto::spec::{TaskKind, WorkersSpec};
+
+    fn spec(min: u32, devices: u32, max_restarts: u32) -> JobSpec {
+        JobSpec {
+            name: "t".into(),
+            task: TaskKind::Smoke,
+            config: None,
+            overrides: Default::default(),
+            init_checkpoint: None,
+            output: None,
+            data: Default::default(),
+            workers: WorkersSpec {
+                min,
+                max: None,
+                devices_per_worker: devices,
+            },
+            backend: Backend::Auto,
+            steps: Some(10),
+            seed: 1,
+            checkpoint: Default::default(),
+            max_restarts,
+            evaluate: false,
+            smoke: None,
+        }
+    }
+
+    fn submit(s: &mut Scheduler, spec: JobSpec) -> String {
+        s.apply(
+            0,
+            Event::Submit {
+                spec: Box::new(spec),
+                files: vec![],
+                output_root: "file:///runs".into(),
+            },
+        )
+        .unwrap()
+        .job_id
+        .unwrap()
+    }
+
+    /// Registers a worker and opens its heartbeat stream.
+    fn register(s: &mut Scheduler, name: &str, slots: u32) -> Vec<Action> {
+        let registered = s
+            .apply(
+                0,
+                Event::Register {
+                    name: name.into(),
+                    host: "127.0.0.1".into(),
+                    slots,
+                    cuda: false,
+                },
+            )
+            .unwrap();
+        // Nothing is scheduled onto a worker whose command stream is not open yet.
+        assert!(registered
+            .actions
+            .iter()
+            .all(|a| !matches!(a, Action::Send { .. })));
+        s.apply(
+            0,
+            Event::Heartbeat {
+                worker: name.into(),
+                running: vec![],
+            },
+        )
+        .unwrap()
+        .actions
+    }
+
+    fn ready_all(s: &mut Scheduler, job: &str) -> Vec<Action> {
+        let rec = s.job(job).unwrap().clone();
+        let mut actions = vec![];
+        for r in &rec.ranks {
+            actions.extend(
+                s.apply(
+                    1,
+                    Event::Ready {
+                        worker: r.worker.clone(),
+                        job: job.into(),
+                        generation: rec.generation,
+                        rank: r.rank,
+                        ring_address: format!("127.0.0.1:{}", 9000 + r.rank),
+                        nccl_id: vec![],
+                        error: None,
+                    },
+                )
+                .unwrap()
+                .actions,
+            );
+        }
+        actions
+    }
+
+    fn exit_all(s: &mut Scheduler, job: &str, code: i32) {
+        let rec = s.job(job).unwrap().clone();
+        for r in &rec.ranks {
+            s.apply(
+                2,
+                Event::Exited {
+                    worker: r.worker.clone(),
+                    job: job.into(),
+                    generation: rec.generation,
+                    rank: r.rank,
+                    code,
+                    message: String::new(),
+                },
+            )
+            .unwrap();
+        }
+    }
+
+    fn sends(actions: &[Action]) -> Vec<(&str, &Command)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send { worker, command } => Some((worker.as_str(), command)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The happy path: pending until workers come, rendezvous with ranks, running, succeeded, and
+    /// every transition is persisted before the command that acts on it.
+    #[test]
+    fn lifecycle() {
+        let mut s = Scheduler::new(10_000);
+        let job = submit(&mut s, spec(2, 2, 0));
+        assert_eq!(s.job(&job).unwrap().state, JobState::Pending);
+        register(&mut s, "a", 2);
+        let actions = register(&mut s, "b", 2);
+        let rec = s.job(&job).unwrap();
+        assert_eq!(rec.state, JobState::Rendezvous);
+        assert_eq!(rec.generation, 1);
+        assert_eq!(rec.world_size(), 4);
+        assert_eq!(rec.backend, Backend::Ring);
+        assert!(matches!(actions[0], Action::Persist(_)));
+        let prepares = sends(&actions);
+        assert_eq!(prepares.len(), 2);
+        match prepares[1].1 {
+            Command::Prepare { slots, world, .. } => {
+                assert_eq!(*world, 4);
+                assert_eq!(slots.iter().map(|s| s.rank).collect::<Vec<_>>(), vec![2, 3]);
+                assert_eq!(
+                    slots.iter().map(|s| s.local_rank).collect::<Vec<_>>(),
+                    vec![0, 1]
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let actions = ready_all(&mut s, &job);
+        assert_eq!(s.job(&job).unwrap().state, JobState::Running);
+        let persist_at = actions
+            .iter()
+            .position(|a| matches!(a, Action::Persist(_)))
+            .unwrap();
+        let first_send = actions
+            .iter()
+            .position(|a| matches!(a, Action::Send { .. }))
+            .unwrap();
+        assert!(persist_at < first_send);
+        match sends(&actions)[0].1 {
+            Command::Start { peers, .. } => assert_eq!(peers.len(), 4),
+            other => panic!("{other:?}"),
+        }
+        exit_all(&mut s, &job, 0);
+        assert_eq!(s.job(&job).unwrap().state, JobState::Succeeded);
+        assert!(s.workers().all(|w| w.busy.is_none()));
+    }
+
+    /// Jobs wait in submission order; the second starts when the first frees the workers.
+    #[test]
+    fn queue_in_submission_order() {
+        let mut s = Scheduler::new(10_000);
+        register(&mut s, "a", 1);
+        register(&mut s, "b", 1);
+        let first = submit(&mut s, spec(2, 1, 0));
+        let second = submit(&mut s, spec(1, 1, 0));
+        assert_eq!(s.job(&first).unwrap().state, JobState::Rendezvous);
+        // The second fits on no free worker and must not jump the queue anyway.
+        assert_eq!(s.job(&second).unwrap().state, JobState::Pending);
+        ready_all(&mut s, &first);
+        exit_all(&mut s, &first, 0);
+        assert_eq!(s.job(&second).unwrap().state, JobState::Rendezvous);
+    }
+
+    /// A non-zero exit restarts the job at a new generation, then fails it past max_restarts.
+    #[test]
+    fn failure_restarts_then_fails() {
+        let mut s = Scheduler::new(10_000);
+        register(&mut s, "a", 1);
+        register(&mut s, "b", 1);
+        let job = submit(&mut s, spec(2, 1, 1));
+        ready_all(&mut s, &job);
+        let a = s
+            .apply(
+                3,
+                Event::Exited {
+                    worker: "a".into(),
+                    job: job.clone(),
+                    generation: 1,
+                    rank: 0,
+                    code: 3,
+                    message: "boom".into(),
+                },
+            )
+            .unwrap();
+        let rec = s.job(&job).unwrap();
+        assert_eq!(rec.state, JobState::Restarting);
+        assert!(rec.message.contains("boom"));
+        assert!(sends(&a.actions)
+            .iter()
+            .any(|(w, c)| *w == "b" && matches!(c, Command::Stop { .. })));
+        // Rank 1 is killed by the stop; then generation 2 forms.
+        s.apply(
+            4,
+            Event::Exited {
+                worker: "b".into(),
+                job: job.clone(),
+                generation: 1,
+                rank: 1,
+                code: -15,
+                message: String::new(),
+            },
+        )
+        .unwrap();
+        let rec = s.job(&job).unwrap();
+        assert_eq!((rec.state, rec.generation), (JobState::Rendezvous, 2));
+        ready_all(&mut s, &job);
+        exit_all(&mut s, &job, 1);
+        assert_eq!(s.job(&job).unwrap().state, JobState::Failed);
+    }
+
+    /// A lost heartbeat fails the generation that worker served.
+    #[test]
+    fn lost_worker_fails_generation() {
+        let mut s = Scheduler::new(1_000);
+        register(&mut s, "a", 1);
+        let job = submit(&mut s, spec(1, 1, 0));
+        ready_all(&mut s, &job);
+        s.apply(5_000, Event::Tick).unwrap();
+        let rec = s.job(&job).unwrap();
+        assert_eq!(rec.state, JobState::Failed);
+        assert!(rec.message.contains("heartbeat lost"), "{}", rec.message);
+    }
+
+    /// Cancel stops every worker of the generation and frees them once trainers exit.
+    #[test]
+    fn cancel_stops_trainers() {
+        let mut s = Scheduler::new(10_000);
+        register(&mut s, "a", 1);
+        register(&mut s, "b", 1);
+        let job = submit(&mut s, spec(2, 1, 0));
+        ready_all(&mut s, &job);
+        let a = s.apply(3, Event::Cancel { job: job.clone() }).unwrap();
+        assert_eq!(s.job(&job).unwrap().state, JobState::Cancelled);
+        let stops: Vec<&str> = sends(&a.actions)
+            .iter()
+            .filter(|(_, c)| matches!(c, Command::Stop { .. }))
+            .map(|(w, _)| *w)
+            .collect();
+        assert_eq!(stops, vec!["a", "b"]);
+        exit_all(&mut s, &job, -15);
+        assert_eq!(s.job(&job).unwrap().state, JobState::Cancelled);
+        assert!(s.workers().all(|w| w.busy.is_none()));
+    }
+
+    /// A job larger than the registered cluster is refused, naming the field.
+    #[test]
+    fn unsatisfiable_is_refused() {
+        let mut s = Scheduler::new(10_000);
+        register(&mut s, "a", 1);
+        let err = s
+            .apply(
+                0,
+                Event::Submit {
+                    spec: Box::new(spec(3, 1, 0)),
+                    files: vec![],
+                    output_root: "file:///r".into(),
+                },
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("workers.min"), "{err}");
+        let err = s
+            .apply(
+                0,
+                Event::Submit {
+                    spec: Box::new(spec(1, 4, 0)),
+                    files: vec![],
+                    output_root: "file:///r".into(),
+                },
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("devices_per_worker"), "{err}");
+    }
+
+    /// After a coordinator restart, running jobs come back as RESTARTING and keep their ids.
+    #[test]
+    fn recover_restarts_running_jobs() {
+        let mut s = Scheduler::new(10_000);
+        register(&mut s, "a", 1);
+        let job = submit(&mut s, spec(1, 1, 0));
+        ready_all(&mut s, &job);
+        let records: Vec<JobRecord> = s.jobs().cloned().collect();
+        let mut t = Scheduler::new(10_000);
+        let actions = t.recover(records, 9);
+        assert_eq!(actions.len(), 1);
+        assert_eq!(t.job(&job).unwrap().state, JobState::Restarting);
+        register(&mut t, "a", 1);
+        let rec = t.job(&job).unwrap();
+        assert_eq!((rec.state, rec.generation), (JobState::Rendezvous, 2));
+        assert_eq!(submit(&mut t, spec(1, 1, 0)), "job-0002");
+    }
+}

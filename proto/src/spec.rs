@@ -1,0 +1,613 @@
+//! The job spec (`job.yaml`): what to train, on how many workers, where to write. Shared by the
+//! coordinator (validation, scheduling) and the trainers (task parameters), so it has no tch dependency.
+//!
+//! Layering: serde defaults < the YAML file < `XVLM_JOB_*` environment (`__` nests: `XVLM_JOB_WORKERS__MIN=2`)
+//! < `--set key.path=value` flags. Unknown keys are errors, unlike the official task YAMLs.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Yaml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// Largest world size any backend here supports; a guard against typos like `devices_per_worker: 80`.
+pub const MAX_WORLD_SIZE: u32 = 4096;
+
+/// Prefix of the environment variables that override job keys.
+pub const ENV_PREFIX: &str = "XVLM_JOB_";
+
+/// A job spec that could not be read or is invalid; every message names the file or field.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// The job file does not exist.
+    #[error("job file {0} does not exist")]
+    MissingFile(PathBuf),
+    /// A `--set` flag is not `key.path=value`.
+    #[error("--set {0:?}: expected key.path=value")]
+    BadOverride(String),
+    /// Parsing or layering failed (unknown key, wrong type, bad enum value).
+    #[error("{0}")]
+    Parse(String),
+    /// A field has a value outside what is allowed.
+    #[error("{field}: {message}")]
+    Invalid {
+        /// Dotted key, e.g. `workers.min`.
+        field: String,
+        /// What is wrong and what is allowed.
+        message: String,
+    },
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> SpecError {
+    SpecError::Invalid {
+        field: field.to_string(),
+        message: message.into(),
+    }
+}
+
+/// What the trainers run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskKind {
+    /// A tiny data-parallel regression model on synthetic data: the test and demo task.
+    Smoke,
+    /// X-VLM pre-training.
+    Pretrain,
+    /// Image-text retrieval fine-tuning.
+    Retrieval,
+    /// VQA fine-tuning.
+    Vqa,
+    /// NLVR2 fine-tuning.
+    Nlvr,
+    /// Referring-expression grounding (patch-level).
+    Grounding,
+    /// Referring-expression grounding with box regression.
+    GroundingBbox,
+}
+
+impl TaskKind {
+    /// The name used in job.yaml.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskKind::Smoke => "smoke",
+            TaskKind::Pretrain => "pretrain",
+            TaskKind::Retrieval => "retrieval",
+            TaskKind::Vqa => "vqa",
+            TaskKind::Nlvr => "nlvr",
+            TaskKind::Grounding => "grounding",
+            TaskKind::GroundingBbox => "grounding_bbox",
+        }
+    }
+}
+
+/// Which collective backend the trainers use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// NCCL when the ranks run on CUDA devices, else the TCP ring.
+    #[default]
+    Auto,
+    /// CPU ring over TCP.
+    Ring,
+    /// NCCL (CUDA devices only).
+    Nccl,
+}
+
+impl Backend {
+    /// The name used in job.yaml and on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Auto => "auto",
+            Backend::Ring => "ring",
+            Backend::Nccl => "nccl",
+        }
+    }
+
+    /// Parses the wire name.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "auto" | "" => Some(Backend::Auto),
+            "ring" => Some(Backend::Ring),
+            "nccl" => Some(Backend::Nccl),
+            _ => None,
+        }
+    }
+}
+
+/// How many workers the job runs on: world size = workers x devices_per_worker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkersSpec {
+    /// Fewest workers the job starts (or restarts) with.
+    #[serde(default = "one")]
+    pub min: u32,
+    /// Most workers the job uses; defaults to `min`.
+    #[serde(default)]
+    pub max: Option<u32>,
+    /// Trainer processes (GPUs or CPU slots) per worker.
+    #[serde(default = "one")]
+    pub devices_per_worker: u32,
+}
+
+impl Default for WorkersSpec {
+    fn default() -> Self {
+        WorkersSpec {
+            min: 1,
+            max: None,
+            devices_per_worker: 1,
+        }
+    }
+}
+
+impl WorkersSpec {
+    /// `max`, or `min` when unset.
+    pub fn max_workers(&self) -> u32 {
+        self.max.unwrap_or(self.min)
+    }
+}
+
+/// Data shards: URLs of files or of directories (prefixes) whose files the coordinator lists and
+/// partitions across ranks.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// `file:///abs/dir/`, `s3://bucket/prefix/`, or a local path (made absolute at submit).
+    #[serde(default)]
+    pub shards: Vec<String>,
+}
+
+/// When trainers save checkpoints.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSpec {
+    /// Save every this many steps; 0 disables periodic checkpoints.
+    #[serde(default)]
+    pub every_steps: u64,
+    /// Committed checkpoints to keep.
+    #[serde(default = "three")]
+    pub keep_last: u32,
+}
+
+impl Default for CheckpointSpec {
+    fn default() -> Self {
+        CheckpointSpec {
+            every_steps: 0,
+            keep_last: 3,
+        }
+    }
+}
+
+/// Parameters of `task: smoke` (a regression MLP on deterministic synthetic data).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmokeSpec {
+    /// Samples per rank per step.
+    #[serde(default = "smoke_batch")]
+    pub batch_size: u32,
+    /// Input features.
+    #[serde(default = "smoke_features")]
+    pub features: u32,
+    /// Hidden width of the MLP.
+    #[serde(default = "smoke_hidden")]
+    pub hidden: u32,
+    /// SGD learning rate.
+    #[serde(default = "smoke_lr")]
+    pub lr: f64,
+    /// Sleep after each step, to pace demos and cancellation tests.
+    #[serde(default)]
+    pub step_delay_ms: u64,
+}
+
+impl Default for SmokeSpec {
+    fn default() -> Self {
+        SmokeSpec {
+            batch_size: smoke_batch(),
+            features: smoke_features(),
+            hidden: smoke_hidden(),
+            lr: smoke_lr(),
+            step_delay_ms: 0,
+        }
+    }
+}
+
+fn one() -> u32 {
+    1
+}
+fn three() -> u32 {
+    3
+}
+fn seed() -> u64 {
+    42
+}
+fn smoke_batch() -> u32 {
+    16
+}
+fn smoke_features() -> u32 {
+    8
+}
+fn smoke_hidden() -> u32 {
+    16
+}
+fn smoke_lr() -> f64 {
+    0.05
+}
+
+/// A training job, as written in `job.yaml`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// Human name (letters, digits, `-`, `_`, `.`).
+    pub name: String,
+    /// What the trainers run.
+    pub task: TaskKind,
+    /// Official-format task config (required for every task but `smoke`).
+    #[serde(default)]
+    pub config: Option<String>,
+    /// Keys patched into the task config.
+    #[serde(default)]
+    pub overrides: BTreeMap<String, serde_json::Value>,
+    /// Weights to start from.
+    #[serde(default)]
+    pub init_checkpoint: Option<String>,
+    /// Where checkpoints and logs go; defaults to `{coordinator storage}/{job id}`.
+    #[serde(default)]
+    pub output: Option<String>,
+    /// Data shards partitioned across ranks.
+    #[serde(default)]
+    pub data: DataSpec,
+    /// Worker count and devices per worker.
+    #[serde(default)]
+    pub workers: WorkersSpec,
+    /// Collective backend.
+    #[serde(default)]
+    pub backend: Backend,
+    /// Training steps (iterations); required by `smoke`, otherwise derived from the task config.
+    #[serde(default)]
+    pub steps: Option<u64>,
+    /// Root of every random draw.
+    #[serde(default = "seed")]
+    pub seed: u64,
+    /// Checkpoint cadence and retention.
+    #[serde(default)]
+    pub checkpoint: CheckpointSpec,
+    /// Restarts after a trainer failure or a lost worker before the job fails.
+    #[serde(default)]
+    pub max_restarts: u32,
+    /// Run evaluation after training.
+    #[serde(default)]
+    pub evaluate: bool,
+    /// Parameters of `task: smoke`.
+    #[serde(default)]
+    pub smoke: Option<SmokeSpec>,
+}
+
+/// The URL schemes job storage may use.
+pub const STORAGE_SCHEMES: [&str; 3] = ["file://", "s3://", "hdfs://"];
+
+impl JobSpec {
+    /// Reads `path` with the layering described in the module doc; `sets` are `key.path=value` flags.
+    /// Relative local paths (`config`, `data.shards` without a scheme) are made absolute against the
+    /// job file's directory, and the spec is validated.
+    pub fn load(path: &Path, sets: &[String]) -> Result<JobSpec, SpecError> {
+        if !path.is_file() {
+            return Err(SpecError::MissingFile(path.to_path_buf()));
+        }
+        let mut figment = Figment::new()
+            .merge(Yaml::file_exact(path))
+            .merge(Env::prefixed(ENV_PREFIX).split("__"));
+        for set in sets {
+            let (key, value) = set
+                .split_once('=')
+                .filter(|(k, _)| !k.trim().is_empty())
+                .ok_or_else(|| SpecError::BadOverride(set.clone()))?;
+            let value: figment::value::Value = value
+                .parse()
+                .map_err(|_| SpecError::BadOverride(set.clone()))?;
+            figment = figment.merge(Serialized::default(key.trim(), value));
+        }
+        let mut spec: JobSpec = figment
+            .extract()
+            .map_err(|e| SpecError::Parse(format_figment_error(e)))?;
+        let base = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        spec.resolve_paths(&base)?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// Parses the JSON form sent over the wire and validates it.
+    pub fn from_json(json: &str) -> Result<JobSpec, SpecError> {
+        let spec: JobSpec =
+            serde_json::from_str(json).map_err(|e| SpecError::Parse(format!("job spec: {e}")))?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// The JSON form sent over the wire.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Trainer processes of a generation with `workers` workers.
+    pub fn world_size(&self, workers: u32) -> u32 {
+        workers.saturating_mul(self.workers.devices_per_worker)
+    }
+
+    /// `smoke` parameters with defaults filled in.
+    pub fn smoke_params(&self) -> SmokeSpec {
+        self.smoke.clone().unwrap_or_default()
+    }
+
+    fn resolve_paths(&mut self, base: &Path) -> Result<(), SpecError> {
+        if let Some(config) = &self.config {
+            if !has_scheme(config) {
+                let abs = absolute(base, config);
+                if !abs.is_file() {
+                    return Err(invalid(
+                        "config",
+                        format!("file {} does not exist", abs.display()),
+                    ));
+                }
+                self.config = Some(abs.display().to_string());
+            }
+        }
+        for (i, shard) in self.data.shards.iter_mut().enumerate() {
+            if !has_scheme(shard) {
+                let abs = absolute(base, shard);
+                if !abs.exists() {
+                    return Err(invalid(
+                        &format!("data.shards[{i}]"),
+                        format!("{} does not exist", abs.display()),
+                    ));
+                }
+                *shard = format!("file://{}", abs.display());
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks every value against what is allowed; the error names the field.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.name.is_empty()
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(invalid(
+                "name",
+                format!(
+                    "{:?} must be non-empty and use only letters, digits, '-', '_', '.'",
+                    self.name
+                ),
+            ));
+        }
+        let w = &self.workers;
+        if w.min == 0 {
+            return Err(invalid("workers.min", "must be at least 1"));
+        }
+        if w.max_workers() < w.min {
+            return Err(invalid(
+                "workers.max",
+                format!("{} is below workers.min ({})", w.max_workers(), w.min),
+            ));
+        }
+        if w.devices_per_worker == 0 {
+            return Err(invalid("workers.devices_per_worker", "must be at least 1"));
+        }
+        let max_world = u64::from(w.max_workers()) * u64::from(w.devices_per_worker);
+        if max_world > u64::from(MAX_WORLD_SIZE) {
+            return Err(invalid(
+                "workers",
+                format!(
+                    "world size up to {} x {} = {max_world} exceeds the limit of {MAX_WORLD_SIZE}",
+                    w.max_workers(),
+                    w.devices_per_worker
+                ),
+            ));
+        }
+        match self.task {
+            TaskKind::Smoke => {
+                if self.steps.unwrap_or(0) == 0 {
+                    return Err(invalid("steps", "task smoke needs steps >= 1"));
+                }
+                let p = self.smoke_params();
+                if p.batch_size == 0 || p.features == 0 || p.hidden == 0 {
+                    return Err(invalid(
+                        "smoke",
+                        "batch_size, features and hidden must be at least 1",
+                    ));
+                }
+                if !(p.lr.is_finite() && p.lr > 0.0) {
+                    return Err(invalid(
+                        "smoke.lr",
+                        format!("{} must be a positive number", p.lr),
+                    ));
+                }
+            }
+            other => {
+                if self.config.is_none() {
+                    return Err(invalid(
+                        "config",
+                        format!("task {} needs an official task config", other.as_str()),
+                    ));
+                }
+                if self.smoke.is_some() {
+                    return Err(invalid("smoke", "only allowed with task: smoke"));
+                }
+            }
+        }
+        for (field, url) in [
+            ("output", self.output.as_deref()),
+            ("init_checkpoint", self.init_checkpoint.as_deref()),
+        ] {
+            if let Some(url) = url {
+                check_scheme(field, url)?;
+            }
+        }
+        for (i, shard) in self.data.shards.iter().enumerate() {
+            check_scheme(&format!("data.shards[{i}]"), shard)?;
+        }
+        Ok(())
+    }
+}
+
+fn has_scheme(s: &str) -> bool {
+    s.contains("://")
+}
+
+fn absolute(base: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    let joined = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    };
+    std::fs::canonicalize(&joined).unwrap_or(joined)
+}
+
+fn check_scheme(field: &str, url: &str) -> Result<(), SpecError> {
+    if STORAGE_SCHEMES.iter().any(|s| url.starts_with(s)) {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!(
+                "{url:?} must be a URL starting with one of {}",
+                STORAGE_SCHEMES.join(", ")
+            ),
+        ))
+    }
+}
+
+/// figment's messages say "for key default.x"; the profile name means nothing in job.yaml.
+fn format_figment_error(e: figment::Error) -> String {
+    e.into_iter()
+        .map(|e| e.to_string().replace("key \"default.", "key \""))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let path = dir.join("job.yaml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    const SMOKE: &str = "name: demo\ntask: smoke\nsteps: 10\nworkers: {min: 2}\n";
+
+    /// A minimal smoke job loads with every default filled in.
+    #[test]
+    fn loads_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = JobSpec::load(&write(dir.path(), SMOKE), &[]).unwrap();
+        assert_eq!(spec.workers.min, 2);
+        assert_eq!(spec.workers.max_workers(), 2);
+        assert_eq!(spec.seed, 42);
+        assert_eq!(spec.backend, Backend::Auto);
+        assert_eq!(spec.world_size(2), 2);
+        let back = JobSpec::from_json(&spec.to_json()).unwrap();
+        assert_eq!(back, spec);
+    }
+
+    /// `--set` flags win over the file, and values are typed.
+    #[test]
+    fn flags_override_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), SMOKE);
+        let spec = JobSpec::load(
+            &path,
+            &["steps=25".into(), "workers.devices_per_worker=2".into()],
+        )
+        .unwrap();
+        assert_eq!(spec.steps, Some(25));
+        assert_eq!(spec.world_size(2), 4);
+        assert!(matches!(
+            JobSpec::load(&path, &["novalue".into()]),
+            Err(SpecError::BadOverride(_))
+        ));
+    }
+
+    /// Unknown keys are errors naming the key and the allowed ones.
+    #[test]
+    fn unknown_key_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = JobSpec::load(&write(dir.path(), &format!("{SMOKE}stepz: 3\n")), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("stepz"), "{err}");
+        assert!(err.contains("max_restarts"), "{err}");
+        let err = JobSpec::load(
+            &write(dir.path(), &format!("{SMOKE}smoke: {{batchsize: 3}}\n")),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("batchsize"), "{err}");
+    }
+
+    /// Wrong types and bad enum values name the key.
+    #[test]
+    fn wrong_type_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = JobSpec::load(
+            &write(dir.path(), "name: a\ntask: smoke\nsteps: many\n"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("steps"), "{err}");
+        let err = JobSpec::load(&write(dir.path(), "name: a\ntask: dance\nsteps: 1\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("dance") && err.contains("pretrain"), "{err}");
+    }
+
+    /// Values outside the allowed ranges name their field.
+    #[test]
+    fn invalid_values_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            ("name: a\ntask: smoke\n", "steps"),
+            ("name: a\ntask: pretrain\n", "config"),
+            (
+                "name: a\ntask: smoke\nsteps: 1\nworkers: {min: 0}\n",
+                "workers.min",
+            ),
+            (
+                "name: a\ntask: smoke\nsteps: 1\nworkers: {min: 3, max: 2}\n",
+                "workers.max",
+            ),
+            (
+                "name: a\ntask: smoke\nsteps: 1\nworkers: {min: 100, devices_per_worker: 100}\n",
+                "workers",
+            ),
+            ("name: a\ntask: smoke\nsteps: 1\noutput: /tmp/x\n", "output"),
+            (
+                "name: a\ntask: smoke\nsteps: 1\nconfig: nope.yaml\n",
+                "config",
+            ),
+            ("name: 'a b'\ntask: smoke\nsteps: 1\n", "name"),
+        ];
+        for (text, field) in cases {
+            match JobSpec::load(&write(dir.path(), text), &[]) {
+                Err(SpecError::Invalid { field: f, .. }) => assert_eq!(f, field, "{text}"),
+                other => panic!("{text}: expected invalid {field}, got {other:?}"),
+            }
+        }
+    }
+
+    /// A missing job file is reported with its path.
+    #[test]
+    fn missing_file() {
+        let err = JobSpec::load(Path::new("/nonexistent/job.yaml"), &[]).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/job.yaml"));
+    }
+}

@@ -1,0 +1,101 @@
+//! A restarted coordinator still knows every job (redb store); `xvlm-coord` does not link libtorch;
+//! `xvlm-coord run --local-workers` runs a job with no other setup.
+
+use std::process::Command;
+use std::time::Duration;
+
+use xvlm_e2e::{bin, output_within, start_coordinator, text, write, Cluster};
+
+/// `ldd xvlm-coord` lists no libtorch/libc10 while `ldd xvlm-worker` does (so the check can fail).
+#[test]
+fn coordinator_does_not_link_libtorch() {
+    let ldd = |name: &str| {
+        let out = Command::new("ldd")
+            .arg(bin(name))
+            .output()
+            .expect("run ldd");
+        text(&out.stdout)
+    };
+    let coord = ldd("xvlm-coord");
+    assert!(
+        !coord.contains("torch") && !coord.contains("c10"),
+        "xvlm-coord links libtorch:\n{coord}"
+    );
+    let worker = ldd("xvlm-worker");
+    assert!(
+        worker.contains("libtorch_cpu"),
+        "ldd sanity: worker should link libtorch:\n{worker}"
+    );
+}
+
+/// Submit with no workers, kill the coordinator (SIGKILL, no shutdown path), restart it on the same
+/// state: the job is still there and then runs when a worker arrives.
+#[test]
+fn restarted_coordinator_keeps_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::start(dir.path());
+    let job = c.submit(&write(
+        dir.path(),
+        "job.yaml",
+        "name: kept\ntask: smoke\nsteps: 5\n",
+    ));
+    assert!(c.status(&job).contains("PENDING"));
+    c.coord.kill();
+    let (coord, url) = start_coordinator(dir.path());
+    c.coord = coord;
+    c.url = url;
+    let status = c.status(&job);
+    assert!(
+        status.contains(&job) && status.contains("PENDING"),
+        "{status}"
+    );
+    c.add_worker("w0", 1);
+    let watch = c.cli(&["watch", &job]);
+    assert!(
+        watch.status.success(),
+        "{}\n{}",
+        text(&watch.stdout),
+        c.logs()
+    );
+    let next = c.submit(&write(
+        dir.path(),
+        "two.yaml",
+        "name: two\ntask: smoke\nsteps: 2\n",
+    ));
+    assert_eq!(next, "job-0002", "job ids continue after a restart");
+}
+
+/// One command: coordinator and 2 local workers, job to completion, exit 0.
+#[test]
+fn run_with_local_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = write(
+        dir.path(),
+        "job.yaml",
+        "name: local\ntask: smoke\nsteps: 10\nworkers: {min: 2}\n",
+    );
+    let mut cmd = Command::new(bin("xvlm-coord"));
+    cmd.args([
+        "run",
+        job.to_str().unwrap(),
+        "--local-workers",
+        "2",
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .arg("--state-dir")
+    .arg(dir.path().join("state"))
+    .current_dir(dir.path())
+    .env("XVLM_WORKER_BIN", bin("xvlm-worker"));
+    let out = output_within(&mut cmd, Duration::from_secs(60));
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    assert!(
+        stdout.contains("job-0001 SUCCEEDED gen=1 world=2 step=10/10"),
+        "{stdout}"
+    );
+    assert!(dir
+        .path()
+        .join("runs/job-0001/final/model.safetensors")
+        .is_file());
+}

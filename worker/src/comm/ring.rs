@@ -1,0 +1,650 @@
+//! The CPU collective backend: a ring over TCP. Each rank holds one connection to the next rank (it
+//! sends) and one from the previous rank (it receives). All-reduce is reduce-scatter then all-gather
+//! around the ring (each rank moves 2(N-1)/N of the buffer); within a step the send runs on a scoped
+//! thread while the receive side reduces chunk by chunk as data arrives, so transfer and reduction
+//! overlap.
+
+use std::cell::RefCell;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use tch::{Device, Kind, Tensor};
+use xvlm_model::collective::{Collective, CollectiveError};
+
+use super::shm::{self, ShmReceiver, ShmSender};
+
+/// Received data is reduced in pieces of this size while the rest is still in flight.
+const CHUNK_BYTES: usize = 1 << 20;
+const MAGIC: u32 = 0x5856_4c4d; // "XVLM"
+
+/// Ring collective over TCP sockets.
+pub struct RingCollective {
+    rank: usize,
+    world: usize,
+    links: Option<RefCell<Links>>,
+}
+
+struct Links {
+    next: Tx,
+    prev: Rx,
+    /// 8-byte aligned receive buffer for reduce steps.
+    scratch: Vec<u64>,
+}
+
+/// How bytes reach the next rank: TCP, or shared memory when it runs on this host.
+enum Tx {
+    Tcp(TcpStream),
+    Shm(ShmSender),
+}
+
+/// How bytes arrive from the previous rank.
+enum Rx {
+    Tcp(TcpStream),
+    Shm(ShmReceiver),
+}
+
+impl Tx {
+    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            Tx::Tcp(s) => s.write_all(bytes),
+            Tx::Shm(s) => s.write_all(bytes),
+        }
+    }
+}
+
+impl Rx {
+    fn read_exact(&mut self, buf: &mut [u8]) -> std::io::Result<()> {
+        match self {
+            Rx::Tcp(s) => s.read_exact(buf),
+            Rx::Shm(s) => s.receive(buf.len(), |off, piece| {
+                buf[off..off + piece.len()].copy_from_slice(piece)
+            }),
+        }
+    }
+}
+
+fn fail(op: &'static str, rank: usize, reason: impl std::fmt::Display) -> CollectiveError {
+    CollectiveError::Failed {
+        op,
+        rank,
+        reason: reason.to_string(),
+    }
+}
+
+impl RingCollective {
+    /// Connects rank `rank` of `peers.len()` ranks: accepts the previous rank on `listener` and
+    /// connects to the next rank's address, retrying until `timeout`. `tag` (e.g. the generation) must
+    /// agree on both ends, so a stale peer is refused. Neighbours on the same host switch to shared
+    /// memory unless `XVLM_RING_TRANSPORT=tcp`.
+    pub fn connect(
+        rank: usize,
+        listener: Option<TcpListener>,
+        peers: &[String],
+        tag: u64,
+        timeout: Duration,
+    ) -> Result<Self, CollectiveError> {
+        let allow_shm = std::env::var("XVLM_RING_TRANSPORT").map_or(true, |v| v != "tcp");
+        Self::connect_with(rank, listener, peers, tag, timeout, allow_shm)
+    }
+
+    /// [`RingCollective::connect`] with the shared-memory choice explicit.
+    pub fn connect_with(
+        rank: usize,
+        listener: Option<TcpListener>,
+        peers: &[String],
+        tag: u64,
+        timeout: Duration,
+        allow_shm: bool,
+    ) -> Result<Self, CollectiveError> {
+        let world = peers.len();
+        if world <= 1 {
+            return Ok(RingCollective {
+                rank,
+                world: world.max(1),
+                links: None,
+            });
+        }
+        let listener = listener.ok_or_else(|| fail("connect", rank, "no listening socket"))?;
+        let deadline = Instant::now() + timeout;
+        let prev_rank = (rank + world - 1) % world;
+        let accept = std::thread::spawn(move || -> Result<TcpStream, String> {
+            listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+            loop {
+                match listener.accept() {
+                    Ok((mut stream, _)) => {
+                        stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+                        stream
+                            .set_read_timeout(Some(Duration::from_secs(10)))
+                            .map_err(|e| e.to_string())?;
+                        let mut hello = [0u8; 24];
+                        if stream.read_exact(&mut hello).is_err() {
+                            continue;
+                        }
+                        let (magic, from, their_world, their_tag) = decode_hello(&hello);
+                        if magic == MAGIC
+                            && from == prev_rank
+                            && their_world == world
+                            && their_tag == tag
+                        {
+                            return Ok(stream);
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if Instant::now() > deadline {
+                            return Err(format!("rank {prev_rank} did not connect in time"));
+                        }
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+        });
+        let next_addr = &peers[(rank + 1) % world];
+        let mut next = loop {
+            match TcpStream::connect(next_addr) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => {
+                    return Err(fail("connect", rank, format!("{next_addr}: {e}")))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        next.write_all(&encode_hello(rank, world, tag))
+            .map_err(|e| fail("connect", rank, e))?;
+        let prev = accept
+            .join()
+            .map_err(|_| fail("connect", rank, "accept thread panicked"))?
+            .map_err(|e| fail("connect", rank, e))?;
+        for s in [&next, &prev] {
+            s.set_nodelay(true).map_err(|e| fail("connect", rank, e))?;
+        }
+        // A dead peer shows up as EOF/RST; the timeout only guards against a silent hang.
+        let stall = Duration::from_secs(600);
+        prev.set_read_timeout(Some(stall))
+            .map_err(|e| fail("connect", rank, e))?;
+        let same_host = host_of(next_addr) == host_of(&peers[rank]) || is_loopback(next_addr);
+        let (next, prev) = negotiate(rank, tag, next, prev, allow_shm && same_host, stall)
+            .map_err(|e| fail("connect", rank, e))?;
+        Ok(RingCollective {
+            rank,
+            world,
+            links: Some(RefCell::new(Links {
+                next,
+                prev,
+                scratch: vec![0u64; CHUNK_BYTES / 8],
+            })),
+        })
+    }
+
+    /// Whether the links to the next and previous ranks use shared memory.
+    pub fn uses_shared_memory(&self) -> (bool, bool) {
+        match &self.links {
+            Some(l) => {
+                let l = l.borrow();
+                (matches!(l.next, Tx::Shm(_)), matches!(l.prev, Rx::Shm(_)))
+            }
+            None => (false, false),
+        }
+    }
+
+    /// Sends a small header (operation, byte count) around the ring and checks the previous rank's
+    /// matches, so mismatched calls fail loudly instead of mixing data.
+    fn handshake(
+        &self,
+        links: &mut Links,
+        op: &'static str,
+        code: u32,
+        bytes: u64,
+    ) -> Result<(), CollectiveError> {
+        let mut header = [0u8; 12];
+        header[..4].copy_from_slice(&code.to_le_bytes());
+        header[4..].copy_from_slice(&bytes.to_le_bytes());
+        links
+            .next
+            .write_all(&header)
+            .map_err(|e| fail(op, self.rank, e))?;
+        let mut theirs = [0u8; 12];
+        links
+            .prev
+            .read_exact(&mut theirs)
+            .map_err(|e| fail(op, self.rank, e))?;
+        if theirs != header {
+            return Err(fail(
+                op,
+                self.rank,
+                format!(
+                    "previous rank called op {} with {} bytes, this rank op {code} with {bytes} bytes",
+                    u32::from_le_bytes(theirs[..4].try_into().unwrap_or_default()),
+                    u64::from_le_bytes(theirs[4..].try_into().unwrap_or_default())
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// In-place ring all-reduce of a typed buffer.
+    fn all_reduce_slice<T: Element>(&self, data: &mut [T]) -> Result<(), CollectiveError> {
+        let Some(links) = &self.links else {
+            return Ok(());
+        };
+        let links = &mut *links.borrow_mut();
+        let op = "all_reduce_sum";
+        self.handshake(links, op, 1, std::mem::size_of_val(data) as u64)?;
+        let (w, r) = (self.world, self.rank);
+        let n = data.len();
+        let bounds = |seg: usize| (seg * n / w, (seg + 1) * n / w);
+        let base = data.as_mut_ptr();
+        // Reduce-scatter: after step s, segment (r - s - 1) holds s + 2 contributions.
+        for s in 0..w - 1 {
+            let (ss, se) = bounds((r + w - s) % w);
+            let (rs, re) = bounds((r + 2 * w - s - 1) % w);
+            // SAFETY: send and receive segments are disjoint ranges of `data` (w >= 2).
+            let send = unsafe {
+                std::slice::from_raw_parts(base.add(ss) as *const u8, (se - ss) * T::SIZE)
+            };
+            let recv = unsafe { std::slice::from_raw_parts_mut(base.add(rs), re - rs) };
+            let Links {
+                next,
+                prev,
+                scratch,
+            } = links;
+            exchange(next, send, || reduce_from(prev, recv, scratch))
+                .map_err(|e| fail(op, r, e))?;
+        }
+        // All-gather: pass the finished segments around.
+        for s in 0..w - 1 {
+            let (ss, se) = bounds((r + 1 + w - s) % w);
+            let (rs, re) = bounds((r + w - s) % w);
+            // SAFETY: as above.
+            let send = unsafe {
+                std::slice::from_raw_parts(base.add(ss) as *const u8, (se - ss) * T::SIZE)
+            };
+            let recv = unsafe {
+                std::slice::from_raw_parts_mut(base.add(rs) as *mut u8, (re - rs) * T::SIZE)
+            };
+            let Links { next, prev, .. } = links;
+            exchange(next, send, || prev.read_exact(recv)).map_err(|e| fail(op, r, e))?;
+        }
+        Ok(())
+    }
+
+    /// All-gather of equal-sized byte blocks: `out` has `world` blocks, this rank's already in place.
+    fn all_gather_bytes(&self, out: &mut [u8]) -> Result<(), CollectiveError> {
+        let Some(links) = &self.links else {
+            return Ok(());
+        };
+        let links = &mut *links.borrow_mut();
+        let op = "all_gather";
+        self.handshake(links, op, 2, out.len() as u64)?;
+        let (w, r) = (self.world, self.rank);
+        let block = out.len() / w;
+        let base = out.as_mut_ptr();
+        for s in 0..w - 1 {
+            let send_block = (r + w - s) % w;
+            let recv_block = (r + 2 * w - s - 1) % w;
+            // SAFETY: distinct blocks of `out`.
+            let send = unsafe { std::slice::from_raw_parts(base.add(send_block * block), block) };
+            let recv =
+                unsafe { std::slice::from_raw_parts_mut(base.add(recv_block * block), block) };
+            let Links { next, prev, .. } = links;
+            exchange(next, send, || prev.read_exact(recv)).map_err(|e| fail(op, r, e))?;
+        }
+        Ok(())
+    }
+
+    /// Pipelined broadcast along the ring from `root`.
+    fn broadcast_bytes(&self, data: &mut [u8], root: usize) -> Result<(), CollectiveError> {
+        let Some(links) = &self.links else {
+            return Ok(());
+        };
+        let links = &mut *links.borrow_mut();
+        let op = "broadcast";
+        self.handshake(links, op, 3 + root as u32 * 16, data.len() as u64)?;
+        let (w, r) = (self.world, self.rank);
+        let forwards = (r + 1) % w != root;
+        for chunk in data.chunks_mut(CHUNK_BYTES) {
+            if r != root {
+                links.prev.read_exact(chunk).map_err(|e| fail(op, r, e))?;
+            }
+            if forwards {
+                links.next.write_all(chunk).map_err(|e| fail(op, r, e))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes `send` to `next` on a scoped thread while `recv` runs here.
+fn exchange(
+    next: &mut Tx,
+    send: &[u8],
+    recv: impl FnOnce() -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    std::thread::scope(|scope| {
+        let sender = scope.spawn(|| next.write_all(send));
+        let received = recv();
+        let sent = sender
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("send thread panicked")));
+        received.and(sent)
+    })
+}
+
+/// Receives `dst.len()` elements piece by piece and adds them into `dst`: straight out of shared
+/// memory, or through `scratch` from TCP.
+fn reduce_from<T: Element>(
+    prev: &mut Rx,
+    dst: &mut [T],
+    scratch: &mut [u64],
+) -> std::io::Result<()> {
+    let prev = match prev {
+        Rx::Shm(rx) => {
+            let len = std::mem::size_of_val(dst);
+            return rx.receive(len, |off, piece| {
+                let start = off / T::SIZE;
+                // SAFETY: pieces start at 8-byte aligned offsets of the mapping and hold whole elements.
+                let src = unsafe {
+                    std::slice::from_raw_parts(piece.as_ptr() as *const T, piece.len() / T::SIZE)
+                };
+                T::add_assign(&mut dst[start..start + src.len()], src);
+            });
+        }
+        Rx::Tcp(s) => s,
+    };
+    let per_chunk = (scratch.len() * 8) / T::SIZE;
+    for part in dst.chunks_mut(per_chunk) {
+        // SAFETY: scratch is 8-byte aligned and large enough for `part.len()` elements of T.
+        let buf = unsafe {
+            std::slice::from_raw_parts_mut(scratch.as_mut_ptr() as *mut u8, part.len() * T::SIZE)
+        };
+        prev.read_exact(buf)?;
+        let src = unsafe { std::slice::from_raw_parts(scratch.as_ptr() as *const T, part.len()) };
+        T::add_assign(part, src);
+    }
+    Ok(())
+}
+
+/// Element types the ring reduces natively.
+trait Element: Copy + Send + Sync {
+    const SIZE: usize = std::mem::size_of::<Self>();
+    fn add_assign(dst: &mut [Self], src: &[Self]);
+}
+
+macro_rules! element {
+    ($($t:ty),*) => {$(
+        impl Element for $t {
+            fn add_assign(dst: &mut [Self], src: &[Self]) {
+                for (d, s) in dst.iter_mut().zip(src) {
+                    *d += *s;
+                }
+            }
+        }
+    )*};
+}
+element!(f32, f64, i32, i64);
+
+fn host_of(addr: &str) -> &str {
+    addr.rsplit_once(':').map_or(addr, |(h, _)| h)
+}
+
+fn is_loopback(addr: &str) -> bool {
+    matches!(host_of(addr), "localhost" | "[::1]") || host_of(addr).starts_with("127.")
+}
+
+/// Offers the next rank a shared-memory channel and answers the previous rank's offer; a refused or
+/// failed offer keeps TCP. Offers are tiny, so writing before reading cannot deadlock.
+fn negotiate(
+    rank: usize,
+    tag: u64,
+    mut next: TcpStream,
+    mut prev: TcpStream,
+    offer: bool,
+    stall: Duration,
+) -> std::io::Result<(Tx, Rx)> {
+    let mut pending = None;
+    if offer {
+        let path = shm::channel_path(tag, rank);
+        match ShmSender::create(&path, next.try_clone()?, stall) {
+            Ok(sender) => {
+                let bytes = path.to_string_lossy().into_owned().into_bytes();
+                next.write_all(&[1])?;
+                next.write_all(&(bytes.len() as u16).to_le_bytes())?;
+                next.write_all(&bytes)?;
+                pending = Some((sender, path));
+            }
+            Err(_) => next.write_all(&[0])?,
+        }
+    } else {
+        next.write_all(&[0])?;
+    }
+    let mut flag = [0u8; 1];
+    prev.read_exact(&mut flag)?;
+    let rx = if flag[0] == 1 {
+        let mut len = [0u8; 2];
+        prev.read_exact(&mut len)?;
+        let mut path = vec![0u8; u16::from_le_bytes(len) as usize];
+        prev.read_exact(&mut path)?;
+        let path = std::path::PathBuf::from(String::from_utf8_lossy(&path).into_owned());
+        match ShmReceiver::open(&path, prev.try_clone()?, stall) {
+            Ok(rx) => {
+                prev.write_all(&[1])?;
+                Rx::Shm(rx)
+            }
+            Err(_) => {
+                prev.write_all(&[0])?;
+                Rx::Tcp(prev)
+            }
+        }
+    } else {
+        Rx::Tcp(prev)
+    };
+    let tx = match pending {
+        Some((sender, path)) => {
+            let mut answer = [0u8; 1];
+            next.read_exact(&mut answer)?;
+            if answer[0] == 1 {
+                Tx::Shm(sender)
+            } else {
+                let _ = std::fs::remove_file(path);
+                Tx::Tcp(next)
+            }
+        }
+        None => Tx::Tcp(next),
+    };
+    Ok((tx, rx))
+}
+
+fn encode_hello(rank: usize, world: usize, tag: u64) -> [u8; 24] {
+    let mut b = [0u8; 24];
+    b[..4].copy_from_slice(&MAGIC.to_le_bytes());
+    b[4..8].copy_from_slice(&(rank as u32).to_le_bytes());
+    b[8..16].copy_from_slice(&(world as u64).to_le_bytes());
+    b[16..24].copy_from_slice(&tag.to_le_bytes());
+    b
+}
+
+fn decode_hello(b: &[u8; 24]) -> (u32, usize, usize, u64) {
+    let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let u64_at = |i: usize| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&b[i..i + 8]);
+        u64::from_le_bytes(a)
+    };
+    (
+        u32_at(0),
+        u32_at(4) as usize,
+        u64_at(8) as usize,
+        u64_at(16),
+    )
+}
+
+/// A CPU contiguous copy (or the tensor itself when it already is one) in a kind the ring reduces.
+fn host_view(t: &Tensor, op: &'static str, rank: usize) -> Result<(Tensor, bool), CollectiveError> {
+    if !t.defined() {
+        return Err(fail(op, rank, "undefined tensor"));
+    }
+    let native = matches!(
+        t.kind(),
+        Kind::Float | Kind::Double | Kind::Int | Kind::Int64
+    );
+    if t.device() == Device::Cpu && t.is_contiguous() && native {
+        return Ok((t.shallow_clone(), false));
+    }
+    let kind = if native { t.kind() } else { Kind::Float };
+    Ok((t.to_device(Device::Cpu).to_kind(kind).contiguous(), true))
+}
+
+fn tensor_bytes(t: &mut Tensor) -> &mut [u8] {
+    let len = t.numel() * t.kind().elt_size_in_bytes();
+    if len == 0 {
+        return &mut [];
+    }
+    // SAFETY: `t` is a contiguous CPU tensor that outlives the returned slice in every caller, and no
+    // other view of it is used while the slice lives.
+    unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut u8, len) }
+}
+
+impl Collective for RingCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<(), CollectiveError> {
+        if self.world == 1 {
+            return Ok(());
+        }
+        let op = "all_reduce_sum";
+        let (host, copied) = host_view(tensor, op, self.rank)?;
+        let n = host.numel();
+        let ptr = host.data_ptr();
+        // SAFETY: `host` is contiguous on the CPU with `n` elements of the matched kind.
+        unsafe {
+            match host.kind() {
+                Kind::Float => {
+                    self.all_reduce_slice(std::slice::from_raw_parts_mut(ptr as *mut f32, n))
+                }
+                Kind::Double => {
+                    self.all_reduce_slice(std::slice::from_raw_parts_mut(ptr as *mut f64, n))
+                }
+                Kind::Int => {
+                    self.all_reduce_slice(std::slice::from_raw_parts_mut(ptr as *mut i32, n))
+                }
+                _ => self.all_reduce_slice(std::slice::from_raw_parts_mut(ptr as *mut i64, n)),
+            }
+        }?;
+        if copied {
+            tch::no_grad(|| tensor.copy_(&host));
+        }
+        Ok(())
+    }
+
+    fn all_gather(&self, tensor: &Tensor) -> Result<Vec<Tensor>, CollectiveError> {
+        if self.world == 1 {
+            return Ok(vec![tensor.shallow_clone()]);
+        }
+        let op = "all_gather";
+        if !tensor.defined() {
+            return Err(fail(op, self.rank, "undefined tensor"));
+        }
+        let mut local = tensor.detach().to_device(Device::Cpu).contiguous();
+        let block = local.numel() * local.kind().elt_size_in_bytes();
+        let mut out = vec![0u8; block * self.world];
+        out[self.rank * block..(self.rank + 1) * block].copy_from_slice(tensor_bytes(&mut local));
+        self.all_gather_bytes(&mut out)?;
+        let shape = tensor.size();
+        (0..self.world)
+            .map(|r| {
+                if r == self.rank {
+                    return Ok(tensor.shallow_clone());
+                }
+                Tensor::f_from_data_size(&out[r * block..(r + 1) * block], &shape, tensor.kind())
+                    .and_then(|t| t.f_to_device(tensor.device()))
+                    .map_err(|e| fail(op, self.rank, e))
+            })
+            .collect()
+    }
+
+    fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<(), CollectiveError> {
+        if self.world == 1 {
+            return Ok(());
+        }
+        let op = "broadcast";
+        if root >= self.world {
+            return Err(fail(
+                op,
+                self.rank,
+                format!("root {root} >= world {}", self.world),
+            ));
+        }
+        let mut host = tensor.detach().to_device(Device::Cpu).contiguous();
+        self.broadcast_bytes(tensor_bytes(&mut host), root)?;
+        // When `host` is the tensor's own storage the bytes already landed in place.
+        if host.data_ptr() != tensor.data_ptr() {
+            tch::no_grad(|| tensor.copy_(&host));
+        }
+        Ok(())
+    }
+
+    fn barrier(&self) -> Result<(), CollectiveError> {
+        let mut t = Tensor::from_slice(&[1i64]);
+        self.all_reduce_sum(&mut t)?;
+        let got = t.int64_value(&[0]);
+        if got != self.world as i64 {
+            return Err(fail(
+                "barrier",
+                self.rank,
+                format!("counted {got} ranks, expected {}", self.world),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Binds `world` loopback listeners and connects a ring on threads: for tests and the benchmark.
+pub fn local_ring(world: usize) -> Result<Vec<RingCollective>, CollectiveError> {
+    local_ring_with(world, true)
+}
+
+/// [`local_ring`] choosing whether neighbours may use shared memory (else TCP only).
+pub fn local_ring_with(
+    world: usize,
+    allow_shm: bool,
+) -> Result<Vec<RingCollective>, CollectiveError> {
+    let listeners: Vec<TcpListener> = (0..world)
+        .map(|r| TcpListener::bind("127.0.0.1:0").map_err(|e| fail("connect", r, e)))
+        .collect::<Result<_, _>>()?;
+    let peers: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.to_string()).unwrap_or_default())
+        .collect();
+    let handles: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(rank, l)| {
+            let peers = peers.clone();
+            std::thread::spawn(move || {
+                RingCollective::connect_with(
+                    rank,
+                    Some(l),
+                    &peers,
+                    7,
+                    Duration::from_secs(30),
+                    allow_shm,
+                )
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .enumerate()
+        .map(|(r, h)| {
+            h.join()
+                .map_err(|_| fail("connect", r, "thread panicked"))?
+        })
+        .collect()
+}

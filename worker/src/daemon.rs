@@ -1,0 +1,531 @@
+//! The node daemon: registers its devices, keeps a heartbeat stream open (reports up, commands down),
+//! prepares rendezvous data, spawns and supervises one trainer process per slot, and stops them on
+//! command, on shutdown, or when the coordinator has been unreachable for longer than the grace period.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::net::TcpListener;
+use std::os::fd::OwnedFd;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::{info, warn};
+use xvlm_proto::spec::{Backend, JobSpec};
+use xvlm_proto::v1::workers_client::WorkersClient;
+use xvlm_proto::{v1, PROTOCOL_VERSION};
+
+use crate::comm::nccl;
+use crate::error::WorkerError;
+use crate::process;
+use crate::trainer::{Assignment, ProgressLine};
+
+/// How the daemon runs.
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    /// Coordinator URL.
+    pub coordinator: String,
+    /// This node's name (its worker id).
+    pub name: String,
+    /// Host peers reach this node's ring sockets on.
+    pub host: String,
+    /// Devices to register.
+    pub devices: Vec<v1::Device>,
+    /// Where assignments, pid files and trainer logs go.
+    pub work_dir: PathBuf,
+    /// Trainers keep running this long while the coordinator is unreachable.
+    pub grace: Duration,
+    /// The binary trainers run (`xvlm-worker` itself).
+    pub exe: PathBuf,
+}
+
+type Key = (String, u64);
+
+enum TrainerEvent {
+    Progress(v1::RankProgress),
+    Exit(v1::TrainerExit),
+}
+
+#[derive(Default)]
+struct Generation {
+    listeners: HashMap<u32, OwnedFd>,
+    /// Rank -> pid (process group id) of running trainers.
+    children: HashMap<u32, u32>,
+    /// Ranks whose exit is known.
+    exited: Vec<u32>,
+    slots: Vec<u32>,
+}
+
+impl Generation {
+    fn done(&self) -> bool {
+        self.slots.iter().all(|r| self.exited.contains(r))
+    }
+}
+
+enum SessionEnd {
+    Shutdown,
+    Lost(String),
+}
+
+/// The daemon's state across coordinator sessions.
+pub struct Daemon {
+    cfg: DaemonConfig,
+    cuda: bool,
+    gens: BTreeMap<Key, Generation>,
+    events_tx: mpsc::UnboundedSender<TrainerEvent>,
+    events_rx: mpsc::UnboundedReceiver<TrainerEvent>,
+    ready: Vec<v1::RankReady>,
+    progress: BTreeMap<(String, u64, u32), v1::RankProgress>,
+    exits: Vec<v1::TrainerExit>,
+}
+
+/// Runs the daemon until `shutdown` resolves; then stops every trainer.
+pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
+    std::fs::create_dir_all(&cfg.work_dir).map_err(|e| WorkerError::io(&cfg.work_dir, e))?;
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let cuda = cfg
+        .devices
+        .iter()
+        .all(|d| d.kind == v1::DeviceKind::Cuda as i32);
+    let mut d = Daemon {
+        cfg,
+        cuda,
+        gens: BTreeMap::new(),
+        events_tx,
+        events_rx,
+        ready: Vec::new(),
+        progress: BTreeMap::new(),
+        exits: Vec::new(),
+    };
+    tokio::pin!(shutdown);
+    let mut backoff = Duration::from_millis(200);
+    let mut lost_since: Option<Instant> = None;
+    loop {
+        match d
+            .session(&mut shutdown, &mut backoff, &mut lost_since)
+            .await
+        {
+            SessionEnd::Shutdown => break,
+            SessionEnd::Lost(why) => {
+                let since = *lost_since.get_or_insert_with(Instant::now);
+                warn!(
+                    coordinator = d.cfg.coordinator,
+                    error = why,
+                    "coordinator unreachable; retrying"
+                );
+                if since.elapsed() > d.cfg.grace && !d.gens.is_empty() {
+                    warn!("grace period over: stopping every trainer");
+                    d.stop_all().await;
+                }
+            }
+        }
+        let wait = tokio::time::sleep(backoff);
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+        tokio::select! {
+            _ = wait => {}
+            _ = &mut shutdown => break,
+            Some(ev) = d.events_rx.recv() => d.absorb(ev),
+        }
+    }
+    info!("shutting down: stopping trainers");
+    d.stop_all().await;
+    Ok(())
+}
+
+impl Daemon {
+    async fn session(
+        &mut self,
+        shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+        backoff: &mut Duration,
+        lost_since: &mut Option<Instant>,
+    ) -> SessionEnd {
+        let mut client = match WorkersClient::connect(self.cfg.coordinator.clone()).await {
+            Ok(c) => c,
+            Err(e) => return SessionEnd::Lost(e.to_string()),
+        };
+        let reply = match client
+            .register(v1::RegisterRequest {
+                protocol_version: PROTOCOL_VERSION,
+                name: self.cfg.name.clone(),
+                host: self.cfg.host.clone(),
+                devices: self.cfg.devices.clone(),
+            })
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(e) => return SessionEnd::Lost(e.message().to_string()),
+        };
+        info!(
+            worker = reply.worker_id,
+            devices = self.cfg.devices.len(),
+            "registered"
+        );
+        let beat = Duration::from_millis(reply.heartbeat_interval_ms.max(100));
+        let (out_tx, out_rx) = mpsc::channel(256);
+        if out_tx
+            .send(self.take_report(&reply.worker_id))
+            .await
+            .is_err()
+        {
+            return SessionEnd::Lost("report channel closed".into());
+        }
+        let mut inbound = match client.heartbeat(ReceiverStream::new(out_rx)).await {
+            Ok(r) => r.into_inner(),
+            Err(e) => return SessionEnd::Lost(e.message().to_string()),
+        };
+        *backoff = Duration::from_millis(200);
+        *lost_since = None;
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        let mut last_beat = Instant::now();
+        loop {
+            let mut urgent = false;
+            tokio::select! {
+                msg = inbound.message() => match msg {
+                    Ok(Some(cmd)) => { self.handle(cmd).await; urgent = true; }
+                    Ok(None) => return SessionEnd::Lost("heartbeat stream ended".into()),
+                    Err(e) => return SessionEnd::Lost(e.message().to_string()),
+                },
+                Some(ev) = self.events_rx.recv() => {
+                    urgent = matches!(ev, TrainerEvent::Exit(_));
+                    self.absorb(ev);
+                }
+                _ = tick.tick() => {}
+                _ = &mut *shutdown => return SessionEnd::Shutdown,
+            }
+            let has_news = !self.ready.is_empty() || !self.exits.is_empty();
+            let due = last_beat.elapsed() >= beat || (!self.progress.is_empty() && !urgent);
+            if has_news || due {
+                last_beat = Instant::now();
+                if out_tx
+                    .send(self.take_report(&reply.worker_id))
+                    .await
+                    .is_err()
+                {
+                    return SessionEnd::Lost("heartbeat stream closed".into());
+                }
+            }
+        }
+    }
+
+    fn take_report(&mut self, worker: &str) -> v1::WorkerReport {
+        v1::WorkerReport {
+            worker_id: worker.to_string(),
+            running: self
+                .gens
+                .keys()
+                .map(|(job, generation)| v1::RunningGeneration {
+                    job_id: job.clone(),
+                    generation: *generation,
+                })
+                .collect(),
+            ready: std::mem::take(&mut self.ready),
+            progress: std::mem::take(&mut self.progress).into_values().collect(),
+            exits: std::mem::take(&mut self.exits),
+        }
+    }
+
+    fn absorb(&mut self, ev: TrainerEvent) {
+        match ev {
+            TrainerEvent::Progress(p) => {
+                self.progress
+                    .insert((p.job_id.clone(), p.generation, p.rank), p);
+            }
+            TrainerEvent::Exit(e) => {
+                let key = (e.job_id.clone(), e.generation);
+                if let Some(g) = self.gens.get_mut(&key) {
+                    g.children.remove(&e.rank);
+                    g.exited.push(e.rank);
+                    if g.done() {
+                        self.gens.remove(&key);
+                    }
+                }
+                info!(
+                    job = e.job_id,
+                    generation = e.generation,
+                    rank = e.rank,
+                    code = e.code,
+                    "trainer exited"
+                );
+                self.exits.push(e);
+            }
+        }
+    }
+
+    async fn handle(&mut self, cmd: v1::CoordinatorCommand) {
+        use v1::coordinator_command::Command as C;
+        match cmd.command {
+            Some(C::Prepare(p)) => self.prepare(p),
+            Some(C::Start(s)) => self.start(s),
+            Some(C::Stop(s)) => self.stop(&s.job_id, s.generation, &s.reason),
+            None => {}
+        }
+    }
+
+    fn prepare(&mut self, p: v1::PrepareRanks) {
+        info!(
+            job = p.job_id,
+            generation = p.generation,
+            ranks = p.slots.len(),
+            "preparing ranks"
+        );
+        let key = (p.job_id.clone(), p.generation);
+        let gen = self.gens.entry(key).or_default();
+        let bind_ip = match self.cfg.host.parse::<std::net::IpAddr>() {
+            Ok(ip) => ip,
+            Err(_) => std::net::IpAddr::from([0, 0, 0, 0]),
+        };
+        for slot in &p.slots {
+            gen.slots.push(slot.rank);
+            let mut ready = v1::RankReady {
+                job_id: p.job_id.clone(),
+                generation: p.generation,
+                rank: slot.rank,
+                ..Default::default()
+            };
+            match TcpListener::bind((bind_ip, 0)).and_then(|l| l.local_addr().map(|a| (l, a))) {
+                Ok((listener, addr)) => {
+                    ready.ring_address = format!("{}:{}", self.cfg.host, addr.port());
+                    gen.listeners.insert(slot.rank, OwnedFd::from(listener));
+                }
+                Err(e) => ready.error = format!("cannot bind a ring socket: {e}"),
+            }
+            if slot.rank == 0 && p.backend == Backend::Nccl.as_str() && p.world_size > 1 {
+                match nccl::unique_id() {
+                    Ok(id) => ready.nccl_unique_id = id,
+                    Err(e) => ready.error = e,
+                }
+            }
+            self.ready.push(ready);
+        }
+    }
+
+    fn start(&mut self, s: v1::StartGeneration) {
+        let key = (s.job_id.clone(), s.generation);
+        let spec = JobSpec::from_json(&s.spec_json);
+        let backend = Backend::parse(&s.backend).unwrap_or_default();
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            / s.slots.len().max(1);
+        let dir = self
+            .cfg
+            .work_dir
+            .join(&s.job_id)
+            .join(format!("g{}", s.generation));
+        for (i, slot) in s.slots.iter().enumerate() {
+            let exit = |message: String| v1::TrainerExit {
+                job_id: s.job_id.clone(),
+                generation: s.generation,
+                rank: slot.rank,
+                code: 127,
+                message,
+            };
+            let Some(gen) = self.gens.get_mut(&key) else {
+                self.exits
+                    .push(exit("start without prepare (worker restarted?)".into()));
+                continue;
+            };
+            let spec = match &spec {
+                Ok(spec) => spec.clone(),
+                Err(e) => {
+                    gen.exited.push(slot.rank);
+                    self.exits.push(exit(format!("bad job spec: {e}")));
+                    continue;
+                }
+            };
+            let assignment = Assignment {
+                job_id: s.job_id.clone(),
+                generation: s.generation,
+                rank: slot.rank as usize,
+                local_rank: slot.local_rank as usize,
+                world: s.world_size as usize,
+                device: slot.device,
+                cuda: self.cuda,
+                backend,
+                peers: s.peers.clone(),
+                nccl_id: s.nccl_unique_id.clone(),
+                spec,
+                output: s.output.clone(),
+                shards: s.shards.get(i).map(|l| l.files.clone()).unwrap_or_default(),
+                start_step: s.start_step,
+                threads: threads.max(1),
+            };
+            let listener = gen.listeners.remove(&slot.rank);
+            match spawn(&self.cfg.exe, &dir, &assignment, listener.as_ref()) {
+                Ok((child, pid)) => {
+                    info!(
+                        job = s.job_id,
+                        generation = s.generation,
+                        rank = slot.rank,
+                        pid,
+                        "trainer started"
+                    );
+                    gen.children.insert(slot.rank, pid);
+                    tokio::spawn(supervise(
+                        child,
+                        pid,
+                        assignment,
+                        dir.clone(),
+                        self.events_tx.clone(),
+                    ));
+                }
+                Err(e) => {
+                    gen.exited.push(slot.rank);
+                    self.exits.push(exit(e.to_string()));
+                }
+            }
+        }
+        if self.gens.get(&key).is_some_and(Generation::done) {
+            self.gens.remove(&key);
+        }
+    }
+
+    fn stop(&mut self, job: &str, generation: u64, reason: &str) {
+        let key = (job.to_string(), generation);
+        let Some(gen) = self.gens.get_mut(&key) else {
+            return;
+        };
+        info!(job, generation, reason, "stopping trainers");
+        for pid in gen.children.values() {
+            process::signal_group(*pid, libc::SIGTERM);
+            let pid = *pid;
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                process::signal_group(pid, libc::SIGKILL);
+            });
+        }
+        // Ranks prepared but never started have nothing to kill: report them stopped now.
+        let unstarted: Vec<u32> = gen
+            .slots
+            .iter()
+            .copied()
+            .filter(|r| !gen.children.contains_key(r) && !gen.exited.contains(r))
+            .collect();
+        for rank in unstarted {
+            gen.listeners.remove(&rank);
+            gen.exited.push(rank);
+            self.exits.push(v1::TrainerExit {
+                job_id: job.to_string(),
+                generation,
+                rank,
+                code: -libc::SIGTERM,
+                message: format!("stopped before start: {reason}"),
+            });
+        }
+        if gen.done() {
+            self.gens.remove(&key);
+        }
+    }
+
+    /// SIGTERM to every trainer group, up to 5 s for them to exit, then SIGKILL.
+    async fn stop_all(&mut self) {
+        let keys: Vec<Key> = self.gens.keys().cloned().collect();
+        for (job, generation) in keys {
+            self.stop(&job, generation, "worker stopping");
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.gens.values().any(|g| !g.children.is_empty()) && Instant::now() < deadline {
+            match tokio::time::timeout(Duration::from_millis(100), self.events_rx.recv()).await {
+                Ok(Some(ev)) => self.absorb(ev),
+                Ok(None) => break,
+                Err(_) => {}
+            }
+        }
+        for g in self.gens.values() {
+            for pid in g.children.values() {
+                process::signal_group(*pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+fn spawn(
+    exe: &Path,
+    dir: &Path,
+    a: &Assignment,
+    listener: Option<&OwnedFd>,
+) -> Result<(tokio::process::Child, u32), WorkerError> {
+    std::fs::create_dir_all(dir).map_err(|e| WorkerError::io(dir, e))?;
+    let path = dir.join(format!("rank{}.json", a.rank));
+    let json =
+        serde_json::to_string_pretty(a).map_err(|e| WorkerError::Assignment(e.to_string()))?;
+    std::fs::write(&path, json).map_err(|e| WorkerError::io(&path, e))?;
+    let log_path = dir.join(format!("rank{}.log", a.rank));
+    let log = std::fs::File::create(&log_path).map_err(|e| WorkerError::io(&log_path, e))?;
+    let child = process::spawn_trainer(exe, &path, listener, log)?;
+    let pid = child
+        .id()
+        .ok_or_else(|| WorkerError::Spawn("trainer exited at once".into()))?;
+    let pid_path = dir.join(format!("rank{}.pid", a.rank));
+    std::fs::write(&pid_path, pid.to_string()).map_err(|e| WorkerError::io(&pid_path, e))?;
+    Ok((child, pid))
+}
+
+/// Forwards the trainer's progress lines, then its exit; kills whatever is left of its group.
+async fn supervise(
+    mut child: tokio::process::Child,
+    pid: u32,
+    a: Assignment,
+    dir: PathBuf,
+    tx: mpsc::UnboundedSender<TrainerEvent>,
+) {
+    if let Some(stdout) = child.stdout.take() {
+        let mut lines = BufReader::new(stdout).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            match serde_json::from_str::<ProgressLine>(&line) {
+                Ok(p) => {
+                    let _ = tx.send(TrainerEvent::Progress(v1::RankProgress {
+                        job_id: a.job_id.clone(),
+                        generation: a.generation,
+                        rank: a.rank as u32,
+                        step: p.step,
+                        losses: p
+                            .losses
+                            .into_iter()
+                            .map(|(name, value)| v1::Loss { name, value })
+                            .collect(),
+                        lr: p.lr,
+                        samples_per_sec: p.samples_per_sec,
+                    }));
+                }
+                Err(_) => info!(rank = a.rank, "trainer: {line}"),
+            }
+        }
+    }
+    let code = match child.wait().await {
+        Ok(status) => status
+            .code()
+            .unwrap_or_else(|| -status.signal().unwrap_or(0)),
+        Err(_) => -1,
+    };
+    process::signal_group(pid, libc::SIGKILL);
+    let message = if code == 0 {
+        String::new()
+    } else {
+        last_error_line(&dir.join(format!("rank{}.log", a.rank)))
+    };
+    let _ = tx.send(TrainerEvent::Exit(v1::TrainerExit {
+        job_id: a.job_id,
+        generation: a.generation,
+        rank: a.rank as u32,
+        code,
+        message,
+    }));
+}
+
+/// The last non-empty line of a trainer log, for the job's failure message.
+fn last_error_line(path: &Path) -> String {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .map(str::to_string)
+        })
+        .map(|l| l.chars().take(300).collect())
+        .unwrap_or_default()
+}

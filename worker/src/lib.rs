@@ -1,0 +1,12 @@
+//! The xvlm worker: node daemon, trainer process, collective backends (TCP ring, NCCL) and the
+//! all-reduce benchmark.
+
+pub mod bench;
+pub mod comm;
+pub mod daemon;
+pub mod devices;
+pub mod error;
+pub mod process;
+pub mod trainer;
+
+pub use error::WorkerError;

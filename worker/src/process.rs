@@ -1,0 +1,63 @@
+//! Trainer processes: spawned in their own process group with the parent-death signal set, so a
+//! cancelled or orphaned trainer never outlives its worker; stopped by signalling the whole group.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+use std::process::Stdio;
+
+use tokio::process::{Child, Command};
+
+use crate::error::WorkerError;
+
+/// The fd number the ring listener has in the trainer.
+pub const LISTEN_FD: i32 = 3;
+
+/// Starts `xvlm-worker train --assignment FILE [--listen-fd 3]`, stdout piped for progress lines.
+pub fn spawn_trainer(
+    exe: &Path,
+    assignment: &Path,
+    listener: Option<&OwnedFd>,
+    log: std::fs::File,
+) -> Result<Child, WorkerError> {
+    let mut cmd = Command::new(exe);
+    cmd.arg("train").arg("--assignment").arg(assignment);
+    let fd = listener.map(|l| l.as_raw_fd());
+    if fd.is_some() {
+        cmd.arg("--listen-fd").arg(LISTEN_FD.to_string());
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log))
+        .process_group(0)
+        .kill_on_drop(true);
+    // SAFETY: only async-signal-safe calls (prctl, dup2, fcntl) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Die with the worker even if it is SIGKILLed.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(fd) = fd {
+                if fd == LISTEN_FD {
+                    // dup2 onto itself keeps FD_CLOEXEC; clear it instead.
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(fd, LISTEN_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+        .map_err(|e| WorkerError::Spawn(format!("{}: {e}", exe.display())))
+}
+
+/// Sends `signal` to the process group led by `pid`.
+pub fn signal_group(pid: u32, signal: i32) {
+    // SAFETY: kill(2) on a negative pid signals that process group; harmless if it is gone.
+    unsafe {
+        libc::kill(-(pid as libc::pid_t), signal);
+    }
+}

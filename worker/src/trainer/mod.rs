@@ -1,0 +1,178 @@
+//! The trainer process (`xvlm-worker train --assignment FILE`): one per rank. It builds the collective,
+//! the task, runs the steps and prints one JSON progress line per step on stdout (logs go to stderr);
+//! the worker daemon reads those lines and forwards them to the coordinator.
+
+pub mod smoke;
+pub mod task;
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tch::Device;
+use tracing::info;
+use xvlm_model::collective::{Collective, SingleProcess};
+use xvlm_proto::spec::{Backend, JobSpec};
+
+use crate::comm::nccl::NcclCollective;
+use crate::comm::ring::RingCollective;
+use crate::error::WorkerError;
+use task::{TaskContext, TrainTask};
+
+/// What the worker hands a trainer process (written as JSON next to its logs).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Assignment {
+    /// Job id.
+    pub job_id: String,
+    /// Generation.
+    pub generation: u64,
+    /// Global rank.
+    pub rank: usize,
+    /// Rank on this node.
+    pub local_rank: usize,
+    /// World size.
+    pub world: usize,
+    /// CUDA ordinal (or CPU slot index).
+    pub device: u32,
+    /// Whether `device` is a CUDA device.
+    pub cuda: bool,
+    /// `ring` or `nccl`.
+    pub backend: Backend,
+    /// Ring addresses in rank order.
+    pub peers: Vec<String>,
+    /// Rank 0's NCCL id.
+    pub nccl_id: Vec<u8>,
+    /// The job spec.
+    pub spec: JobSpec,
+    /// Output URL.
+    pub output: String,
+    /// This rank's shard files.
+    pub shards: Vec<String>,
+    /// First step to run.
+    pub start_step: u64,
+    /// CPU threads for libtorch.
+    pub threads: usize,
+}
+
+/// One progress line on the trainer's stdout.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ProgressLine {
+    /// Steps done.
+    pub step: u64,
+    /// Named losses.
+    pub losses: Vec<(String, f64)>,
+    /// Learning rate.
+    pub lr: f64,
+    /// Global samples per second over the last step.
+    pub samples_per_sec: f64,
+}
+
+/// Runs an assignment read from `path`; `listen_fd` is the ring socket the worker bound for this rank.
+pub fn run_file(path: &Path, listen_fd: Option<i32>) -> Result<(), WorkerError> {
+    let text = std::fs::read_to_string(path).map_err(|e| WorkerError::io(path, e))?;
+    let assignment: Assignment = serde_json::from_str(&text)
+        .map_err(|e| WorkerError::Assignment(format!("{}: {e}", path.display())))?;
+    // SAFETY: the worker passes the fd of a listening TCP socket it bound for this rank, and nothing
+    // else in this process owns it.
+    let listener =
+        listen_fd.map(|fd| unsafe { <TcpListener as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+    run(&assignment, listener)
+}
+
+fn collective(
+    a: &Assignment,
+    listener: Option<TcpListener>,
+) -> Result<Box<dyn Collective>, WorkerError> {
+    if a.world == 1 {
+        return Ok(Box::new(SingleProcess));
+    }
+    Ok(match a.backend {
+        Backend::Nccl => Box::new(NcclCollective::new(
+            a.rank,
+            a.world,
+            a.device as usize,
+            &a.nccl_id,
+        )?),
+        Backend::Ring | Backend::Auto => Box::new(RingCollective::connect(
+            a.rank,
+            listener,
+            &a.peers,
+            a.generation,
+            Duration::from_secs(120),
+        )?),
+    })
+}
+
+/// Trains the assignment to its last step.
+pub fn run(a: &Assignment, listener: Option<TcpListener>) -> Result<(), WorkerError> {
+    if a.cuda {
+        let _ = xvlm_model::runtime::load_cuda_backend();
+    }
+    tch::set_num_threads(a.threads.max(1) as i32);
+    let device = if a.cuda {
+        Device::Cuda(a.device as usize)
+    } else {
+        Device::Cpu
+    };
+    let comm = collective(a, listener)?;
+    info!(
+        job = a.job_id,
+        generation = a.generation,
+        rank = a.rank,
+        world = a.world,
+        ?device,
+        "trainer connected"
+    );
+    let ctx = TaskContext {
+        spec: &a.spec,
+        rank: a.rank,
+        world: a.world,
+        device,
+        shards: &a.shards,
+        output: &a.output,
+        comm: comm.as_ref(),
+    };
+    let mut task = task::build(&ctx)?;
+    let total = task.total_steps();
+    for step in a.start_step..total {
+        let started = Instant::now();
+        let out = task.step(step, comm.as_ref())?;
+        let secs = started.elapsed().as_secs_f64().max(1e-9);
+        let line = ProgressLine {
+            step: step + 1,
+            losses: out.losses,
+            lr: task.lr(),
+            samples_per_sec: (out.samples * a.world) as f64 / secs,
+        };
+        println!("{}", serde_json::to_string(&line).unwrap_or_default());
+    }
+    comm.barrier()?;
+    if a.rank == 0 {
+        save_final(a, task.as_ref())?;
+    }
+    info!(
+        job = a.job_id,
+        rank = a.rank,
+        steps = total,
+        "trainer finished"
+    );
+    Ok(())
+}
+
+/// Rank 0 writes the final weights as `{output}/final/model.safetensors` when the output is local.
+fn save_final(a: &Assignment, task: &dyn TrainTask) -> Result<(), WorkerError> {
+    let Some(dir) = a.output.strip_prefix("file://") else {
+        return Ok(());
+    };
+    let dir = Path::new(dir).join("final");
+    std::fs::create_dir_all(&dir).map_err(|e| WorkerError::io(&dir, e))?;
+    let path = dir.join("model.safetensors");
+    let state = task.state();
+    let named: Vec<(&str, tch::Tensor)> = state
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.to_device(Device::Cpu)))
+        .collect();
+    tch::Tensor::write_safetensors(&named, &path)
+        .map_err(|e| WorkerError::Assignment(format!("{}: {e}", path.display())))
+}

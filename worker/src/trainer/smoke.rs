@@ -1,0 +1,140 @@
+//! `task: smoke`, the test and demo task: an MLP (features -> hidden -> 1, tanh) regressing a fixed
+//! random teacher network on deterministic synthetic samples, trained data-parallel with SGD.
+//!
+//! Sample i of the global stream depends only on (seed, i); at step s rank r of w takes samples
+//! `s*b*w + r*b .. + b`. Gradients are averaged across ranks, so w ranks with batch b follow the same
+//! trajectory as one rank with batch b*w (up to float summation order).
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tch::nn::{self, Module, OptimizerConfig};
+use tch::{Device, Kind, Tensor};
+use xvlm_model::collective::Collective;
+use xvlm_proto::spec::SmokeSpec;
+
+use super::task::{StepOutput, TaskContext, TaskError, TrainTask};
+use crate::comm::{all_reduce_mean_gradients, BUCKET_BYTES};
+
+/// The smoke regression task.
+pub struct SmokeTask {
+    vs: nn::VarStore,
+    model: nn::Sequential,
+    opt: nn::Optimizer,
+    params: SmokeSpec,
+    seed: u64,
+    rank: usize,
+    world: usize,
+    device: Device,
+    total_steps: u64,
+    teacher: (Tensor, Tensor),
+}
+
+impl SmokeTask {
+    /// Builds the model from the job seed (identical on every rank, and broadcast from rank 0 as
+    /// data-parallel training requires).
+    pub fn new(ctx: &TaskContext<'_>) -> Result<Self, TaskError> {
+        let params = ctx.spec.smoke_params();
+        let (f, h) = (params.features as i64, params.hidden as i64);
+        tch::manual_seed(ctx.spec.seed as i64);
+        let vs = nn::VarStore::new(ctx.device);
+        let root = vs.root();
+        let model = nn::seq()
+            .add(nn::linear(&root / "fc1", f, h, Default::default()))
+            .add_fn(|x| x.tanh())
+            .add(nn::linear(&root / "fc2", h, 1, Default::default()));
+        for (_, mut var) in sorted_variables(&vs) {
+            ctx.comm.broadcast(&mut var, 0)?;
+        }
+        let opt = nn::Sgd::default().build(&vs, params.lr)?;
+        let mut rng = ChaCha8Rng::seed_from_u64(ctx.spec.seed ^ 0x7ea_c4e5);
+        let mut draw = |n: usize, scale: f32| -> Vec<f32> {
+            (0..n)
+                .map(|_| rng.random_range(-1.0f32..1.0) * scale)
+                .collect()
+        };
+        let teacher = (
+            Tensor::from_slice(&draw((f * 8) as usize, 1.0))
+                .view([f, 8])
+                .to_device(ctx.device),
+            Tensor::from_slice(&draw(8, 1.0))
+                .view([8, 1])
+                .to_device(ctx.device),
+        );
+        Ok(SmokeTask {
+            vs,
+            model,
+            opt,
+            params,
+            seed: ctx.spec.seed,
+            rank: ctx.rank,
+            world: ctx.world,
+            device: ctx.device,
+            total_steps: ctx.spec.steps.unwrap_or(0),
+            teacher,
+        })
+    }
+
+    /// Features of global samples `start..start+n`, shape `[n, features]`.
+    pub fn samples(&self, start: u64, n: usize) -> Tensor {
+        let f = self.params.features as usize;
+        let mut data = Vec::with_capacity(n * f);
+        for i in start..start + n as u64 {
+            let mut rng =
+                ChaCha8Rng::seed_from_u64(self.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ i);
+            data.extend((0..f).map(|_| rng.random_range(-1.0f32..1.0)));
+        }
+        Tensor::from_slice(&data)
+            .view([n as i64, f as i64])
+            .to_device(self.device)
+    }
+
+    fn targets(&self, x: &Tensor) -> Tensor {
+        tch::no_grad(|| x.matmul(&self.teacher.0).tanh().matmul(&self.teacher.1))
+    }
+}
+
+fn sorted_variables(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars
+}
+
+impl TrainTask for SmokeTask {
+    fn total_steps(&self) -> u64 {
+        self.total_steps
+    }
+
+    fn step(&mut self, step: u64, comm: &dyn Collective) -> Result<StepOutput, TaskError> {
+        let b = self.params.batch_size as usize;
+        let start = step * (b * self.world) as u64 + (self.rank * b) as u64;
+        let x = self.samples(start, b);
+        let y = self.targets(&x);
+        self.opt.zero_grad();
+        let loss = self.model.forward(&x).mse_loss(&y, tch::Reduction::Mean);
+        loss.backward();
+        let params: Vec<Tensor> = sorted_variables(&self.vs)
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect();
+        all_reduce_mean_gradients(&params, comm, BUCKET_BYTES)?;
+        self.opt.step();
+        let mut global = loss.detach().to_kind(Kind::Float).reshape([1]);
+        comm.all_reduce_sum(&mut global)?;
+        let mse = global.double_value(&[0]) / self.world as f64;
+        if self.params.step_delay_ms > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(self.params.step_delay_ms));
+        }
+        Ok(StepOutput {
+            losses: vec![("mse".into(), mse)],
+            samples: b,
+        })
+    }
+
+    fn lr(&self) -> f64 {
+        self.params.lr
+    }
+
+    fn state(&self) -> Vec<(String, Tensor)> {
+        sorted_variables(&self.vs)
+    }
+}

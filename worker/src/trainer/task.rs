@@ -1,0 +1,73 @@
+//! The interface between the trainer process and what it trains. The trainer drives a [`TrainTask`]
+//! step by step; tasks are chosen by the job's `task:` field in [`build`]. `pretrain` and the
+//! fine-tuning tasks plug in here.
+
+use tch::{Device, Tensor};
+use xvlm_model::collective::{Collective, CollectiveError};
+use xvlm_proto::spec::{JobSpec, TaskKind};
+
+use super::smoke::SmokeTask;
+
+/// A task failed to build or to step.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    /// The job names a task this build cannot run yet.
+    #[error("task {0} is not available in this build of xvlm-worker")]
+    Unavailable(&'static str),
+    /// A collective failed (a peer died).
+    #[error(transparent)]
+    Collective(#[from] CollectiveError),
+    /// A tensor operation failed.
+    #[error("tensor operation failed: {0}")]
+    Tensor(#[from] tch::TchError),
+    /// Anything else, with context.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Everything a task needs to initialise on one rank.
+pub struct TaskContext<'a> {
+    /// The job spec.
+    pub spec: &'a JobSpec,
+    /// Global rank.
+    pub rank: usize,
+    /// World size.
+    pub world: usize,
+    /// Device of this rank.
+    pub device: Device,
+    /// This rank's data shard files.
+    pub shards: &'a [String],
+    /// Job output URL.
+    pub output: &'a str,
+    /// The collective (tasks broadcast initial weights, all-reduce gradients through it).
+    pub comm: &'a dyn Collective,
+}
+
+/// What one step produced.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepOutput {
+    /// Named losses, averaged across ranks.
+    pub losses: Vec<(String, f64)>,
+    /// Samples this rank consumed.
+    pub samples: usize,
+}
+
+/// A data-parallel training task, driven one iteration at a time.
+pub trait TrainTask {
+    /// Iterations the job runs.
+    fn total_steps(&self) -> u64;
+    /// Runs iteration `step` (0-based global step): forward, backward, gradient all-reduce, update.
+    fn step(&mut self, step: u64, comm: &dyn Collective) -> Result<StepOutput, TaskError>;
+    /// Learning rate used by the last step.
+    fn lr(&self) -> f64;
+    /// Named tensors that make up the model state (what a checkpoint saves).
+    fn state(&self) -> Vec<(String, Tensor)>;
+}
+
+/// The task the job asks for.
+pub fn build(ctx: &TaskContext<'_>) -> Result<Box<dyn TrainTask>, TaskError> {
+    match ctx.spec.task {
+        TaskKind::Smoke => Ok(Box::new(SmokeTask::new(ctx)?)),
+        other => Err(TaskError::Unavailable(other.as_str())),
+    }
+}

@@ -1,0 +1,141 @@
+//! The ring collective, over TCP and over same-host shared memory, gives the exact sums, gathers and
+//! broadcasts for world sizes 1 to 4, for buffers smaller than the world, not divisible by it, and
+//! larger than one pipeline chunk or one shared-memory buffer.
+
+use tch::{Kind, Tensor};
+use xvlm_model::collective::Collective;
+use xvlm_worker::comm::ring::{local_ring_with, RingCollective};
+
+/// Runs `f` on every rank of a loopback ring, once over TCP and once over shared memory; results are
+/// the TCP ranks' then the shared-memory ranks'.
+fn on_ring<T: Send + 'static>(
+    world: usize,
+    f: impl Fn(RingCollective) -> T + Send + Sync + Copy + 'static,
+) -> Vec<T> {
+    let mut out = on_ring_with(world, false, f);
+    out.extend(on_ring_with(world, true, f));
+    out
+}
+
+fn on_ring_with<T: Send + 'static>(
+    world: usize,
+    shm: bool,
+    f: impl Fn(RingCollective) -> T + Send + Sync + Copy + 'static,
+) -> Vec<T> {
+    let comms = local_ring_with(world, shm).expect("ring connects");
+    if world > 1 {
+        assert!(
+            comms.iter().all(|c| c.uses_shared_memory() == (shm, shm)),
+            "transport choice"
+        );
+    }
+    let handles: Vec<_> = comms
+        .into_iter()
+        .map(|c| std::thread::spawn(move || f(c)))
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("rank thread"))
+        .collect()
+}
+
+fn input(rank: usize, n: i64, kind: Kind) -> Tensor {
+    // Values stay small so float sums are exact whatever the summation order.
+    (Tensor::arange(n, (Kind::Double, tch::Device::Cpu)).remainder(1013) * (rank as f64 + 1.0)
+        + rank as f64)
+        .to_kind(kind)
+}
+
+/// all_reduce_sum equals the sum of every rank's input, in f32, f64 and i64, and via the converting
+/// path for f16 and non-contiguous tensors.
+#[test]
+fn all_reduce_sums_exactly() {
+    for world in 1..=4usize {
+        for n in [1i64, 3, 1001, (3 << 20) + 7] {
+            for kind in [Kind::Float, Kind::Double, Kind::Int64, Kind::Half] {
+                let n = if matches!(kind, Kind::Half | Kind::Int64) {
+                    n.min(1001)
+                } else {
+                    n
+                };
+                let results = on_ring(world, move |c| {
+                    let mut t = input(c.rank(), n, kind);
+                    c.all_reduce_sum(&mut t).unwrap();
+                    t
+                });
+                let expect = (0..world)
+                    .map(|r| input(r, n, kind).to_kind(Kind::Double))
+                    .fold(
+                        Tensor::zeros([n], (Kind::Double, tch::Device::Cpu)),
+                        |a, b| a + b,
+                    );
+                assert_eq!(results.len(), 2 * world);
+                for (rank, got) in results.iter().enumerate() {
+                    assert_eq!(got.kind(), kind);
+                    let diff = (got.to_kind(Kind::Double) - &expect)
+                        .abs()
+                        .max()
+                        .double_value(&[]);
+                    let tol = if kind == Kind::Half { 4.0 } else { 1e-3 };
+                    assert!(
+                        diff <= tol,
+                        "world {world} n {n} {kind:?} rank {rank}: max diff {diff}"
+                    );
+                }
+            }
+        }
+    }
+    // A transposed (non-contiguous) view is reduced through a copy and written back.
+    let results = on_ring(2, |c| {
+        let mut t = input(c.rank(), 12, Kind::Float)
+            .view([3, 4])
+            .transpose(0, 1);
+        c.all_reduce_sum(&mut t).unwrap();
+        t.contiguous()
+    });
+    let expect = (input(0, 12, Kind::Float) + input(1, 12, Kind::Float))
+        .view([3, 4])
+        .transpose(0, 1);
+    assert!(results[0].allclose(&expect, 0.0, 0.0, false));
+}
+
+/// all_gather returns every rank's tensor in rank order; broadcast copies the root's; barrier passes.
+#[test]
+fn gather_broadcast_barrier() {
+    for world in 1..=4usize {
+        let results = on_ring(world, move |c| {
+            let rank = c.rank();
+            let local = input(rank, 5, Kind::Float).view([5, 1]);
+            let gathered = c.all_gather(&local).unwrap();
+            let mut b = input(rank, 300_000, Kind::Float);
+            c.broadcast(&mut b, world - 1).unwrap();
+            c.barrier().unwrap();
+            (gathered, b)
+        });
+        assert_eq!(results.len(), 2 * world);
+        for (gathered, b) in &results {
+            assert_eq!(gathered.len(), world);
+            for (r, g) in gathered.iter().enumerate() {
+                assert_eq!(g.size(), vec![5, 1]);
+                assert!(
+                    g.equal(&input(r, 5, Kind::Float).view([5, 1])),
+                    "world {world} block {r}"
+                );
+            }
+            assert!(
+                b.equal(&input(world - 1, 300_000, Kind::Float)),
+                "broadcast world {world}"
+            );
+        }
+    }
+}
+
+/// Ranks that call different operations get an error instead of silently mixing data.
+#[test]
+fn mismatched_calls_fail() {
+    let results = on_ring(2, |c| {
+        let mut t = Tensor::ones([10 + c.rank() as i64], (Kind::Float, tch::Device::Cpu));
+        c.all_reduce_sum(&mut t).map_err(|e| e.to_string())
+    });
+    assert!(results.iter().all(|r| r.is_err()), "{results:?}");
+}
