@@ -4,8 +4,8 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use xvlm_proto::logging::{self, LogFormat};
 
-mod convert;
 mod bench_data;
+mod convert;
 mod doctor;
 mod parity;
 mod smoke;
