@@ -328,3 +328,44 @@ fn loss_scaling_is_exact_and_overflow_skips_the_update() {
         assert!(a.equal(b), "{name} moved although every step overflowed");
     }
 }
+
+/// Gradient accumulation: a step over two identical micro-batches averages their gradients, so it
+/// equals the step over one of them bit for bit (weights and logged values).
+#[test]
+fn accumulated_micro_batches_average_their_gradients() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (task, general, _) = fixture();
+    let run = |micro: usize| {
+        let (vs, model) = fixture_model(&task);
+        let trainer = PretrainTrainer::from_task(&model, &vs, &task, 1).unwrap();
+        assert_eq!(
+            trainer.settings().micro_batches,
+            1,
+            "GRAD_ACCUMULATE_STEPS: 1"
+        );
+        let settings = TrainSettings {
+            dropout: false,
+            ..trainer.settings().clone()
+        };
+        let mut trainer = trainer.with_settings(settings);
+        trainer.finish_iteration();
+        trainer.finish_iteration();
+        let mut sampler = ReplaySampler::new(
+            Tensor::from_slice(&[1i64, 0, 3, 2]),
+            Tensor::from_slice(&[2i64, 3, 0, 1]),
+        );
+        let batches = vec![&general; micro];
+        let log = trainer
+            .step(StepKind::General, &batches, &SingleProcess, &mut sampler)
+            .unwrap();
+        let mut w: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        w.sort_by(|a, b| a.0.cmp(&b.0));
+        (log, w)
+    };
+    let (one, w1) = run(1);
+    let (two, w2) = run(2);
+    assert_eq!(one, two);
+    for ((name, a), (_, b)) in w1.iter().zip(&w2) {
+        assert!(a.equal(b), "{name} differs with two micro-batches");
+    }
+}

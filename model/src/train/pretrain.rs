@@ -31,6 +31,9 @@ pub struct TrainSettings {
     pub bucket_elements: usize,
     /// fp16 autocast forward with dynamic loss scaling (apex O1); only meaningful on CUDA.
     pub mixed_precision: bool,
+    /// `GRAD_ACCUMULATE_STEPS`: micro-batches the caller passes per optimizer step (their gradients
+    /// are averaged), e.g. to keep the global batch when the world shrinks.
+    pub micro_batches: usize,
 }
 
 impl TrainSettings {
@@ -44,6 +47,7 @@ impl TrainSettings {
             dropout: true,
             bucket_elements: DEFAULT_BUCKET_ELEMENTS,
             mixed_precision: false,
+            micro_batches: acc.map_or(1, |a| a.GRAD_ACCUMULATE_STEPS.max(1)),
         }
     }
 }
