@@ -3,9 +3,10 @@
 //! (Swin-B 224 + BERT-base), fp32, random weights and inputs.
 //!
 //! Run: `cargo bench -p xvlm-model --bench train_step --profile dev -- [--iters N] [--batch B]
-//! [--threads T] [--only tiny|base]` (defaults: 3 timed iterations after 1 warm-up, batch 2,
-//! 2 threads). Without `--bench` in its arguments (e.g. under `cargo test --all-targets`) it does
-//! nothing, so test runs stay fast.
+//! [--threads T] [--only tiny|base] [--device cpu|cuda] [--configs DIR]` (defaults: 3 timed
+//! iterations after 1 warm-up, batch 2, 2 threads, CPU, the repository's `configs/`). On CUDA a config
+//! with `FP16_OPT_LEVEL` O1 trains with fp16 autocast and loss scaling. Without `--bench` in its
+//! arguments (e.g. under `cargo test --all-targets`) it does nothing, so test runs stay fast.
 
 use std::path::Path;
 use std::time::Instant;
@@ -25,6 +26,8 @@ struct Options {
     batch: i64,
     threads: i32,
     only: Option<String>,
+    device: Device,
+    configs: std::path::PathBuf,
 }
 
 fn parse_options(args: &[String]) -> Result<Options> {
@@ -33,6 +36,8 @@ fn parse_options(args: &[String]) -> Result<Options> {
         batch: 2,
         threads: 2,
         only: None,
+        device: Device::Cpu,
+        configs: Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs"),
     };
     let mut it = args.iter().skip(1);
     while let Some(a) = it.next() {
@@ -46,6 +51,22 @@ fn parse_options(args: &[String]) -> Result<Options> {
             "--batch" => o.batch = value("--batch")?.parse().context("--batch")?,
             "--threads" => o.threads = value("--threads")?.parse().context("--threads")?,
             "--only" => o.only = Some(value("--only")?),
+            "--configs" => o.configs = value("--configs")?.into(),
+            "--device" => {
+                o.device = match value("--device")?.as_str() {
+                    "cpu" => Device::Cpu,
+                    "cuda" => {
+                        if let Err(e) = xvlm_model::runtime::load_cuda_backend() {
+                            bail!("--device cuda: {e}");
+                        }
+                        if !tch::Cuda::is_available() {
+                            bail!("--device cuda: no CUDA device is visible");
+                        }
+                        Device::Cuda(0)
+                    }
+                    other => bail!("--device {other}: expected cpu or cuda"),
+                }
+            }
             "--bench" => {}
             other if other.starts_with("--") => bail!("unknown option {other}"),
             _ => {}
@@ -59,7 +80,13 @@ fn parse_options(args: &[String]) -> Result<Options> {
 
 /// A random image-text batch (or region batch: one image, `b` texts with random patch masks) shaped as
 /// the task config's loader would produce it.
-fn random_batch(task: &TaskConfig, vocab: i64, b: i64, region: bool) -> Result<PretrainBatch> {
+fn random_batch(
+    task: &TaskConfig,
+    vocab: i64,
+    b: i64,
+    region: bool,
+    device: Device,
+) -> Result<PretrainBatch> {
     let res = task.image_res;
     let len = task.max_tokens.context("max_tokens")? as i64;
     let masks = task.max_masks.context("max_masks")? as i64;
@@ -85,23 +112,35 @@ fn random_batch(task: &TaskConfig, vocab: i64, b: i64, region: bool) -> Result<P
         }
     });
     Ok(PretrainBatch {
-        image,
-        text_ids,
-        text_atts,
-        text_ids_masked,
-        masked_pos,
-        masked_ids,
-        region,
+        image: image.to_device(device),
+        text_ids: text_ids.to_device(device),
+        text_atts: text_atts.to_device(device),
+        text_ids_masked: text_ids_masked.to_device(device),
+        masked_pos: masked_pos.to_device(device),
+        masked_ids: masked_ids.to_device(device),
+        region: region.map(|r| RegionInputs {
+            idx_to_group_img: r.idx_to_group_img.to_device(device),
+            image_atts: r.image_atts.to_device(device),
+            target_bbox: r.target_bbox.to_device(device),
+            is_image: r.is_image.to_device(device),
+        }),
     })
 }
 
-/// Mean and min seconds of `iters` runs after one warm-up run.
-fn time(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {
+/// Mean and min seconds of `iters` runs after one warm-up run (CUDA work included: synchronised).
+fn time(iters: usize, device: Device, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {
+    let sync = || {
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
     f()?;
+    sync();
     let mut times = Vec::with_capacity(iters);
     for _ in 0..iters {
         let start = Instant::now();
         f()?;
+        sync();
         times.push(start.elapsed().as_secs_f64());
     }
     let mean = times.iter().sum::<f64>() / iters as f64;
@@ -113,7 +152,7 @@ fn bench_config(label: &str, path: &Path, o: &Options) -> Result<()> {
     let task = TaskConfig::load(path).with_context(|| format!("loading {}", path.display()))?;
     let vocab = task.load_text_config()?.vocab_size;
     tch::manual_seed(0);
-    let vs = VarStore::new(Device::Cpu);
+    let vs = VarStore::new(o.device);
     let model = PretrainModel::new(&vs.root(), &task)?;
     let params: i64 = vs
         .trainable_variables()
@@ -121,31 +160,54 @@ fn bench_config(label: &str, path: &Path, o: &Options) -> Result<()> {
         .map(Tensor::numel)
         .sum::<usize>() as i64;
     let mut trainer = PretrainTrainer::from_task(&model, &vs, &task, 1)?;
-    let general = random_batch(&task, vocab, o.batch, false)?;
-    let region = random_batch(&task, vocab, o.batch, true)?;
+    let general = random_batch(&task, vocab, o.batch, false, o.device)?;
+    let region = random_batch(&task, vocab, o.batch, true, o.device)?;
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
-        "{label}: {} ({params} parameters), image_res {}, max_tokens {}, batch {}, fp32, {} threads \
-         (load average at start: {})",
+        "{label}: {} ({params} parameters), image_res {}, max_tokens {}, batch {}, {:?}, {}, \
+         {} threads (load average at start: {})",
         path.display(),
         task.image_res,
         task.max_tokens.unwrap_or(0),
         o.batch,
+        o.device,
+        if trainer.settings().mixed_precision {
+            "fp16 autocast + loss scaling"
+        } else {
+            "fp32"
+        },
         tch::get_num_threads(),
-        load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     let mut sampler = MultinomialSampler::new(0);
-    let (mean, min) = time(o.iters, || {
-        trainer.step(StepKind::General, &[&general], &SingleProcess, &mut sampler)?;
+    let mut logs = Vec::new();
+    let (mean, min) = time(o.iters, o.device, || {
+        logs.push(trainer.step(StepKind::General, &[&general], &SingleProcess, &mut sampler)?);
         Ok(())
     })?;
     println!("  train step, image-text batch: mean {mean:.3} s, min {min:.3} s");
-    let (mean, min) = time(o.iters, || {
-        trainer.step(StepKind::Region, &[&region], &SingleProcess, &mut sampler)?;
+    let (mean, min) = time(o.iters, o.device, || {
+        logs.push(trainer.step(StepKind::Region, &[&region], &SingleProcess, &mut sampler)?);
         Ok(())
     })?;
     println!("  train step, region batch (1 image): mean {mean:.3} s, min {min:.3} s");
-    let (mean, min) = time(o.iters, || {
+    let losses: Vec<String> = logs
+        .iter()
+        .map(|l| format!("{:.4}", l.loss_total))
+        .collect();
+    let skipped = logs.iter().filter(|l| l.skipped).count();
+    println!(
+        "  step losses {}, {skipped} skipped, loss scale {:?}",
+        losses.join(" "),
+        trainer.scaler().map(|s| s.scale)
+    );
+    if logs.iter().any(|l| !l.loss_total.is_finite()) {
+        bail!("{label}: a training loss is not finite");
+    }
+    let (mean, min) = time(o.iters, o.device, || {
         tch::no_grad(|| model.forward(&general, &SingleProcess, &mut sampler, false))?;
         Ok(())
     })?;
@@ -157,7 +219,7 @@ fn bench_config(label: &str, path: &Path, o: &Options) -> Result<()> {
         is_pretrain_init_param,
     )?;
     adamw.set_lr_factor(0.5);
-    let (mean, min) = time(o.iters, || {
+    let (mean, min) = time(o.iters, o.device, || {
         let mut grads = Gradients::from_options(
             adamw
                 .params()
@@ -181,10 +243,9 @@ fn main() -> Result<()> {
     }
     let o = parse_options(&args)?;
     tch::set_num_threads(o.threads);
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let configs = [
-        ("tiny", root.join("configs/Pretrain_XVLM_tiny.yaml")),
-        ("base", root.join("configs/Pretrain_XVLM_base_4m.yaml")),
+        ("tiny", o.configs.join("Pretrain_XVLM_tiny.yaml")),
+        ("base", o.configs.join("Pretrain_XVLM_base_4m.yaml")),
     ];
     for (label, path) in &configs {
         if o.only.as_deref().is_some_and(|only| only != *label) {

@@ -8,8 +8,8 @@ use tch::{nn::VarStore, Device, Kind, Tensor};
 use xvlm_model::collective::{Collective, CollectiveError};
 use xvlm_model::config::{OptimizerConfig, SchedulerConfig};
 use xvlm_model::optim::{
-    group_index, is_pretrain_init_param, named_trainable_params, AdamW, GradAccumulator, Gradients,
-    LinearSchedule, NamedParam, Scheduler,
+    group_index, is_pretrain_init_param, named_trainable_params, AdamW, DynamicLossScaler,
+    GradAccumulator, Gradients, LinearSchedule, NamedParam, Scheduler,
 };
 
 const B1: f64 = 0.9;
@@ -392,4 +392,39 @@ fn named_params_from_var_store() {
         ]
     );
     assert_eq!(emb.size(), vec![4, 2]);
+}
+
+/// apex dynamic loss scaling: starts at min(2^16, max), an overflow halves the scale (not below the
+/// minimum), `growth_interval` clean steps double it (not above the maximum); unscaling divides
+/// exactly and detects inf/NaN.
+#[test]
+fn dynamic_loss_scaler() {
+    let mut s = DynamicLossScaler::official();
+    assert_eq!(s.scale, 1024.0);
+    s.update(true);
+    assert_eq!((s.scale, s.unskipped), (512.0, 0));
+    for _ in 0..1999 {
+        s.update(false);
+    }
+    assert_eq!((s.scale, s.unskipped), (512.0, 1999));
+    s.update(false);
+    assert_eq!((s.scale, s.unskipped), (1024.0, 0));
+    for _ in 0..2000 {
+        s.update(false);
+    }
+    assert_eq!(s.scale, 1024.0, "capped at max");
+    let mut tiny = DynamicLossScaler::new(1024.0, 1.0);
+    tiny.scale = 1.0;
+    tiny.update(true);
+    assert_eq!(tiny.scale, 1.0, "floored at min");
+
+    let mut g = grads(&[Some(&[1024.0, -2048.0]), None]);
+    assert!(s.unscale(&mut g).unwrap());
+    assert_eq!(values(g.get(0).unwrap()), vec![1.0, -2.0]);
+    let mut bad = grads(&[Some(&[1.0]), Some(&[f32::INFINITY])]);
+    assert!(!s.unscale(&mut bad).unwrap());
+    let mut nan = grads(&[Some(&[f32::NAN])]);
+    assert!(!s.unscale(&mut nan).unwrap());
+    let scaled = s.scale_loss(&Tensor::from(3.0f32)).unwrap();
+    assert_eq!(scaled.double_value(&[]), 3072.0);
 }

@@ -9,9 +9,13 @@ use tch::nn::VarStore;
 use tch::{Device, Tensor};
 use xvlm_model::collective::{Collective, CollectiveError, SingleProcess};
 use xvlm_model::config::TaskConfig;
+use xvlm_model::loss::ReplaySampler;
+use xvlm_model::optim::DynamicLossScaler;
 use xvlm_model::parity::{load_case_weights, WeightsSource};
 use xvlm_model::tasks::{PretrainBatch, PretrainModel, RegionInputs};
-use xvlm_model::train::{run_train_steps_case, IterationLog, PretrainTrainer};
+use xvlm_model::train::{
+    run_train_steps_case, IterationLog, PretrainTrainer, StepKind, TrainSettings,
+};
 
 #[test]
 fn pretrain_train_steps_fixture() {
@@ -261,4 +265,107 @@ fn two_ranks_stay_in_sync() {
         differs_from_single,
         "averaging over a second rank changed nothing"
     );
+}
+
+/// Mixed-precision bookkeeping (here on CPU, where autocast is a no-op): scaling the loss by a power of
+/// two and unscaling the gradients gives bit-identical steps; a scale that overflows the loss skips the
+/// update (weights untouched, scale halved) without stopping training.
+#[test]
+fn loss_scaling_is_exact_and_overflow_skips_the_update() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (task, general, _) = fixture();
+    let run = |mixed: bool, scale: Option<f64>| {
+        let (vs, model) = fixture_model(&task);
+        let trainer = PretrainTrainer::from_task(&model, &vs, &task, 1).unwrap();
+        let settings = TrainSettings {
+            dropout: false,
+            mixed_precision: mixed,
+            ..trainer.settings().clone()
+        };
+        let mut trainer = trainer.with_settings(settings);
+        if let Some(scale) = scale {
+            let mut scaler = DynamicLossScaler::official();
+            scaler.scale = scale;
+            trainer.set_scaler(scaler);
+        }
+        let mut logs = Vec::new();
+        for k in 0..2 {
+            let mut sampler = ReplaySampler::new(
+                Tensor::from_slice(&[1i64, 0, 3, 2]),
+                Tensor::from_slice(&[2i64, 3, 0, 1]),
+            );
+            let log = trainer
+                .step(StepKind::General, &[&general], &SingleProcess, &mut sampler)
+                .unwrap();
+            logs.push(log);
+            if k == 0 {
+                trainer.finish_iteration();
+                trainer.finish_iteration();
+            }
+        }
+        let scale = trainer.scaler().map(|s| s.scale);
+        let mut w: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        w.sort_by(|a, b| a.0.cmp(&b.0));
+        (logs, w, scale)
+    };
+    let (fp32_logs, fp32_w, _) = run(false, None);
+    let (amp_logs, amp_w, scale) = run(true, None);
+    assert_eq!(scale, Some(1024.0));
+    assert_eq!(fp32_logs, amp_logs);
+    for ((name, a), (_, b)) in fp32_w.iter().zip(&amp_w) {
+        assert!(a.equal(b), "{name} differs under loss scaling");
+    }
+    let (initial_w, _) = {
+        let (vs, _model) = fixture_model(&task);
+        let mut w: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        w.sort_by(|a, b| a.0.cmp(&b.0));
+        (w, ())
+    };
+    let (over_logs, over_w, scale) = run(true, Some(1e300));
+    assert!(over_logs.iter().all(|l| l.skipped));
+    assert_eq!(scale, Some(1e300 / 4.0));
+    for ((name, a), (_, b)) in initial_w.iter().zip(&over_w) {
+        assert!(a.equal(b), "{name} moved although every step overflowed");
+    }
+}
+
+/// Gradient accumulation: a step over two identical micro-batches averages their gradients, so it
+/// equals the step over one of them bit for bit (weights and logged values).
+#[test]
+fn accumulated_micro_batches_average_their_gradients() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (task, general, _) = fixture();
+    let run = |micro: usize| {
+        let (vs, model) = fixture_model(&task);
+        let trainer = PretrainTrainer::from_task(&model, &vs, &task, 1).unwrap();
+        assert_eq!(
+            trainer.settings().micro_batches,
+            1,
+            "GRAD_ACCUMULATE_STEPS: 1"
+        );
+        let settings = TrainSettings {
+            dropout: false,
+            ..trainer.settings().clone()
+        };
+        let mut trainer = trainer.with_settings(settings);
+        trainer.finish_iteration();
+        trainer.finish_iteration();
+        let mut sampler = ReplaySampler::new(
+            Tensor::from_slice(&[1i64, 0, 3, 2]),
+            Tensor::from_slice(&[2i64, 3, 0, 1]),
+        );
+        let batches = vec![&general; micro];
+        let log = trainer
+            .step(StepKind::General, &batches, &SingleProcess, &mut sampler)
+            .unwrap();
+        let mut w: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        w.sort_by(|a, b| a.0.cmp(&b.0));
+        (log, w)
+    };
+    let (one, w1) = run(1);
+    let (two, w2) = run(2);
+    assert_eq!(one, two);
+    for ((name, a), (_, b)) in w1.iter().zip(&w2) {
+        assert!(a.equal(b), "{name} differs with two micro-batches");
+    }
 }

@@ -100,6 +100,23 @@ impl Gradients {
         Ok(())
     }
 
+    /// True when no gradient holds an inf or NaN (one host sync).
+    pub fn all_finite(&self) -> Result<bool, OptimError> {
+        let _guard = tch::no_grad_guard();
+        let mut bad: Option<Tensor> = None;
+        for g in self.grads.iter().flatten() {
+            let here = g.f_isfinite()?.f_logical_not()?.f_any()?;
+            bad = Some(match bad {
+                Some(b) => b.f_logical_or(&here)?,
+                None => here,
+            });
+        }
+        Ok(match bad {
+            Some(b) => b.f_int64_value(&[])? == 0,
+            None => true,
+        })
+    }
+
     /// Adds `other` slot by slot (a missing side counts as zero; both missing stays missing).
     pub fn add(&mut self, other: Gradients) -> Result<(), OptimError> {
         if other.len() != self.len() {

@@ -1,5 +1,6 @@
 //! AdamW as the official code runs it (transformers 4.12.5), its four param groups, the linear
-//! warm-up/decay schedule, gradient clipping, averaging and accumulation (XVLM-REFERENCE.md §4).
+//! warm-up/decay schedule, gradient clipping, averaging and accumulation, and apex-style dynamic loss
+//! scaling for fp16 mixed precision (XVLM-REFERENCE.md §4).
 //!
 //! Gradients are computed explicitly ([`Gradients::backward`]) instead of accumulating into `.grad`, so a
 //! parameter that took no part in a forward has no gradient and gets no update, exactly as the official
@@ -8,6 +9,7 @@
 mod adamw;
 mod grads;
 mod groups;
+mod scaler;
 mod schedule;
 
 pub use adamw::{AdamW, AdamWHyper, ParamState};
@@ -16,6 +18,7 @@ pub use groups::{
     group_index, is_no_decay, is_pretrain_init_param, named_trainable_params, NamedParam,
     ParamGroup, NO_DECAY,
 };
+pub use scaler::DynamicLossScaler;
 pub use schedule::{LinearSchedule, Scheduler};
 
 use crate::collective::CollectiveError;

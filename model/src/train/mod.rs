@@ -1,11 +1,16 @@
 //! The trainer: pre-training iterations given a [`Collective`](crate::collective::Collective); it knows
 //! nothing of gRPC (the worker feeds it batches and persists its state).
 //!
-//! For `xvlm parity` (owner of `parity.rs`): kind `pretrain_train_steps` is
-//! [`run_train_steps_case`]`(case_dir, weights)`; it returns one [`Comparison`](crate::parity::Comparison)
-//! per expected tensor (per-step losses, lrs, grad norms), per official param group and per final
-//! weight. Map its [`TrainError`] into `ParityError` (e.g. a `#[error(transparent)] Train(#[from]
-//! crate::train::TrainError)` variant).
+//! `xvlm parity` dispatches kind `pretrain_train_steps` to [`run_train_steps_case`]`(case_dir, weights)`
+//! (wired in `parity.rs`, errors through `ParityError::Train`); it returns one
+//! [`Comparison`](crate::parity::Comparison) per expected tensor (per-step losses, lrs, grad norms), per
+//! official param group and per final weight.
+//!
+//! Differences from the official loop (for the README's list): the region-step coin is derived from
+//! (seed, iteration) instead of Python's `random`; gradients of parameters unused in a step are `None`
+//! (torch >= 2.0 `zero_grad`), so those parameters get no update; `GRAD_ACCUMULATE_STEPS` micro-batches
+//! are averaged (the official code ignores the key); mixed precision is fp16 autocast with apex-O1-style
+//! dynamic loss scaling, CUDA only (fp32 with a warning on CPU).
 
 mod pretrain;
 mod replay;

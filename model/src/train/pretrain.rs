@@ -11,8 +11,8 @@ use crate::collective::Collective;
 use crate::config::{OptimizerConfig, TaskConfig};
 use crate::loss::{MultinomialSampler, NegativeSampler};
 use crate::optim::{
-    is_pretrain_init_param, named_trainable_params, AdamW, GradAccumulator, Gradients,
-    LinearSchedule, NamedParam, Scheduler, DEFAULT_BUCKET_ELEMENTS,
+    is_pretrain_init_param, named_trainable_params, AdamW, DynamicLossScaler, GradAccumulator,
+    Gradients, LinearSchedule, NamedParam, Scheduler, DEFAULT_BUCKET_ELEMENTS,
 };
 use crate::tasks::{PretrainBatch, PretrainModel};
 
@@ -29,6 +29,11 @@ pub struct TrainSettings {
     pub dropout: bool,
     /// Elements per gradient all-reduce bucket.
     pub bucket_elements: usize,
+    /// fp16 autocast forward with dynamic loss scaling (apex O1); only meaningful on CUDA.
+    pub mixed_precision: bool,
+    /// `GRAD_ACCUMULATE_STEPS`: micro-batches the caller passes per optimizer step (their gradients
+    /// are averaged), e.g. to keep the global batch when the world shrinks.
+    pub micro_batches: usize,
 }
 
 impl TrainSettings {
@@ -41,6 +46,8 @@ impl TrainSettings {
             seed: acc.and_then(|a| a.RNG_SEED).unwrap_or(42),
             dropout: true,
             bucket_elements: DEFAULT_BUCKET_ELEMENTS,
+            mixed_precision: false,
+            micro_batches: acc.map_or(1, |a| a.GRAD_ACCUMULATE_STEPS.max(1)),
         }
     }
 }
@@ -75,8 +82,10 @@ pub struct StepLog {
     pub loss_total: f64,
     /// The lr of each param group the update used.
     pub lrs: Vec<f64>,
-    /// Total gradient norm before clipping (after cross-rank averaging).
+    /// Total gradient norm before clipping (after cross-rank averaging and loss unscaling).
     pub grad_norm: f64,
+    /// The update was skipped: a gradient overflowed under mixed precision (the scale was halved).
+    pub skipped: bool,
 }
 
 /// What one iteration logs.
@@ -97,6 +106,7 @@ pub struct PretrainTrainer<'m> {
     optimizer: AdamW,
     scheduler: Scheduler,
     settings: TrainSettings,
+    scaler: Option<DynamicLossScaler>,
 }
 
 impl<'m> PretrainTrainer<'m> {
@@ -112,11 +122,13 @@ impl<'m> PretrainTrainer<'m> {
         let mut optimizer = AdamW::new(params, optimizer, is_pretrain_init_param)?;
         let scheduler = Scheduler::new(schedule);
         optimizer.set_lr_factor(scheduler.factor());
+        let scaler = settings.mixed_precision.then(DynamicLossScaler::official);
         Ok(Self {
             model,
             optimizer,
             scheduler,
             settings,
+            scaler,
         })
     }
 
@@ -155,21 +167,22 @@ impl<'m> PretrainTrainer<'m> {
             )));
         }
         let schedule = LinearSchedule::from_config(sched, size.div_ceil(global))?;
+        let mut settings = TrainSettings::from_task(task);
         if let Some(acc) = &task.accelerator {
-            if acc.FP16_OPT_LEVEL != "O0" {
-                tracing::warn!(
-                    level = %acc.FP16_OPT_LEVEL,
-                    "FP16_OPT_LEVEL: mixed precision is not implemented in this trainer; training in fp32"
-                );
+            let level = acc.FP16_OPT_LEVEL.as_str();
+            if level != "O0" && !vs.device().is_cuda() {
+                tracing::warn!(level, "FP16_OPT_LEVEL on a CPU run: training in fp32");
+            } else if level != "O0" {
+                if level != "O1" {
+                    tracing::warn!(
+                        level,
+                        "FP16_OPT_LEVEL: runs as O1 (fp16 autocast, fp32 weights)"
+                    );
+                }
+                settings.mixed_precision = true;
             }
         }
-        Self::new(
-            model,
-            named_trainable_params(vs),
-            opt,
-            schedule,
-            TrainSettings::from_task(task),
-        )
+        Self::new(model, named_trainable_params(vs), opt, schedule, settings)
     }
 
     /// The settings in use.
@@ -177,10 +190,28 @@ impl<'m> PretrainTrainer<'m> {
         &self.settings
     }
 
-    /// Replaces the settings (e.g. `dropout: false` for a deterministic replay).
+    /// Replaces the settings (e.g. `dropout: false` for a deterministic replay); turning mixed
+    /// precision on starts the official loss scaler, turning it off drops it.
     pub fn with_settings(mut self, settings: TrainSettings) -> Self {
+        self.scaler = match (settings.mixed_precision, self.scaler.take()) {
+            (true, Some(scaler)) => Some(scaler),
+            (true, None) => Some(DynamicLossScaler::official()),
+            (false, _) => None,
+        };
         self.settings = settings;
         self
+    }
+
+    /// The loss scaler (mixed precision only).
+    pub fn scaler(&self) -> Option<&DynamicLossScaler> {
+        self.scaler.as_ref()
+    }
+
+    /// Replaces the loss scaler's state (mixed precision only; e.g. a restored or a test scale).
+    pub fn set_scaler(&mut self, scaler: DynamicLossScaler) {
+        if self.settings.mixed_precision {
+            self.scaler = Some(scaler);
+        }
     }
 
     /// The optimizer (parameters, groups, state).
@@ -229,10 +260,17 @@ impl<'m> PretrainTrainer<'m> {
         }
         let mut sums = [0.0f64; 6];
         let mut accumulator = GradAccumulator::new();
+        let dropout = self.settings.dropout;
         for batch in micro_batches {
-            let out = self
-                .model
-                .forward(batch, collective, sampler, self.settings.dropout)?;
+            let mut forward = || {
+                self.model
+                    .forward(batch, collective, &mut *sampler, dropout)
+            };
+            let out = if self.scaler.is_some() {
+                tch::autocast(true, forward)?
+            } else {
+                forward()?
+            };
             let value = |t: Option<&Tensor>| -> Result<f64, TrainError> {
                 Ok(t.map(|t| t.f_double_value(&[])).transpose()?.unwrap_or(0.0))
             };
@@ -247,10 +285,11 @@ impl<'m> PretrainTrainer<'m> {
             for (s, l) in sums.iter_mut().zip(losses) {
                 *s += l;
             }
-            accumulator.add(Gradients::backward(
-                &out.loss_total,
-                self.optimizer.params(),
-            )?)?;
+            let to_backward = match &self.scaler {
+                Some(scaler) => scaler.scale_loss(&out.loss_total)?,
+                None => out.loss_total.shallow_clone(),
+            };
+            accumulator.add(Gradients::backward(&to_backward, self.optimizer.params())?)?;
         }
         let mut grads = accumulator
             .take_mean()?
@@ -260,12 +299,20 @@ impl<'m> PretrainTrainer<'m> {
             self.optimizer.params(),
             self.settings.bucket_elements,
         )?;
+        // apex: unscale after the all-reduce; an overflow skips the update (the scheduler still runs).
+        let mut skipped = false;
+        if let Some(scaler) = &mut self.scaler {
+            skipped = !scaler.unscale(&mut grads)?;
+            scaler.update(skipped);
+        }
         let grad_norm = match self.settings.clip_grad_norm {
             Some(max) => grads.clip_norm(max)?,
             None => grads.total_norm()?.f_double_value(&[])?,
         };
         let lrs = self.optimizer.lrs();
-        self.optimizer.step(&grads)?;
+        if !skipped {
+            self.optimizer.step(&grads)?;
+        }
         let n = micro_batches.len() as f64;
         let log = StepLog {
             iteration: self.iteration(),
@@ -278,6 +325,7 @@ impl<'m> PretrainTrainer<'m> {
             loss_total: sums[5] / n,
             lrs,
             grad_norm,
+            skipped,
         };
         tracing::info!(
             iteration = log.iteration,
@@ -289,6 +337,7 @@ impl<'m> PretrainTrainer<'m> {
             loss_giou = log.loss_giou,
             lr = ?log.lrs,
             grad_norm = log.grad_norm,
+            skipped = log.skipped,
             "optimizer step"
         );
         Ok(log)
@@ -356,6 +405,9 @@ impl<'m> PretrainTrainer<'m> {
             "scheduler.step".into(),
             Tensor::from(self.scheduler.step as i64),
         ));
+        if let Some(scaler) = &self.scaler {
+            out.extend(scaler.state_tensors());
+        }
         out
     }
 
@@ -368,6 +420,13 @@ impl<'m> PretrainTrainer<'m> {
             .get("scheduler.step")
             .ok_or_else(|| TrainError::Input("training state lacks scheduler.step".into()))?
             .f_int64_value(&[])?;
+        if let (Some(scaler), Some(scale), Some(unskipped)) = (
+            &mut self.scaler,
+            tensors.get("scaler.scale"),
+            tensors.get("scaler.unskipped"),
+        ) {
+            scaler.load_state(scale, unskipped)?;
+        }
         let optimizer: HashMap<String, Tensor> = tensors
             .iter()
             .filter_map(|(k, t)| {
