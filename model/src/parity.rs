@@ -4,9 +4,10 @@
 //! tensor must be computed and compared, and an unknown kind is an error. Kinds run here: `pretrain`,
 //! `retrieval`, `vqa`, `nlvr`, `grounding_bbox` (task forwards, the model on any device), `param_keys`
 //! (state-dict key sets of the base models), `relpos_resize` (checkpoint resize), `pretrain_train_steps`
-//! (the trainer's replay, `train::run_train_steps_case`). `image_preprocessing` (the data pipeline) is
-//! known but not wired in.
+//! (the trainer's replay, `train::run_train_steps_case`), `image_preprocessing` (the data pipeline's test
+//! transform and text encoding).
 
+pub mod image_preprocessing;
 pub mod param_keys;
 
 use std::collections::HashMap;
@@ -277,6 +278,10 @@ pub fn run_case_on(
         "vqa" => run_vqa(dir, &spec, weights, device)?,
         "param_keys" => param_keys::run(dir)?,
         "relpos_resize" => run_relpos_resize(dir, &spec)?,
+        "image_preprocessing" => {
+            let expected = read_tensors(&dir.join("expected.safetensors"))?;
+            image_preprocessing::run(dir, &spec, &expected)?
+        }
         // The trainer's replay of `Pretrain.train` (train/replay.rs): per-step losses, lrs, grad norms,
         // param groups and final weights.
         "pretrain_train_steps" => crate::train::run_train_steps_case(dir, weights)?,

@@ -94,3 +94,33 @@ fn unknown_kind_fails() {
     assert!(!ok);
     assert!(text.contains("no_such_kind"), "{text}");
 }
+
+/// The `image_preprocessing` kind runs through the CLI: all 12 tensors pass on the intact case, and a
+/// normalised image tensor moved by 10x the absolute tolerance fails by name.
+#[test]
+fn image_preprocessing_kind_passes_and_detects_a_perturbation() {
+    let (_tmp, dir) = copy_case("image_preprocessing");
+    let (ok, text) = run_parity(&dir);
+    assert!(ok, "intact case must pass:\n{text}");
+    assert!(text.contains("12 compared, 0 failed"), "{text}");
+
+    let path = dir.join("expected.safetensors");
+    let mut tensors = Tensor::read_safetensors(&path).unwrap();
+    for (name, t) in tensors.iter_mut() {
+        if name == "image_1.tensor" {
+            let bumped = t.copy();
+            let _ = bumped
+                .view(-1)
+                .get(5)
+                .fill_(t.view(-1).get(5).double_value(&[]) + 0.16);
+            *t = bumped;
+        }
+    }
+    let named: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    Tensor::write_safetensors(&named, &path).unwrap();
+    let (ok, text) = run_parity(&dir);
+    assert!(!ok, "perturbed case must fail:\n{text}");
+    let failing: Vec<&str> = text.lines().filter(|l| l.contains("FAIL")).collect();
+    assert_eq!(failing.len(), 1, "{text}");
+    assert!(failing[0].starts_with("image_1.tensor"), "{text}");
+}
