@@ -1,0 +1,66 @@
+//! Parity of every task forward with the official code, at each case's `case.yaml` tolerance: every loss
+//! and intermediate in `expected.safetensors` is compared, with the weights read from the official
+//! `model.th` and from `model.safetensors` (tied tensors stored twice there).
+
+use xvlm_model::parity::{run_case, WeightsSource};
+
+/// Runs `case` with weights from `source`; at least `min_rows` tensors must be compared, all passing.
+fn check(case: &str, source: WeightsSource, min_rows: usize) {
+    let dir = xvlm_model::fixtures_dir().join(case);
+    let report = run_case(&dir, source).expect("the case runs");
+    for row in &report.rows {
+        println!("{row}");
+    }
+    assert!(
+        report.rows.len() >= min_rows,
+        "{case}: only {} tensors compared",
+        report.rows.len()
+    );
+    assert!(report.passed(), "{case} failures: {:#?}", report.failures());
+}
+
+/// Pre-training, tiny Swin + BERT: general batch (ITC, ITM, MLM) and region batch (+ bbox).
+#[test]
+fn pretrain_swin_bert_from_model_th() {
+    check("pretrain_swin_bert", WeightsSource::TorchSave, 44);
+}
+
+#[test]
+fn pretrain_swin_bert_from_safetensors() {
+    check("pretrain_swin_bert", WeightsSource::Safetensors, 44);
+}
+
+/// Pre-training, tiny CLIP-ViT (local attention on regions) + RoBERTa.
+#[test]
+fn pretrain_clipvit_roberta_from_model_th() {
+    check("pretrain_clipvit_roberta", WeightsSource::TorchSave, 44);
+}
+
+#[test]
+fn pretrain_clipvit_roberta_from_safetensors() {
+    check("pretrain_clipvit_roberta", WeightsSource::Safetensors, 44);
+}
+
+/// Retrieval: ITC similarities, ITM re-ranking of the top-k, recall metrics, a training forward.
+#[test]
+fn retrieval_from_model_th() {
+    check("retrieval", WeightsSource::TorchSave, 28);
+}
+
+/// VQA: answer ranking and the weighted-answer training loss.
+#[test]
+fn vqa_from_model_th() {
+    check("vqa", WeightsSource::TorchSave, 12);
+}
+
+/// NLVR2: doubled fusion layers with shared cross-attention key/value.
+#[test]
+fn nlvr_from_model_th() {
+    check("nlvr", WeightsSource::TorchSave, 6);
+}
+
+/// Grounding with boxes: predicted boxes, L1 + GIoU, IoU scoring.
+#[test]
+fn grounding_bbox_from_model_th() {
+    check("grounding_bbox", WeightsSource::TorchSave, 10);
+}
