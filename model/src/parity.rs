@@ -480,6 +480,17 @@ fn run_grounding_bbox(
     Ok(compare_all(&expected, &computed, spec.tolerance()))
 }
 
+/// An integer key of the case's `config.yaml` that the task config keeps among its extra keys.
+fn required_int(task: &TaskConfig, dir: &Path, key: &str) -> Result<i64, ParityError> {
+    task.extra
+        .get(key)
+        .and_then(serde_yaml::Value::as_i64)
+        .ok_or_else(|| ParityError::Read {
+            path: dir.join("config.yaml"),
+            reason: format!("missing integer key {key}"),
+        })
+}
+
 /// Kind `retrieval`: evaluation (similarities, top-k ITM re-ranking, recall), one training forward with
 /// image ids, and `itm_eval` on a made-up matrix.
 fn run_retrieval(
@@ -489,14 +500,7 @@ fn run_retrieval(
     device: Device,
 ) -> Result<Vec<Comparison>, ParityError> {
     let task = TaskConfig::load(&dir.join("config.yaml")).map_err(ModelError::from)?;
-    let k_test = task
-        .extra
-        .get("k_test")
-        .and_then(serde_yaml::Value::as_i64)
-        .ok_or_else(|| ParityError::Read {
-            path: dir.join("config.yaml"),
-            reason: "missing integer key k_test".into(),
-        })?;
+    let k_test = required_int(&task, dir, "k_test")?;
     let vs = VarStore::new(device);
     let model = RetrievalModel::new(&vs.root(), &task)?;
     load_case_weights(&vs, dir, weights, &model.core.tied_aliases())?;
@@ -602,14 +606,7 @@ fn run_vqa(
     device: Device,
 ) -> Result<Vec<Comparison>, ParityError> {
     let task = TaskConfig::load(&dir.join("config.yaml")).map_err(ModelError::from)?;
-    let k_test = task
-        .extra
-        .get("k_test")
-        .and_then(serde_yaml::Value::as_i64)
-        .ok_or_else(|| ParityError::Read {
-            path: dir.join("config.yaml"),
-            reason: "missing integer key k_test".into(),
-        })?;
+    let k_test = required_int(&task, dir, "k_test")?;
     let vs = VarStore::new(device);
     let model = VqaModel::new(&vs.root(), &task)?;
     load_case_weights(&vs, dir, weights, &model.tied_aliases())?;
