@@ -5,6 +5,7 @@
 //! A state dict is a sorted map from the official dotted key to a tensor; tied weights appear under every
 //! official key (as in a PyTorch `state_dict()`).
 
+pub mod hf_text;
 pub mod load;
 pub mod official;
 pub mod resize;
@@ -16,6 +17,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 pub use self::safetensors::{read_safetensors, write_safetensors};
+pub use hf_text::text_init_state_dict;
 pub use load::{add_aliases, load_state_dict, varstore_state_dict, LoadOptions, LoadReport};
 pub use official::{adapt_for_finetune, vision_init_state_dict};
 pub use resize::{interpolate_pos_embed, interpolate_relative_pos_embed};
