@@ -151,13 +151,16 @@ fn spec_vocab(dir: &Path) -> Result<std::path::PathBuf, ParityError> {
     }
 }
 
+/// Row-major padded ids, attention masks, and one validity flag per caption.
+type EncodedCaptions = (Vec<i64>, Vec<i64>, Vec<i64>);
+
 /// Padded ids and masks per caption (rows of zeros where `pre_caption` rejects the text, as the official
 /// fixture records), and the validity flags.
 fn encode_captions(
     tokenizer: &TextTokenizer,
     case: &Expected,
     dir: &Path,
-) -> Result<(Vec<i64>, Vec<i64>, Vec<i64>), ParityError> {
+) -> Result<EncodedCaptions, ParityError> {
     let mut ids = Vec::new();
     let mut atts = Vec::new();
     let mut valid = Vec::new();
