@@ -206,6 +206,19 @@ pub fn run(args: &EvalRetrievalArgs) -> Result<()> {
         args.checkpoint.display(),
         start.elapsed().as_secs_f64()
     );
+    // Collapsed features (every image or every text mapped to nearly the same vector) rank at chance.
+    let spread = |f: &Tensor| -> f64 {
+        let n = f.size()[0];
+        let sims = f.matmul(&f.tr());
+        let off = (sims.sum(tch::Kind::Double) - sims.trace().to_kind(tch::Kind::Double))
+            / ((n * (n - 1)).max(1) as f64);
+        off.double_value(&[])
+    };
+    println!(
+        "mean cosine between different items: images {:.3}, texts {:.3} (1.000 = collapsed)",
+        spread(&eval.image_feat),
+        spread(&eval.text_feat)
+    );
     print_metrics("ITC similarity", &itc);
     print_metrics(&format!("ITM re-rank (k={})", args.k_test), &itm);
     print_metrics("chance (random order)", &chance);
