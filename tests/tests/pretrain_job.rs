@@ -139,7 +139,7 @@ fn pretrain_job_trains_and_saves_an_official_checkpoint() {
     tch::manual_seed(7);
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
     let model = PretrainModel::new(&vs.root(), &task).unwrap();
-    let init = vs.root().get("vision_proj.weight").map(|t| t.copy());
+    let init = vs.variables().get("vision_proj.weight").map(|t| t.copy());
     let opts = LoadOptions {
         strict: true,
         ignore: model.core.tied_aliases().into_iter().map(|(a, _)| a).collect(),
