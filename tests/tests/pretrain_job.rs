@@ -97,7 +97,9 @@ fn pretrain_job_trains_and_saves_an_official_checkpoint() {
     );
     let last = out.lines().last().unwrap_or_default();
     assert!(
-        last.starts_with(&format!("{id} SUCCEEDED gen=1 world=2 step={STEPS}/{STEPS}")),
+        last.starts_with(&format!(
+            "{id} SUCCEEDED gen=1 world=2 step={STEPS}/{STEPS}"
+        )),
         "{out}"
     );
 
@@ -121,7 +123,9 @@ fn pretrain_job_trains_and_saves_an_official_checkpoint() {
 
     // The checkpoint loads strictly into a fresh pre-training model (every variable from the file; only
     // tied aliases and computed buffers are extra), and the weights moved away from the seed-7 init.
-    let ckpt = dir.path().join(format!("runs/{id}/final/model.safetensors"));
+    let ckpt = dir
+        .path()
+        .join(format!("runs/{id}/final/model.safetensors"));
     let sd = read_state_dict(&ckpt).unwrap();
     for key in [
         "vision_encoder.patch_embed.proj.weight",
@@ -142,7 +146,12 @@ fn pretrain_job_trains_and_saves_an_official_checkpoint() {
     let init = vs.variables().get("vision_proj.weight").map(|t| t.copy());
     let opts = LoadOptions {
         strict: true,
-        ignore: model.core.tied_aliases().into_iter().map(|(a, _)| a).collect(),
+        ignore: model
+            .core
+            .tied_aliases()
+            .into_iter()
+            .map(|(a, _)| a)
+            .collect(),
     };
     let report = load_state_dict(&vs, &sd, &opts).unwrap();
     assert_eq!(report.loaded.len(), vs.variables().len(), "{report}");

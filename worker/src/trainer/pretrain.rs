@@ -60,7 +60,10 @@ pub fn load_task_config(ctx: &TaskContext<'_>) -> Result<TaskConfig, TaskError> 
 
 /// The data keys of `task` with every file name resolved like the config's other files (relative to the
 /// config's folder first), `train_file` replaced by the job's shards when it names any.
-pub fn data_config(task: &TaskConfig, job_shards: &[String]) -> Result<PretrainDataConfig, TaskError> {
+pub fn data_config(
+    task: &TaskConfig,
+    job_shards: &[String],
+) -> Result<PretrainDataConfig, TaskError> {
     let value = serde_yaml::to_value(task).map_err(other)?;
     let mut cfg: PretrainDataConfig = serde_yaml::from_value(value)
         .map_err(|e| other(format!("{}: data keys: {e}", task.source.display())))?;
@@ -82,9 +85,12 @@ pub fn data_config(task: &TaskConfig, job_shards: &[String]) -> Result<PretrainD
         job_shards.to_vec()
     };
     cfg.train_file_regions = resolve(&cfg.train_file_regions);
-    let vocab = task
-        .vocab_dir()
-        .ok_or_else(|| other(format!("{}: missing key `text_encoder`", task.source.display())))?;
+    let vocab = task.vocab_dir().ok_or_else(|| {
+        other(format!(
+            "{}: missing key `text_encoder`",
+            task.source.display()
+        ))
+    })?;
     cfg.text_encoder = vocab.display().to_string();
     Ok(cfg)
 }
@@ -144,7 +150,8 @@ impl PretrainTask {
         let model = PretrainModel::new(&vs.root(), &task).map_err(other)?;
         if let Some(url) = &ctx.spec.init_checkpoint {
             let path = local_path(url)?;
-            let sd = read_state_dict(&path).map_err(|e| other(format!("{}: {e}", path.display())))?;
+            let sd =
+                read_state_dict(&path).map_err(|e| other(format!("{}: {e}", path.display())))?;
             let report = load_state_dict(&vs, &sd, &LoadOptions::default())
                 .map_err(|e| other(format!("{}: {e}", path.display())))?;
             tracing::info!(checkpoint = %path.display(), %report, "loaded init_checkpoint");
@@ -168,17 +175,20 @@ impl PretrainTask {
             .with_settings(settings.clone());
 
         let batch_size = data.images.batch_size;
-        let sched = task
-            .schedular
-            .as_ref()
-            .ok_or_else(|| other(format!("{}: missing key `schedular`", task.source.display())))?;
+        let sched = task.schedular.as_ref().ok_or_else(|| {
+            other(format!(
+                "{}: missing key `schedular`",
+                task.source.display()
+            ))
+        })?;
         let size = task.train_dataset_size.unwrap_or(0);
         let per_epoch = size.div_ceil((batch_size * ctx.world).max(1) as u64);
         let schedule = LinearSchedule::from_config(sched, per_epoch).map_err(other)?;
         let total_steps = ctx.spec.steps.unwrap_or(schedule.total);
 
-        let images = ImageTextLoader::start(&data, ctx.rank, ctx.world, seed, StreamState::default())
-            .map_err(other)?;
+        let images =
+            ImageTextLoader::start(&data, ctx.rank, ctx.world, seed, StreamState::default())
+                .map_err(other)?;
         let regions = if settings.iter_perc > 0.0 && !data.train_file_regions.is_empty() {
             Some(
                 RegionLoader::start(&data, ctx.rank, ctx.world, seed, StreamState::default())
@@ -223,9 +233,10 @@ impl TrainTask for PretrainTask {
             )));
         }
         let region = match &mut self.regions {
-            Some(loader) if self.trainer.region_step_due() => {
-                Some(region_batch(loader.next_batch().map_err(other)?.0, self.device))
-            }
+            Some(loader) if self.trainer.region_step_due() => Some(region_batch(
+                loader.next_batch().map_err(other)?.0,
+                self.device,
+            )),
             _ => None,
         };
         let general = image_text_batch(self.images.next_batch().map_err(other)?.0, self.device);
@@ -257,7 +268,8 @@ impl TrainTask for PretrainTask {
             .to_kind(Kind::Float)
             .to_device(self.device);
         comm.all_reduce_sum(&mut sum)?;
-        let sum: Vec<f64> = Vec::try_from(sum.to_device(Device::Cpu).to_kind(Kind::Double)).map_err(other)?;
+        let sum: Vec<f64> =
+            Vec::try_from(sum.to_device(Device::Cpu).to_kind(Kind::Double)).map_err(other)?;
         let world = comm.world_size().max(1) as f64;
         let mut losses: Vec<(String, f64)> = LOSS_NAMES
             .iter()

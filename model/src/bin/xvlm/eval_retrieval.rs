@@ -159,9 +159,20 @@ pub fn run(args: &EvalRetrievalArgs) -> Result<()> {
     }
 
     let start = std::time::Instant::now();
-    let eval = model.evaluate(&split.images, &split.text_ids, &split.text_atts, args.k_test)?;
+    let eval = model.evaluate(
+        &split.images,
+        &split.text_ids,
+        &split.text_atts,
+        args.k_test,
+    )?;
     let ties = TieRule::AgainstGroundTruth;
-    let itc = itm_eval(&eval.sims, &eval.sims.tr(), &split.txt2img, &split.img2txt, ties);
+    let itc = itm_eval(
+        &eval.sims,
+        &eval.sims.tr(),
+        &split.txt2img,
+        &split.img2txt,
+        ties,
+    );
     let itm = itm_eval(
         &eval.score_i2t,
         &eval.score_t2i,
