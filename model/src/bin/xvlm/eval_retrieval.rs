@@ -225,10 +225,9 @@ pub fn run(args: &EvalRetrievalArgs) -> Result<()> {
             / ((n * (n - 1)).max(1) as f64);
         off.double_value(&[])
     };
+    let (image_spread, text_spread) = (spread(&eval.image_feat), spread(&eval.text_feat));
     println!(
-        "mean cosine between different items: images {:.3}, texts {:.3} (1.000 = collapsed)",
-        spread(&eval.image_feat),
-        spread(&eval.text_feat)
+        "mean cosine between different items: images {image_spread:.3}, texts {text_spread:.3} (1.000 = collapsed)"
     );
     print_metrics("ITC similarity", &itc);
     print_metrics(&format!("ITM re-rank (k={})", args.k_test), &itm);
@@ -242,5 +241,11 @@ pub fn run(args: &EvalRetrievalArgs) -> Result<()> {
         chance[4],
         itc[4] / chance[4]
     );
+    if image_spread > 0.99 || text_spread > 0.99 {
+        println!(
+            "note: the ITC features are collapsed (nearly one vector for every image or text), so these \
+             rankings are decided by noise: the model has not learned image-text alignment"
+        );
+    }
     Ok(())
 }
