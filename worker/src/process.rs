@@ -25,6 +25,12 @@ pub fn spawn_trainer(
     if fd.is_some() {
         cmd.arg("--listen-fd").arg(LISTEN_FD.to_string());
     }
+    // A trainer blocks in collectives between libtorch's parallel regions; OpenMP's default spin-wait
+    // then burns the cores its peers need (measured: 8 s instead of 0.17 s per pre-training step with
+    // two CPU ranks on two cores). Passive waiting, unless the operator chose otherwise.
+    if std::env::var_os("OMP_WAIT_POLICY").is_none() {
+        cmd.env("OMP_WAIT_POLICY", "PASSIVE");
+    }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))

@@ -6,6 +6,7 @@ use tch::{Device, Tensor};
 use xvlm_model::collective::{Collective, CollectiveError};
 use xvlm_proto::spec::{JobSpec, TaskKind};
 
+use super::pretrain::PretrainTask;
 use super::smoke::SmokeTask;
 
 /// A task failed to build or to step.
@@ -68,6 +69,7 @@ pub trait TrainTask {
 pub fn build(ctx: &TaskContext<'_>) -> Result<Box<dyn TrainTask>, TaskError> {
     match ctx.spec.task {
         TaskKind::Smoke => Ok(Box::new(SmokeTask::new(ctx)?)),
+        TaskKind::Pretrain => Ok(Box::new(PretrainTask::new(ctx)?)),
         other => Err(TaskError::Unavailable(other.as_str())),
     }
 }

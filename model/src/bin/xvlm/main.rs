@@ -7,6 +7,7 @@ use xvlm_proto::logging::{self, LogFormat};
 mod bench_data;
 mod convert;
 mod doctor;
+mod eval_retrieval;
 mod parity;
 mod smoke;
 mod synth_data;
@@ -35,6 +36,8 @@ enum Command {
     SynthData(synth_data::SynthDataArgs),
     /// Measure decode + pre-training transform throughput on a folder of JPEGs.
     BenchData(bench_data::BenchDataArgs),
+    /// Zero-shot ITC/ITM retrieval of a pre-training checkpoint on a held-out split; prints R@1/5/10.
+    EvalRetrieval(eval_retrieval::EvalRetrievalArgs),
 }
 
 fn main() {
@@ -55,5 +58,6 @@ fn run(command: Command) -> Result<()> {
         Command::Parity(args) => parity::run(&args),
         Command::SynthData(args) => synth_data::run(&args),
         Command::BenchData(args) => bench_data::run(&args),
+        Command::EvalRetrieval(args) => eval_retrieval::run(&args),
     }
 }
