@@ -181,6 +181,37 @@ fn file_storage_save_commit_retain_resume() {
     assert!(names.contains(&"fc1.weight"), "{names:?}");
 }
 
+/// A save whose parts are all uploaded but which no rank committed (the trainer died before the
+/// next step boundary) is never resumed: the previous committed checkpoint is.
+#[test]
+fn uncommitted_parts_are_never_resumed() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = Storage::open(&format!("file://{}", dir.path().display())).expect("open");
+    let spec = spec();
+    let mut first = task(&spec);
+    let mut ck = checkpointer(&storage, 1);
+    run(&mut first, &mut ck, 0, 4);
+    assert_eq!(committed(&storage), vec![3]);
+    // The save of step 6 is held in flight, as the upload test hook does, then the "trainer" dies.
+    run(&mut first, &mut ck, 4, 5);
+    ck.upload_delay = Duration::from_millis(200);
+    first.step(5, &SingleProcess).expect("step");
+    ck.save(6, &first);
+    drop(ck);
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(
+        dir.path().join("checkpoints/step-6/rank-0.json").is_file(),
+        "the parts of step 6 were uploaded"
+    );
+    assert_eq!(committed(&storage), vec![3], "step 6 has no manifest");
+    let mut second = task(&spec);
+    let resumed = checkpointer(&storage, 2)
+        .resume(&mut second)
+        .expect("resume");
+    assert_eq!(resumed, Some(3));
+}
+
 /// A moto S3 server on a free loopback port, killed on drop.
 struct Moto {
     child: Child,
@@ -268,8 +299,7 @@ impl TrainTask for BigState {
         &mut self,
         _step: u64,
         _comm: &dyn xvlm_model::collective::Collective,
-    ) -> Result<xvlm_worker::trainer::task::StepOutput, xvlm_worker::trainer::task::TaskError>
-    {
+    ) -> Result<xvlm_worker::trainer::task::StepOutput, xvlm_worker::trainer::task::TaskError> {
         unreachable!("the benchmark only saves")
     }
     fn lr(&self) -> f64 {

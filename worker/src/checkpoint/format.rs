@@ -37,8 +37,9 @@ fn kind(dtype: Dtype) -> Option<Kind> {
     })
 }
 
-/// Host copies of named tensors: what a save holds while the upload runs.
-pub struct HostTensors(pub Vec<(String, Tensor)>);
+/// Host copies of named tensors: what a save holds while the upload runs. Every tensor is a
+/// contiguous CPU tensor owned by this value (so its bytes can be borrowed without another copy).
+pub struct HostTensors(Vec<(String, Tensor)>);
 
 impl HostTensors {
     /// Deep-copies `tensors` into contiguous CPU memory (the only part of a save the step waits for).
@@ -55,6 +56,11 @@ impl HostTensors {
         )
     }
 
+    /// Whether there are no tensors.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// Total bytes of tensor data.
     pub fn bytes(&self) -> usize {
         self.0
@@ -65,14 +71,19 @@ impl HostTensors {
 
     /// Serialises as a safetensors file.
     pub fn to_safetensors(&self, what: &str) -> Result<Vec<u8>, CheckpointError> {
-        let mut buffers = Vec::with_capacity(self.0.len());
-        for (name, t) in &self.0 {
-            let n = t.numel();
-            let mut buf = vec![0u8; n * t.kind().elt_size_in_bytes()];
-            t.f_copy_data_u8(&mut buf, n)
-                .map_err(|e| CheckpointError::Format(format!("{what}: {name}: {e}")))?;
-            buffers.push(buf);
-        }
+        let buffers: Vec<&[u8]> = self
+            .0
+            .iter()
+            .map(|(_, t)| {
+                let n = t.numel() * t.kind().elt_size_in_bytes();
+                if n == 0 {
+                    return &[][..];
+                }
+                // SAFETY: `copy_of` made every tensor a contiguous CPU tensor that `self` owns and
+                // nothing else writes; the slice lives no longer than `self`.
+                unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, n) }
+            })
+            .collect();
         let mut views = Vec::with_capacity(self.0.len());
         for ((name, t), buf) in self.0.iter().zip(&buffers) {
             let dt = dtype(t.kind()).ok_or_else(|| {

@@ -546,7 +546,7 @@ impl Part<'_> {
                 .map_err(|e| CheckpointError::Format(e.to_string()))?;
             put("config.json", json)?;
         }
-        if !extra.0.is_empty() {
+        if !extra.is_empty() {
             let name = format!("rank-{}.state.safetensors", self.rank);
             put(&name, extra.to_safetensors(&name)?)?;
         }
