@@ -109,7 +109,7 @@ fn killed_trainer_resumes_bit_identical() {
         "log names the generation:\n{g2_logs}"
     );
     assert!(
-        resumed >= saved && resumed % 10 == 0,
+        resumed >= saved && resumed.is_multiple_of(10),
         "resumed from step {resumed}, first commit was {saved}"
     );
     println!("first commit step-{saved}; generation 2 resumed from step-{resumed}");

@@ -250,7 +250,7 @@ impl Checkpointer {
             self.try_commit(comm, false)?;
         }
         let every = self.spec.every_steps;
-        if every > 0 && done % every == 0 && done < total {
+        if every > 0 && done.is_multiple_of(every) && done < total {
             if self.in_flight.is_some() {
                 // The previous upload is still running: wait for it rather than pile up host copies.
                 self.try_commit(comm, true)?;

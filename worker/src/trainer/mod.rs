@@ -177,7 +177,12 @@ fn checkpointer(a: &Assignment, device: Device) -> Result<Option<Checkpointer>, 
     if a.spec.checkpoint.every_steps == 0 && a.generation <= 1 {
         return Ok(None);
     }
-    let storage = Storage::open(&a.output)?;
+    let storage = match Storage::open(&a.output) {
+        Ok(s) => s,
+        // Nothing was ever saved to an output checkpoints cannot use: start from scratch.
+        Err(_) if a.spec.checkpoint.every_steps == 0 => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
     let config = serde_json::json!({ "job": &a.spec });
     let mut c = Checkpointer::new(
         storage,
