@@ -192,6 +192,8 @@ fn uncommitted_parts_are_never_resumed() {
     let mut first = task(&spec);
     let mut ck = checkpointer(&storage, 1);
     run(&mut first, &mut ck, 0, 4);
+    // The upload is asynchronous: wait for it and commit step 3.
+    ck.finish(&SingleProcess).expect("finish");
     assert_eq!(committed(&storage), vec![3]);
     // The save of step 6 is held in flight, as the upload test hook does, then the "trainer" dies.
     run(&mut first, &mut ck, 4, 5);
