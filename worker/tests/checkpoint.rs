@@ -1,15 +1,12 @@
 //! Checkpoints through the real storage code: save/commit/retention, exact resume, a corrupted
 //! checkpoint falling back to the previous one; on `file://` and on a moto S3 server on loopback.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tch::{Device, Tensor};
+use xvlm_e2e::start_moto;
 use xvlm_model::collective::SingleProcess;
 use xvlm_proto::spec::JobSpec;
 use xvlm_worker::checkpoint::{sha256_hex, step_dir, Checkpointer, Storage};
@@ -212,68 +209,6 @@ fn uncommitted_parts_are_never_resumed() {
         .resume(&mut second)
         .expect("resume");
     assert_eq!(resumed, Some(3));
-}
-
-/// A moto S3 server on a free loopback port, killed on drop.
-struct Moto {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn moto_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv-moto/bin/moto_server")
-}
-
-fn http(addr: &str, request: &str) -> std::io::Result<String> {
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(request.as_bytes())?;
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    Ok(out)
-}
-
-fn start_moto() -> Moto {
-    let bin = moto_bin();
-    assert!(
-        bin.is_file(),
-        "{} is missing: run scripts/setup.sh (it installs moto[server] into .venv-moto)",
-        bin.display()
-    );
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    let child = Command::new(&bin)
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start moto_server");
-    let addr = format!("127.0.0.1:{port}");
-    let moto = Moto {
-        child,
-        url: format!("http://{addr}"),
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let put = format!(
-            "PUT /ckpts HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        );
-        if let Ok(reply) = http(&addr, &put) {
-            assert!(reply.starts_with("HTTP/1.1 200"), "create bucket: {reply}");
-            return moto;
-        }
-        assert!(Instant::now() < deadline, "moto_server did not start");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 #[test]
