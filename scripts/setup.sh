@@ -34,6 +34,13 @@ mkdir -p "$ROOT/.libs"
 if [ -e "$SITE/nvidia/nccl/lib/libnccl.so.2" ]; then
   ln -sf "$SITE/nvidia/nccl/lib/libnccl.so.2" "$ROOT/.libs/libnccl.so"
 fi
+# The S3-compatible server the checkpoint tests start on loopback (moto 5; ~20 s on first run).
+MOTO_VENV=$ROOT/.venv-moto
+if [ ! -x "$MOTO_VENV/bin/moto_server" ]; then
+  echo "setup: installing moto[server] into $MOTO_VENV"
+  "$PY" -m venv "$MOTO_VENV"
+  "$MOTO_VENV/bin/pip" install -q --disable-pip-version-check 'moto[server]'
+fi
 cat > "$ROOT/.env.build" <<ENV
 export LIBTORCH=$TORCH_DIR
 export XVLM_LIBS_DIR=$ROOT/.libs

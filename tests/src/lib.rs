@@ -296,3 +296,70 @@ pub fn alive(pid: u32) -> bool {
         Err(_) => false,
     }
 }
+
+/// A moto S3 server (installed by scripts/setup.sh into `.venv-moto`) on a free loopback port with
+/// the bucket `ckpts`; killed on drop.
+pub struct Moto {
+    /// The server.
+    pub child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends one raw HTTP/1.1 request (with `Connection: close`) and returns the whole reply.
+pub fn http(addr: &str, request: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(request.as_bytes())?;
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    Ok(out)
+}
+
+/// Starts moto and creates the bucket `ckpts`. Panics, naming scripts/setup.sh, when moto is missing.
+pub fn start_moto() -> Moto {
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv-moto/bin/moto_server");
+    assert!(
+        bin.is_file(),
+        "{} is missing: run scripts/setup.sh (it installs moto[server] into .venv-moto)",
+        bin.display()
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let child = die_with_test(&mut Command::new(&bin))
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start moto_server");
+    let addr = format!("127.0.0.1:{port}");
+    let moto = Moto {
+        child,
+        url: format!("http://{addr}"),
+        addr: addr.clone(),
+    };
+    let put = format!(
+        "PUT /ckpts HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    wait_until(Duration::from_secs(30), || match http(&addr, &put) {
+        Ok(reply) => {
+            assert!(reply.starts_with("HTTP/1.1 200"), "create bucket: {reply}");
+            true
+        }
+        Err(_) => false,
+    })
+    .expect("moto_server did not start");
+    moto
+}

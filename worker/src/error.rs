@@ -29,6 +29,9 @@ pub enum WorkerError {
     /// Talking to the coordinator failed.
     #[error("coordinator {0}")]
     Coordinator(String),
+    /// A checkpoint could not be saved or resumed.
+    #[error(transparent)]
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
     /// A trainer process could not be started.
     #[error("cannot start trainer: {0}")]
     Spawn(String),

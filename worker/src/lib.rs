@@ -2,6 +2,7 @@
 //! all-reduce benchmark.
 
 pub mod bench;
+pub mod checkpoint;
 pub mod comm;
 pub mod daemon;
 pub mod devices;

@@ -16,6 +16,7 @@ use tracing::info;
 use xvlm_model::collective::{Collective, SingleProcess};
 use xvlm_proto::spec::{Backend, JobSpec};
 
+use crate::checkpoint::{Checkpointer, Storage};
 use crate::comm::nccl::NcclCollective;
 use crate::comm::ring::RingCollective;
 use crate::error::WorkerError;
@@ -136,7 +137,12 @@ pub fn run(a: &Assignment, listener: Option<TcpListener>) -> Result<(), WorkerEr
     };
     let mut task = task::build(&ctx)?;
     let total = task.total_steps();
-    for step in a.start_step..total {
+    let mut ckpt = checkpointer(a, device)?;
+    let mut start = a.start_step;
+    if let Some(c) = ckpt.as_ref().filter(|_| a.generation > 1) {
+        start = c.resume(task.as_mut())?.unwrap_or(start);
+    }
+    for step in start..total {
         let started = Instant::now();
         let out = task.step(step, comm.as_ref())?;
         let secs = started.elapsed().as_secs_f64().max(1e-9);
@@ -147,6 +153,12 @@ pub fn run(a: &Assignment, listener: Option<TcpListener>) -> Result<(), WorkerEr
             samples_per_sec: (out.samples * a.world) as f64 / secs,
         };
         println!("{}", serde_json::to_string(&line).unwrap_or_default());
+        if let Some(c) = ckpt.as_mut() {
+            c.after_step(step + 1, total, task.as_ref(), comm.as_ref())?;
+        }
+    }
+    if let Some(c) = ckpt.as_mut() {
+        c.finish(comm.as_ref())?;
     }
     comm.barrier()?;
     if a.rank == 0 {
@@ -159,6 +171,37 @@ pub fn run(a: &Assignment, listener: Option<TcpListener>) -> Result<(), WorkerEr
         "trainer finished"
     );
     Ok(())
+}
+
+/// The checkpoint driver when the job saves checkpoints or this generation may resume one.
+fn checkpointer(a: &Assignment, device: Device) -> Result<Option<Checkpointer>, WorkerError> {
+    if a.spec.checkpoint.every_steps == 0 && a.generation <= 1 {
+        return Ok(None);
+    }
+    let storage = match Storage::open(&a.output) {
+        Ok(s) => s,
+        // Nothing was ever saved to an output checkpoints cannot use: start from scratch.
+        Err(_) if a.spec.checkpoint.every_steps == 0 => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let config = serde_json::json!({ "job": &a.spec });
+    let mut c = Checkpointer::new(
+        storage,
+        a.spec.checkpoint.clone(),
+        a.rank,
+        a.world,
+        a.generation,
+        device,
+        config,
+    );
+    // Test hook: hold every upload this long, so a test can kill a trainer mid-upload.
+    if let Some(ms) = std::env::var("XVLM_TEST_UPLOAD_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        c.upload_delay = Duration::from_millis(ms);
+    }
+    Ok(Some(c))
 }
 
 /// Rank 0 writes the final weights as `{output}/final/model.safetensors` when the output is local.

@@ -63,6 +63,30 @@ pub trait TrainTask {
     fn lr(&self) -> f64;
     /// Named tensors that make up the model state (what a checkpoint saves).
     fn state(&self) -> Vec<(String, Tensor)>;
+    /// This rank's other checkpointed tensors: optimizer, scheduler, loss-scaler state.
+    fn checkpoint_state(&self) -> Vec<(String, Tensor)> {
+        Vec::new()
+    }
+    /// This rank's JSON checkpoint state: data cursors, RNG.
+    fn checkpoint_meta(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    /// Restores a checkpoint: `weights` as saved from [`TrainTask::state`], `extra` from
+    /// [`TrainTask::checkpoint_state`], `meta` from [`TrainTask::checkpoint_meta`]. The default copies
+    /// the weights and accepts no other state (enough for tasks whose optimizer has none).
+    fn restore(
+        &mut self,
+        weights: &[(String, Tensor)],
+        extra: &[(String, Tensor)],
+        _meta: &serde_json::Value,
+    ) -> Result<(), TaskError> {
+        if !extra.is_empty() {
+            return Err(TaskError::Other(
+                "this task cannot restore optimizer state; override TrainTask::restore".into(),
+            ));
+        }
+        crate::checkpoint::copy_weights_into(&self.state(), weights)
+    }
 }
 
 /// The task the job asks for.

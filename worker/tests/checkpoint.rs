@@ -1,0 +1,335 @@
+//! Checkpoints through the real storage code: save/commit/retention, exact resume, a corrupted
+//! checkpoint falling back to the previous one; on `file://` and on a moto S3 server on loopback.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tch::{Device, Tensor};
+use xvlm_e2e::start_moto;
+use xvlm_model::collective::SingleProcess;
+use xvlm_proto::spec::JobSpec;
+use xvlm_worker::checkpoint::{sha256_hex, step_dir, Checkpointer, Storage};
+use xvlm_worker::trainer::smoke::SmokeTask;
+use xvlm_worker::trainer::task::{TaskContext, TrainTask};
+
+/// SmokeTask::new seeds libtorch's global generator: tests building tasks take turns.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const TOTAL: u64 = 12;
+
+fn spec() -> JobSpec {
+    JobSpec::from_json(
+        r#"{"name":"ck","task":"smoke","steps":12,"seed":7,
+            "checkpoint":{"every_steps":3,"keep_last":2},
+            "smoke":{"batch_size":4,"features":6,"hidden":5,"lr":0.1}}"#,
+    )
+    .expect("spec")
+}
+
+fn task(spec: &JobSpec) -> SmokeTask {
+    let ctx = TaskContext {
+        spec,
+        rank: 0,
+        world: 1,
+        device: Device::Cpu,
+        shards: &[],
+        output: "",
+        comm: &SingleProcess,
+    };
+    SmokeTask::new(&ctx).expect("smoke task")
+}
+
+fn tensor_hashes(task: &SmokeTask) -> Vec<(String, String)> {
+    task.state()
+        .into_iter()
+        .map(|(k, t)| {
+            let n = t.numel();
+            let mut buf = vec![0u8; n * t.kind().elt_size_in_bytes()];
+            t.copy_data_u8(&mut buf, n);
+            (k, sha256_hex(&buf))
+        })
+        .collect()
+}
+
+fn checkpointer(storage: &Storage, generation: u64) -> Checkpointer {
+    let spec = spec();
+    Checkpointer::new(
+        storage.clone(),
+        spec.checkpoint.clone(),
+        0,
+        1,
+        generation,
+        Device::Cpu,
+        serde_json::json!({"job": spec}),
+    )
+}
+
+fn run(task: &mut SmokeTask, ck: &mut Checkpointer, from: u64, to: u64) {
+    for step in from..to {
+        task.step(step, &SingleProcess).expect("step");
+        ck.after_step(step + 1, TOTAL, task, &SingleProcess)
+            .expect("after_step");
+    }
+}
+
+fn committed(storage: &Storage) -> Vec<u64> {
+    let mut steps: Vec<u64> = storage
+        .list_dirs("checkpoints")
+        .expect("list")
+        .iter()
+        .filter_map(|d| d.strip_prefix("step-")?.parse().ok())
+        .filter(|s| {
+            storage
+                .get(&format!("{}/MANIFEST.json", step_dir(*s)))
+                .expect("get")
+                .is_some()
+        })
+        .collect();
+    steps.sort_unstable();
+    steps
+}
+
+/// The whole checkpoint story against one storage.
+fn exercise(storage: &Storage) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let spec = spec();
+    let mut reference = task(&spec);
+    for step in 0..TOTAL {
+        reference.step(step, &SingleProcess).expect("step");
+    }
+    let expected = tensor_hashes(&reference);
+
+    // Generation 1 runs 10 of 12 steps: saves after 3, 6, 9; keep_last 2 leaves 6 and 9.
+    let mut first = task(&spec);
+    let mut ck = checkpointer(storage, 1);
+    run(&mut first, &mut ck, 0, 10);
+    ck.finish(&SingleProcess).expect("finish");
+    assert_eq!(
+        committed(storage),
+        vec![6, 9],
+        "retention keeps keep_last=2"
+    );
+    assert!(
+        storage
+            .get(&format!("{}/model.safetensors", step_dir(3)))
+            .expect("get")
+            .is_none(),
+        "retention deleted step-3's files"
+    );
+    assert_eq!(
+        storage.get("checkpoints/latest").expect("get").as_deref(),
+        Some(&b"step-9\n"[..])
+    );
+    assert_eq!(ck.timings.len(), 3, "three saves completed");
+
+    // Generation 2 resumes from step 9 and ends bit-identical to the uninterrupted run.
+    let mut second = task(&spec);
+    let mut ck2 = checkpointer(storage, 2);
+    let from = ck2.resume(&mut second).expect("resume");
+    assert_eq!(from, Some(9));
+    assert_ne!(
+        tensor_hashes(&second),
+        expected,
+        "not yet trained to the end"
+    );
+    run(&mut second, &mut ck2, 9, TOTAL);
+    assert_eq!(tensor_hashes(&second), expected, "exact resume from step 9");
+
+    // Corrupt step-9's weights: resume must reject it and fall back to step 6, still exact.
+    let name = format!("{}/model.safetensors", step_dir(9));
+    let mut bad = storage.get(&name).expect("get").expect("exists").to_vec();
+    let last = bad.len() - 1;
+    bad[last] ^= 0x5a;
+    storage.put(&name, Bytes::from(bad)).expect("put");
+    let mut third = task(&spec);
+    let mut ck3 = checkpointer(storage, 3);
+    assert_eq!(ck3.resume(&mut third).expect("resume"), Some(6));
+    run(&mut third, &mut ck3, 6, TOTAL);
+    assert_eq!(tensor_hashes(&third), expected, "exact resume from step 6");
+
+    // A big object goes up in parts and comes back whole.
+    let big: Vec<u8> = (0..(40u32 << 20)).map(|i| (i % 251) as u8).collect();
+    storage
+        .put("bench/big.bin", Bytes::from(big.clone()))
+        .expect("multipart put");
+    let back = storage.get("bench/big.bin").expect("get").expect("exists");
+    assert!(back.as_ref() == big.as_slice(), "multipart round trip");
+}
+
+#[test]
+fn file_storage_save_commit_retain_resume() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = Storage::open(&format!("file://{}", dir.path().display())).expect("open");
+    exercise(&storage);
+    // Files are where the layout says.
+    let step6 = dir.path().join("checkpoints/step-6");
+    for f in [
+        "MANIFEST.json",
+        "model.safetensors",
+        "config.json",
+        "rank-0.json",
+    ] {
+        assert!(step6.join(f).is_file(), "missing {f}");
+    }
+    // The weights file is plain safetensors with the task's names.
+    let loaded = Tensor::read_safetensors(step6.join("model.safetensors")).expect("read");
+    let names: Vec<&str> = loaded.iter().map(|(k, _)| k.as_str()).collect();
+    assert!(names.contains(&"fc1.weight"), "{names:?}");
+}
+
+/// A save whose parts are all uploaded but which no rank committed (the trainer died before the
+/// next step boundary) is never resumed: the previous committed checkpoint is.
+#[test]
+fn uncommitted_parts_are_never_resumed() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = Storage::open(&format!("file://{}", dir.path().display())).expect("open");
+    let spec = spec();
+    let mut first = task(&spec);
+    let mut ck = checkpointer(&storage, 1);
+    run(&mut first, &mut ck, 0, 4);
+    // The upload is asynchronous: wait for it and commit step 3.
+    ck.finish(&SingleProcess).expect("finish");
+    assert_eq!(committed(&storage), vec![3]);
+    // The save of step 6 is held in flight, as the upload test hook does, then the "trainer" dies.
+    run(&mut first, &mut ck, 4, 5);
+    ck.upload_delay = Duration::from_millis(200);
+    first.step(5, &SingleProcess).expect("step");
+    ck.save(6, &first);
+    drop(ck);
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(
+        dir.path().join("checkpoints/step-6/rank-0.json").is_file(),
+        "the parts of step 6 were uploaded"
+    );
+    assert_eq!(committed(&storage), vec![3], "step 6 has no manifest");
+    let mut second = task(&spec);
+    let resumed = checkpointer(&storage, 2)
+        .resume(&mut second)
+        .expect("resume");
+    assert_eq!(resumed, Some(3));
+}
+
+#[test]
+fn s3_storage_save_commit_retain_resume() {
+    let moto = start_moto();
+    let options = [
+        ("aws_endpoint", moto.url.as_str()),
+        ("aws_allow_http", "true"),
+        ("aws_access_key_id", "test"),
+        ("aws_secret_access_key", "test"),
+        ("aws_region", "us-east-1"),
+    ];
+    let storage = Storage::open_with_options("s3://ckpts/run-1", &options).expect("open");
+    exercise(&storage);
+}
+
+/// A task that is only a big state, for the save benchmark.
+struct BigState(Vec<(String, Tensor)>);
+
+impl TrainTask for BigState {
+    fn total_steps(&self) -> u64 {
+        2
+    }
+    fn step(
+        &mut self,
+        _step: u64,
+        _comm: &dyn xvlm_model::collective::Collective,
+    ) -> Result<xvlm_worker::trainer::task::StepOutput, xvlm_worker::trainer::task::TaskError> {
+        unreachable!("the benchmark only saves")
+    }
+    fn lr(&self) -> f64 {
+        0.0
+    }
+    fn state(&self) -> Vec<(String, Tensor)> {
+        self.0
+            .iter()
+            .map(|(k, t)| (k.clone(), t.shallow_clone()))
+            .collect()
+    }
+}
+
+/// One checkpoint save of `XVLM_BENCH_MB` (default 860, the base model in fp32) of random fp32
+/// tensors: time the step is blocked, and background upload throughput, next to a plain write of the
+/// same bytes. `cargo test -p xvlm-worker --test checkpoint -- --ignored --nocapture bench`
+#[test]
+#[ignore = "benchmark: ~1 GB of I/O"]
+fn bench_checkpoint_save() {
+    let mb: usize = std::env::var("XVLM_BENCH_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(860);
+    let per = 32usize << 20; // 32 MiB tensors, like big embedding/linear weights
+    let n = (mb << 20) / per;
+    let task = BigState(
+        (0..n)
+            .map(|i| {
+                (
+                    format!("layer.{i}.weight"),
+                    Tensor::randn([(per / 4) as i64], (tch::Kind::Float, Device::Cpu)),
+                )
+            })
+            .collect(),
+    );
+    let bytes = n * per;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let moto = start_moto();
+    let options = [
+        ("aws_endpoint", moto.url.as_str()),
+        ("aws_allow_http", "true"),
+        ("aws_access_key_id", "test"),
+        ("aws_secret_access_key", "test"),
+        ("aws_region", "us-east-1"),
+    ];
+    let targets = [
+        (
+            "file://",
+            Storage::open(&format!("file://{}", dir.path().join("ck").display())).expect("open"),
+        ),
+        (
+            "s3 (moto)",
+            Storage::open_with_options("s3://ckpts/bench", &options).expect("open"),
+        ),
+    ];
+    let mb_of = |b: usize| b as f64 / (1 << 20) as f64;
+    println!(
+        "state: {n} tensors, {:.0} MiB fp32; {} CPU threads",
+        mb_of(bytes),
+        tch::get_num_threads()
+    );
+    for (label, storage) in &targets {
+        let mut ck = Checkpointer::new(
+            storage.clone(),
+            xvlm_proto::spec::CheckpointSpec {
+                every_steps: 1,
+                keep_last: 1,
+            },
+            0,
+            1,
+            1,
+            Device::Cpu,
+            serde_json::Value::Null,
+        );
+        ck.save(1, &task);
+        ck.finish(&SingleProcess).expect("commit");
+        let t = ck.timings.last().expect("timing").clone();
+        // The plain write: the same number of bytes, already in one buffer, no serialise or hash.
+        let plain = Bytes::from(vec![7u8; bytes]);
+        let started = Instant::now();
+        if *label == "file://" {
+            std::fs::write(dir.path().join("plain.bin"), &plain).expect("write");
+        } else {
+            storage.put("plain.bin", plain).expect("put");
+        }
+        let plain_s = started.elapsed().as_secs_f64();
+        println!(
+            "{label:10} blocking {:7.1} ms | checkpoint upload {:6.2} s = {:7.1} MB/s (serialise+sha256+put) | plain write {:6.2} s = {:7.1} MB/s",
+            t.blocking.as_secs_f64() * 1e3,
+            t.upload.as_secs_f64(),
+            mb_of(t.bytes as usize) / t.upload.as_secs_f64(),
+            plain_s,
+            mb_of(bytes) / plain_s
+        );
+    }
+}
