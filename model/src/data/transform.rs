@@ -123,7 +123,7 @@ impl TrainTransform {
     }
 
     fn finish(&self, rng: &mut impl Rng, img: &RgbImage, b: CropBox) -> RgbImage {
-        let mut out = pixels::resize_bicubic_crop(img, (b.x, b.y, b.w, b.h), self.res, self.res);
+        let mut out = pixels::resize_bicubic_crop_fast(img, (b.x, b.y, b.w, b.h), self.res, self.res);
         if self.hflip && rng.random::<f64>() < 0.5 {
             out.hflip();
         }
