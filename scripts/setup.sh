@@ -30,6 +30,18 @@ else
   fi
   TORCH_DIR=$SITE/torch
 fi
+# nasm lets mozjpeg-sys build libjpeg-turbo's SIMD decoder (the default `simd-jpeg` feature of xvlm-model);
+# without it the build still works, with a slower scalar JPEG decoder.
+if ! command -v nasm >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "setup: installing nasm (libjpeg-turbo SIMD)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nasm >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nasm >/dev/null 2>&1; } \
+      || echo "setup: WARNING: could not install nasm; JPEG decoding will be built without SIMD"
+  else
+    echo "setup: WARNING: nasm not found (apt-get install nasm); JPEG decoding will be built without SIMD"
+  fi
+fi
 mkdir -p "$ROOT/.libs"
 if [ -e "$SITE/nvidia/nccl/lib/libnccl.so.2" ]; then
   ln -sf "$SITE/nvidia/nccl/lib/libnccl.so.2" "$ROOT/.libs/libnccl.so"

@@ -306,6 +306,9 @@ fn rotation_matrix(img: &RgbImage, deg: f64) -> [f64; 6] {
 
 /// OpenCV `warpAffine(img, M, (W, H), INTER_LINEAR, BORDER_CONSTANT 128)`: `M` maps source to
 /// destination; every destination pixel samples the inverse-mapped source bilinearly (10-bit weights).
+/// Source coordinates are stepped along each row in 16.16 fixed point from the row's exact start (OpenCV
+/// also steps in fixed point, with 10 fractional bits), so a weight may differ by one step from
+/// rounding the exact coordinate.
 pub fn warp_affine(img: &RgbImage, m: [f64; 6]) -> RgbImage {
     let det = m[0] * m[4] - m[1] * m[3];
     let det = if det == 0.0 { 1.0 } else { 1.0 / det };
@@ -315,44 +318,56 @@ pub fn warp_affine(img: &RgbImage, m: [f64; 6]) -> RgbImage {
     let (w, h) = (img.width as i64, img.height as i64);
     let src = &img.data;
     let mut out = vec![FILL; src.len()];
-    const BITS: i64 = 10;
-    const ONE: i64 = 1 << BITS;
-    let fill = i64::from(FILL);
-    for y in 0..h {
-        let (mut sx, mut sy) = (b * y as f64 + c - a, e * y as f64 + f - d);
-        for x in 0..w {
-            sx += a;
-            sy += d;
-            let (fx0, fy0) = (sx.floor(), sy.floor());
-            let (x0, y0) = (fx0 as i64, fy0 as i64);
+    const BITS: i32 = 10;
+    const ONE: i32 = 1 << BITS;
+    const FIX: f64 = 65_536.0;
+    let fill = i32::from(FILL);
+    let row_len = (w * 3) as usize;
+    let (dx, dy) = ((a * FIX).round() as i64, (d * FIX).round() as i64);
+    for (y, dst_row) in out.chunks_exact_mut(row_len).enumerate() {
+        let sx0 = ((b * y as f64 + c) * FIX).round() as i64;
+        let sy0 = ((e * y as f64 + f) * FIX).round() as i64;
+        for (x, o) in dst_row.chunks_exact_mut(3).enumerate() {
+            let sx = sx0 + dx * x as i64;
+            let sy = sy0 + dy * x as i64;
+            let (x0, y0) = (sx >> 16, sy >> 16);
             if x0 < -1 || y0 < -1 || x0 >= w || y0 >= h {
                 continue;
             }
-            let wx = ((sx - fx0) * ONE as f64).round() as i64;
-            let wy = ((sy - fy0) * ONE as f64).round() as i64;
-            let o = ((y * w + x) * 3) as usize;
+            let wx = (((sx & 0xFFFF) + 32) >> 6) as i32;
+            let wy = (((sy & 0xFFFF) + 32) >> 6) as i32;
+            let blend = |p00: i32, p01: i32, p10: i32, p11: i32| -> u8 {
+                let top = p00 * (ONE - wx) + p01 * wx;
+                let bot = p10 * (ONE - wx) + p11 * wx;
+                ((top * (ONE - wy) + bot * wy + (1 << (2 * BITS - 1))) >> (2 * BITS)) as u8
+            };
             if x0 >= 0 && y0 >= 0 && x0 + 1 < w && y0 + 1 < h {
                 let p = ((y0 * w + x0) * 3) as usize;
-                let q = p + (w * 3) as usize;
+                let top = &src[p..p + 6];
+                let bot = &src[p + row_len..p + row_len + 6];
                 for ch in 0..3 {
-                    let top = i64::from(src[p + ch]) * (ONE - wx) + i64::from(src[p + 3 + ch]) * wx;
-                    let bot = i64::from(src[q + ch]) * (ONE - wx) + i64::from(src[q + 3 + ch]) * wx;
-                    out[o + ch] =
-                        ((top * (ONE - wy) + bot * wy + (1 << (2 * BITS - 1))) >> (2 * BITS)) as u8;
+                    o[ch] = blend(
+                        i32::from(top[ch]),
+                        i32::from(top[3 + ch]),
+                        i32::from(bot[ch]),
+                        i32::from(bot[3 + ch]),
+                    );
                 }
             } else {
-                let px = |xx: i64, yy: i64, ch: usize| -> i64 {
+                let px = |xx: i64, yy: i64, ch: usize| -> i32 {
                     if xx < 0 || yy < 0 || xx >= w || yy >= h {
                         fill
                     } else {
-                        i64::from(src[((yy * w + xx) * 3) as usize + ch])
+                        i32::from(src[((yy * w + xx) * 3) as usize + ch])
                     }
                 };
-                for ch in 0..3 {
-                    let top = px(x0, y0, ch) * (ONE - wx) + px(x0 + 1, y0, ch) * wx;
-                    let bot = px(x0, y0 + 1, ch) * (ONE - wx) + px(x0 + 1, y0 + 1, ch) * wx;
-                    out[o + ch] =
-                        ((top * (ONE - wy) + bot * wy + (1 << (2 * BITS - 1))) >> (2 * BITS)) as u8;
+                for (ch, v) in o.iter_mut().enumerate() {
+                    *v = blend(
+                        px(x0, y0, ch),
+                        px(x0 + 1, y0, ch),
+                        px(x0, y0 + 1, ch),
+                        px(x0 + 1, y0 + 1, ch),
+                    );
                 }
             }
         }

@@ -153,6 +153,18 @@ pub fn decode_jpeg_scaled(
     bytes: &[u8],
     choose_n: impl FnOnce(usize, usize) -> u8,
 ) -> Result<RgbImage, DataError> {
+    decode_jpeg_rows(bytes, true, |w, h| (choose_n(w, h), h))
+}
+
+/// Training decode with libjpeg: `choose(width, height)` gives the DCT scale `n` (1..=8) and how many rows
+/// of the full-size image are needed from the top; decoding stops after those rows (the returned image
+/// is that short). `fancy_upsampling: false` uses libjpeg's faster merged chroma upsampling (pixels
+/// differ from PIL's by a few levels on chroma edges).
+pub fn decode_jpeg_rows(
+    bytes: &[u8],
+    fancy_upsampling: bool,
+    choose: impl FnOnce(usize, usize) -> (u8, usize),
+) -> Result<RgbImage, DataError> {
     let end = bytes.iter().rposition(|&b| b != 0).unwrap_or(0);
     if end < 3 || bytes[end - 1] != 0xFF || bytes[end] != 0xD9 {
         return Err(DataError::Sample(
@@ -167,9 +179,23 @@ pub fn decode_jpeg_scaled(
             let mut d = mozjpeg::Decompress::new_mem(bytes).map_err(io_err)?;
             let (w, h) = d.size();
             check_size(w, h)?;
-            d.scale(choose_n(w, h).clamp(1, 8));
+            let (n, need_rows) = choose(w, h);
+            let n = n.clamp(1, 8);
+            d.scale(n);
+            if !fancy_upsampling {
+                d.do_fancy_upsampling(false);
+            }
             let mut started = d.rgb().map_err(io_err)?;
             let (w, h) = (started.width(), started.height());
+            // Rows at scale n/8, one spare for the resampler's rounding.
+            let rows = (need_rows.min(h * 8) * usize::from(n)).div_ceil(8) + 1;
+            let rows = rows.min(h);
+            if rows < h {
+                let mut data = vec![0u8; rows * w * 3];
+                started.read_scanlines_into(&mut data).map_err(io_err)?;
+                // Dropping the decoder mid-image aborts it; the rest of the file is not needed.
+                return RgbImage::new(w, rows, data);
+            }
             let data: Vec<u8> = started.read_scanlines().map_err(io_err)?;
             // Trailing-data complaints after a complete image are not fatal.
             let _ = started.finish();
@@ -388,6 +414,45 @@ fn resize_two_pass(
         width: out_w,
         height: out_h,
         data,
+    }
+}
+
+/// Fast Catmull-Rom (the same kernel as PIL's bicubic) resize of the rectangle `(x0, y0, w, h)` for the
+/// training transform, through `fast_image_resize` (SIMD, 16-bit fixed-point weights). Its rounding
+/// differs from Pillow's 22-bit weights by about a level, so the test transform keeps
+/// [`resize_bicubic_crop`]. The SIMD paths produce the same integers as the scalar one.
+pub fn resize_bicubic_crop_fast(
+    img: &RgbImage,
+    (x0, y0, w, h): (usize, usize, usize, usize),
+    out_w: usize,
+    out_h: usize,
+) -> RgbImage {
+    use fast_image_resize::{images::Image, FilterType, PixelType, ResizeAlg, ResizeOptions};
+    thread_local! {
+        static RESIZER: std::cell::RefCell<fast_image_resize::Resizer> =
+            std::cell::RefCell::new(fast_image_resize::Resizer::new());
+    }
+    let src = fast_image_resize::images::ImageRef::new(
+        img.width as u32,
+        img.height as u32,
+        &img.data,
+        PixelType::U8x3,
+    );
+    let mut dst = Image::new(out_w as u32, out_h as u32, PixelType::U8x3);
+    let opts = ResizeOptions::new()
+        .resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom))
+        .crop(x0 as f64, y0 as f64, w as f64, h as f64);
+    let done = src
+        .ok()
+        .is_some_and(|src| RESIZER.with(|r| r.borrow_mut().resize(&src, &mut dst, &opts).is_ok()));
+    if !done {
+        // Only reachable on an inconsistent image; the exact resampler handles every valid input.
+        return resize_bicubic_crop(img, (x0, y0, w, h), out_w, out_h);
+    }
+    RgbImage {
+        width: out_w,
+        height: out_h,
+        data: dst.into_vec(),
     }
 }
 

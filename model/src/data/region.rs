@@ -122,7 +122,7 @@ impl Processor for RegionProcessor {
         let flip = rng.random::<f64>() < 0.5 && !(self.cfg.careful_hflip && side_words);
         let res = self.cfg.image_res;
         let mut crop =
-            pixels::resize_bicubic_crop(&img, (x0 as usize, y0 as usize, cw, ch), res, res);
+            pixels::resize_bicubic_crop_fast(&img, (x0 as usize, y0 as usize, cw, ch), res, res);
         if flip {
             crop.hflip();
         }

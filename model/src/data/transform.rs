@@ -44,6 +44,9 @@ pub struct TrainTransform {
     pub hflip: bool,
     /// The augmentation.
     pub rand_augment: RandAugment,
+    /// Decode JPEGs with libjpeg-turbo (DCT-scaled, stopping below the crop) instead of `zune-jpeg`;
+    /// on by default with the `simd-jpeg` feature, where libjpeg-turbo has its SIMD code.
+    pub libjpeg_decode: bool,
 }
 
 impl TrainTransform {
@@ -54,6 +57,7 @@ impl TrainTransform {
             scale: (0.2, 1.0),
             hflip: true,
             rand_augment: RandAugment::new(&augment::ALL_OPS),
+            libjpeg_decode: cfg!(feature = "simd-jpeg"),
         }
     }
 
@@ -75,22 +79,24 @@ impl TrainTransform {
         self.finish(rng, img, b)
     }
 
-    /// Decode and augment encoded bytes. Two documented training-only shortcuts change pixels slightly:
-    /// without the `simd-jpeg` feature JPEGs go through the fast SIMD `zune-jpeg` decoder (a few levels
-    /// from libjpeg-turbo); with it, libjpeg-turbo decodes with DCT scaling by 1/2, 1/4 or 1/8 when the
-    /// crop (drawn on the full size) stays at least `res` pixels on both sides at that scale.
+    /// Decode and augment encoded bytes. Documented training-only shortcuts change pixels slightly (see
+    /// the data README): without the `simd-jpeg` feature JPEGs go through the fast SIMD `zune-jpeg`
+    /// decoder (a few levels from libjpeg-turbo); with it, libjpeg-turbo decodes with DCT scaling by 1/2,
+    /// 1/4 or 1/8 when the crop (drawn on the full size) stays at least `res` pixels on both sides at
+    /// that scale, with merged chroma upsampling, and stops below the crop. The resize is the SIMD
+    /// Catmull-Rom of [`pixels::resize_bicubic_crop_fast`].
     pub fn augment_bytes(&self, rng: &mut impl Rng, bytes: &[u8]) -> Result<RgbImage, DataError> {
         if !pixels::is_jpeg(bytes) {
             let img = pixels::decode(bytes)?;
             return Ok(self.augment(rng, &img));
         }
-        if !cfg!(feature = "simd-jpeg") {
+        if !self.libjpeg_decode {
             let img = pixels::decode_fast(bytes)?;
             return Ok(self.augment(rng, &img));
         }
         let mut chosen: Option<(CropBox, usize)> = None;
         let res = self.res;
-        let img = pixels::decode_jpeg_scaled(bytes, |w, h| {
+        let img = pixels::decode_jpeg_rows(bytes, false, |w, h| {
             let b = self.crop_params(rng, w, h);
             // Only the power-of-two scales have SIMD IDCTs.
             let n = [1u8, 2, 4, 8]
@@ -98,7 +104,9 @@ impl TrainTransform {
                 .find(|&n| b.w * n as usize >= res * 8 && b.h * n as usize >= res * 8)
                 .unwrap_or(8);
             chosen = Some((b, n as usize));
-            n
+            // The training resampler reads up to its filter support (2 px per unit of scale) past the
+            // crop edge, so keep those rows too: the output does not depend on where decoding stopped.
+            (n, b.y + b.h + 2 * b.h.div_ceil(res) + 2)
         })?;
         let (b, n) = chosen.ok_or_else(|| DataError::Sample("JPEG header unreadable".into()))?;
         let b = if n == 8 {
@@ -123,7 +131,8 @@ impl TrainTransform {
     }
 
     fn finish(&self, rng: &mut impl Rng, img: &RgbImage, b: CropBox) -> RgbImage {
-        let mut out = pixels::resize_bicubic_crop(img, (b.x, b.y, b.w, b.h), self.res, self.res);
+        let mut out =
+            pixels::resize_bicubic_crop_fast(img, (b.x, b.y, b.w, b.h), self.res, self.res);
         if self.hflip && rng.random::<f64>() < 0.5 {
             out.hflip();
         }
