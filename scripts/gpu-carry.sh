@@ -12,7 +12,8 @@ cargo build --workspace --bins
 bench=$(cargo bench -p xvlm-model --bench train_step --profile dev --no-run --message-format=json 2>/dev/null |
   sed -n 's/.*"executable":"\([^"]*train_step[^"]*\)".*/\1/p' | tail -1)
 rm -rf .gpu-carry && mkdir -p .gpu-carry/bin .gpu-carry/jpegs
-for b in xvlm xvlm-worker xvlm-coord; do
+# xvlm-coord does not link libtorch and is not needed there; the carry limit is 64 MiB in all.
+for b in xvlm xvlm-worker; do
   strip -o ".gpu-carry/bin/$b" "target/debug/$b"
 done
 [ -n "$bench" ] && strip -o .gpu-carry/bin/train_step "$bench"
