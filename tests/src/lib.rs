@@ -180,6 +180,19 @@ impl Cluster {
         text(&out.stdout)
     }
 
+    /// `watch JOB` until the job ends; panics with every log unless it exits 0 (SUCCEEDED). Returns stdout.
+    pub fn watch_succeeded(&self, job: &str) -> String {
+        let watch = self.cli(&["watch", job]);
+        let out = text(&watch.stdout);
+        assert!(
+            watch.status.success(),
+            "watch failed:\n{out}\n{}\n{}",
+            text(&watch.stderr),
+            self.logs()
+        );
+        out
+    }
+
     /// Every log, for failure messages.
     pub fn logs(&self) -> String {
         let mut s = format!("--- coordinator\n{}\n", self.coord.log_tail(30));

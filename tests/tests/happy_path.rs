@@ -21,14 +21,7 @@ fn two_workers_run_a_job_to_completion() {
     c.add_worker("w1", 1);
     let job = c.submit(&write(dir.path(), "job.yaml", JOB));
     assert_eq!(job, "job-0001");
-    let watch = c.cli(&["watch", &job]);
-    let out = text(&watch.stdout);
-    assert!(
-        watch.status.success(),
-        "watch failed:\n{out}\n{}\n{}",
-        text(&watch.stderr),
-        c.logs()
-    );
+    let out = c.watch_succeeded(&job);
     let last = out.lines().last().unwrap_or_default();
     assert!(
         last.starts_with("job-0001 SUCCEEDED gen=1 world=2 step=40/40 losses: mse="),

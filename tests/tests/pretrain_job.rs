@@ -2,7 +2,7 @@
 //! data-parallel on a small synthetic corpus to SUCCEEDED, every reported loss is finite, and the final
 //! checkpoint rank 0 wrote loads strictly into the pre-training model under the official key names.
 
-use xvlm_e2e::{text, write, Cluster};
+use xvlm_e2e::{write, Cluster};
 use xvlm_model::checkpoint::{load_state_dict, read_state_dict, LoadOptions};
 use xvlm_model::config::{configs_dir, TaskConfig};
 use xvlm_model::data::synth::{generate, SynthConfig};
@@ -87,14 +87,7 @@ fn pretrain_job_trains_and_saves_an_official_checkpoint() {
     c.add_worker("w0", 1);
     c.add_worker("w1", 1);
     let id = c.submit(&write(dir.path(), "job.yaml", &job));
-    let watch = c.cli(&["watch", &id]);
-    let out = text(&watch.stdout);
-    assert!(
-        watch.status.success(),
-        "watch failed:\n{out}\n{}\n{}",
-        text(&watch.stderr),
-        c.logs()
-    );
+    let out = c.watch_succeeded(&id);
     let last = out.lines().last().unwrap_or_default();
     assert!(
         last.starts_with(&format!(
