@@ -35,13 +35,14 @@ impl SmokeTask {
     pub fn new(ctx: &TaskContext<'_>) -> Result<Self, TaskError> {
         let params = ctx.spec.smoke_params();
         let (f, h) = (params.features as i64, params.hidden as i64);
-        tch::manual_seed(ctx.spec.seed as i64);
         let vs = nn::VarStore::new(ctx.device);
         let root = vs.root();
         let model = nn::seq()
             .add(nn::linear(&root / "fc1", f, h, Default::default()))
             .add_fn(|x| x.tanh())
             .add(nn::linear(&root / "fc2", h, 1, Default::default()));
+        let mut rng = ChaCha8Rng::seed_from_u64(ctx.spec.seed);
+        init_from_rng(&vs, &mut rng);
         for (_, mut var) in sorted_variables(&vs) {
             ctx.comm.broadcast(&mut var, 0)?;
         }
@@ -91,6 +92,33 @@ impl SmokeTask {
     fn targets(&self, x: &Tensor) -> Tensor {
         tch::no_grad(|| x.matmul(&self.teacher.0).tanh().matmul(&self.teacher.1))
     }
+}
+
+/// Overwrites every parameter with U(-1/sqrt(fan_in), 1/sqrt(fan_in)) draws from `rng` (torch's
+/// `nn.Linear` default). A private generator, unlike `tch::manual_seed`, keeps initialisation
+/// deterministic when several tasks are built concurrently in one process (the data-parallel tests).
+fn init_from_rng(vs: &nn::VarStore, rng: &mut ChaCha8Rng) {
+    tch::no_grad(|| {
+        let variables = vs.variables();
+        for (name, mut var) in sorted_variables(vs) {
+            let size = var.size();
+            let weight = name
+                .strip_suffix("bias")
+                .map(|layer| format!("{layer}weight"));
+            let fan_in = weight
+                .and_then(|w| variables.get(&w).map(|w| w.size()[1]))
+                .unwrap_or(size[size.len() - 1]);
+            let bound = 1.0 / (fan_in as f32).sqrt();
+            let values: Vec<f32> = (0..var.numel())
+                .map(|_| rng.random_range(-bound..bound))
+                .collect();
+            var.copy_(
+                &Tensor::from_slice(&values)
+                    .view(size.as_slice())
+                    .to_device(var.device()),
+            );
+        }
+    });
 }
 
 fn sorted_variables(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
