@@ -43,7 +43,7 @@ impl Mapping {
         }
         let len = file.metadata()?.len() as usize;
         let capacity = len.saturating_sub(HEADER);
-        if capacity < 4096 || capacity % 8 != 0 {
+        if capacity < 4096 || capacity & 7 != 0 {
             return Err(io::Error::other("shared memory file has a bad size"));
         }
         // SAFETY: mapping a regular file we opened read-write, shared between processes.
