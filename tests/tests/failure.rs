@@ -18,8 +18,15 @@ fn failing_trainer_restarts_then_fails() {
     ));
     let watch = c.cli(&["watch", &job]);
     let out = text(&watch.stdout);
-    assert!(!watch.status.success(), "watch of a failed job must fail:\n{out}");
-    assert!(out.contains("RESTARTING"), "no restart seen:\n{out}\n{}", c.logs());
+    assert!(
+        !watch.status.success(),
+        "watch of a failed job must fail:\n{out}"
+    );
+    assert!(
+        out.contains("RESTARTING"),
+        "no restart seen:\n{out}\n{}",
+        c.logs()
+    );
     let last = out.lines().last().unwrap_or_default();
     assert!(last.contains("FAILED gen=2"), "{out}");
     assert!(last.contains("task pretrain is not available"), "{out}");
