@@ -535,6 +535,25 @@ mod tests {
         ));
     }
 
+    /// `XVLM_JOB_*` variables override the file (`__` nests) and `--set` overrides them. Only keys no
+    /// other test asserts are touched, since the environment is shared by the test threads.
+    #[test]
+    fn env_overrides_file_and_flags_override_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), &format!("{SMOKE}max_restarts: 1\n"));
+        std::env::set_var("XVLM_JOB_MAX_RESTARTS", "2");
+        std::env::set_var("XVLM_JOB_CHECKPOINT__KEEP_LAST", "7");
+        let from_env = JobSpec::load(&path, &[]);
+        let from_flag = JobSpec::load(&path, &["max_restarts=5".into()]);
+        std::env::remove_var("XVLM_JOB_MAX_RESTARTS");
+        std::env::remove_var("XVLM_JOB_CHECKPOINT__KEEP_LAST");
+        let from_env = from_env.unwrap();
+        assert_eq!(from_env.max_restarts, 2);
+        assert_eq!(from_env.checkpoint.keep_last, 7);
+        assert_eq!(from_flag.unwrap().max_restarts, 5);
+        assert_eq!(JobSpec::load(&path, &[]).unwrap().max_restarts, 1);
+    }
+
     /// Unknown keys are errors naming the key and the allowed ones.
     #[test]
     fn unknown_key_is_named() {

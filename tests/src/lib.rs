@@ -205,9 +205,14 @@ impl Cluster {
 
 /// Starts a coordinator with state and storage under `dir`; returns it and its URL.
 pub fn start_coordinator(dir: &Path) -> (Proc, String) {
+    start_coordinator_at(dir, "127.0.0.1:0")
+}
+
+/// [`start_coordinator`] on a given address (a restart on the address workers already know).
+pub fn start_coordinator_at(dir: &Path, listen: &str) -> (Proc, String) {
     let log = dir.join("coordinator.log");
     let mut child = die_with_test(&mut Command::new(bin("xvlm-coord")))
-        .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
+        .args(["serve", "--listen", listen, "--state-dir"])
         .arg(dir.join("state"))
         .arg("--storage")
         .arg(format!("file://{}", dir.join("runs").display()))

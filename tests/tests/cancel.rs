@@ -68,3 +68,49 @@ fn cancel_stops_every_trainer() {
         c.logs()
     );
 }
+
+/// SIGKILL a worker mid-job: its trainers die with it (parent-death signal, no orphans), the
+/// coordinator notices the closed stream, stops the other worker's trainers and fails the job.
+#[test]
+fn killed_worker_leaves_no_orphans() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::start(dir.path());
+    c.add_worker("w0", 1);
+    c.add_worker("w1", 1);
+    let job = c.submit(&write(
+        dir.path(),
+        "job.yaml",
+        "name: victim\ntask: smoke\nsteps: 100000\nworkers: {min: 2}\nsmoke: {step_delay_ms: 20}\n",
+    ));
+    wait_until(Duration::from_secs(30), || {
+        let s = c.status(&job);
+        s.contains("RUNNING") && !s.contains(" 0/100000")
+    })
+    .unwrap_or_else(|| panic!("job never made progress:\n{}", c.logs()));
+    let pid = |w: &str| -> u32 {
+        let path = dir.path().join(format!(
+            "work-{w}/{job}/g1/rank{}.pid",
+            if w == "w0" { 0 } else { 1 }
+        ));
+        std::fs::read_to_string(&path)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let (p0, p1) = (pid("w0"), pid("w1"));
+    assert!(alive(p0) && alive(p1));
+    c.workers[0].kill();
+    wait_until(Duration::from_secs(15), || !alive(p0) && !alive(p1)).unwrap_or_else(|| {
+        panic!(
+            "trainers survived: w0's {} w1's {}\n{}",
+            alive(p0),
+            alive(p1),
+            c.logs()
+        )
+    });
+    let watch = c.cli(&["watch", &job]);
+    let out = text(&watch.stdout);
+    assert!(!watch.status.success(), "{out}");
+    assert!(out.contains("FAILED") && out.contains("worker w0"), "{out}");
+}

@@ -4,7 +4,9 @@
 use std::process::Command;
 use std::time::Duration;
 
-use xvlm_e2e::{bin, output_within, start_coordinator, text, write, Cluster};
+use xvlm_e2e::{
+    bin, output_within, start_coordinator, start_coordinator_at, text, wait_until, write, Cluster,
+};
 
 /// `ldd xvlm-coord` lists no libtorch/libc10 while `ldd xvlm-worker` does (so the check can fail).
 #[test]
@@ -98,4 +100,38 @@ fn run_with_local_workers() {
         .path()
         .join("runs/job-0001/final/model.safetensors")
         .is_file());
+}
+
+/// Kill the coordinator while a job runs and restart it on the same address: the workers reconnect,
+/// their stale trainers are stopped, and the recovered job finishes in a new generation.
+#[test]
+fn coordinator_restart_mid_job_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::start(dir.path());
+    c.add_worker("w0", 1);
+    c.add_worker("w1", 1);
+    let job = c.submit(&write(
+        dir.path(),
+        "job.yaml",
+        "name: survivor\ntask: smoke\nsteps: 60\nworkers: {min: 2}\nsmoke: {step_delay_ms: 20}\n",
+    ));
+    wait_until(Duration::from_secs(30), || {
+        c.status(&job).contains("RUNNING")
+    })
+    .unwrap_or_else(|| panic!("job never ran:\n{}", c.logs()));
+    c.coord.kill();
+    let addr = c.url.trim_start_matches("http://").to_string();
+    let (coord, url) = start_coordinator_at(dir.path(), &addr);
+    c.coord = coord;
+    c.url = url;
+    let watch = c.cli(&["watch", &job]);
+    let out = text(&watch.stdout);
+    assert!(watch.status.success(), "{out}\n{}", c.logs());
+    assert!(
+        out.lines()
+            .last()
+            .unwrap_or_default()
+            .contains("SUCCEEDED gen=2 world=2 step=60/60"),
+        "{out}"
+    );
 }

@@ -22,6 +22,8 @@ fn on_ring_with<T: Send + 'static>(
     shm: bool,
     f: impl Fn(RingCollective) -> T + Send + Sync + Copy + 'static,
 ) -> Vec<T> {
+    // Small shared-memory buffers, so every large message wraps around the ring buffer many times.
+    std::env::set_var("XVLM_RING_SHM_BYTES", "1048576");
     let comms = local_ring_with(world, shm).expect("ring connects");
     if world > 1 {
         assert!(

@@ -13,14 +13,16 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// Data capacity of one channel.
-const CAPACITY: usize = 8 << 20;
+/// Default data capacity of one channel; `XVLM_RING_SHM_BYTES` overrides it (tests use a small one so
+/// messages wrap around the buffer).
+const DEFAULT_CAPACITY: usize = 32 << 20;
 /// Header: head, tail, data sequence, space sequence, waiting flags, each on its own cache line.
 const HEADER: usize = 4096;
 
 struct Mapping {
     ptr: *mut u8,
     len: usize,
+    capacity: usize,
 }
 
 // SAFETY: the mapping is plain shared memory; all cross-process accesses go through atomics or through
@@ -28,18 +30,21 @@ struct Mapping {
 unsafe impl Send for Mapping {}
 
 impl Mapping {
-    fn open(path: &Path, create: bool) -> io::Result<Mapping> {
-        let len = HEADER + CAPACITY;
+    /// Creates the file with `capacity` data bytes, or opens an existing one (`capacity` None) and
+    /// takes its capacity from the file size.
+    fn open(path: &Path, capacity: Option<usize>) -> io::Result<Mapping> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .create_new(create)
+            .create_new(capacity.is_some())
             .open(path)?;
-        if create {
-            file.set_len(len as u64)?;
+        if let Some(capacity) = capacity {
+            file.set_len((HEADER + capacity) as u64)?;
         }
-        if file.metadata()?.len() < len as u64 {
-            return Err(io::Error::other("shared memory file is too small"));
+        let len = file.metadata()?.len() as usize;
+        let capacity = len.saturating_sub(HEADER);
+        if capacity < 4096 || capacity & 7 != 0 {
+            return Err(io::Error::other("shared memory file has a bad size"));
         }
         // SAFETY: mapping a regular file we opened read-write, shared between processes.
         let ptr = unsafe {
@@ -58,6 +63,7 @@ impl Mapping {
         Ok(Mapping {
             ptr: ptr as *mut u8,
             len,
+            capacity,
         })
     }
 
@@ -90,8 +96,8 @@ impl Mapping {
         self.u32_at(320)
     }
     fn data(&self, pos: u64) -> *mut u8 {
-        // SAFETY: pos % CAPACITY is inside the data area.
-        unsafe { self.ptr.add(HEADER + (pos as usize % CAPACITY)) }
+        // SAFETY: pos % capacity is inside the data area.
+        unsafe { self.ptr.add(HEADER + (pos as usize % self.capacity)) }
     }
 }
 
@@ -188,8 +194,12 @@ pub struct ShmSender {
 impl ShmSender {
     /// Creates the channel file at `path`; the receiver opens (and unlinks) it.
     pub fn create(path: &Path, peer: TcpStream, timeout: Duration) -> io::Result<ShmSender> {
+        let capacity = std::env::var("XVLM_RING_SHM_BYTES")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .map_or(DEFAULT_CAPACITY, |c| c.max(4096) & !7);
         Ok(ShmSender {
-            map: Mapping::open(path, true)?,
+            map: Mapping::open(path, Some(capacity))?,
             peer,
             timeout,
         })
@@ -208,9 +218,9 @@ impl ShmSender {
                 m.writer_waiting(),
                 &self.peer,
                 deadline,
-                || CAPACITY - (head - m.tail().load(Ordering::Acquire)) as usize,
+                || m.capacity - (head - m.tail().load(Ordering::Acquire)) as usize,
             )?;
-            let to_wrap = CAPACITY - head as usize % CAPACITY;
+            let to_wrap = m.capacity - head as usize % m.capacity;
             let n = space.min(to_wrap).min(total - sent);
             let copy = n.min(bytes.len().saturating_sub(sent));
             // SAFETY: [head, head+n) is free space owned by the writer until head is published.
@@ -237,7 +247,7 @@ pub struct ShmReceiver {
 impl ShmReceiver {
     /// Opens the channel the sender created at `path` and unlinks the file (the mappings keep it).
     pub fn open(path: &Path, peer: TcpStream, timeout: Duration) -> io::Result<ShmReceiver> {
-        let map = Mapping::open(path, false)?;
+        let map = Mapping::open(path, None)?;
         let _ = std::fs::remove_file(path);
         Ok(ShmReceiver { map, peer, timeout })
     }
@@ -258,7 +268,7 @@ impl ShmReceiver {
                 deadline,
                 || (m.head().load(Ordering::Acquire) - tail) as usize,
             )?;
-            let to_wrap = CAPACITY - tail as usize % CAPACITY;
+            let to_wrap = m.capacity - tail as usize % m.capacity;
             let n = avail.min(to_wrap).min(total - got);
             let useful = n.min(len.saturating_sub(got));
             if useful > 0 {
