@@ -27,6 +27,7 @@ pub struct BenchDataArgs {
     full_decode: bool,
 }
 
+/// Run the benchmark; the last line is the per-thread rate.
 pub fn run(args: &BenchDataArgs) -> Result<()> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(&args.images)
         .with_context(|| format!("listing {}", args.images.display()))?
