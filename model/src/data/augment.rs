@@ -318,18 +318,22 @@ pub fn warp_affine(img: &RgbImage, m: [f64; 6]) -> RgbImage {
     const BITS: i64 = 10;
     const ONE: i64 = 1 << BITS;
     let fill = i64::from(FILL);
+    // Source coordinates in 16.16 fixed point, stepped incrementally along each row.
+    const FRAC: i64 = 16;
+    let fix = |v: f64| (v * (1i64 << FRAC) as f64).round() as i64;
+    let (fa, fd) = (fix(a), fix(d));
     for y in 0..h {
-        let (mut sx, mut sy) = (b * y as f64 + c - a, e * y as f64 + f - d);
+        let mut sx = fix(b * y as f64 + c);
+        let mut sy = fix(e * y as f64 + f);
         for x in 0..w {
-            sx += a;
-            sy += d;
-            let (fx0, fy0) = (sx.floor(), sy.floor());
-            let (x0, y0) = (fx0 as i64, fy0 as i64);
+            let (x0, y0) = (sx >> FRAC, sy >> FRAC);
+            let wx = (sx >> (FRAC - BITS)) & (ONE - 1);
+            let wy = (sy >> (FRAC - BITS)) & (ONE - 1);
+            sx += fa;
+            sy += fd;
             if x0 < -1 || y0 < -1 || x0 >= w || y0 >= h {
                 continue;
             }
-            let wx = ((sx - fx0) * ONE as f64).round() as i64;
-            let wy = ((sy - fy0) * ONE as f64).round() as i64;
             let o = ((y * w + x) * 3) as usize;
             if x0 >= 0 && y0 >= 0 && x0 + 1 < w && y0 + 1 < h {
                 let p = ((y0 * w + x0) * 3) as usize;
@@ -375,6 +379,19 @@ mod tests {
         let out = warp_affine(&img, [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]);
         assert_eq!(out.data[0..3], [FILL, FILL, FILL]);
         assert_eq!(out.data[3], 200);
+    }
+
+    /// A rotation by 0 degrees and a half-pixel shift behave like the continuous maps.
+    #[test]
+    fn warp_identity_and_half_pixel() {
+        let mut img = RgbImage::filled(8, 6, [10, 20, 30]);
+        for (i, v) in img.data.iter_mut().enumerate() {
+            *v = (i * 7 % 251) as u8;
+        }
+        assert_eq!(warp_affine(&img, [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]), img);
+        let half = warp_affine(&img, [1.0, 0.0, -0.5, 0.0, 1.0, 0.0]);
+        let (a, b) = (i32::from(img.data[3]), i32::from(img.data[6]));
+        assert!((i32::from(half.data[3]) - (a + b + 1) / 2).abs() <= 1);
     }
 
     #[test]
