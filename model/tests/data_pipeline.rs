@@ -184,3 +184,63 @@ fn file_urls_read_like_local_paths() {
     let missing = list_shards(&[format!("file://{}/nope", dir.path().display())]).unwrap_err();
     assert!(missing.to_string().contains("nope"), "{missing}");
 }
+
+/// `is_image_rpath`: images are files under the image root; a path that leaves the root is a skip.
+#[test]
+fn image_paths_resolve_under_the_root() {
+    use std::sync::Arc;
+    use xvlm_model::data::formats::RecordKeys;
+    use xvlm_model::data::loader::Processor;
+    use xvlm_model::data::masking::MaskConfig;
+    use xvlm_model::data::rng::{rng_for, Purpose};
+    use xvlm_model::data::sample::{ImageTextProcessor, TextPipeline};
+    use xvlm_model::data::tokenizer::TextTokenizer;
+    use xvlm_model::data::transform::TrainTransform;
+    use xvlm_model::data::DataError;
+
+    let dir = tempfile::tempdir().unwrap();
+    generate(
+        dir.path(),
+        &SynthConfig {
+            images: 10,
+            width: 40,
+            height: 32,
+            ..SynthConfig::default()
+        },
+    )
+    .unwrap();
+    let processor = ImageTextProcessor {
+        keys: RecordKeys {
+            image_key: "image".into(),
+            is_image_rpath: true,
+            image_root: Some(dir.path().to_path_buf()),
+            ..RecordKeys::default()
+        },
+        text: TextPipeline {
+            tokenizer: Arc::new(
+                TextTokenizer::from_vocab_txt(&dir.path().join("vocab.txt")).unwrap(),
+            ),
+            max_words: 12,
+            max_tokens: 16,
+            mask: MaskConfig::default(),
+            tokenized: false,
+        },
+        transform: TrainTransform::pretrain(32),
+    };
+    let mut rng = rng_for(0, Purpose::Sample, &[]);
+    let ok = br#"{"image": "images/000003.jpg", "caption": "a red circle"}"#;
+    assert_eq!(
+        processor.process(ok, &mut rng).unwrap().image.len(),
+        3 * 32 * 32
+    );
+    for bad in [
+        &br#"{"image": "../images/000003.jpg", "caption": "a red circle"}"#[..],
+        &br#"{"image": "/etc/hostname", "caption": "a red circle"}"#[..],
+        &br#"{"image": "images/missing.jpg", "caption": "a red circle"}"#[..],
+    ] {
+        assert!(matches!(
+            processor.process(bad, &mut rng),
+            Err(DataError::Sample(_))
+        ));
+    }
+}

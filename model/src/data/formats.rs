@@ -59,10 +59,11 @@ pub enum ImageRef {
 
 impl ImageRef {
     /// The encoded image bytes (reads the file for a path).
-    pub fn load(&self) -> Result<Vec<u8>, DataError> {
+    pub fn load(&self) -> Result<std::borrow::Cow<'_, [u8]>, DataError> {
         match self {
-            ImageRef::Bytes(b) => Ok(b.clone()),
+            ImageRef::Bytes(b) => Ok(std::borrow::Cow::Borrowed(b)),
             ImageRef::Path(p) => std::fs::read(p)
+                .map(std::borrow::Cow::Owned)
                 .map_err(|e| DataError::Sample(format!("cannot read image {}: {e}", p.display()))),
         }
     }

@@ -35,6 +35,7 @@ pub struct BenchDataArgs {
     libjpeg: bool,
 }
 
+/// Run the benchmark; the last line is the per-thread rate.
 pub fn run(args: &BenchDataArgs) -> Result<()> {
     let blobs = match (&args.images, args.photo_like) {
         (_, Some(n)) => (0..n.max(1))

@@ -27,6 +27,7 @@ pub struct SynthDataArgs {
     height: usize,
 }
 
+/// Generate the corpus and print a summary.
 pub fn run(args: &SynthDataArgs) -> Result<()> {
     let cfg = SynthConfig {
         images: args.images,
