@@ -3,7 +3,8 @@
 
 use xvlm_e2e::{text, write, Cluster};
 
-/// `task: pretrain` is not in this build yet, so every trainer exits with an error naming it.
+/// A task config missing required keys passes submit (the file exists) but every trainer exits with an
+/// error naming the file and the key.
 #[test]
 fn failing_trainer_restarts_then_fails() {
     let dir = tempfile::tempdir().unwrap();
@@ -29,5 +30,8 @@ fn failing_trainer_restarts_then_fails() {
     );
     let last = out.lines().last().unwrap_or_default();
     assert!(last.contains("FAILED gen=2"), "{out}");
-    assert!(last.contains("task pretrain is not available"), "{out}");
+    assert!(
+        last.contains("task.yaml is invalid") && last.contains("image_res"),
+        "{out}"
+    );
 }
