@@ -347,14 +347,76 @@ pub fn load_case_weights(
     Ok(())
 }
 
-fn take(batch: &HashMap<String, Tensor>, path: &Path, name: String) -> Result<Tensor, ParityError> {
-    batch
-        .get(&name)
-        .map(Tensor::shallow_clone)
-        .ok_or(ParityError::MissingInput {
-            path: path.to_path_buf(),
-            name,
+/// A case's model built from its `config.yaml`, with the case's weights loaded strictly.
+struct CaseModel<M> {
+    task: TaskConfig,
+    // Owns the variables the model's tensors point into.
+    _vs: VarStore,
+    model: M,
+}
+
+impl<M> CaseModel<M> {
+    fn load(
+        dir: &Path,
+        weights: WeightsSource,
+        device: Device,
+        new: impl FnOnce(&tch::nn::Path, &TaskConfig) -> Result<M, ModelError>,
+        aliases: impl FnOnce(&M) -> Vec<(String, String)>,
+    ) -> Result<Self, ParityError> {
+        let task = TaskConfig::load(&dir.join("config.yaml")).map_err(ModelError::from)?;
+        let vs = VarStore::new(device);
+        let model = new(&vs.root(), &task)?;
+        load_case_weights(&vs, dir, weights, &aliases(&model))?;
+        Ok(CaseModel {
+            task,
+            _vs: vs,
+            model,
         })
+    }
+}
+
+/// A case's recorded inputs (`batch.safetensors`), handed out on the model's device.
+struct CaseBatch {
+    path: PathBuf,
+    tensors: HashMap<String, Tensor>,
+    device: Device,
+}
+
+impl CaseBatch {
+    fn open(dir: &Path, device: Device) -> Result<Self, ParityError> {
+        let path = dir.join("batch.safetensors");
+        let tensors = read_tensors(&path)?.into_iter().collect();
+        Ok(CaseBatch {
+            path,
+            tensors,
+            device,
+        })
+    }
+
+    fn get(&self, name: &str) -> Result<Tensor, ParityError> {
+        self.tensors
+            .get(name)
+            .map(|t| t.to_device(self.device))
+            .ok_or_else(|| ParityError::MissingInput {
+                path: self.path.clone(),
+                name: name.to_string(),
+            })
+    }
+}
+
+/// Named computed tensors.
+fn named<const N: usize>(pairs: [(&str, Tensor); N]) -> HashMap<String, Tensor> {
+    pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+}
+
+/// Compares `computed` with the case's `expected.safetensors`.
+fn check_expected(
+    dir: &Path,
+    spec: &CaseSpec,
+    computed: &HashMap<String, Tensor>,
+) -> Result<Vec<Comparison>, ParityError> {
+    let expected = read_tensors(&dir.join("expected.safetensors"))?;
+    Ok(compare_all(&expected, computed, spec.tolerance()))
 }
 
 /// Kind `pretrain`: the official pre-training forward on the `general` batch and the `region` batch,
@@ -365,19 +427,13 @@ fn run_pretrain(
     weights: WeightsSource,
     device: Device,
 ) -> Result<Vec<Comparison>, ParityError> {
-    let task = TaskConfig::load(&dir.join("config.yaml")).map_err(ModelError::from)?;
-    let vs = VarStore::new(device);
-    let model = PretrainModel::new(&vs.root(), &task)?;
-    load_case_weights(&vs, dir, weights, &model.core.tied_aliases())?;
-
-    let batch_path = dir.join("batch.safetensors");
-    let batch: HashMap<String, Tensor> = read_tensors(&batch_path)?.into_iter().collect();
-    let expected = read_tensors(&dir.join("expected.safetensors"))?;
+    let case = CaseModel::load(dir, weights, device, PretrainModel::new, |m| {
+        m.core.tied_aliases()
+    })?;
+    let batch = CaseBatch::open(dir, device)?;
     let mut computed = HashMap::new();
     for prefix in ["general", "region"] {
-        let t = |name: &str| {
-            take(&batch, &batch_path, format!("{prefix}.{name}")).map(|x| x.to_device(device))
-        };
+        let t = |name: &str| batch.get(&format!("{prefix}.{name}"));
         let region = if prefix == "region" {
             Some(RegionInputs {
                 idx_to_group_img: t("idx_to_group_img")?,
@@ -399,12 +455,15 @@ fn run_pretrain(
         };
         let mut sampler = ReplaySampler::new(t("itm_neg_image_idx")?, t("itm_neg_text_idx")?);
         // The fixtures ran in train mode with every dropout / drop-path at 0, i.e. an eval forward.
-        let out = tch::no_grad(|| model.forward(&input, &SingleProcess, &mut sampler, false))?;
+        let out = tch::no_grad(|| {
+            case.model
+                .forward(&input, &SingleProcess, &mut sampler, false)
+        })?;
         for (name, tensor) in out.named_tensors() {
             computed.insert(format!("{prefix}.{name}"), tensor);
         }
     }
-    Ok(compare_all(&expected, &computed, spec.tolerance()))
+    check_expected(dir, spec, &computed)
 }
 
 /// Kind `nlvr`: the NLVR2 forward (logits, loss, prediction, accuracy) on the recorded pairs.
@@ -414,31 +473,24 @@ fn run_nlvr(
     weights: WeightsSource,
     device: Device,
 ) -> Result<Vec<Comparison>, ParityError> {
-    let task = TaskConfig::load(&dir.join("config.yaml")).map_err(ModelError::from)?;
-    let vs = VarStore::new(device);
-    let model = NlvrModel::new(&vs.root(), &task)?;
-    load_case_weights(&vs, dir, weights, &model.core.tied_aliases())?;
-
-    let batch_path = dir.join("batch.safetensors");
-    let batch: HashMap<String, Tensor> = read_tensors(&batch_path)?.into_iter().collect();
-    let t = |name: &str| take(&batch, &batch_path, name.to_string()).map(|x| x.to_device(device));
+    let CaseModel { model, .. } = CaseModel::load(dir, weights, device, NlvrModel::new, |m| {
+        m.core.tied_aliases()
+    })?;
+    let batch = CaseBatch::open(dir, device)?;
+    let t = |name: &str| batch.get(name);
     let targets = t("targets")?;
     let (image, ids, atts) = (t("image")?, t("text_ids")?, t("text_atts")?);
     let out = tch::no_grad(|| model.forward(&image, &ids, &atts, false))?;
     let pred = out.pred_class();
-    let computed: HashMap<String, Tensor> = [
+    let computed = named([
         ("loss", out.loss(&targets)),
         ("accuracy", NlvrModel::accuracy(&pred, &targets)),
         ("pred_class", pred),
         ("image_embeds", out.image_embeds),
         ("cross_cls", out.cross_cls),
         ("logits", out.logits),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    let expected = read_tensors(&dir.join("expected.safetensors"))?;
-    Ok(compare_all(&expected, &computed, spec.tolerance()))
+    ]);
+    check_expected(dir, spec, &computed)
 }
 
 /// Kind `grounding_bbox`: box prediction, L1 + GIoU against made-up targets, and the VLUE score.
@@ -448,20 +500,18 @@ fn run_grounding_bbox(
     weights: WeightsSource,
     device: Device,
 ) -> Result<Vec<Comparison>, ParityError> {
-    let task = TaskConfig::load(&dir.join("config.yaml")).map_err(ModelError::from)?;
-    let vs = VarStore::new(device);
-    let model = GroundingBboxModel::new(&vs.root(), &task)?;
-    load_case_weights(&vs, dir, weights, &model.core.tied_aliases())?;
-
-    let batch_path = dir.join("batch.safetensors");
-    let batch: HashMap<String, Tensor> = read_tensors(&batch_path)?.into_iter().collect();
-    let t = |name: &str| take(&batch, &batch_path, name.to_string()).map(|x| x.to_device(device));
+    let CaseModel { model, .. } =
+        CaseModel::load(dir, weights, device, GroundingBboxModel::new, |m| {
+            m.core.tied_aliases()
+        })?;
+    let batch = CaseBatch::open(dir, device)?;
+    let t = |name: &str| batch.get(name);
     let (image, ids, atts) = (t("image")?, t("text_ids")?, t("text_atts")?);
     let out = tch::no_grad(|| model.forward(&image, &ids, &atts, false))?;
     let (l1, giou) = GroundingBboxModel::loss(&out.bbox.coord, &t("target_bbox")?);
     let pred_xywh = grounding_bbox::to_pixel_xywh(&out.bbox.coord, &t("eval.image_wh")?);
     let (iou, score) = grounding_bbox::grounding_score(&t("eval.ref_bbox_xywh")?, &pred_xywh);
-    let computed: HashMap<String, Tensor> = [
+    let computed = named([
         ("loss_total", &l1 + &giou),
         ("loss_bbox", l1),
         ("loss_giou", giou),
@@ -472,12 +522,8 @@ fn run_grounding_bbox(
         ("output_coord", out.bbox.coord),
         ("bbox_head_output", out.bbox.head_output),
         ("image_embeds", out.image_embeds),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    let expected = read_tensors(&dir.join("expected.safetensors"))?;
-    Ok(compare_all(&expected, &computed, spec.tolerance()))
+    ]);
+    check_expected(dir, spec, &computed)
 }
 
 /// An integer key of the case's `config.yaml` that the task config keeps among its extra keys.
@@ -499,15 +545,13 @@ fn run_retrieval(
     weights: WeightsSource,
     device: Device,
 ) -> Result<Vec<Comparison>, ParityError> {
-    let task = TaskConfig::load(&dir.join("config.yaml")).map_err(ModelError::from)?;
+    let CaseModel { task, model, .. } =
+        CaseModel::load(dir, weights, device, RetrievalModel::new, |m| {
+            m.core.tied_aliases()
+        })?;
     let k_test = required_int(&task, dir, "k_test")?;
-    let vs = VarStore::new(device);
-    let model = RetrievalModel::new(&vs.root(), &task)?;
-    load_case_weights(&vs, dir, weights, &model.core.tied_aliases())?;
-
-    let batch_path = dir.join("batch.safetensors");
-    let batch: HashMap<String, Tensor> = read_tensors(&batch_path)?.into_iter().collect();
-    let t = |name: &str| take(&batch, &batch_path, name.to_string()).map(|x| x.to_device(device));
+    let batch = CaseBatch::open(dir, device)?;
+    let t = |name: &str| batch.get(name);
     let mut computed: HashMap<String, Tensor> = HashMap::new();
     let mut put = |k: &str, v: Tensor| {
         computed.insert(k.to_string(), v);
@@ -594,8 +638,7 @@ fn run_retrieval(
     put("train.sim_i2t", tr.itm.weights.sim_i2t);
     put("train.temp", model.core.temp()?.detach().copy());
 
-    let expected = read_tensors(&dir.join("expected.safetensors"))?;
-    Ok(compare_all(&expected, &computed, spec.tolerance()))
+    check_expected(dir, spec, &computed)
 }
 
 /// Kind `vqa`: `rank_answer` over the answer list and the weighted training loss.
@@ -605,15 +648,11 @@ fn run_vqa(
     weights: WeightsSource,
     device: Device,
 ) -> Result<Vec<Comparison>, ParityError> {
-    let task = TaskConfig::load(&dir.join("config.yaml")).map_err(ModelError::from)?;
+    let CaseModel { task, model, .. } =
+        CaseModel::load(dir, weights, device, VqaModel::new, VqaModel::tied_aliases)?;
     let k_test = required_int(&task, dir, "k_test")?;
-    let vs = VarStore::new(device);
-    let model = VqaModel::new(&vs.root(), &task)?;
-    load_case_weights(&vs, dir, weights, &model.tied_aliases())?;
-
-    let batch_path = dir.join("batch.safetensors");
-    let batch: HashMap<String, Tensor> = read_tensors(&batch_path)?.into_iter().collect();
-    let t = |name: &str| take(&batch, &batch_path, name.to_string()).map(|x| x.to_device(device));
+    let batch = CaseBatch::open(dir, device)?;
+    let t = |name: &str| batch.get(name);
     let mut computed: HashMap<String, Tensor> = HashMap::new();
 
     let (q_ids, q_atts) = (t("eval.question_ids")?, t("eval.question_atts")?);
@@ -661,18 +700,14 @@ fn run_vqa(
     computed.insert("train.loss".into(), loss);
     computed.insert("train.per_answer_loss".into(), per_answer);
 
-    let expected = read_tensors(&dir.join("expected.safetensors"))?;
-    Ok(compare_all(&expected, &computed, spec.tolerance()))
+    check_expected(dir, spec, &computed)
 }
 
 /// Kind `relpos_resize`: `wA_to_wB.src` resized to (2B−1)² rows must equal `wA_to_wB.dst`.
 fn run_relpos_resize(dir: &Path, spec: &CaseSpec) -> Result<Vec<Comparison>, ParityError> {
-    let batch: HashMap<String, Tensor> = read_tensors(&dir.join("batch.safetensors"))?
-        .into_iter()
-        .collect();
-    let expected = read_tensors(&dir.join("expected.safetensors"))?;
+    let batch = CaseBatch::open(dir, Device::Cpu)?;
     let mut computed = HashMap::new();
-    for (name, src) in &batch {
+    for (name, src) in &batch.tensors {
         let Some(case) = name.strip_suffix(".src") else {
             continue;
         };
@@ -681,7 +716,7 @@ fn run_relpos_resize(dir: &Path, spec: &CaseSpec) -> Result<Vec<Comparison>, Par
             .next()
             .and_then(|w| w.parse::<i64>().ok())
             .ok_or_else(|| ParityError::Read {
-                path: dir.join("batch.safetensors"),
+                path: batch.path.clone(),
                 reason: format!("cannot read the target window from {name:?}"),
             })?;
         let dst = (2 * window - 1) * (2 * window - 1);
@@ -689,5 +724,5 @@ fn run_relpos_resize(dir: &Path, spec: &CaseSpec) -> Result<Vec<Comparison>, Par
             checkpoint::interpolate_relative_pos_embed(src, dst, name).map_err(ModelError::from)?;
         computed.insert(format!("{case}.dst"), out);
     }
-    Ok(compare_all(&expected, &computed, spec.tolerance()))
+    check_expected(dir, spec, &computed)
 }
