@@ -14,14 +14,15 @@
 //! Every other random draw is derived from (seed, iteration, rank), so nothing else is carried.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
-use xvlm_model::checkpoint::{load_state_dict, read_state_dict, LoadOptions};
+use xvlm_model::checkpoint::{load_state_dict, read_state_dict, LoadOptions, StateDict};
 use xvlm_model::collective::Collective;
 use xvlm_model::config::TaskConfig;
 use xvlm_model::data::batch::{ImageTextBatch, RegionBatch};
@@ -34,6 +35,7 @@ use xvlm_model::tasks::{PretrainBatch, PretrainModel, RegionInputs};
 use xvlm_model::train::{PretrainTrainer, StepKind, TrainSettings};
 
 use super::task::{StepOutput, TaskContext, TaskError, TrainTask};
+use crate::checkpoint::Storage;
 
 /// Names of the losses a step reports (averaged over ranks), in [`StepOutput::losses`] order.
 pub const LOSS_NAMES: [&str; 6] = ["itc", "itm", "mlm", "bbox", "giou", "total"];
@@ -205,17 +207,38 @@ fn region_batch(b: RegionBatch, device: Device) -> PretrainBatch {
     }
 }
 
-/// A local path for a `file://` URL or a plain path; other schemes are not read here yet.
-fn local_path(url: &str) -> Result<PathBuf, TaskError> {
-    if let Some(p) = url.strip_prefix("file://") {
-        return Ok(PathBuf::from(p));
+/// Distinguishes the temporary copies of remote checkpoints one process makes.
+static DOWNLOADS: AtomicU64 = AtomicU64::new(0);
+
+/// Reads `init_checkpoint`: an official `torch.save` file (`.th`) or safetensors, at a plain path, a
+/// `file://` URL or any URL the checkpoint storage opens (`s3://bucket/key`). A remote object is read
+/// into a private temporary file (the readers take files) that is removed afterwards.
+fn read_init_checkpoint(url: &str) -> Result<StateDict, TaskError> {
+    let fail = |e: &dyn std::fmt::Display| other(format!("init_checkpoint {url}: {e}"));
+    let local = url
+        .strip_prefix("file://")
+        .or((!url.contains("://")).then_some(url));
+    if let Some(path) = local {
+        return read_state_dict(Path::new(path)).map_err(|e| fail(&e));
     }
-    if url.contains("://") {
-        return Err(other(format!(
-            "init_checkpoint {url}: only local files are supported by task pretrain"
-        )));
-    }
-    Ok(PathBuf::from(url))
+    let (parent, name) = url
+        .rsplit_once('/')
+        .filter(|(p, n)| !n.is_empty() && p.contains("://"))
+        .ok_or_else(|| fail(&"not the URL of an object"))?;
+    let bytes = Storage::open(parent)
+        .and_then(|s| s.get(name))
+        .map_err(|e| fail(&e))?
+        .ok_or_else(|| fail(&"no such object"))?;
+    let tmp = std::env::temp_dir().join(format!(
+        "xvlm-init-{}-{}-{name}",
+        std::process::id(),
+        DOWNLOADS.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::write(&tmp, &bytes).map_err(|e| fail(&format!("{}: {e}", tmp.display())))?;
+    let sd = read_state_dict(&tmp);
+    let _ = std::fs::remove_file(&tmp);
+    tracing::info!(url, bytes = bytes.len(), "downloaded init_checkpoint");
+    sd.map_err(|e| fail(&e))
 }
 
 impl PretrainTask {
@@ -233,12 +256,10 @@ impl PretrainTask {
             PretrainModel::new(&vs.root(), &task).map_err(other)?
         };
         if let Some(url) = &ctx.spec.init_checkpoint {
-            let path = local_path(url)?;
-            let sd =
-                read_state_dict(&path).map_err(|e| other(format!("{}: {e}", path.display())))?;
+            let sd = read_init_checkpoint(url)?;
             let report = load_state_dict(&vs, &sd, &LoadOptions::default())
-                .map_err(|e| other(format!("{}: {e}", path.display())))?;
-            tracing::info!(checkpoint = %path.display(), %report, "loaded init_checkpoint");
+                .map_err(|e| other(format!("init_checkpoint {url}: {e}")))?;
+            tracing::info!(checkpoint = %url, %report, "loaded init_checkpoint");
         }
         let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
