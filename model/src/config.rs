@@ -365,6 +365,37 @@ pub struct AcceleratorConfig {
     pub CLIP_GRAD_NORM: Option<f64>,
 }
 
+/// `xvlm:` — switches that are not in the official configs (every default is the official behaviour).
+/// A job sets them through `overrides: {xvlm: {...}}`, e.g. for the data-parallel check with
+/// per-sample losses only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XvlmOptions {
+    /// Pre-training computes and back-propagates the ITC loss (its ranks exchange features).
+    #[serde(default = "yes")]
+    pub itc: bool,
+    /// Pre-training computes and back-propagates the ITM loss (its negatives depend on the batch).
+    #[serde(default = "yes")]
+    pub itm: bool,
+    /// Train-mode forward (dropout, drop-path); off makes a step a pure function of weights and data.
+    #[serde(default = "yes")]
+    pub dropout: bool,
+}
+
+impl Default for XvlmOptions {
+    fn default() -> Self {
+        XvlmOptions {
+            itc: true,
+            itm: true,
+            dropout: true,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
 fn default_opt_level() -> String {
     "O0".into()
 }
@@ -468,6 +499,9 @@ pub struct TaskConfig {
     /// Mixed precision and clipping.
     #[serde(default)]
     pub accelerator: Option<AcceleratorConfig>,
+    /// This implementation's own switches (`xvlm:`; absent from official configs, defaults = official).
+    #[serde(default)]
+    pub xvlm: XvlmOptions,
 
     /// Keys this crate does not use (fine-tuning data keys, comments turned keys, …).
     #[serde(flatten)]

@@ -1,8 +1,8 @@
 //! The multi-threaded loader: one reader thread walks the rank's [`LineStream`], N worker threads turn
-//! lines into samples with a generator derived from the line's identity, and an assembler thread puts
-//! them back in stream order and cuts batches. A fixed number of in-flight lines (tokens) bounds memory,
-//! and finished batches wait in a bounded prefetch queue. Content depends on (seed, rank, cursor) only,
-//! never on the number of threads or on timing.
+//! lines into samples with a generator derived from the line's identity (file name, epoch, line), and
+//! an assembler thread puts them back in stream order and cuts batches. A fixed number of in-flight
+//! lines (tokens) bounds memory, and finished batches wait in a bounded prefetch queue. Content depends
+//! on (seed, plan, cursor) only, never on the number of threads or on timing.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -85,6 +85,7 @@ pub struct LoadedBatch<S> {
 struct Work {
     seq: u64,
     id: LineId,
+    file_key: u64,
     bytes: Result<Vec<u8>, DataError>,
     next: Cursor,
 }
@@ -135,6 +136,7 @@ impl<S: Send + 'static> Loader<S> {
                         let w = Work {
                             seq,
                             id: line.id,
+                            file_key: stream.plan().file_key(line.id.file),
                             bytes: line.bytes,
                             next: line.next,
                         };
@@ -169,11 +171,10 @@ impl<S: Send + 'static> Loader<S> {
             threads.push(std::thread::spawn(move || {
                 while let Ok(w) = work_rx.recv() {
                     let result = w.bytes.and_then(|bytes| {
-                        let mut rng = rng_for(
-                            seed,
-                            Purpose::Sample,
-                            &[rank, w.id.epoch, w.id.file as u64, w.id.line],
-                        );
+                        // The sample's own identity, not the rank or the file's index: see
+                        // `shard::file_key`.
+                        let mut rng =
+                            rng_for(seed, Purpose::Sample, &[w.file_key, w.id.epoch, w.id.line]);
                         processor.process(&bytes, &mut rng)
                     });
                     let d = Done {

@@ -128,7 +128,7 @@ pub struct ImageTextLoader {
 }
 
 impl ImageTextLoader {
-    /// Start at `state` (default = the beginning) for `rank` of `world`.
+    /// Start at `state` (default = the beginning) for `rank` of `world`, splitting `train_file` itself.
     pub fn start(
         cfg: &PretrainDataConfig,
         rank: usize,
@@ -137,6 +137,17 @@ impl ImageTextLoader {
         state: StreamState,
     ) -> Result<Self, DataError> {
         let plan = ShardPlan::new(list_shards(&cfg.train_file)?, rank, world, seed)?;
+        Self::start_plan(cfg, plan, seed, state)
+    }
+
+    /// Start at `state` reading `plan` (e.g. [`ShardPlan::assigned`] over the coordinator's files for
+    /// this rank); `train_file` is not read.
+    pub fn start_plan(
+        cfg: &PretrainDataConfig,
+        plan: ShardPlan,
+        seed: u64,
+        state: StreamState,
+    ) -> Result<Self, DataError> {
         let processor = ImageTextProcessor {
             keys: cfg.images.keys.clone(),
             text: cfg.text_pipeline(cfg.images.keys.tokenized)?,

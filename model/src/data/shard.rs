@@ -10,6 +10,7 @@ use std::io::BufRead;
 
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use super::rng::{rng_for, Purpose};
 use super::store::{open_at, ShardFile};
@@ -35,9 +36,12 @@ pub struct Cursor {
 #[derive(Debug, Clone)]
 pub struct ShardPlan {
     files: Vec<ShardFile>,
+    keys: Vec<u64>,
     rank: usize,
     world: usize,
     seed: u64,
+    /// The files are this rank's alone (partitioned by the coordinator): read all of them.
+    assigned: bool,
 }
 
 impl ShardPlan {
@@ -59,15 +63,35 @@ impl ShardPlan {
                 world,
             });
         }
+        let keys = files.iter().map(|f| file_key(&f.name)).collect();
         Ok(Self {
             files,
+            keys,
             rank,
             world,
             seed,
+            assigned: false,
         })
     }
 
-    /// All shard files (sorted).
+    /// Plan for `rank` when `files` were already partitioned for it (the coordinator's shard plan): the
+    /// rank reads all of them, in an order shuffled per epoch. Needs at least one file.
+    pub fn assigned(files: Vec<ShardFile>, rank: usize, seed: u64) -> Result<Self, DataError> {
+        if files.is_empty() {
+            return Err(DataError::TooFewFiles { files: 0, world: 1 });
+        }
+        let keys = files.iter().map(|f| file_key(&f.name)).collect();
+        Ok(Self {
+            files,
+            keys,
+            rank,
+            world: 1,
+            seed,
+            assigned: true,
+        })
+    }
+
+    /// All shard files (sorted): the job's, or this rank's alone for an [`ShardPlan::assigned`] plan.
     pub fn files(&self) -> &[ShardFile] {
         &self.files
     }
@@ -77,14 +101,33 @@ impl ShardPlan {
         self.rank
     }
 
+    /// The stable identity of file `file` (see [`file_key`]).
+    pub fn file_key(&self, file: usize) -> u64 {
+        self.keys.get(file).copied().unwrap_or(u64::MAX)
+    }
+
     /// Global file indices this rank reads in `epoch`, in reading order.
     pub fn rank_files(&self, epoch: u64) -> Vec<usize> {
         let n = self.files.len();
         let mut order: Vec<usize> = (0..n).collect();
         order.shuffle(&mut rng_for(self.seed, Purpose::FileShuffle, &[epoch]));
+        if self.assigned {
+            return order;
+        }
         let (lo, hi) = (n * self.rank / self.world, n * (self.rank + 1) / self.world);
         order[lo..hi].to_vec()
     }
+}
+
+/// A 64-bit identity of a shard file from its name (SHA-256, first 8 bytes). Per-sample randomness is
+/// derived from it rather than from the file's index or the reading rank, so a sample is augmented and
+/// masked the same way whichever rank reads it and however the files are split (coordinator plan, own
+/// split, any world size).
+pub fn file_key(name: &str) -> u64 {
+    let digest = Sha256::digest(name.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_le_bytes(first)
 }
 
 /// Identity of one line in the job: (epoch, global file index, line number).
@@ -141,6 +184,11 @@ impl LineStream {
     /// The position of the next line.
     pub fn cursor(&self) -> Cursor {
         self.cursor
+    }
+
+    /// The plan this stream reads.
+    pub fn plan(&self) -> &ShardPlan {
+        &self.plan
     }
 
     /// The next line (never `None`: the stream rolls over epochs). Errors are fatal (missing file, I/O).

@@ -148,6 +148,10 @@ pub struct PretrainModel {
     pub core: XvlmCore,
     /// `calc_image_bbox_loss`: whole-image captions also get the box loss.
     pub calc_image_bbox_loss: bool,
+    /// Compute the ITC loss (`xvlm.itc`, on in the official model); off, it is a constant 0.
+    pub itc: bool,
+    /// Compute the ITM loss (`xvlm.itm`, on in the official model); off, it is a constant 0.
+    pub itm: bool,
 }
 
 impl PretrainModel {
@@ -156,11 +160,14 @@ impl PretrainModel {
         Ok(PretrainModel {
             core: XvlmCore::from_task(p, task, Heads::pretrain())?,
             calc_image_bbox_loss: task.calc_image_bbox_loss,
+            itc: task.xvlm.itc,
+            itm: task.xvlm.itm,
         })
     }
 
     /// `XVLM.forward`: clamps `temp`, then ITC (gathered over `collective`), ITM (negatives from
-    /// `sampler`), MLM, and for region batches the box losses on the full image.
+    /// `sampler`), MLM, and for region batches the box losses on the full image. With [`Self::itc`] or
+    /// [`Self::itm`] off that loss is a constant 0 (no gather, no negatives, no intermediates of it).
     pub fn forward(
         &self,
         batch: &PretrainBatch,
@@ -181,21 +188,48 @@ impl PretrainModel {
             )?,
         };
         let text_embeds = core.get_text_embeds(&batch.text_ids, &batch.text_atts, train);
-        let image_feat = core.image_feat(&vision.embeds)?;
-        let text_feat = core.text_feat(&text_embeds)?;
-
-        let loss_itc = core.contrastive_loss(collective, &image_feat, &text_feat, None)?;
-        let itm = core.matching_loss(
-            &vision.embeds,
-            &vision.atts,
-            &image_feat,
-            &text_embeds,
-            &batch.text_atts,
-            &text_feat,
-            None,
-            sampler,
-            train,
-        )?;
+        let zero = || Tensor::zeros([], (Kind::Float, batch.image.device()));
+        let mut intermediates: Vec<(String, Tensor)> = vec![
+            ("image_atts".into(), vision.atts.shallow_clone()),
+            ("image_embeds".into(), vision.embeds.shallow_clone()),
+            ("text_embeds".into(), text_embeds.shallow_clone()),
+            ("temp".into(), core.temp()?.detach().copy()),
+        ];
+        let (mut loss_itc, mut loss_itm) = (zero(), zero());
+        if self.itc || self.itm {
+            let image_feat = core.image_feat(&vision.embeds)?;
+            let text_feat = core.text_feat(&text_embeds)?;
+            if self.itc {
+                loss_itc = core.contrastive_loss(collective, &image_feat, &text_feat, None)?;
+            }
+            if self.itm {
+                let itm = core.matching_loss(
+                    &vision.embeds,
+                    &vision.atts,
+                    &image_feat,
+                    &text_embeds,
+                    &batch.text_atts,
+                    &text_feat,
+                    None,
+                    sampler,
+                    train,
+                )?;
+                loss_itm = itm.loss;
+                intermediates.extend([
+                    ("sim_i2t".into(), itm.weights.sim_i2t),
+                    ("sim_t2i".into(), itm.weights.sim_t2i),
+                    ("itm_weights_i2t".into(), itm.weights.weights_i2t),
+                    ("itm_weights_t2i".into(), itm.weights.weights_t2i),
+                    ("itm_neg_image_idx".into(), itm.neg_image_idx),
+                    ("itm_neg_text_idx".into(), itm.neg_text_idx),
+                    ("itm_cross_pos_cls".into(), itm.cross_pos_cls),
+                    ("itm_cross_neg_cls".into(), itm.cross_neg_cls),
+                    ("itm_logits".into(), itm.logits),
+                ]);
+            }
+            intermediates.push(("image_feat".into(), image_feat));
+            intermediates.push(("text_feat".into(), text_feat));
+        }
         let mlm = core.mlm_loss(
             &batch.text_ids_masked,
             &batch.text_atts,
@@ -206,26 +240,9 @@ impl PretrainModel {
             train,
         )?;
 
-        let mut loss_total = &loss_itc + &itm.loss + &mlm.loss;
-        let mut intermediates: Vec<(String, Tensor)> = vec![
-            ("image_atts".into(), vision.atts.shallow_clone()),
-            ("image_embeds".into(), vision.embeds.shallow_clone()),
-            ("image_feat".into(), image_feat),
-            ("text_embeds".into(), text_embeds.shallow_clone()),
-            ("text_feat".into(), text_feat),
-            ("temp".into(), core.temp()?.detach().copy()),
-            ("sim_i2t".into(), itm.weights.sim_i2t),
-            ("sim_t2i".into(), itm.weights.sim_t2i),
-            ("itm_weights_i2t".into(), itm.weights.weights_i2t),
-            ("itm_weights_t2i".into(), itm.weights.weights_t2i),
-            ("itm_neg_image_idx".into(), itm.neg_image_idx),
-            ("itm_neg_text_idx".into(), itm.neg_text_idx),
-            ("itm_cross_pos_cls".into(), itm.cross_pos_cls),
-            ("itm_cross_neg_cls".into(), itm.cross_neg_cls),
-            ("itm_logits".into(), itm.logits),
-            ("mlm_hidden_at_masked_pos".into(), mlm.hidden_at_masked_pos),
-            ("mlm_logits".into(), mlm.logits),
-        ];
+        let mut loss_total = &loss_itc + &loss_itm + &mlm.loss;
+        intermediates.push(("mlm_hidden_at_masked_pos".into(), mlm.hidden_at_masked_pos));
+        intermediates.push(("mlm_logits".into(), mlm.logits));
 
         let (mut loss_bbox, mut loss_giou) = (None, None);
         if let Some(region) = &batch.region {
@@ -251,7 +268,7 @@ impl PretrainModel {
         }
         Ok(PretrainOutput {
             loss_itc,
-            loss_itm: itm.loss,
+            loss_itm,
             loss_mlm: mlm.loss,
             loss_bbox,
             loss_giou,

@@ -37,14 +37,15 @@ pub struct TrainSettings {
 }
 
 impl TrainSettings {
-    /// The official pre-training settings of `task` (`RNG_SEED` defaults to 42 as in the configs).
+    /// The official pre-training settings of `task` (`RNG_SEED` defaults to 42 as in the configs;
+    /// dropout on unless `xvlm.dropout: false`).
     pub fn from_task(task: &TaskConfig) -> Self {
         let acc = task.accelerator.as_ref();
         TrainSettings {
             clip_grad_norm: acc.and_then(|a| a.CLIP_GRAD_NORM),
             iter_perc: task.regions.as_ref().map_or(0.0, |r| r.iter_perc),
             seed: acc.and_then(|a| a.RNG_SEED).unwrap_or(42),
-            dropout: true,
+            dropout: task.xvlm.dropout,
             bucket_elements: DEFAULT_BUCKET_ELEMENTS,
             mixed_precision: false,
             micro_batches: acc.map_or(1, |a| a.GRAD_ACCUMULATE_STEPS.max(1)),
@@ -380,7 +381,11 @@ impl<'m> PretrainTrainer<'m> {
         ];
         for (batches, kind, itm, torch) in plan {
             let Some(batches) = batches else { continue };
-            tch::manual_seed(derive_seed(seed, iteration, rank, torch) as i64);
+            // libtorch's generator is process-global: touch it only when dropout draws from it, so a
+            // deterministic run never races with other tasks of the process (in-process ranks, tests).
+            if self.settings.dropout {
+                tch::manual_seed(derive_seed(seed, iteration, rank, torch) as i64);
+            }
             let mut sampler = MultinomialSampler::new(derive_seed(seed, iteration, rank, itm));
             steps.push(self.step(kind, batches, collective, &mut sampler)?);
         }

@@ -1,0 +1,153 @@
+//! Shared by the pre-training task tests: a synthetic corpus, a tiny task config on it, job specs and
+//! ways to run [`PretrainTask`] ranks in threads.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use tch::{Device, Tensor};
+use xvlm_model::collective::Collective;
+use xvlm_model::config::configs_dir;
+use xvlm_model::data::synth::{generate, SynthConfig};
+use xvlm_proto::spec::JobSpec;
+use xvlm_worker::checkpoint::sha256_hex;
+use xvlm_worker::trainer::pretrain::PretrainTask;
+use xvlm_worker::trainer::task::{TaskContext, TrainTask};
+
+/// The text encoder of the tests: the tiny BERT of reference §7 with the synthetic vocabulary's size.
+const BERT: &str = r#"{"architectures": ["BertForMaskedLM"], "attention_probs_dropout_prob": 0.1,
+  "hidden_act": "gelu", "hidden_dropout_prob": 0.1, "hidden_size": 32, "initializer_range": 0.02,
+  "intermediate_size": 64, "layer_norm_eps": 1e-12, "max_position_embeddings": 64,
+  "model_type": "bert", "num_attention_heads": 2, "num_hidden_layers": 4, "pad_token_id": 0,
+  "type_vocab_size": 2, "vocab_size": 192, "fusion_layer": 2, "encoder_width": 128}"#;
+
+/// A synthetic corpus (30 images: 24 train lines in 2 image-text and 2 region shards) under `dir/data`.
+pub fn corpus(dir: &Path) -> PathBuf {
+    let data = dir.join("data");
+    generate(
+        &data,
+        &SynthConfig {
+            images: 30,
+            width: 64,
+            height: 48,
+            shards: 2,
+            ..SynthConfig::default()
+        },
+    )
+    .expect("synthetic corpus");
+    data
+}
+
+/// Writes the tiny task config (Swin 128 + 4-layer BERT) over `data`'s corpus to `dir/task.yaml`;
+/// `batch` image-text pairs per rank, region steps with probability `iter_perc`.
+pub fn task_yaml(dir: &Path, data: &Path, batch: usize, iter_perc: f64) -> PathBuf {
+    let configs = configs_dir();
+    let configs = std::fs::canonicalize(&configs).unwrap_or(configs);
+    std::fs::create_dir_all(dir).expect("mkdir");
+    std::fs::write(dir.join("bert.json"), BERT).expect("write bert.json");
+    let (d, c, t) = (data.display(), configs.display(), dir.display());
+    let yaml = format!(
+        "train_file: ['{d}/pretrain/image_text']
+train_dataset_size: 16
+images: {{image_key: binary, is_image_rpath: False, caption_key: caption, tokenized: False, batch_size: {batch}, num_workers: 2}}
+train_file_regions: ['{d}/pretrain/regions']
+regions: {{image_key: binary, is_image_rpath: False, caption_key: caption, tokenized: False, iter_perc: {iter_perc}, batch_size: 6, max_images: 2, max_regions: 3, min_perc_in_image: 0.5, num_workers: 2}}
+use_clip_vit: False
+use_swin: True
+vision_config: '{c}/config_swin_tiny_128.json'
+image_res: 128
+patch_size: 32
+use_roberta: False
+text_config: '{t}/bert.json'
+text_encoder: '{d}'
+load_bertL_by_sep: False
+calc_image_bbox_loss: False
+embed_dim: 16
+temp: 0.07
+max_words: 12
+max_tokens: 16
+mask_prob: 0.25
+max_masks: 3
+mask_whole_word: True
+skipgram_prb: 0.2
+skipgram_size: 3
+optimizer: {{opt: adamW, lr: 1e-3, weight_decay: 0.01, lr_mult: 2}}
+schedular: {{sched: linear, lr: 1e-3, epochs: 2, num_warmup_steps: 2}}
+accelerator: {{SYNCBN: false, FP16_OPT_LEVEL: O0, FP16_LOSS_SCALE: dynamic, RNG_SEED: 42, GRAD_ACCUMULATE_STEPS: 1, CLIP_GRAD_NORM: 5.0}}
+"
+    );
+    let path = dir.join("task.yaml");
+    std::fs::write(&path, yaml).expect("write task.yaml");
+    path
+}
+
+/// A `task: pretrain` job on `config` for `steps` iterations; `extra` is more JSON members (with a
+/// leading comma), e.g. `,"checkpoint":{...}` or `,"overrides":{...}`.
+pub fn spec(config: &Path, steps: u64, extra: &str) -> JobSpec {
+    JobSpec::from_json(&format!(
+        r#"{{"name":"pt","task":"pretrain","config":"{}","steps":{steps},"seed":11{extra}}}"#,
+        config.display()
+    ))
+    .expect("job spec")
+}
+
+/// A task for this rank of `comm` (1 libtorch thread), reading `shards` when given.
+pub fn task(spec: &JobSpec, comm: &dyn Collective, shards: &[String]) -> PretrainTask {
+    tch::set_num_threads(1);
+    let ctx = TaskContext {
+        spec,
+        rank: comm.rank(),
+        world: comm.world_size(),
+        device: Device::Cpu,
+        shards,
+        output: "",
+        comm,
+    };
+    PretrainTask::new(&ctx).expect("pretrain task")
+}
+
+/// Runs steps `from..to`, returning the reported losses of each.
+pub fn run(
+    task: &mut PretrainTask,
+    comm: &dyn Collective,
+    from: u64,
+    to: u64,
+) -> Vec<Vec<(String, f64)>> {
+    (from..to)
+        .map(|s| task.step(s, comm).expect("step").losses)
+        .collect()
+}
+
+/// sha256 of every weight, by name.
+pub fn hashes(task: &PretrainTask) -> Vec<(String, String)> {
+    task.state()
+        .into_iter()
+        .map(|(k, t)| {
+            let t = t.contiguous();
+            let n = t.numel();
+            let mut buf = vec![0u8; n * t.kind().elt_size_in_bytes()];
+            t.copy_data_u8(&mut buf, n);
+            (k, sha256_hex(&buf))
+        })
+        .collect()
+}
+
+/// Deep copies of every weight.
+pub fn weights(task: &PretrainTask) -> Vec<(String, Tensor)> {
+    task.state()
+        .into_iter()
+        .map(|(k, t)| (k, t.detach().copy()))
+        .collect()
+}
+
+/// Largest absolute difference between two weight lists (same names in the same order).
+pub fn max_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|((na, ta), (nb, tb))| {
+            assert_eq!(na, nb);
+            (ta - tb).abs().max().double_value(&[])
+        })
+        .fold(0.0, f64::max)
+}
