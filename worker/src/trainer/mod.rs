@@ -2,6 +2,7 @@
 //! the task, runs the steps and prints one JSON progress line per step on stdout (logs go to stderr);
 //! the worker daemon reads those lines and forwards them to the coordinator.
 
+pub mod batch;
 pub mod pretrain;
 pub mod smoke;
 pub mod task;
