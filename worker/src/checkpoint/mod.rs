@@ -274,6 +274,21 @@ impl Checkpointer {
         Ok(())
     }
 
+    /// Saves the state after step `step` and commits it before returning (a requested checkpoint:
+    /// preemption, on demand). Every rank calls it at the same step.
+    pub fn save_now(
+        &mut self,
+        step: u64,
+        task: &dyn TrainTask,
+        comm: &dyn Collective,
+    ) -> Result<(), CheckpointError> {
+        if self.in_flight.is_some() {
+            self.try_commit(comm, true)?;
+        }
+        self.save(step, task);
+        self.try_commit(comm, true)
+    }
+
     /// Starts saving the state after step `step`: copies tensors to host memory now, serialises,
     /// hashes and uploads on a background thread.
     pub fn save(&mut self, step: u64, task: &dyn TrainTask) {

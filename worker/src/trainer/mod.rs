@@ -4,6 +4,7 @@
 
 pub mod batch;
 pub mod pretrain;
+pub mod save_request;
 pub mod smoke;
 pub mod task;
 
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tch::Device;
-use tracing::info;
+use tracing::{info, warn};
 use xvlm_model::collective::{Collective, SingleProcess};
 use xvlm_proto::spec::{Backend, JobSpec};
 
@@ -72,7 +73,9 @@ pub struct ProgressLine {
 }
 
 /// Runs an assignment read from `path`; `listen_fd` is the ring socket the worker bound for this rank.
+/// Ends with [`WorkerError::Preempted`] when asked to leave ([`save_request`]).
 pub fn run_file(path: &Path, listen_fd: Option<i32>) -> Result<(), WorkerError> {
+    save_request::install().map_err(|e| WorkerError::io(path, e))?;
     let text = std::fs::read_to_string(path).map_err(|e| WorkerError::io(path, e))?;
     let assignment: Assignment = serde_json::from_str(&text)
         .map_err(|e| WorkerError::Assignment(format!("{}: {e}", path.display())))?;
@@ -154,8 +157,23 @@ pub fn run(a: &Assignment, listener: Option<TcpListener>) -> Result<(), WorkerEr
             samples_per_sec: (out.samples * a.world) as f64 / secs,
         };
         println!("{}", serde_json::to_string(&line).unwrap_or_default());
-        if let Some(c) = ckpt.as_mut() {
-            c.after_step(step + 1, total, task.as_ref(), comm.as_ref())?;
+        let done = step + 1;
+        let request = save_request::agree(comm.as_ref(), device)?;
+        match ckpt.as_mut() {
+            Some(c) if request.checkpoint() && done < total => {
+                info!(step = done, leave = request.leave, "checkpoint requested at this step boundary");
+                c.save_now(done, task.as_ref(), comm.as_ref())?;
+            }
+            Some(c) => c.after_step(done, total, task.as_ref(), comm.as_ref())?,
+            None if request.checkpoint() => {
+                warn!(step = done, "checkpoint requested, but the job's output cannot hold checkpoints");
+            }
+            None => {}
+        }
+        if request.leave && done < total {
+            // No rank leaves before rank 0 has written the manifest.
+            comm.barrier()?;
+            return Err(WorkerError::Preempted { step: done });
         }
     }
     if let Some(c) = ckpt.as_mut() {
@@ -176,9 +194,7 @@ pub fn run(a: &Assignment, listener: Option<TcpListener>) -> Result<(), WorkerEr
 
 /// The checkpoint driver when the job saves checkpoints or this generation may resume one.
 fn checkpointer(a: &Assignment, device: Device) -> Result<Option<Checkpointer>, WorkerError> {
-    if a.spec.checkpoint.every_steps == 0 && a.generation <= 1 {
-        return Ok(None);
-    }
+    // Even without periodic saves, a requested checkpoint (preemption) needs one.
     let storage = match Storage::open(&a.output) {
         Ok(s) => s,
         // Nothing was ever saved to an output checkpoints cannot use: start from scratch.
