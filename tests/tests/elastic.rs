@@ -69,11 +69,17 @@ fn killed_worker_daemon_continues_at_smaller_world() {
     assert!(last_line(&watch).contains("world=2"), "{watch}");
     let diff = max_weight_diff(
         &output.join("final/model.safetensors"),
-        &dir.path().join("runs").join(&reference).join("final/model.safetensors"),
+        &dir.path()
+            .join("runs")
+            .join(&reference)
+            .join("final/model.safetensors"),
     );
     println!(
         "first commit step-{first}; generation 2 resumed from step-{resumed} at world 1; \
          max |weight diff| vs uninterrupted world 2: {diff:e}"
     );
-    assert!(diff < 1e-5, "elastic run differs from the uninterrupted one by {diff}");
+    assert!(
+        diff < 1e-5,
+        "elastic run differs from the uninterrupted one by {diff}"
+    );
 }

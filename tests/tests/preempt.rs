@@ -68,7 +68,12 @@ fn sigterm_drains_worker_without_losing_steps() {
     let saved: u64 = g1
         .split("preempted: checkpoint step-")
         .nth(1)
-        .and_then(|rest| rest.split(|ch: char| !ch.is_ascii_digit()).next()?.parse().ok())
+        .and_then(|rest| {
+            rest.split(|ch: char| !ch.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
         .unwrap_or_else(|| panic!("generation 1 did not checkpoint on the drain:\n{g1}"));
     let g2 = gen_logs(dir.path(), &["w0"], &job, 2);
     let resumed = resumed_step(&g2)
@@ -77,12 +82,19 @@ fn sigterm_drains_worker_without_losing_steps() {
         "status showed step {before} before SIGTERM; drain committed step-{saved}; \
          generation 2 resumed from step-{resumed}"
     );
-    assert_eq!(resumed, saved, "resumed from another checkpoint than the drain's");
+    assert_eq!(
+        resumed, saved,
+        "resumed from another checkpoint than the drain's"
+    );
     assert!(
         resumed >= before && resumed < 80,
         "drain checkpoint step {resumed} is older than the step {before} seen before SIGTERM"
     );
-    assert_eq!(committed(&output), vec![saved], "only the drain checkpoint exists");
+    assert_eq!(
+        committed(&output),
+        vec![saved],
+        "only the drain checkpoint exists"
+    );
 
     c.add_worker("w2", 1);
     let reference = c.submit(&write(dir.path(), "again.yaml", JOB));
@@ -90,8 +102,14 @@ fn sigterm_drains_worker_without_losing_steps() {
     assert!(last_line(&watch).contains("world=2"), "{watch}");
     let diff = max_weight_diff(
         &output.join("final/model.safetensors"),
-        &dir.path().join("runs").join(&reference).join("final/model.safetensors"),
+        &dir.path()
+            .join("runs")
+            .join(&reference)
+            .join("final/model.safetensors"),
     );
     println!("max |weight diff| vs uninterrupted world 2: {diff:e}");
-    assert!(diff < 1e-5, "drained run differs from the uninterrupted one by {diff}");
+    assert!(
+        diff < 1e-5,
+        "drained run differs from the uninterrupted one by {diff}"
+    );
 }

@@ -86,10 +86,11 @@ fn main() -> ExitCode {
     logging::init(cli.log_format);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) if matches!(
-            e.downcast_ref::<xvlm_worker::error::WorkerError>(),
-            Some(xvlm_worker::error::WorkerError::Preempted { .. })
-        ) =>
+        Err(e)
+            if matches!(
+                e.downcast_ref::<xvlm_worker::error::WorkerError>(),
+                Some(xvlm_worker::error::WorkerError::Preempted { .. })
+            ) =>
         {
             eprintln!("{e:#}");
             ExitCode::from(trainer::save_request::EXIT_PREEMPTED)

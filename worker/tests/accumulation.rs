@@ -51,7 +51,10 @@ fn max_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
 #[test]
 fn one_rank_accumulating_two_matches_two_ranks() {
     let (single, single_losses, accumulation) = train(&spec(2), &SingleProcess);
-    assert_eq!(accumulation, 2, "1 of max 2 ranks accumulates 2 micro-batches");
+    assert_eq!(
+        accumulation, 2,
+        "1 of max 2 ranks accumulates 2 micro-batches"
+    );
     let comms = local_ring(2).unwrap();
     let handles: Vec<_> = comms
         .into_iter()
@@ -61,7 +64,9 @@ fn one_rank_accumulating_two_matches_two_ranks() {
     assert_eq!(ranks[0].2, 1, "2 of max 2 ranks: no accumulation");
     assert!(max_diff(&ranks[0].0, &ranks[1].0) == 0.0, "ranks diverged");
     let diff = max_diff(&ranks[0].0, &single);
-    eprintln!("1 rank x accumulation 2 vs 2 ranks after {STEPS} steps: max |param diff| = {diff:e}");
+    eprintln!(
+        "1 rank x accumulation 2 vs 2 ranks after {STEPS} steps: max |param diff| = {diff:e}"
+    );
     assert!(diff < 1e-5, "max parameter difference {diff}");
     for (a, b) in ranks[0].1.iter().zip(&single_losses) {
         assert!((a - b).abs() < 1e-5, "loss {a} vs {b}");

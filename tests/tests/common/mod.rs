@@ -28,7 +28,12 @@ pub fn trainer_pids(dir: &Path, worker: &str, job: &str, g: u64) -> Vec<(usize, 
                 .map(|e| e.path())
                 .filter(|p| p.extension().is_some_and(|e| e == "pid"))
                 .filter_map(|p| {
-                    let rank = p.file_stem()?.to_str()?.strip_prefix("rank")?.parse().ok()?;
+                    let rank = p
+                        .file_stem()?
+                        .to_str()?
+                        .strip_prefix("rank")?
+                        .parse()
+                        .ok()?;
                     let pid = std::fs::read_to_string(&p).ok()?.trim().parse().ok()?;
                     Some((rank, pid))
                 })

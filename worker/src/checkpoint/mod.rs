@@ -540,8 +540,8 @@ impl Checkpointer {
         let mut metas = Vec::with_capacity(saved_world);
         for r in 0..saved_world {
             let name = format!("rank-{r}.json");
-            let record = file(&name)
-                .ok_or_else(|| CheckpointError::Format(format!("{dir}: no {name}")))?;
+            let record =
+                file(&name).ok_or_else(|| CheckpointError::Format(format!("{dir}: no {name}")))?;
             let record: PartRecord = serde_json::from_slice(record)
                 .map_err(|e| CheckpointError::Format(format!("{dir}/{name}: {e}")))?;
             metas.push(record.task_state);

@@ -161,12 +161,19 @@ pub fn run(a: &Assignment, listener: Option<TcpListener>) -> Result<(), WorkerEr
         let request = save_request::agree(comm.as_ref(), device)?;
         match ckpt.as_mut() {
             Some(c) if request.checkpoint() && done < total => {
-                info!(step = done, leave = request.leave, "checkpoint requested at this step boundary");
+                info!(
+                    step = done,
+                    leave = request.leave,
+                    "checkpoint requested at this step boundary"
+                );
                 c.save_now(done, task.as_ref(), comm.as_ref())?;
             }
             Some(c) => c.after_step(done, total, task.as_ref(), comm.as_ref())?,
             None if request.checkpoint() => {
-                warn!(step = done, "checkpoint requested, but the job's output cannot hold checkpoints");
+                warn!(
+                    step = done,
+                    "checkpoint requested, but the job's output cannot hold checkpoints"
+                );
             }
             None => {}
         }
