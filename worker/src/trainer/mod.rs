@@ -12,12 +12,14 @@ use std::net::TcpListener;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tch::Device;
 use tracing::{info, warn};
 use xvlm_model::collective::{Collective, SingleProcess};
 use xvlm_proto::spec::{Backend, JobSpec};
 
+use crate::checkpoint::format::HostTensors;
 use crate::checkpoint::{Checkpointer, Storage};
 use crate::comm::nccl::NcclCollective;
 use crate::comm::ring::RingCollective;
@@ -228,19 +230,21 @@ fn checkpointer(a: &Assignment, device: Device) -> Result<Option<Checkpointer>, 
     Ok(Some(c))
 }
 
-/// Rank 0 writes the final weights as `{output}/final/model.safetensors` when the output is local.
+/// Where the final weights go, relative to the job output.
+pub const FINAL_WEIGHTS: &str = "final/model.safetensors";
+
+/// Rank 0 writes the final weights as `{output}/final/model.safetensors` on the output's backend
+/// (`file://`, `s3://`); an output no backend can open gets a warning and no final file.
 fn save_final(a: &Assignment, task: &dyn TrainTask) -> Result<(), WorkerError> {
-    let Some(dir) = a.output.strip_prefix("file://") else {
-        return Ok(());
+    let storage = match Storage::open(&a.output) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!("final weights not written: {e}");
+            return Ok(());
+        }
     };
-    let dir = Path::new(dir).join("final");
-    std::fs::create_dir_all(&dir).map_err(|e| WorkerError::io(&dir, e))?;
-    let path = dir.join("model.safetensors");
-    let state = task.state();
-    let named: Vec<(&str, tch::Tensor)> = state
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.to_device(Device::Cpu)))
-        .collect();
-    tch::Tensor::write_safetensors(&named, &path)
-        .map_err(|e| WorkerError::Assignment(format!("{}: {e}", path.display())))
+    let data = HostTensors::copy_of(&task.state()).to_safetensors(FINAL_WEIGHTS)?;
+    storage.put(FINAL_WEIGHTS, Bytes::from(data))?;
+    info!(url = storage.url_of(FINAL_WEIGHTS), "final weights written");
+    Ok(())
 }
