@@ -125,6 +125,12 @@ impl Cluster {
     /// Starts a worker with `slots` CPU slots and waits until the coordinator can see it (a job
     /// needing it would otherwise be refused as unsatisfiable).
     pub fn add_worker(&mut self, name: &str, slots: u32) {
+        self.add_worker_with_env(name, slots, &[]);
+    }
+
+    /// [`Cluster::add_worker`] with extra environment variables (inherited by its trainers, e.g. the
+    /// `XVLM_TEST_*` hooks).
+    pub fn add_worker_with_env(&mut self, name: &str, slots: u32, env: &[(&str, &str)]) {
         let log = self.dir.join(format!("{name}.log"));
         let work = self.dir.join(format!("work-{name}"));
         let child = die_with_test(&mut Command::new(bin("xvlm-worker")))
@@ -141,6 +147,7 @@ impl Cluster {
             .arg("--work-dir")
             .arg(&work)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("worker log"))

@@ -1,9 +1,15 @@
 //! The node daemon: registers its devices, keeps a heartbeat stream open (reports up, commands down),
 //! prepares rendezvous data, spawns and supervises one trainer process per slot, and stops them on
 //! command, on shutdown, or when the coordinator has been unreachable for longer than the grace period.
+//!
+//! Draining (SIGTERM, e.g. a preempted node): the daemon asks its trainers to checkpoint at the next
+//! step boundary and leave ([`crate::trainer::save_request`]); every rank of the job agrees on that
+//! step, commits it, and exits. The daemon keeps heartbeating meanwhile but reports none of its
+//! trainers' exits, refuses new ranks, and disconnects once they are gone: the coordinator sees the
+//! worker leave (its ranks count as lost) and forms the next generation without it, resuming from the
+//! step the drain committed.
 
 use std::collections::{BTreeMap, HashMap};
-use std::future::Future;
 use std::net::TcpListener;
 use std::os::fd::OwnedFd;
 use std::os::unix::process::ExitStatusExt;
@@ -21,7 +27,19 @@ use xvlm_proto::{v1, PROTOCOL_VERSION};
 use crate::comm::nccl;
 use crate::error::WorkerError;
 use crate::process;
-use crate::trainer::{Assignment, ProgressLine};
+use crate::trainer::{save_request, Assignment, ProgressLine};
+
+/// What the operator asked the daemon to do (from signals).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signal {
+    /// Checkpoint and leave: trainers save at the next step boundary and exit, then the daemon.
+    Drain,
+    /// Stop now: SIGTERM to trainers, SIGKILL after 5 s.
+    Stop,
+}
+
+/// How long a drain may take before the trainers are stopped anyway.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// How the daemon runs.
 #[derive(Clone, Debug)]
@@ -80,10 +98,15 @@ pub struct Daemon {
     ready: Vec<v1::RankReady>,
     progress: BTreeMap<(String, u64, u32), v1::RankProgress>,
     exits: Vec<v1::TrainerExit>,
+    /// When a drain began.
+    draining: Option<Instant>,
 }
 
-/// Runs the daemon until `shutdown` resolves; then stops every trainer.
-pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
+/// Runs the daemon until [`Signal::Stop`] arrives (or a drain ends); then stops every trainer.
+pub async fn run(
+    cfg: DaemonConfig,
+    mut signals: mpsc::UnboundedReceiver<Signal>,
+) -> Result<(), WorkerError> {
     std::fs::create_dir_all(&cfg.work_dir).map_err(|e| WorkerError::io(&cfg.work_dir, e))?;
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let cuda = cfg
@@ -99,15 +122,12 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> Resul
         ready: Vec::new(),
         progress: BTreeMap::new(),
         exits: Vec::new(),
+        draining: None,
     };
-    tokio::pin!(shutdown);
     let mut backoff = Duration::from_millis(200);
     let mut lost_since: Option<Instant> = None;
     loop {
-        match d
-            .session(&mut shutdown, &mut backoff, &mut lost_since)
-            .await
-        {
+        match d.session(&mut signals, &mut backoff, &mut lost_since).await {
             SessionEnd::Shutdown => break,
             SessionEnd::Lost(why) => {
                 let since = *lost_since.get_or_insert_with(Instant::now);
@@ -126,8 +146,14 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> Resul
         backoff = (backoff * 2).min(Duration::from_secs(5));
         tokio::select! {
             _ = wait => {}
-            _ = &mut shutdown => break,
+            sig = signals.recv() => match sig {
+                Some(Signal::Drain) => d.begin_drain(),
+                Some(Signal::Stop) | None => break,
+            },
             Some(ev) = d.events_rx.recv() => d.absorb(ev),
+        }
+        if d.drained() {
+            break;
         }
     }
     info!("shutting down: stopping trainers");
@@ -138,7 +164,7 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> Resul
 impl Daemon {
     async fn session(
         &mut self,
-        shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+        signals: &mut mpsc::UnboundedReceiver<Signal>,
         backoff: &mut Duration,
         lost_since: &mut Option<Instant>,
     ) -> SessionEnd {
@@ -193,7 +219,14 @@ impl Daemon {
                     self.absorb(ev);
                 }
                 _ = tick.tick() => {}
-                _ = &mut *shutdown => return SessionEnd::Shutdown,
+                sig = signals.recv() => match sig {
+                    Some(Signal::Drain) => self.begin_drain(),
+                    Some(Signal::Stop) | None => return SessionEnd::Shutdown,
+                },
+            }
+            if self.drained() {
+                info!("drain complete: leaving the coordinator");
+                return SessionEnd::Shutdown;
             }
             let has_news = !self.ready.is_empty() || !self.exits.is_empty();
             let due = last_beat.elapsed() >= beat || (!self.progress.is_empty() && !urgent);
@@ -249,7 +282,11 @@ impl Daemon {
                     code = e.code,
                     "trainer exited"
                 );
-                self.exits.push(e);
+                // A draining worker's exits are not reported: were they, the coordinator could see this
+                // worker free and put it in the next generation before it disconnects.
+                if self.draining.is_none() {
+                    self.exits.push(e);
+                }
             }
         }
     }
@@ -264,7 +301,52 @@ impl Daemon {
         }
     }
 
+    /// Asks every running trainer to checkpoint at the next step boundary and leave.
+    fn begin_drain(&mut self) {
+        if self.draining.is_some() {
+            return;
+        }
+        self.draining = Some(Instant::now());
+        let pids: Vec<u32> = self
+            .gens
+            .values()
+            .flat_map(|g| g.children.values().copied())
+            .collect();
+        info!(
+            trainers = pids.len(),
+            "draining: trainers checkpoint at the next step boundary, then this worker leaves"
+        );
+        for pid in pids {
+            process::signal_group(pid, save_request::LEAVE_SIGNAL);
+        }
+    }
+
+    /// Whether a drain is over: no trainer left, or past [`DRAIN_TIMEOUT`] (then they are stopped).
+    fn drained(&mut self) -> bool {
+        let Some(since) = self.draining else {
+            return false;
+        };
+        let running = self.gens.values().any(|g| !g.children.is_empty());
+        if running && since.elapsed() > DRAIN_TIMEOUT {
+            warn!("drain timed out: stopping trainers");
+            return true;
+        }
+        !running
+    }
+
     fn prepare(&mut self, p: v1::PrepareRanks) {
+        if self.draining.is_some() {
+            for slot in &p.slots {
+                self.ready.push(v1::RankReady {
+                    job_id: p.job_id.clone(),
+                    generation: p.generation,
+                    rank: slot.rank,
+                    error: "worker is draining".into(),
+                    ..Default::default()
+                });
+            }
+            return;
+        }
         info!(
             job = p.job_id,
             generation = p.generation,

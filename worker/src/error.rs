@@ -32,6 +32,12 @@ pub enum WorkerError {
     /// A checkpoint could not be saved or resumed.
     #[error(transparent)]
     Checkpoint(#[from] crate::checkpoint::CheckpointError),
+    /// The trainer was asked to leave and committed the checkpoint of `step` first.
+    #[error("preempted: checkpoint step-{step} committed; leaving")]
+    Preempted {
+        /// The committed step.
+        step: u64,
+    },
     /// A trainer process could not be started.
     #[error("cannot start trainer: {0}")]
     Spawn(String),

@@ -86,6 +86,15 @@ fn main() -> ExitCode {
     logging::init(cli.log_format);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e)
+            if matches!(
+                e.downcast_ref::<xvlm_worker::error::WorkerError>(),
+                Some(xvlm_worker::error::WorkerError::Preempted { .. })
+            ) =>
+        {
+            eprintln!("{e:#}");
+            ExitCode::from(trainer::save_request::EXIT_PREEMPTED)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -143,13 +152,26 @@ fn run(cli: Cli) -> Result<()> {
             rt.block_on(async {
                 let mut term =
                     tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-                let stop = async move {
-                    tokio::select! {
-                        _ = tokio::signal::ctrl_c() => {},
-                        _ = term.recv() => {},
+                let (tx, signals) = tokio::sync::mpsc::unbounded_channel();
+                // SIGTERM drains (checkpoint, then leave); a second SIGTERM or Ctrl-C stops now.
+                tokio::spawn(async move {
+                    let mut drain = true;
+                    loop {
+                        let signal = tokio::select! {
+                            _ = tokio::signal::ctrl_c() => daemon::Signal::Stop,
+                            _ = term.recv() => if drain {
+                                daemon::Signal::Drain
+                            } else {
+                                daemon::Signal::Stop
+                            },
+                        };
+                        drain = false;
+                        if tx.send(signal).is_err() {
+                            break;
+                        }
                     }
-                };
-                daemon::run(cfg, stop).await?;
+                });
+                daemon::run(cfg, signals).await?;
                 anyhow::Ok(())
             })
         }

@@ -2,6 +2,12 @@
 //! with sizes and sha256 written last, then the `latest` pointer, then retention), and resuming from the
 //! newest committed checkpoint whose files verify.
 //!
+//! Resume at the same world size restores each rank's own part (exact). At another world size (an
+//! elastic restart) the per-rank parts do not map onto the new ranks: every rank gets the weights,
+//! rank 0's tensor state (identical on every data-parallel rank) and all saved ranks' JSON states, and
+//! the task re-derives its data cursors for the new world ([`TrainTask::restore_resharded`]); a task
+//! that cannot is resumed from an older checkpoint of its own world size, or from scratch.
+//!
 //! Layout under `{output}/checkpoints/step-{S}/`: `model.safetensors` (rank 0, the task's named
 //! weights), `config.json` (rank 0: job spec and model config), `rank-{r}.state.safetensors` (optimizer,
 //! scheduler, scaler tensors of rank r, when the task has any), `rank-{r}.json` (rank r's part record:
@@ -268,6 +274,21 @@ impl Checkpointer {
         Ok(())
     }
 
+    /// Saves the state after step `step` and commits it before returning (a requested checkpoint:
+    /// preemption, on demand). Every rank calls it at the same step.
+    pub fn save_now(
+        &mut self,
+        step: u64,
+        task: &dyn TrainTask,
+        comm: &dyn Collective,
+    ) -> Result<(), CheckpointError> {
+        if self.in_flight.is_some() {
+            self.try_commit(comm, true)?;
+        }
+        self.save(step, task);
+        self.try_commit(comm, true)
+    }
+
     /// Starts saving the state after step `step`: copies tensors to host memory now, serialises,
     /// hashes and uploads on a background thread.
     pub fn save(&mut self, step: u64, task: &dyn TrainTask) {
@@ -434,16 +455,26 @@ impl Checkpointer {
                     continue;
                 }
             };
-            if manifest.world != self.world {
-                warn!(
-                    "checkpoint step-{step} was saved by {} ranks, this generation has {}; exact resume needs the same world size, trying the previous checkpoint",
-                    manifest.world, self.world
-                );
-                continue;
-            }
             match self.verified(&dir, &manifest)? {
                 Err(why) => {
                     warn!("checkpoint step-{step} is corrupted: {why}; trying the previous checkpoint");
+                }
+                Ok(files) if manifest.world != self.world => {
+                    if !self.restore_resharded(task, &dir, &files, manifest.world)? {
+                        warn!(
+                            "checkpoint step-{step} was saved by {} ranks, this generation has {}, and the task cannot re-derive its state for another world size; trying the previous checkpoint",
+                            manifest.world, self.world
+                        );
+                        continue;
+                    }
+                    info!(
+                        "generation {} resuming from committed checkpoint step-{step} ({}), saved by {} ranks, re-derived for {}",
+                        self.generation,
+                        self.storage.url_of(&dir),
+                        manifest.world,
+                        self.world
+                    );
+                    return Ok(Some(step));
                 }
                 Ok(files) => {
                     self.restore(task, &dir, &files)?;
@@ -485,6 +516,41 @@ impl Checkpointer {
             out.push((f.path.clone(), data));
         }
         Ok(Ok(out))
+    }
+
+    /// Restores a checkpoint of `saved_world` ranks into this world: the weights, rank 0's tensor
+    /// state and every rank's JSON state go to [`TrainTask::restore_resharded`]. `Ok(false)` when the
+    /// task cannot re-derive its state for another world size.
+    fn restore_resharded(
+        &self,
+        task: &mut dyn TrainTask,
+        dir: &str,
+        files: &[(String, Bytes)],
+        saved_world: usize,
+    ) -> Result<bool, CheckpointError> {
+        let file = |name: &str| files.iter().find(|(p, _)| p == name).map(|(_, d)| d);
+        let model = file("model.safetensors").ok_or_else(|| {
+            CheckpointError::Format(format!("{dir}: no model.safetensors in the manifest"))
+        })?;
+        let weights = from_safetensors(model, &format!("{dir}/model.safetensors"))?;
+        let extra = match file("rank-0.state.safetensors") {
+            Some(d) => from_safetensors(d, &format!("{dir}/rank-0.state.safetensors"))?,
+            None => Vec::new(),
+        };
+        let mut metas = Vec::with_capacity(saved_world);
+        for r in 0..saved_world {
+            let name = format!("rank-{r}.json");
+            let record =
+                file(&name).ok_or_else(|| CheckpointError::Format(format!("{dir}: no {name}")))?;
+            let record: PartRecord = serde_json::from_slice(record)
+                .map_err(|e| CheckpointError::Format(format!("{dir}/{name}: {e}")))?;
+            metas.push(record.task_state);
+        }
+        match task.restore_resharded(&weights, &extra, &metas, saved_world, self.world) {
+            Ok(()) => Ok(true),
+            Err(TaskError::WorldChanged { .. }) => Ok(false),
+            Err(e) => Err(CheckpointError::Task(e.to_string())),
+        }
     }
 
     fn restore(

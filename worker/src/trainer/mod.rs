@@ -2,7 +2,9 @@
 //! the task, runs the steps and prints one JSON progress line per step on stdout (logs go to stderr);
 //! the worker daemon reads those lines and forwards them to the coordinator.
 
+pub mod batch;
 pub mod pretrain;
+pub mod save_request;
 pub mod smoke;
 pub mod task;
 
@@ -10,12 +12,14 @@ use std::net::TcpListener;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tch::Device;
-use tracing::info;
+use tracing::{info, warn};
 use xvlm_model::collective::{Collective, SingleProcess};
 use xvlm_proto::spec::{Backend, JobSpec};
 
+use crate::checkpoint::format::HostTensors;
 use crate::checkpoint::{Checkpointer, Storage};
 use crate::comm::nccl::NcclCollective;
 use crate::comm::ring::RingCollective;
@@ -71,7 +75,9 @@ pub struct ProgressLine {
 }
 
 /// Runs an assignment read from `path`; `listen_fd` is the ring socket the worker bound for this rank.
+/// Ends with [`WorkerError::Preempted`] when asked to leave ([`save_request`]).
 pub fn run_file(path: &Path, listen_fd: Option<i32>) -> Result<(), WorkerError> {
+    save_request::install().map_err(|e| WorkerError::io(path, e))?;
     let text = std::fs::read_to_string(path).map_err(|e| WorkerError::io(path, e))?;
     let assignment: Assignment = serde_json::from_str(&text)
         .map_err(|e| WorkerError::Assignment(format!("{}: {e}", path.display())))?;
@@ -153,8 +159,30 @@ pub fn run(a: &Assignment, listener: Option<TcpListener>) -> Result<(), WorkerEr
             samples_per_sec: (out.samples * a.world) as f64 / secs,
         };
         println!("{}", serde_json::to_string(&line).unwrap_or_default());
-        if let Some(c) = ckpt.as_mut() {
-            c.after_step(step + 1, total, task.as_ref(), comm.as_ref())?;
+        let done = step + 1;
+        let request = save_request::agree(comm.as_ref(), device)?;
+        match ckpt.as_mut() {
+            Some(c) if request.checkpoint() && done < total => {
+                info!(
+                    step = done,
+                    leave = request.leave,
+                    "checkpoint requested at this step boundary"
+                );
+                c.save_now(done, task.as_ref(), comm.as_ref())?;
+            }
+            Some(c) => c.after_step(done, total, task.as_ref(), comm.as_ref())?,
+            None if request.checkpoint() => {
+                warn!(
+                    step = done,
+                    "checkpoint requested, but the job's output cannot hold checkpoints"
+                );
+            }
+            None => {}
+        }
+        if request.leave && done < total {
+            // No rank leaves before rank 0 has written the manifest.
+            comm.barrier()?;
+            return Err(WorkerError::Preempted { step: done });
         }
     }
     if let Some(c) = ckpt.as_mut() {
@@ -175,9 +203,7 @@ pub fn run(a: &Assignment, listener: Option<TcpListener>) -> Result<(), WorkerEr
 
 /// The checkpoint driver when the job saves checkpoints or this generation may resume one.
 fn checkpointer(a: &Assignment, device: Device) -> Result<Option<Checkpointer>, WorkerError> {
-    if a.spec.checkpoint.every_steps == 0 && a.generation <= 1 {
-        return Ok(None);
-    }
+    // Even without periodic saves, a requested checkpoint (preemption) needs one.
     let storage = match Storage::open(&a.output) {
         Ok(s) => s,
         // Nothing was ever saved to an output checkpoints cannot use: start from scratch.
@@ -204,19 +230,21 @@ fn checkpointer(a: &Assignment, device: Device) -> Result<Option<Checkpointer>, 
     Ok(Some(c))
 }
 
-/// Rank 0 writes the final weights as `{output}/final/model.safetensors` when the output is local.
+/// Where the final weights go, relative to the job output.
+pub const FINAL_WEIGHTS: &str = "final/model.safetensors";
+
+/// Rank 0 writes the final weights as `{output}/final/model.safetensors` on the output's backend
+/// (`file://`, `s3://`); an output no backend can open gets a warning and no final file.
 fn save_final(a: &Assignment, task: &dyn TrainTask) -> Result<(), WorkerError> {
-    let Some(dir) = a.output.strip_prefix("file://") else {
-        return Ok(());
+    let storage = match Storage::open(&a.output) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!("final weights not written: {e}");
+            return Ok(());
+        }
     };
-    let dir = Path::new(dir).join("final");
-    std::fs::create_dir_all(&dir).map_err(|e| WorkerError::io(&dir, e))?;
-    let path = dir.join("model.safetensors");
-    let state = task.state();
-    let named: Vec<(&str, tch::Tensor)> = state
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.to_device(Device::Cpu)))
-        .collect();
-    tch::Tensor::write_safetensors(&named, &path)
-        .map_err(|e| WorkerError::Assignment(format!("{}: {e}", path.display())))
+    let data = HostTensors::copy_of(&task.state()).to_safetensors(FINAL_WEIGHTS)?;
+    storage.put(FINAL_WEIGHTS, Bytes::from(data))?;
+    info!(url = storage.url_of(FINAL_WEIGHTS), "final weights written");
+    Ok(())
 }

@@ -1,17 +1,21 @@
 //! `task: smoke`, the test and demo task: an MLP (features -> hidden -> 1, tanh) regressing a fixed
 //! random teacher network on deterministic synthetic samples, trained data-parallel with SGD.
 //!
-//! Sample i of the global stream depends only on (seed, i); at step s rank r of w takes samples
-//! `s*b*w + r*b .. + b`. Gradients are averaged across ranks, so w ranks with batch b follow the same
-//! trajectory as one rank with batch b*w (up to float summation order).
+//! Sample i of the global stream depends only on (seed, i). Step s trains on the global batch
+//! `s*G .. (s+1)*G` (G = [`BatchPlan::global`]); rank r processes its slice of it in micro-batches of at
+//! most the local batch b, accumulating gradients (at the reference world: samples `s*G + r*b .. + b`
+//! in one pass). Gradients are averaged across ranks, so any world size follows the same trajectory as
+//! one rank with batch G (up to float summation order), and an elastic restart at a smaller world
+//! continues the same sample stream.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::nn::{self, Module, OptimizerConfig};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 use xvlm_model::collective::Collective;
 use xvlm_proto::spec::SmokeSpec;
 
+use super::batch::BatchPlan;
 use super::task::{StepOutput, TaskContext, TaskError, TrainTask};
 use crate::comm::{all_reduce_mean_gradients, BUCKET_BYTES};
 
@@ -22,8 +26,7 @@ pub struct SmokeTask {
     opt: nn::Optimizer,
     params: SmokeSpec,
     seed: u64,
-    rank: usize,
-    world: usize,
+    batch: BatchPlan,
     device: Device,
     total_steps: u64,
     teacher: (Tensor, Tensor),
@@ -61,14 +64,14 @@ impl SmokeTask {
                 .view([8, 1])
                 .to_device(ctx.device),
         );
+        let batch = ctx.batch_plan(params.batch_size as usize);
         Ok(SmokeTask {
             vs,
             model,
             opt,
             params,
             seed: ctx.spec.seed,
-            rank: ctx.rank,
-            world: ctx.world,
+            batch,
             device: ctx.device,
             total_steps: ctx.spec.steps.unwrap_or(0),
             teacher,
@@ -133,28 +136,32 @@ impl TrainTask for SmokeTask {
     }
 
     fn step(&mut self, step: u64, comm: &dyn Collective) -> Result<StepOutput, TaskError> {
-        let b = self.params.batch_size as usize;
-        let start = step * (b * self.world) as u64 + (self.rank * b) as u64;
-        let x = self.samples(start, b);
-        let y = self.targets(&x);
+        let first = step * self.batch.global as u64;
+        let scale = self.batch.loss_scale();
         self.opt.zero_grad();
-        let loss = self.model.forward(&x).mse_loss(&y, tch::Reduction::Mean);
-        loss.backward();
+        let mut squared = 0f64;
+        for micro in self.batch.micro_batches() {
+            let x = self.samples(first + micro.start as u64, micro.len());
+            let y = self.targets(&x);
+            let sum = self.model.forward(&x).mse_loss(&y, tch::Reduction::Sum);
+            (&sum * scale).backward();
+            squared += sum.double_value(&[]);
+        }
         let params: Vec<Tensor> = sorted_variables(&self.vs)
             .into_iter()
             .map(|(_, t)| t)
             .collect();
         all_reduce_mean_gradients(&params, comm, BUCKET_BYTES)?;
         self.opt.step();
-        let mut global = loss.detach().to_kind(Kind::Float).reshape([1]);
+        let mut global = Tensor::from_slice(&[squared as f32]).to_device(self.device);
         comm.all_reduce_sum(&mut global)?;
-        let mse = global.double_value(&[0]) / self.world as f64;
+        let mse = global.double_value(&[0]) / self.batch.global as f64;
         if self.params.step_delay_ms > 0 {
             std::thread::sleep(std::time::Duration::from_millis(self.params.step_delay_ms));
         }
         Ok(StepOutput {
             losses: vec![("mse".into(), mse)],
-            samples: b,
+            samples: self.batch.slice().len(),
         })
     }
 
@@ -164,5 +171,18 @@ impl TrainTask for SmokeTask {
 
     fn state(&self) -> Vec<(String, Tensor)> {
         sorted_variables(&self.vs)
+    }
+
+    /// The sample stream is a function of the step and the batch plan, and SGD without momentum has
+    /// no state: the weights are all a resume at another world size needs.
+    fn restore_resharded(
+        &mut self,
+        weights: &[(String, Tensor)],
+        extra: &[(String, Tensor)],
+        _metas: &[serde_json::Value],
+        _saved_world: usize,
+        _world: usize,
+    ) -> Result<(), TaskError> {
+        self.restore(weights, extra, &serde_json::Value::Null)
     }
 }

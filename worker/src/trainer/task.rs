@@ -6,6 +6,7 @@ use tch::{Device, Tensor};
 use xvlm_model::collective::{Collective, CollectiveError};
 use xvlm_proto::spec::{JobSpec, TaskKind};
 
+use super::batch::BatchPlan;
 use super::pretrain::PretrainTask;
 use super::smoke::SmokeTask;
 
@@ -21,6 +22,14 @@ pub enum TaskError {
     /// A tensor operation failed.
     #[error("tensor operation failed: {0}")]
     Tensor(#[from] tch::TchError),
+    /// The task cannot restore a checkpoint saved at another world size.
+    #[error("this task cannot resume a checkpoint saved by {saved} ranks at world size {now}")]
+    WorldChanged {
+        /// World size that saved the checkpoint.
+        saved: usize,
+        /// This generation's world size.
+        now: usize,
+    },
     /// Anything else, with context.
     #[error("{0}")]
     Other(String),
@@ -42,6 +51,14 @@ pub struct TaskContext<'a> {
     pub output: &'a str,
     /// The collective (tasks broadcast initial weights, all-reduce gradients through it).
     pub comm: &'a dyn Collective,
+}
+
+impl TaskContext<'_> {
+    /// How this rank walks the job's fixed global batch when its per-rank batch is `local` (the
+    /// micro-batch size): its slice, micro-batches and gradient accumulation at this world size.
+    pub fn batch_plan(&self, local: usize) -> BatchPlan {
+        BatchPlan::for_job(self.spec, local, self.rank, self.world)
+    }
 }
 
 /// What one step produced.
@@ -86,6 +103,25 @@ pub trait TrainTask {
             ));
         }
         crate::checkpoint::copy_weights_into(&self.state(), weights)
+    }
+    /// Restores a checkpoint saved by `saved_world` ranks into this generation's different world
+    /// (an elastic restart). `extra` is rank 0's [`TrainTask::checkpoint_state`] (data-parallel ranks
+    /// hold identical optimizer state), `metas` every saved rank's [`TrainTask::checkpoint_meta`] in
+    /// rank order: per-rank data cursors must be re-derived for the new world (from the step, or from
+    /// the next epoch boundary). The default refuses with [`TaskError::WorldChanged`]; the checkpointer
+    /// then tries older checkpoints and, failing those, the generation starts from step 0.
+    fn restore_resharded(
+        &mut self,
+        _weights: &[(String, Tensor)],
+        _extra: &[(String, Tensor)],
+        _metas: &[serde_json::Value],
+        saved_world: usize,
+        world: usize,
+    ) -> Result<(), TaskError> {
+        Err(TaskError::WorldChanged {
+            saved: saved_world,
+            now: world,
+        })
     }
 }
 
