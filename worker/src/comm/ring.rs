@@ -526,6 +526,16 @@ fn host_view(t: &Tensor, op: &'static str, rank: usize) -> Result<(Tensor, bool)
     Ok((t.to_device(Device::Cpu).to_kind(kind).contiguous(), true))
 }
 
+/// The `n` elements at a contiguous CPU tensor's `data_ptr` (null for an empty tensor).
+fn elements<'a, T>(ptr: *mut std::ffi::c_void, n: usize) -> &'a mut [T] {
+    if n == 0 {
+        return &mut [];
+    }
+    // SAFETY: callers pass the data pointer of a contiguous CPU tensor of `n` elements of T that
+    // outlives the slice and is not otherwise accessed while it lives.
+    unsafe { std::slice::from_raw_parts_mut(ptr as *mut T, n) }
+}
+
 fn tensor_bytes(t: &mut Tensor) -> &mut [u8] {
     let len = t.numel() * t.kind().elt_size_in_bytes();
     if len == 0 {
@@ -553,20 +563,11 @@ impl Collective for RingCollective {
         let (host, copied) = host_view(tensor, op, self.rank)?;
         let n = host.numel();
         let ptr = host.data_ptr();
-        // SAFETY: `host` is contiguous on the CPU with `n` elements of the matched kind.
-        unsafe {
-            match host.kind() {
-                Kind::Float => {
-                    self.all_reduce_slice(std::slice::from_raw_parts_mut(ptr as *mut f32, n))
-                }
-                Kind::Double => {
-                    self.all_reduce_slice(std::slice::from_raw_parts_mut(ptr as *mut f64, n))
-                }
-                Kind::Int => {
-                    self.all_reduce_slice(std::slice::from_raw_parts_mut(ptr as *mut i32, n))
-                }
-                _ => self.all_reduce_slice(std::slice::from_raw_parts_mut(ptr as *mut i64, n)),
-            }
+        match host.kind() {
+            Kind::Float => self.all_reduce_slice(elements::<f32>(ptr, n)),
+            Kind::Double => self.all_reduce_slice(elements::<f64>(ptr, n)),
+            Kind::Int => self.all_reduce_slice(elements::<i32>(ptr, n)),
+            _ => self.all_reduce_slice(elements::<i64>(ptr, n)),
         }?;
         if copied {
             tch::no_grad(|| tensor.copy_(&host));
