@@ -170,7 +170,10 @@ fn segment_back_to_back_calls() {
         let results = on_ring_with(world, Transport::Auto, move |c| {
             let rank = c.rank();
             let mut outs = Vec::new();
-            for (i, n) in [70_001i64, 1, 0, 16_384, 5, 200_003].into_iter().enumerate() {
+            for (i, n) in [70_001i64, 1, 0, 16_384, 5, 200_003]
+                .into_iter()
+                .enumerate()
+            {
                 let kind = if i % 2 == 0 { Kind::Float } else { Kind::Int };
                 let mut t = input(rank, n, kind);
                 c.all_reduce_sum(&mut t).unwrap();
@@ -180,11 +183,18 @@ fn segment_back_to_back_calls() {
             outs
         });
         for outs in &results {
-            for (i, (got, n)) in outs.iter().zip([70_001i64, 1, 0, 16_384, 5, 200_003]).enumerate() {
+            for (i, (got, n)) in outs
+                .iter()
+                .zip([70_001i64, 1, 0, 16_384, 5, 200_003])
+                .enumerate()
+            {
                 let kind = if i % 2 == 0 { Kind::Float } else { Kind::Int };
                 let expect = (0..world)
                     .map(|r| input(r, n, Kind::Double))
-                    .fold(Tensor::zeros([n], (Kind::Double, tch::Device::Cpu)), |a, b| a + b)
+                    .fold(
+                        Tensor::zeros([n], (Kind::Double, tch::Device::Cpu)),
+                        |a, b| a + b,
+                    )
                     .to_kind(kind);
                 assert!(got.equal(&expect), "world {world} call {i} n {n}");
             }

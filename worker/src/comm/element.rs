@@ -54,10 +54,42 @@ mod simd {
         };
     }
 
-    kernel!(f32_avx, f32, "avx", 8, _mm256_loadu_ps, _mm256_add_ps, _mm256_storeu_ps);
-    kernel!(f32_sse, f32, "sse2", 4, _mm_loadu_ps, _mm_add_ps, _mm_storeu_ps);
-    kernel!(f64_avx, f64, "avx", 4, _mm256_loadu_pd, _mm256_add_pd, _mm256_storeu_pd);
-    kernel!(f64_sse, f64, "sse2", 2, _mm_loadu_pd, _mm_add_pd, _mm_storeu_pd);
+    kernel!(
+        f32_avx,
+        f32,
+        "avx",
+        8,
+        _mm256_loadu_ps,
+        _mm256_add_ps,
+        _mm256_storeu_ps
+    );
+    kernel!(
+        f32_sse,
+        f32,
+        "sse2",
+        4,
+        _mm_loadu_ps,
+        _mm_add_ps,
+        _mm_storeu_ps
+    );
+    kernel!(
+        f64_avx,
+        f64,
+        "avx",
+        4,
+        _mm256_loadu_pd,
+        _mm256_add_pd,
+        _mm256_storeu_pd
+    );
+    kernel!(
+        f64_sse,
+        f64,
+        "sse2",
+        2,
+        _mm_loadu_pd,
+        _mm_add_pd,
+        _mm_storeu_pd
+    );
 }
 
 #[cfg(target_arch = "x86_64")]

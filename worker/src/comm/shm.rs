@@ -79,14 +79,14 @@ impl Mapping {
 
     /// The atomic u32 at `offset` (4-byte aligned, inside the mapping).
     pub(crate) fn u32_at(&self, offset: usize) -> &AtomicU32 {
-        debug_assert!(offset % 4 == 0 && offset + 4 <= self.len);
+        debug_assert!(offset & 3 == 0 && offset + 4 <= self.len);
         // SAFETY: aligned and in bounds; the file starts zeroed and is only accessed atomically here.
         unsafe { &*(self.ptr.add(offset) as *const AtomicU32) }
     }
 
     /// The atomic u64 at `offset` (8-byte aligned, inside the mapping).
     pub(crate) fn u64_at(&self, offset: usize) -> &AtomicU64 {
-        debug_assert!(offset % 8 == 0 && offset + 8 <= self.len);
+        debug_assert!(offset & 7 == 0 && offset + 8 <= self.len);
         // SAFETY: as above.
         unsafe { &*(self.ptr.add(offset) as *const AtomicU64) }
     }
