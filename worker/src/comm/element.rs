@@ -30,66 +30,45 @@ plain_element!(f32, f64);
 mod simd {
     use std::arch::x86_64::*;
 
+    /// An unaligned vector: reading or writing it through a pointer compiles to one unaligned move,
+    /// without the debug-build precondition checks of `_mm*_loadu_*` and `ptr::add` (with them the
+    /// -O1 kernel ran at a fifth of memcpy's speed).
+    #[repr(C, packed)]
+    #[derive(Clone, Copy)]
+    struct Unaligned<V>(V);
+
     /// Adds 4 vectors per iteration; returns how many leading elements it handled.
     macro_rules! kernel {
-        ($name:ident, $t:ty, $feature:literal, $lanes:expr, $load:ident, $add:ident, $store:ident) => {
+        ($name:ident, $t:ty, $feature:literal, $vec:ty, $add:ident) => {
             #[target_feature(enable = $feature)]
             pub(super) unsafe fn $name(dst: *mut $t, src: *const $t, n: usize) -> usize {
-                let step = 4 * $lanes;
-                let mut i = 0;
-                while i + step <= n {
-                    let (d, s) = (dst.add(i), src.add(i));
-                    let a0 = $add($load(d), $load(s));
-                    let a1 = $add($load(d.add($lanes)), $load(s.add($lanes)));
-                    let a2 = $add($load(d.add(2 * $lanes)), $load(s.add(2 * $lanes)));
-                    let a3 = $add($load(d.add(3 * $lanes)), $load(s.add(3 * $lanes)));
-                    $store(d, a0);
-                    $store(d.add($lanes), a1);
-                    $store(d.add(2 * $lanes), a2);
-                    $store(d.add(3 * $lanes), a3);
-                    i += step;
+                const LANES: usize = std::mem::size_of::<$vec>() / std::mem::size_of::<$t>();
+                let done = n - n % (4 * LANES);
+                let mut d = dst as *mut Unaligned<$vec>;
+                let mut s = src as *const Unaligned<$vec>;
+                let end = dst.wrapping_add(done) as *mut Unaligned<$vec>;
+                // Wrapping pointer steps: in bounds by construction, and free of debug checks.
+                while d != end {
+                    let a0 = $add((*d).0, (*s).0);
+                    let a1 = $add((*d.wrapping_add(1)).0, (*s.wrapping_add(1)).0);
+                    let a2 = $add((*d.wrapping_add(2)).0, (*s.wrapping_add(2)).0);
+                    let a3 = $add((*d.wrapping_add(3)).0, (*s.wrapping_add(3)).0);
+                    *d = Unaligned(a0);
+                    *d.wrapping_add(1) = Unaligned(a1);
+                    *d.wrapping_add(2) = Unaligned(a2);
+                    *d.wrapping_add(3) = Unaligned(a3);
+                    d = d.wrapping_add(4);
+                    s = s.wrapping_add(4);
                 }
-                i
+                done
             }
         };
     }
 
-    kernel!(
-        f32_avx,
-        f32,
-        "avx",
-        8,
-        _mm256_loadu_ps,
-        _mm256_add_ps,
-        _mm256_storeu_ps
-    );
-    kernel!(
-        f32_sse,
-        f32,
-        "sse2",
-        4,
-        _mm_loadu_ps,
-        _mm_add_ps,
-        _mm_storeu_ps
-    );
-    kernel!(
-        f64_avx,
-        f64,
-        "avx",
-        4,
-        _mm256_loadu_pd,
-        _mm256_add_pd,
-        _mm256_storeu_pd
-    );
-    kernel!(
-        f64_sse,
-        f64,
-        "sse2",
-        2,
-        _mm_loadu_pd,
-        _mm_add_pd,
-        _mm_storeu_pd
-    );
+    kernel!(f32_avx, f32, "avx", __m256, _mm256_add_ps);
+    kernel!(f32_sse, f32, "sse2", __m128, _mm_add_ps);
+    kernel!(f64_avx, f64, "avx", __m256d, _mm256_add_pd);
+    kernel!(f64_sse, f64, "sse2", __m128d, _mm_add_pd);
 }
 
 #[cfg(target_arch = "x86_64")]
