@@ -6,8 +6,8 @@
 //! out. Per rank that is one read and one write of its buffer from memory; the slots stay in the cache.
 //! There are no barriers: each rank publishes monotonic counters (slices copied, reduced, gathered) and
 //! waits only for the counters it depends on, so with more ranks than cores whichever rank is scheduled
-//! makes progress, and a rank may run `BUFFERS - 1` slices ahead. An idle rank spins briefly, yields a
-//! few times, then sleeps on a futex, so ranks never burn a core another rank needs.
+//! makes progress, and a rank may run `BUFFERS - 1` slices ahead. An idle rank spins briefly, then
+//! sleeps on a futex, so ranks never burn a core another rank needs.
 
 use std::cell::Cell;
 use std::io::{self, Read, Write};
@@ -24,11 +24,10 @@ use super::shm::{futex_wait, futex_wake, Mapping};
 const DEFAULT_SLICE_BYTES: usize = 1 << 20;
 /// Slots per rank: how far (in slices) a fast rank may run ahead of a slow one, plus one.
 const BUFFERS: usize = 2;
-/// Checks before an idle rank starts yielding its core.
+/// Checks before an idle rank sleeps on the futex. Yielding between spinning and sleeping was measured
+/// slower at 4 ranks on a loaded 2-core machine (a yield hands the core to another process for a whole
+/// time slice), and so were 4 slots per rank instead of 2.
 const SPINS: usize = 200;
-/// Yields before an idle rank sleeps on the futex: a yielding rank stays runnable, which on a busy
-/// machine beats waiting for a wake-up (measured: 20-200 yields beat 0 and 2000 at 4 ranks on 2 cores).
-const YIELDS: usize = 50;
 /// Longest sleep between checks for a dead peer.
 const POLL: Duration = Duration::from_millis(100);
 
@@ -196,11 +195,6 @@ impl LocalGroup {
         if idle.spins < SPINS {
             idle.spins += 1;
             std::hint::spin_loop();
-            return Ok(());
-        }
-        if idle.spins < SPINS + YIELDS {
-            idle.spins += 1;
-            std::thread::yield_now();
             return Ok(());
         }
         if self.word(ABANDONED).load(SeqCst) != 0 {
