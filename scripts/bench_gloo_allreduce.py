@@ -2,7 +2,12 @@
 float32 buffer across N local processes, with the same definitions (median over iterations of the slowest
 rank's time, each iteration after a barrier; algbw = bytes / median; busbw = algbw x 2(N-1)/N).
 
-    .venv/bin/python scripts/bench_gloo_allreduce.py --world 4 --mb 64 --iters 10
+    python scripts/bench_gloo_allreduce.py --world 4 --mb 64 --iters 10
+
+Needs a torch that imports. The project's .venv holds the PyPI torch 2.11 wheel for its libtorch only
+(installed without its pip dependencies and without the CUDA libraries torch._C links), so to use it add
+typing_extensions, filelock, fsspec, sympy, networkx and jinja2 on PYTHONPATH and make the missing
+libcudnn/libcublas/... resolvable (gloo itself runs on the CPU and never calls them).
 """
 
 import argparse

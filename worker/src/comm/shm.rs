@@ -42,6 +42,20 @@ impl Mapping {
             .open(path)?;
         if let Some(len) = len {
             file.set_len(len as u64)?;
+            // Reserve the pages now: a /dev/shm too small for the mapping is an error here (and the
+            // caller falls back to TCP) instead of a SIGBUS on first touch.
+            // SAFETY: plain syscall on a file descriptor we own.
+            let err = unsafe {
+                libc::posix_fallocate(
+                    std::os::fd::AsRawFd::as_raw_fd(&file),
+                    0,
+                    len as libc::off_t,
+                )
+            };
+            if err != 0 {
+                let _ = std::fs::remove_file(path);
+                return Err(io::Error::from_raw_os_error(err));
+            }
         }
         let len = file.metadata()?.len() as usize;
         if len == 0 {
