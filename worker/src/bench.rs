@@ -1,17 +1,18 @@
-//! `xvlm-worker bench-allreduce`: N local ranks (threads, each with its own ring sockets over loopback)
-//! all-reduce an M MiB float32 buffer repeatedly; reports the median time, algbw and busbw.
+//! `xvlm-worker bench-allreduce`: N local ranks (threads, each with its own ring sockets, channels and
+//! segment mapping, as separate processes would have) all-reduce an M MiB float32 buffer repeatedly;
+//! reports the median time, algbw and busbw.
 
 use std::time::Instant;
 
 use tch::{Kind, Tensor};
 use xvlm_model::collective::{Collective, CollectiveError};
 
-use crate::comm::ring::local_ring_with;
+use crate::comm::ring::{local_ring_with, Transport};
 
 /// Benchmark outcome.
 #[derive(Clone, Debug)]
 pub struct BenchResult {
-    /// `shm` or `tcp`.
+    /// `segment` (shared segment), `shm` (ring over shared-memory channels) or `tcp`.
     pub transport: &'static str,
     /// Ranks.
     pub world: usize,
@@ -51,16 +52,25 @@ impl std::fmt::Display for BenchResult {
     }
 }
 
-/// Runs the benchmark (`allow_shm`: same-host neighbours use shared memory, else TCP only); the first
-/// all-reduce is checked for the right sum and not timed.
+/// Runs the benchmark (`allow_shm`: shared memory as `XVLM_RING_TRANSPORT` allows, else TCP only); the
+/// first all-reduce is checked for the right sum and not timed.
 pub fn run(
     world: usize,
     mib: usize,
     iters: usize,
     allow_shm: bool,
 ) -> Result<BenchResult, CollectiveError> {
-    let comms = local_ring_with(world, allow_shm)?;
-    let transport = if comms.iter().any(|c| c.uses_shared_memory().0) {
+    let comms = local_ring_with(
+        world,
+        if allow_shm {
+            Transport::from_env()
+        } else {
+            Transport::Tcp
+        },
+    )?;
+    let transport = if comms.iter().any(|c| c.uses_local_group()) {
+        "segment"
+    } else if comms.iter().any(|c| c.uses_shared_memory().0) {
         "shm"
     } else {
         "tcp"

@@ -1,34 +1,47 @@
-//! The ring collective, over TCP and over same-host shared memory, gives the exact sums, gathers and
-//! broadcasts for world sizes 1 to 4, for buffers smaller than the world, not divisible by it, and
-//! larger than one pipeline chunk or one shared-memory buffer.
+//! The ring collective, over TCP, over same-host shared-memory channels and with the all-local shared
+//! segment, gives the exact sums, gathers and broadcasts for world sizes 1 to 4, for buffers smaller
+//! than the world, not divisible by it, and larger than one pipeline chunk, one shared-memory buffer or
+//! many segment slices.
 
 use tch::{Kind, Tensor};
 use xvlm_model::collective::Collective;
-use xvlm_worker::comm::ring::{local_ring_with, RingCollective};
+use xvlm_worker::comm::ring::{local_ring_with, RingCollective, Transport};
 
-/// Runs `f` on every rank of a loopback ring, once over TCP and once over shared memory; results are
-/// the TCP ranks' then the shared-memory ranks'.
+const TRANSPORTS: [Transport; 3] = [Transport::Tcp, Transport::ShmRing, Transport::Auto];
+
+/// Runs `f` on every rank of a loopback ring, once per transport; results are the ranks' in
+/// [`TRANSPORTS`] order.
 fn on_ring<T: Send + 'static>(
     world: usize,
     f: impl Fn(RingCollective) -> T + Send + Sync + Copy + 'static,
 ) -> Vec<T> {
-    let mut out = on_ring_with(world, false, f);
-    out.extend(on_ring_with(world, true, f));
-    out
+    TRANSPORTS
+        .iter()
+        .flat_map(|t| on_ring_with(world, *t, f))
+        .collect()
 }
 
 fn on_ring_with<T: Send + 'static>(
     world: usize,
-    shm: bool,
+    transport: Transport,
     f: impl Fn(RingCollective) -> T + Send + Sync + Copy + 'static,
 ) -> Vec<T> {
-    // Small shared-memory buffers, so every large message wraps around the ring buffer many times.
+    // Small shared-memory buffers and segment slices, so every large message wraps around the ring
+    // buffer and the segment's slots many times.
     std::env::set_var("XVLM_RING_SHM_BYTES", "1048576");
-    let comms = local_ring_with(world, shm).expect("ring connects");
+    std::env::set_var("XVLM_SHM_SLICE_BYTES", "65536");
+    let comms = local_ring_with(world, transport).expect("ring connects");
     if world > 1 {
+        let shm = transport != Transport::Tcp;
         assert!(
             comms.iter().all(|c| c.uses_shared_memory() == (shm, shm)),
-            "transport choice"
+            "shared-memory channels with {transport:?}"
+        );
+        assert!(
+            comms
+                .iter()
+                .all(|c| c.uses_local_group() == (transport == Transport::Auto)),
+            "shared segment with {transport:?}"
         );
     }
     let handles: Vec<_> = comms
@@ -71,7 +84,7 @@ fn all_reduce_sums_exactly() {
                         Tensor::zeros([n], (Kind::Double, tch::Device::Cpu)),
                         |a, b| a + b,
                     );
-                assert_eq!(results.len(), 2 * world);
+                assert_eq!(results.len(), TRANSPORTS.len() * world);
                 for (rank, got) in results.iter().enumerate() {
                     assert_eq!(got.kind(), kind);
                     let diff = (got.to_kind(Kind::Double) - &expect)
@@ -114,7 +127,7 @@ fn gather_broadcast_barrier() {
             c.barrier().unwrap();
             (gathered, b)
         });
-        assert_eq!(results.len(), 2 * world);
+        assert_eq!(results.len(), TRANSPORTS.len() * world);
         for (gathered, b) in &results {
             assert_eq!(gathered.len(), world);
             for (r, g) in gathered.iter().enumerate() {
@@ -132,7 +145,8 @@ fn gather_broadcast_barrier() {
     }
 }
 
-/// Ranks that call different operations get an error instead of silently mixing data.
+/// Ranks that call different operations get an error instead of silently mixing data; with four
+/// ranks where only the last one differs, its neighbours notice and the others fail instead of hanging.
 #[test]
 fn mismatched_calls_fail() {
     let results = on_ring(2, |c| {
@@ -140,4 +154,50 @@ fn mismatched_calls_fail() {
         c.all_reduce_sum(&mut t).map_err(|e| e.to_string())
     });
     assert!(results.iter().all(|r| r.is_err()), "{results:?}");
+    let results = on_ring(4, |c| {
+        let n = if c.rank() == 3 { 100_001 } else { 100_000 };
+        let mut t = Tensor::ones([n], (Kind::Float, tch::Device::Cpu));
+        c.all_reduce_sum(&mut t).map_err(|e| e.to_string())
+    });
+    assert!(results.iter().all(|r| r.is_err()), "{results:?}");
+}
+
+/// Consecutive all-reduces of different sizes and kinds through one segment stay in step (slot reuse
+/// across calls), and every rank ends with the same exact sums.
+#[test]
+fn segment_back_to_back_calls() {
+    for world in [2usize, 3, 4] {
+        let results = on_ring_with(world, Transport::Auto, move |c| {
+            let rank = c.rank();
+            let mut outs = Vec::new();
+            for (i, n) in [70_001i64, 1, 0, 16_384, 5, 200_003]
+                .into_iter()
+                .enumerate()
+            {
+                let kind = if i % 2 == 0 { Kind::Float } else { Kind::Int };
+                let mut t = input(rank, n, kind);
+                c.all_reduce_sum(&mut t).unwrap();
+                outs.push(t);
+            }
+            c.barrier().unwrap();
+            outs
+        });
+        for outs in &results {
+            for (i, (got, n)) in outs
+                .iter()
+                .zip([70_001i64, 1, 0, 16_384, 5, 200_003])
+                .enumerate()
+            {
+                let kind = if i % 2 == 0 { Kind::Float } else { Kind::Int };
+                let expect = (0..world)
+                    .map(|r| input(r, n, Kind::Double))
+                    .fold(
+                        Tensor::zeros([n], (Kind::Double, tch::Device::Cpu)),
+                        |a, b| a + b,
+                    )
+                    .to_kind(kind);
+                assert!(got.equal(&expect), "world {world} call {i} n {n}");
+            }
+        }
+    }
 }

@@ -1,6 +1,9 @@
-//! Collective backends for `xvlm_model::collective::Collective`: the TCP ring (CPU) and NCCL (CUDA),
+//! Collective backends for `xvlm_model::collective::Collective`: the CPU ring (TCP, shared-memory
+//! channels, a shared segment when every rank is on one host) and NCCL (CUDA),
 //! and the bucketed gradient all-reduce data-parallel training uses on top of either.
 
+mod element;
+mod local_group;
 pub mod nccl;
 pub mod ring;
 pub mod shm;

@@ -2,7 +2,8 @@
 //! sends) and one from the previous rank (it receives). All-reduce is reduce-scatter then all-gather
 //! around the ring (each rank moves 2(N-1)/N of the buffer); within a step the send runs on a scoped
 //! thread while the receive side reduces chunk by chunk as data arrives, so transfer and reduction
-//! overlap.
+//! overlap. When every rank runs on one host, all-reduce goes through one shared segment instead
+//! ([`super::local_group`]), which moves each rank's buffer through memory once.
 
 use std::cell::RefCell;
 use std::io::{Read, Write};
@@ -12,17 +13,43 @@ use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 use xvlm_model::collective::{Collective, CollectiveError};
 
+use super::element::Element;
+use super::local_group::LocalGroup;
 use super::shm::{self, ShmReceiver, ShmSender};
 
 /// Received data is reduced in pieces of this size while the rest is still in flight.
 const CHUNK_BYTES: usize = 1 << 20;
 const MAGIC: u32 = 0x5856_4c4d; // "XVLM"
 
+/// Which transports ranks on the same host use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// Loopback TCP only.
+    Tcp,
+    /// Ring neighbours on one host talk through shared-memory channels.
+    ShmRing,
+    /// As `ShmRing`, and when every rank is on one host, all-reduce uses one shared segment.
+    Auto,
+}
+
+impl Transport {
+    /// From `XVLM_RING_TRANSPORT`: `tcp`, `shm-ring`, anything else (or unset) is `auto`.
+    pub fn from_env() -> Transport {
+        match std::env::var("XVLM_RING_TRANSPORT").as_deref() {
+            Ok("tcp") => Transport::Tcp,
+            Ok("shm-ring") => Transport::ShmRing,
+            _ => Transport::Auto,
+        }
+    }
+}
+
 /// Ring collective over TCP sockets.
 pub struct RingCollective {
     rank: usize,
     world: usize,
     links: Option<RefCell<Links>>,
+    /// Set when every rank is on this host: all-reduce goes through it.
+    group: Option<LocalGroup>,
 }
 
 struct Links {
@@ -76,7 +103,7 @@ impl RingCollective {
     /// Connects rank `rank` of `peers.len()` ranks: accepts the previous rank on `listener` and
     /// connects to the next rank's address, retrying until `timeout`. `tag` (e.g. the generation) must
     /// agree on both ends, so a stale peer is refused. Neighbours on the same host switch to shared
-    /// memory unless `XVLM_RING_TRANSPORT=tcp`.
+    /// memory, as [`Transport::from_env`] says.
     pub fn connect(
         rank: usize,
         listener: Option<TcpListener>,
@@ -84,18 +111,17 @@ impl RingCollective {
         tag: u64,
         timeout: Duration,
     ) -> Result<Self, CollectiveError> {
-        let allow_shm = std::env::var("XVLM_RING_TRANSPORT").map_or(true, |v| v != "tcp");
-        Self::connect_with(rank, listener, peers, tag, timeout, allow_shm)
+        Self::connect_with(rank, listener, peers, tag, timeout, Transport::from_env())
     }
 
-    /// [`RingCollective::connect`] with the shared-memory choice explicit.
+    /// [`RingCollective::connect`] with the transport explicit.
     pub fn connect_with(
         rank: usize,
         listener: Option<TcpListener>,
         peers: &[String],
         tag: u64,
         timeout: Duration,
-        allow_shm: bool,
+        transport: Transport,
     ) -> Result<Self, CollectiveError> {
         let world = peers.len();
         if world <= 1 {
@@ -103,6 +129,7 @@ impl RingCollective {
                 rank,
                 world: world.max(1),
                 links: None,
+                group: None,
             });
         }
         let listener = listener.ok_or_else(|| fail("connect", rank, "no listening socket"))?;
@@ -152,7 +179,7 @@ impl RingCollective {
         };
         next.write_all(&encode_hello(rank, world, tag))
             .map_err(|e| fail("connect", rank, e))?;
-        let prev = accept
+        let mut prev = accept
             .join()
             .map_err(|_| fail("connect", rank, "accept thread panicked"))?
             .map_err(|e| fail("connect", rank, e))?;
@@ -164,8 +191,17 @@ impl RingCollective {
         prev.set_read_timeout(Some(stall))
             .map_err(|e| fail("connect", rank, e))?;
         let same_host = host_of(next_addr) == host_of(&peers[rank]) || is_loopback(next_addr);
-        let (next, prev) = negotiate(rank, tag, next, prev, allow_shm && same_host, stall)
-            .map_err(|e| fail("connect", rank, e))?;
+        let all_local = peers.iter().all(|p| host_of(p) == host_of(&peers[0]))
+            || peers.iter().all(|p| is_loopback(p));
+        let group = if transport == Transport::Auto && all_local {
+            LocalGroup::connect(rank, world, tag, &mut next, &mut prev, stall)
+                .map_err(|e| fail("connect", rank, e))?
+        } else {
+            None
+        };
+        let offer = transport != Transport::Tcp && same_host;
+        let (next, prev) =
+            negotiate(rank, tag, next, prev, offer, stall).map_err(|e| fail("connect", rank, e))?;
         Ok(RingCollective {
             rank,
             world,
@@ -174,7 +210,13 @@ impl RingCollective {
                 prev,
                 scratch: vec![0u64; CHUNK_BYTES / 8],
             })),
+            group,
         })
+    }
+
+    /// Whether all-reduce goes through the shared segment of an all-local group.
+    pub fn uses_local_group(&self) -> bool {
+        self.group.is_some()
     }
 
     /// Whether the links to the next and previous ranks use shared memory.
@@ -230,7 +272,15 @@ impl RingCollective {
         };
         let links = &mut *links.borrow_mut();
         let op = "all_reduce_sum";
-        self.handshake(links, op, 1, std::mem::size_of_val(data) as u64)?;
+        let checked = self.handshake(links, op, 1, std::mem::size_of_val(data) as u64);
+        if let Some(group) = &self.group {
+            if checked.is_err() {
+                group.abandon();
+            }
+            checked?;
+            return group.all_reduce(data).map_err(|e| fail(op, self.rank, e));
+        }
+        checked?;
         let (w, r) = (self.world, self.rank);
         let n = data.len();
         let bounds = |seg: usize| (seg * n / w, (seg + 1) * n / w);
@@ -365,25 +415,6 @@ fn reduce_from<T: Element>(
     Ok(())
 }
 
-/// Element types the ring reduces natively.
-trait Element: Copy + Send + Sync {
-    const SIZE: usize = std::mem::size_of::<Self>();
-    fn add_assign(dst: &mut [Self], src: &[Self]);
-}
-
-macro_rules! element {
-    ($($t:ty),*) => {$(
-        impl Element for $t {
-            fn add_assign(dst: &mut [Self], src: &[Self]) {
-                for (d, s) in dst.iter_mut().zip(src) {
-                    *d += *s;
-                }
-            }
-        }
-    )*};
-}
-element!(f32, f64, i32, i64);
-
 fn host_of(addr: &str) -> &str {
     addr.rsplit_once(':').map_or(addr, |(h, _)| h)
 }
@@ -495,6 +526,16 @@ fn host_view(t: &Tensor, op: &'static str, rank: usize) -> Result<(Tensor, bool)
     Ok((t.to_device(Device::Cpu).to_kind(kind).contiguous(), true))
 }
 
+/// The `n` elements at a contiguous CPU tensor's `data_ptr` (null for an empty tensor).
+fn elements<'a, T>(ptr: *mut std::ffi::c_void, n: usize) -> &'a mut [T] {
+    if n == 0 {
+        return &mut [];
+    }
+    // SAFETY: callers pass the data pointer of a contiguous CPU tensor of `n` elements of T that
+    // outlives the slice and is not otherwise accessed while it lives.
+    unsafe { std::slice::from_raw_parts_mut(ptr as *mut T, n) }
+}
+
 fn tensor_bytes(t: &mut Tensor) -> &mut [u8] {
     let len = t.numel() * t.kind().elt_size_in_bytes();
     if len == 0 {
@@ -522,20 +563,11 @@ impl Collective for RingCollective {
         let (host, copied) = host_view(tensor, op, self.rank)?;
         let n = host.numel();
         let ptr = host.data_ptr();
-        // SAFETY: `host` is contiguous on the CPU with `n` elements of the matched kind.
-        unsafe {
-            match host.kind() {
-                Kind::Float => {
-                    self.all_reduce_slice(std::slice::from_raw_parts_mut(ptr as *mut f32, n))
-                }
-                Kind::Double => {
-                    self.all_reduce_slice(std::slice::from_raw_parts_mut(ptr as *mut f64, n))
-                }
-                Kind::Int => {
-                    self.all_reduce_slice(std::slice::from_raw_parts_mut(ptr as *mut i32, n))
-                }
-                _ => self.all_reduce_slice(std::slice::from_raw_parts_mut(ptr as *mut i64, n)),
-            }
+        match host.kind() {
+            Kind::Float => self.all_reduce_slice(elements::<f32>(ptr, n)),
+            Kind::Double => self.all_reduce_slice(elements::<f64>(ptr, n)),
+            Kind::Int => self.all_reduce_slice(elements::<i32>(ptr, n)),
+            _ => self.all_reduce_slice(elements::<i64>(ptr, n)),
         }?;
         if copied {
             tch::no_grad(|| tensor.copy_(&host));
@@ -607,13 +639,13 @@ impl Collective for RingCollective {
 
 /// Binds `world` loopback listeners and connects a ring on threads: for tests and the benchmark.
 pub fn local_ring(world: usize) -> Result<Vec<RingCollective>, CollectiveError> {
-    local_ring_with(world, true)
+    local_ring_with(world, Transport::Auto)
 }
 
-/// [`local_ring`] choosing whether neighbours may use shared memory (else TCP only).
+/// [`local_ring`] with the transport explicit.
 pub fn local_ring_with(
     world: usize,
-    allow_shm: bool,
+    transport: Transport,
 ) -> Result<Vec<RingCollective>, CollectiveError> {
     let listeners: Vec<TcpListener> = (0..world)
         .map(|r| TcpListener::bind("127.0.0.1:0").map_err(|e| fail("connect", r, e)))
@@ -634,7 +666,7 @@ pub fn local_ring_with(
                     &peers,
                     7,
                     Duration::from_secs(30),
-                    allow_shm,
+                    transport,
                 )
             })
         })

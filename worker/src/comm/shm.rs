@@ -19,32 +19,47 @@ const DEFAULT_CAPACITY: usize = 32 << 20;
 /// Header: head, tail, data sequence, space sequence, waiting flags, each on its own cache line.
 const HEADER: usize = 4096;
 
-struct Mapping {
+/// A shared file mapping (under /dev/shm), unmapped on drop.
+pub(crate) struct Mapping {
     ptr: *mut u8,
     len: usize,
-    capacity: usize,
 }
 
 // SAFETY: the mapping is plain shared memory; all cross-process accesses go through atomics or through
-// ranges the head/tail protocol hands to exactly one side.
+// ranges a synchronisation protocol hands to exactly one writer at a time.
 unsafe impl Send for Mapping {}
+// SAFETY: as above; `&Mapping` only hands out raw pointers and atomics.
+unsafe impl Sync for Mapping {}
 
 impl Mapping {
-    /// Creates the file with `capacity` data bytes, or opens an existing one (`capacity` None) and
-    /// takes its capacity from the file size.
-    fn open(path: &Path, capacity: Option<usize>) -> io::Result<Mapping> {
+    /// Creates the file with `len` zeroed bytes (`Some`), or opens an existing one (`None`, its whole
+    /// length), and maps it shared.
+    pub(crate) fn open(path: &Path, len: Option<usize>) -> io::Result<Mapping> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .create_new(capacity.is_some())
+            .create_new(len.is_some())
             .open(path)?;
-        if let Some(capacity) = capacity {
-            file.set_len((HEADER + capacity) as u64)?;
+        if let Some(len) = len {
+            file.set_len(len as u64)?;
+            // Reserve the pages now: a /dev/shm too small for the mapping is an error here (and the
+            // caller falls back to TCP) instead of a SIGBUS on first touch.
+            // SAFETY: plain syscall on a file descriptor we own.
+            let err = unsafe {
+                libc::posix_fallocate(
+                    std::os::fd::AsRawFd::as_raw_fd(&file),
+                    0,
+                    len as libc::off_t,
+                )
+            };
+            if err != 0 {
+                let _ = std::fs::remove_file(path);
+                return Err(io::Error::from_raw_os_error(err));
+            }
         }
         let len = file.metadata()?.len() as usize;
-        let capacity = len.saturating_sub(HEADER);
-        if capacity < 4096 || capacity & 7 != 0 {
-            return Err(io::Error::other("shared memory file has a bad size"));
+        if len == 0 {
+            return Err(io::Error::other("shared memory file is empty"));
         }
         // SAFETY: mapping a regular file we opened read-write, shared between processes.
         let ptr = unsafe {
@@ -63,41 +78,71 @@ impl Mapping {
         Ok(Mapping {
             ptr: ptr as *mut u8,
             len,
-            capacity,
         })
     }
 
-    fn u64_at(&self, offset: usize) -> &AtomicU64 {
-        // SAFETY: offset is 64-byte aligned inside the header; the page is zero-initialised.
-        unsafe { &*(self.ptr.add(offset) as *const AtomicU64) }
+    /// Mapped bytes.
+    pub(crate) fn len(&self) -> usize {
+        self.len
     }
 
-    fn u32_at(&self, offset: usize) -> &AtomicU32 {
-        // SAFETY: as above.
+    /// The start of the mapping.
+    pub(crate) fn ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    /// The atomic u32 at `offset` (4-byte aligned, inside the mapping).
+    pub(crate) fn u32_at(&self, offset: usize) -> &AtomicU32 {
+        debug_assert!(offset & 3 == 0 && offset + 4 <= self.len);
+        // SAFETY: aligned and in bounds; the file starts zeroed and is only accessed atomically here.
         unsafe { &*(self.ptr.add(offset) as *const AtomicU32) }
     }
 
+    /// The atomic u64 at `offset` (8-byte aligned, inside the mapping).
+    pub(crate) fn u64_at(&self, offset: usize) -> &AtomicU64 {
+        debug_assert!(offset & 7 == 0 && offset + 8 <= self.len);
+        // SAFETY: as above.
+        unsafe { &*(self.ptr.add(offset) as *const AtomicU64) }
+    }
+}
+
+/// One channel's mapping: the header words, then `capacity` data bytes.
+struct Channel {
+    map: Mapping,
+    capacity: usize,
+}
+
+impl Channel {
+    fn open(path: &Path, capacity: Option<usize>) -> io::Result<Channel> {
+        let map = Mapping::open(path, capacity.map(|c| HEADER + c))?;
+        let capacity = map.len().saturating_sub(HEADER);
+        if capacity < 4096 || capacity & 7 != 0 {
+            return Err(io::Error::other("shared memory file has a bad size"));
+        }
+        Ok(Channel { map, capacity })
+    }
+
     fn head(&self) -> &AtomicU64 {
-        self.u64_at(0)
+        self.map.u64_at(0)
     }
     fn tail(&self) -> &AtomicU64 {
-        self.u64_at(64)
+        self.map.u64_at(64)
     }
     fn data_seq(&self) -> &AtomicU32 {
-        self.u32_at(128)
+        self.map.u32_at(128)
     }
     fn space_seq(&self) -> &AtomicU32 {
-        self.u32_at(192)
+        self.map.u32_at(192)
     }
     fn reader_waiting(&self) -> &AtomicU32 {
-        self.u32_at(256)
+        self.map.u32_at(256)
     }
     fn writer_waiting(&self) -> &AtomicU32 {
-        self.u32_at(320)
+        self.map.u32_at(320)
     }
     fn data(&self, pos: u64) -> *mut u8 {
         // SAFETY: pos % capacity is inside the data area.
-        unsafe { self.ptr.add(HEADER + (pos as usize % self.capacity)) }
+        unsafe { self.map.ptr().add(HEADER + (pos as usize % self.capacity)) }
     }
 }
 
@@ -110,7 +155,8 @@ impl Drop for Mapping {
     }
 }
 
-fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
+/// Sleeps while `word` holds `expected`, at most `timeout` (spurious wake-ups possible).
+pub(crate) fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
     let ts = libc::timespec {
         tv_sec: timeout.as_secs() as libc::time_t,
         tv_nsec: timeout.subsec_nanos() as libc::c_long,
@@ -127,7 +173,8 @@ fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
     }
 }
 
-fn futex_wake(word: &AtomicU32) {
+/// Wakes every waiter on `word`.
+pub(crate) fn futex_wake(word: &AtomicU32) {
     // SAFETY: FUTEX_WAKE on a shared word.
     unsafe {
         libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX);
@@ -186,7 +233,7 @@ fn wait_for(
 
 /// The sending end (this rank -> next rank).
 pub struct ShmSender {
-    map: Mapping,
+    map: Channel,
     peer: TcpStream,
     timeout: Duration,
 }
@@ -199,7 +246,7 @@ impl ShmSender {
             .and_then(|v| v.parse::<usize>().ok())
             .map_or(DEFAULT_CAPACITY, |c| c.max(4096) & !7);
         Ok(ShmSender {
-            map: Mapping::open(path, Some(capacity))?,
+            map: Channel::open(path, Some(capacity))?,
             peer,
             timeout,
         })
@@ -239,7 +286,7 @@ impl ShmSender {
 
 /// The receiving end (previous rank -> this rank).
 pub struct ShmReceiver {
-    map: Mapping,
+    map: Channel,
     peer: TcpStream,
     timeout: Duration,
 }
@@ -247,7 +294,7 @@ pub struct ShmReceiver {
 impl ShmReceiver {
     /// Opens the channel the sender created at `path` and unlinks the file (the mappings keep it).
     pub fn open(path: &Path, peer: TcpStream, timeout: Duration) -> io::Result<ShmReceiver> {
-        let map = Mapping::open(path, None)?;
+        let map = Channel::open(path, None)?;
         let _ = std::fs::remove_file(path);
         Ok(ShmReceiver { map, peer, timeout })
     }
