@@ -2,21 +2,22 @@
 //! the task, runs the steps and prints one JSON progress line per step on stdout (logs go to stderr);
 //! the worker daemon reads those lines and forwards them to the coordinator.
 
+pub mod control;
 pub mod pretrain;
 pub mod smoke;
 pub mod task;
 
 use std::net::TcpListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tch::Device;
-use tracing::info;
+use tracing::{info, warn};
 use xvlm_model::collective::{Collective, SingleProcess};
 use xvlm_proto::spec::{Backend, JobSpec};
 
-use crate::checkpoint::{Checkpointer, Storage};
+use crate::checkpoint::{Checkpointer, Committed, Storage};
 use crate::comm::nccl::NcclCollective;
 use crate::comm::ring::RingCollective;
 use crate::error::WorkerError;
@@ -55,6 +56,9 @@ pub struct Assignment {
     pub start_step: u64,
     /// CPU threads for libtorch.
     pub threads: usize,
+    /// Where the daemon writes on-demand checkpoint request ids (see [`control`]).
+    #[serde(default)]
+    pub checkpoint_request_file: Option<PathBuf>,
 }
 
 /// One progress line on the trainer's stdout.
@@ -68,6 +72,9 @@ pub struct ProgressLine {
     pub lr: f64,
     /// Global samples per second over the last step.
     pub samples_per_sec: f64,
+    /// A checkpoint committed since the previous line (rank 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub committed: Option<Committed>,
 }
 
 /// Runs an assignment read from `path`; `listen_fd` is the ring socket the worker bound for this rank.
@@ -142,23 +149,46 @@ pub fn run(a: &Assignment, listener: Option<TcpListener>) -> Result<(), WorkerEr
     if let Some(c) = ckpt.as_ref().filter(|_| a.generation > 1) {
         start = c.resume(task.as_mut())?.unwrap_or(start);
     }
+    let mut requests =
+        control::CheckpointRequests::new(a.checkpoint_request_file.clone(), a.rank, device);
+    let mut last: Option<ProgressLine> = None;
     for step in start..total {
         let started = Instant::now();
         let out = task.step(step, comm.as_ref())?;
         let secs = started.elapsed().as_secs_f64().max(1e-9);
-        let line = ProgressLine {
+        let mut line = ProgressLine {
             step: step + 1,
             losses: out.losses,
             lr: task.lr(),
             samples_per_sec: (out.samples * a.world) as f64 / secs,
+            committed: None,
         };
-        println!("{}", serde_json::to_string(&line).unwrap_or_default());
-        if let Some(c) = ckpt.as_mut() {
-            c.after_step(step + 1, total, task.as_ref(), comm.as_ref())?;
+        let request = requests.poll(comm.as_ref())?;
+        match (ckpt.as_mut(), request) {
+            (Some(c), request) => {
+                if let Some(id) = request {
+                    info!(request = id, step = step + 1, "checkpoint requested");
+                    c.request(id);
+                }
+                line.committed = c.after_step(step + 1, total, task.as_ref(), comm.as_ref())?;
+            }
+            (None, Some(id)) => warn!(
+                request = id,
+                "checkpoint request ignored: output {} cannot hold checkpoints", a.output
+            ),
+            (None, None) => {}
         }
+        println!("{}", serde_json::to_string(&line).unwrap_or_default());
+        last = Some(line);
     }
     if let Some(c) = ckpt.as_mut() {
-        c.finish(comm.as_ref())?;
+        if let Some(committed) = c.finish(comm.as_ref())? {
+            // The commit of the last save is news for the coordinator too.
+            if let Some(mut line) = last.take() {
+                line.committed = Some(committed);
+                println!("{}", serde_json::to_string(&line).unwrap_or_default());
+            }
+        }
     }
     comm.barrier()?;
     if a.rank == 0 {
@@ -175,7 +205,11 @@ pub fn run(a: &Assignment, listener: Option<TcpListener>) -> Result<(), WorkerEr
 
 /// The checkpoint driver when the job saves checkpoints or this generation may resume one.
 fn checkpointer(a: &Assignment, device: Device) -> Result<Option<Checkpointer>, WorkerError> {
-    if a.spec.checkpoint.every_steps == 0 && a.generation <= 1 {
+    // On-demand requests may come to any job the daemon can reach, so every such trainer can save.
+    if a.spec.checkpoint.every_steps == 0
+        && a.generation <= 1
+        && a.checkpoint_request_file.is_none()
+    {
         return Ok(None);
     }
     let storage = match Storage::open(&a.output) {
