@@ -958,30 +958,37 @@ impl Scheduler {
                 continue;
             }
             let total = job.total_steps();
-            for r in job.ranks.iter().filter(|r| r.exit.is_none()) {
-                let Some(clock) = clocks.get(&r.rank) else {
-                    continue;
-                };
+            // Peers of a stuck rank block in its collectives and stall too; name the one that fell
+            // behind first (lowest step, then oldest progress).
+            let culprit = job
+                .ranks
+                .iter()
+                .filter(|r| r.exit.is_none())
+                .filter_map(|r| Some((r, clocks.get(&r.rank)?)))
                 // A rank past its last step is saving and exiting, not stepping.
-                if total > 0 && clock.step >= total {
-                    continue;
-                }
-                let idle = now.saturating_sub(clock.at_ms);
-                let bound = clock.bound_ms(&job.spec.hang);
-                if idle > bound {
-                    hung.push((
-                        id.clone(),
-                        format!(
-                            "rank {} on {} hung: no step progress for {:.1} s after step {} (bound {:.1} s)",
-                            r.rank,
-                            r.worker,
-                            idle as f64 / 1000.0,
-                            clock.step,
-                            bound as f64 / 1000.0
-                        ),
-                    ));
-                    break;
-                }
+                .filter(|(_, clock)| total == 0 || clock.step < total)
+                .map(|(r, clock)| {
+                    (
+                        r,
+                        clock,
+                        now.saturating_sub(clock.at_ms),
+                        clock.bound_ms(&job.spec.hang),
+                    )
+                })
+                .filter(|(_, _, idle, bound)| idle > bound)
+                .min_by_key(|(r, clock, _, _)| (clock.step, clock.at_ms, r.rank));
+            if let Some((r, clock, idle, bound)) = culprit {
+                hung.push((
+                    id.clone(),
+                    format!(
+                        "rank {} on {} hung: no step progress for {:.1} s after step {} (bound {:.1} s)",
+                        r.rank,
+                        r.worker,
+                        idle as f64 / 1000.0,
+                        clock.step,
+                        bound as f64 / 1000.0
+                    ),
+                ));
             }
         }
         for (id, why) in hung {
