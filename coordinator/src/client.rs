@@ -206,6 +206,9 @@ pub fn watch_line(s: &v1::JobStatus) -> String {
         p.samples_per_sec,
         eta(&p)
     );
+    if s.checkpoint_step > 0 {
+        line.push_str(&format!(" ckpt=step-{}", s.checkpoint_step));
+    }
     if !s.message.is_empty() {
         line.push_str(&format!(" ({})", s.message));
     }

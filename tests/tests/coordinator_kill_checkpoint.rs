@@ -38,6 +38,10 @@ fn coordinator_killed_mid_job_resumes_from_checkpoint() {
             .contains("SUCCEEDED gen=2 world=2 step=60/60"),
         "{out}"
     );
+    assert!(
+        out.contains("ckpt=step-50"),
+        "the last commit is reported to the restarted coordinator:\n{out}"
+    );
     let g2 = std::fs::read_to_string(dir.path().join(format!("work-w0/{job}/g2/rank0.log")))
         .unwrap_or_default()
         + &std::fs::read_to_string(dir.path().join(format!("work-w1/{job}/g2/rank0.log")))
