@@ -69,6 +69,54 @@ pub async fn cancel(client: &mut Client, job: &str) -> Result<v1::JobStatus> {
         .into_inner())
 }
 
+/// Asks a running job for a checkpoint at its next step boundary.
+pub async fn checkpoint(client: &mut Client, job: &str) -> Result<v1::CheckpointReply> {
+    Ok(client
+        .checkpoint(v1::CheckpointRequest {
+            job_id: job.to_string(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner())
+}
+
+/// Waits until the checkpoint request `ticket` is committed; returns the committed step. Fails when the
+/// job ends or restarts its generation first (the request is then dropped).
+pub async fn wait_checkpoint(client: &mut Client, ticket: &v1::CheckpointReply) -> Result<u64> {
+    let job = &ticket.job_id;
+    let mut stream = client
+        .watch(v1::WatchRequest {
+            job_id: job.clone(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    while let Some(event) = stream.next().await {
+        let Some(status) = event.map_err(status_error)?.status else {
+            continue;
+        };
+        if status.checkpoint_requests_served >= ticket.request_id {
+            return Ok(status.checkpoint_step);
+        }
+        if is_terminal(&status) {
+            anyhow::bail!(
+                "job {job} ended {} before checkpoint request {} was committed",
+                state_name(&status),
+                ticket.request_id
+            );
+        }
+        if status.generation != ticket.generation {
+            anyhow::bail!(
+                "job {job} restarted (generation {} -> {}) before checkpoint request {} was committed",
+                ticket.generation,
+                status.generation,
+                ticket.request_id
+            );
+        }
+    }
+    anyhow::bail!("watch of {job} ended before the checkpoint was committed (coordinator gone?)")
+}
+
 /// Prints a line per event until the job ends; returns its final status.
 pub async fn watch(
     client: &mut Client,
@@ -158,6 +206,9 @@ pub fn watch_line(s: &v1::JobStatus) -> String {
         p.samples_per_sec,
         eta(&p)
     );
+    if s.checkpoint_step > 0 {
+        line.push_str(&format!(" ckpt=step-{}", s.checkpoint_step));
+    }
     if !s.message.is_empty() {
         line.push_str(&format!(" ({})", s.message));
     }

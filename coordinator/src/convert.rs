@@ -36,6 +36,8 @@ pub fn job_status(rec: &JobRecord) -> v1::JobStatus {
         updated_at_ms: rec.updated_at_ms,
         workers,
         output: rec.output.clone(),
+        checkpoint_step: rec.checkpoint_step,
+        checkpoint_requests_served: rec.checkpoint_requests_served,
     }
 }
 
@@ -56,6 +58,12 @@ fn progress(rec: &JobRecord) -> v1::Progress {
         samples_per_sec: p.samples_per_sec,
         eta_seconds: rec.eta_seconds().unwrap_or(0.0),
     }
+}
+
+/// The committed checkpoint a progress report carries: (step, request id).
+pub fn committed_checkpoint(p: &v1::RankProgress) -> Option<(u64, u64)> {
+    (p.committed_checkpoint_step > 0)
+        .then_some((p.committed_checkpoint_step, p.checkpoint_request_id))
 }
 
 /// A progress report as the state machine takes it.
@@ -124,6 +132,15 @@ pub fn command(c: Command) -> v1::CoordinatorCommand {
                 .collect(),
             backend: backend.as_str().into(),
             start_step: 0,
+        }),
+        Command::Checkpoint {
+            job,
+            generation,
+            request,
+        } => C::Checkpoint(v1::SaveCheckpoint {
+            job_id: job,
+            generation,
+            request_id: request,
         }),
         Command::Stop {
             job,

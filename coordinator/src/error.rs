@@ -16,6 +16,14 @@ pub enum CoordError {
         /// Why.
         message: String,
     },
+    /// The request needs a running job.
+    #[error("job {job} is {state}: checkpoints are taken only while it is RUNNING")]
+    NotRunning {
+        /// The job.
+        job: String,
+        /// Its state.
+        state: String,
+    },
     /// No job with this id.
     #[error("no job {0:?}")]
     UnknownJob(String),
@@ -61,7 +69,9 @@ impl From<CoordError> for tonic::Status {
             CoordError::UnknownJob(_) | CoordError::UnknownWorker(_) => {
                 tonic::Status::not_found(msg)
             }
-            CoordError::Protocol { .. } => tonic::Status::failed_precondition(msg),
+            CoordError::Protocol { .. } | CoordError::NotRunning { .. } => {
+                tonic::Status::failed_precondition(msg)
+            }
             CoordError::Store { .. } | CoordError::Server(_) => tonic::Status::internal(msg),
         }
     }

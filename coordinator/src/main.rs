@@ -85,6 +85,14 @@ enum Cmd {
         /// Job id.
         job: String,
     },
+    /// Save a committed checkpoint of a running job at its next step boundary.
+    Checkpoint {
+        /// Job id.
+        job: String,
+        /// Wait until it is committed and print its step.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Coordinator and N local workers in one command: runs the job to its end.
     Run {
         /// The job file.
@@ -189,6 +197,20 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let mut c = client::connect(&cli.coordinator).await?;
             let s = client::cancel(&mut c, &job).await?;
             println!("{} {}", s.job_id, client::state_name(&s));
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Checkpoint { job, wait } => {
+            let mut c = client::connect(&cli.coordinator).await?;
+            let ticket = client::checkpoint(&mut c, &job).await?;
+            if wait {
+                let step = client::wait_checkpoint(&mut c, &ticket).await?;
+                println!("{job} checkpoint committed at step {step}");
+            } else {
+                println!(
+                    "{job} checkpoint requested after step {} (request {}, generation {})",
+                    ticket.step, ticket.request_id, ticket.generation
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Run {

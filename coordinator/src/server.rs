@@ -170,11 +170,16 @@ impl Core {
         }
         for p in r.progress {
             let progress = convert::progress_info(&p);
+            let committed = convert::committed_checkpoint(&p);
+            if let Some((step, request)) = committed {
+                info!(job = p.job_id, step, request, "checkpoint committed");
+            }
             self.dispatch(Event::Progress {
                 job: p.job_id,
                 generation: p.generation,
                 rank: p.rank,
                 progress,
+                committed,
             })?;
         }
         for e in r.exits {
@@ -262,6 +267,30 @@ impl v1::jobs_server::Jobs for JobsService {
         self.0.dispatch(Event::Cancel { job: job.clone() })?;
         info!(job, "cancel requested");
         Ok(Response::new(self.0.status(&job)?))
+    }
+
+    async fn checkpoint(
+        &self,
+        req: Request<v1::CheckpointRequest>,
+    ) -> Result<Response<v1::CheckpointReply>, Status> {
+        let job = req.into_inner().job_id;
+        let applied = self.0.dispatch(Event::Checkpoint { job: job.clone() })?;
+        let ticket = applied
+            .checkpoint
+            .ok_or_else(|| Status::internal("checkpoint request was not recorded"))?;
+        info!(
+            job,
+            request = ticket.request,
+            generation = ticket.generation,
+            step = ticket.step,
+            "checkpoint requested"
+        );
+        Ok(Response::new(v1::CheckpointReply {
+            job_id: job,
+            request_id: ticket.request,
+            generation: ticket.generation,
+            step: ticket.step,
+        }))
     }
 
     type WatchStream = BoxStream<v1::JobEvent>;

@@ -6,10 +6,10 @@
 //! CANCELLED; a failure in generation g moves the job to RESTARTING (or FAILED past `max_restarts`), and
 //! generation g+1 is formed once enough workers are free. Jobs wait in submission order.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
-use xvlm_proto::spec::{Backend, JobSpec};
+use xvlm_proto::spec::{Backend, HangSpec, JobSpec};
 
 use crate::error::CoordError;
 use crate::planner;
@@ -123,6 +123,15 @@ pub struct JobRecord {
     pub output: String,
     /// Data shard files (listed at submit), partitioned across ranks per generation.
     pub files: Vec<String>,
+    /// Step of the newest committed checkpoint the trainers reported (0: none).
+    #[serde(default)]
+    pub checkpoint_step: u64,
+    /// On-demand checkpoint requests issued so far (the last request id).
+    #[serde(default)]
+    pub checkpoint_requests: u64,
+    /// Highest request id whose checkpoint is committed.
+    #[serde(default)]
+    pub checkpoint_requests_served: u64,
     /// Submission time.
     pub submitted_at_ms: Millis,
     /// Last change.
@@ -224,6 +233,15 @@ pub enum Command {
         /// Backend.
         backend: Backend,
     },
+    /// Save a committed checkpoint at the next step boundary.
+    Checkpoint {
+        /// Job.
+        job: String,
+        /// Generation.
+        generation: u64,
+        /// Request id the trainers report back with the commit.
+        request: u64,
+    },
     /// Stop (kill) the trainers of a generation.
     Stop {
         /// Job.
@@ -313,6 +331,13 @@ pub enum Event {
         rank: u32,
         /// Progress.
         progress: ProgressInfo,
+        /// A checkpoint committed since the rank's previous report: (step, request id or 0).
+        committed: Option<(u64, u64)>,
+    },
+    /// A user asks for a checkpoint now.
+    Checkpoint {
+        /// Job id.
+        job: String,
     },
     /// A trainer ended.
     Exited {
@@ -334,7 +359,7 @@ pub enum Event {
         /// Worker.
         worker: String,
     },
-    /// Time passed: detect lost heartbeats.
+    /// Time passed: detect lost heartbeats and hung ranks.
     Tick,
 }
 
@@ -345,6 +370,79 @@ pub struct Applied {
     pub actions: Vec<Action>,
     /// The new job's id (Submit).
     pub job_id: Option<String>,
+    /// The accepted checkpoint request (Checkpoint).
+    pub checkpoint: Option<CheckpointTicket>,
+}
+
+/// An accepted on-demand checkpoint request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckpointTicket {
+    /// Served once the job's `checkpoint_requests_served` reaches it.
+    pub request: u64,
+    /// Generation asked to save.
+    pub generation: u64,
+    /// Rank 0's last reported step at the request.
+    pub step: u64,
+}
+
+/// Step-progress clock of one rank of a running generation, for hang detection.
+#[derive(Clone, Debug)]
+struct RankClock {
+    /// Last reported step (0 before the first report).
+    step: u64,
+    /// When the step last advanced (or the generation started running).
+    at_ms: Millis,
+    /// Whether the rank reported any step yet.
+    stepped: bool,
+    /// Recent per-step times, ms (newest last).
+    step_ms: VecDeque<u64>,
+    /// p99 of `step_ms`.
+    p99_ms: u64,
+}
+
+/// Step times kept per rank for the p99.
+const STEP_TIME_WINDOW: usize = 256;
+
+impl RankClock {
+    fn new(now: Millis) -> Self {
+        RankClock {
+            step: 0,
+            at_ms: now,
+            stepped: false,
+            step_ms: VecDeque::new(),
+            p99_ms: 0,
+        }
+    }
+
+    fn advance(&mut self, step: u64, now: Millis) {
+        if step <= self.step && self.stepped {
+            return;
+        }
+        if self.stepped {
+            // Reports may be coalesced: the time per step over the gap.
+            let per_step = now.saturating_sub(self.at_ms) / (step - self.step);
+            if self.step_ms.len() == STEP_TIME_WINDOW {
+                self.step_ms.pop_front();
+            }
+            self.step_ms.push_back(per_step);
+            let mut sorted: Vec<u64> = self.step_ms.iter().copied().collect();
+            sorted.sort_unstable();
+            let idx = (sorted.len() * 99).div_ceil(100).saturating_sub(1);
+            self.p99_ms = sorted[idx];
+        }
+        self.step = step;
+        self.at_ms = now;
+        self.stepped = true;
+    }
+
+    /// How long the rank may go without a step before it is hung.
+    fn bound_ms(&self, hang: &HangSpec) -> u64 {
+        if !self.stepped {
+            return (hang.startup_secs * 1000.0) as u64;
+        }
+        let floor = (hang.min_secs * 1000.0) as u64;
+        floor.max((hang.p99_factor * self.p99_ms as f64) as u64)
+    }
 }
 
 /// The coordinator's whole state.
@@ -356,6 +454,8 @@ pub struct Scheduler {
     heartbeat_timeout_ms: Millis,
     progress_persist_ms: Millis,
     last_progress_persist: BTreeMap<String, Millis>,
+    /// Step clocks of the running generation's ranks, by job.
+    clocks: BTreeMap<String, BTreeMap<u32, RankClock>>,
 }
 
 impl Scheduler {
@@ -368,6 +468,7 @@ impl Scheduler {
             heartbeat_timeout_ms,
             progress_persist_ms: 5_000,
             last_progress_persist: BTreeMap::new(),
+            clocks: BTreeMap::new(),
         }
     }
 
@@ -493,7 +594,16 @@ impl Scheduler {
                 generation,
                 rank,
                 progress,
-            } => self.progress(now, &job, generation, rank, progress, &mut out.actions),
+                committed,
+            } => {
+                if let Some((step, request)) = committed {
+                    self.committed(now, &job, step, request, &mut out.actions);
+                }
+                self.progress(now, &job, generation, rank, progress, &mut out.actions)
+            }
+            Event::Checkpoint { job } => {
+                out.checkpoint = Some(self.request_checkpoint(now, &job, &mut out.actions)?);
+            }
             Event::Exited {
                 worker,
                 job,
@@ -530,6 +640,7 @@ impl Scheduler {
                     self.lose_worker(now, &name, "heartbeat lost", &mut out.actions);
                     self.workers.remove(&name);
                 }
+                self.detect_hangs(now, &mut out.actions);
             }
         }
         self.schedule(now, &mut out.actions);
@@ -579,6 +690,9 @@ impl Scheduler {
             message: String::new(),
             output,
             files,
+            checkpoint_step: 0,
+            checkpoint_requests: 0,
+            checkpoint_requests_served: 0,
             submitted_at_ms: now,
             updated_at_ms: now,
         };
@@ -686,6 +800,13 @@ impl Scheduler {
         job.state = JobState::Running;
         job.updated_at_ms = now;
         job.progress = None;
+        self.clocks.insert(
+            id.to_string(),
+            job.ranks
+                .iter()
+                .map(|r| (r.rank, RankClock::new(now)))
+                .collect(),
+        );
         actions.push(Action::Persist(Box::new(job.clone())));
         let peers: Vec<String> = job
             .ranks
@@ -730,7 +851,13 @@ impl Scheduler {
         let Some(job) = self.jobs.get_mut(id) else {
             return;
         };
-        if rank != 0 || job.generation != generation || job.state != JobState::Running {
+        if job.generation != generation || job.state != JobState::Running {
+            return;
+        }
+        if let Some(clock) = self.clocks.get_mut(id).and_then(|c| c.get_mut(&rank)) {
+            clock.advance(progress.step, now);
+        }
+        if rank != 0 {
             return;
         }
         progress.at_ms = now;
@@ -750,6 +877,125 @@ impl Scheduler {
             actions.push(Action::Persist(Box::new(job.clone())));
         }
         actions.push(Action::Notify(id.to_string()));
+    }
+
+    /// A rank reported a committed checkpoint (from any generation: a commit stays valid).
+    fn committed(
+        &mut self,
+        now: Millis,
+        id: &str,
+        step: u64,
+        request: u64,
+        actions: &mut Vec<Action>,
+    ) {
+        let Some(job) = self.jobs.get_mut(id) else {
+            return;
+        };
+        if step <= job.checkpoint_step && request <= job.checkpoint_requests_served {
+            return;
+        }
+        job.checkpoint_step = job.checkpoint_step.max(step);
+        job.checkpoint_requests_served = job.checkpoint_requests_served.max(request);
+        job.updated_at_ms = now;
+        actions.push(Action::Persist(Box::new(job.clone())));
+        actions.push(Action::Notify(id.to_string()));
+    }
+
+    /// Asks the running generation for a checkpoint at its next step boundary (through rank 0's worker).
+    fn request_checkpoint(
+        &mut self,
+        now: Millis,
+        id: &str,
+        actions: &mut Vec<Action>,
+    ) -> Result<CheckpointTicket, CoordError> {
+        let job = self
+            .jobs
+            .get_mut(id)
+            .ok_or_else(|| CoordError::UnknownJob(id.to_string()))?;
+        if job.state != JobState::Running {
+            return Err(CoordError::NotRunning {
+                job: id.to_string(),
+                state: job.state.as_str().to_string(),
+            });
+        }
+        let Some(rank0) = job.ranks.iter().find(|r| r.rank == 0) else {
+            return Err(CoordError::NotRunning {
+                job: id.to_string(),
+                state: "without rank 0".into(),
+            });
+        };
+        let worker = rank0.worker.clone();
+        job.checkpoint_requests += 1;
+        job.updated_at_ms = now;
+        let ticket = CheckpointTicket {
+            request: job.checkpoint_requests,
+            generation: job.generation,
+            step: job.progress.as_ref().map(|p| p.step).unwrap_or(0),
+        };
+        actions.push(Action::Persist(Box::new(job.clone())));
+        actions.push(Action::Send {
+            worker,
+            command: Command::Checkpoint {
+                job: id.to_string(),
+                generation: job.generation,
+                request: ticket.request,
+            },
+        });
+        Ok(ticket)
+    }
+
+    /// Restarts every running generation with a rank that made no step progress within its bound.
+    fn detect_hangs(&mut self, now: Millis, actions: &mut Vec<Action>) {
+        let jobs = &self.jobs;
+        self.clocks
+            .retain(|id, _| jobs.get(id).is_some_and(|j| j.state == JobState::Running));
+        let mut hung = Vec::new();
+        for (id, clocks) in &self.clocks {
+            let Some(job) = self.jobs.get(id) else {
+                continue;
+            };
+            if job.state != JobState::Running {
+                continue;
+            }
+            let total = job.total_steps();
+            // Peers of a stuck rank block in its collectives and stall too; name the one that fell
+            // behind first (lowest step, then oldest progress).
+            let culprit = job
+                .ranks
+                .iter()
+                .filter(|r| r.exit.is_none())
+                .filter_map(|r| Some((r, clocks.get(&r.rank)?)))
+                // A rank past its last step is saving and exiting, not stepping.
+                .filter(|(_, clock)| total == 0 || clock.step < total)
+                .map(|(r, clock)| {
+                    (
+                        r,
+                        clock,
+                        now.saturating_sub(clock.at_ms),
+                        clock.bound_ms(&job.spec.hang),
+                    )
+                })
+                .filter(|(_, _, idle, bound)| idle > bound)
+                .min_by_key(|(r, clock, _, _)| (clock.step, clock.at_ms, r.rank));
+            if let Some((r, clock, idle, bound)) = culprit {
+                hung.push((
+                    id.clone(),
+                    format!(
+                        "rank {} on {} hung: no step progress for {:.1} s after step {} (bound {:.1} s)",
+                        r.rank,
+                        r.worker,
+                        idle as f64 / 1000.0,
+                        clock.step,
+                        bound as f64 / 1000.0
+                    ),
+                ));
+            }
+        }
+        for (id, why) in hung {
+            tracing::warn!(job = id, "{why}; restarting the generation");
+            self.clocks.remove(&id);
+            self.fail_generation(now, &id, &why, actions);
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -974,6 +1220,7 @@ mod tests {
             seed: 1,
             checkpoint: Default::default(),
             max_restarts,
+            hang: Default::default(),
             evaluate: false,
             smoke: None,
         }
@@ -1264,5 +1511,195 @@ mod tests {
         let rec = t.job(&job).unwrap();
         assert_eq!((rec.state, rec.generation), (JobState::Rendezvous, 2));
         assert_eq!(submit(&mut t, spec(1, 1, 0)), "job-0002");
+    }
+
+    fn progress(s: &mut Scheduler, job: &str, rank: u32, step: u64, at: Millis) -> Vec<Action> {
+        let generation = s.job(job).unwrap().generation;
+        s.apply(
+            at,
+            Event::Progress {
+                job: job.into(),
+                generation,
+                rank,
+                progress: ProgressInfo {
+                    step,
+                    ..Default::default()
+                },
+                committed: None,
+            },
+        )
+        .unwrap()
+        .actions
+    }
+
+    fn hang_spec(min_secs: f64, p99_factor: f64) -> JobSpec {
+        let mut sp = spec(2, 1, 1);
+        sp.steps = Some(1000);
+        sp.hang.min_secs = min_secs;
+        sp.hang.p99_factor = p99_factor;
+        sp.hang.startup_secs = 20.0;
+        sp
+    }
+
+    /// Two ranks step every 100 ms, then stop: hung once the floor (3 s) passes, not before; the
+    /// generation restarts and every worker is told to stop.
+    #[test]
+    fn hang_after_min_secs_restarts_generation() {
+        let mut s = Scheduler::new(1_000_000);
+        register(&mut s, "a", 1);
+        register(&mut s, "b", 1);
+        let job = submit(&mut s, hang_spec(3.0, 3.0));
+        ready_all(&mut s, &job);
+        for step in 1..=20 {
+            for rank in 0..2 {
+                progress(&mut s, &job, rank, step, step * 100);
+            }
+        }
+        s.apply(2_000 + 3_000, Event::Tick).unwrap();
+        assert_eq!(s.job(&job).unwrap().state, JobState::Running);
+        let a = s.apply(2_000 + 3_001, Event::Tick).unwrap();
+        let rec = s.job(&job).unwrap();
+        assert_eq!((rec.state, rec.restarts), (JobState::Restarting, 1));
+        assert!(rec.message.contains("hung"), "{}", rec.message);
+        let stops = sends(&a.actions)
+            .iter()
+            .filter(|(_, c)| matches!(c, Command::Stop { .. }))
+            .count();
+        assert_eq!(stops, 2);
+    }
+
+    /// Slow steps raise the bound to p99_factor x p99: 2 s steps with factor 3 allow 6 s.
+    #[test]
+    fn hang_bound_follows_p99_step_time() {
+        let mut s = Scheduler::new(1_000_000);
+        register(&mut s, "a", 1);
+        register(&mut s, "b", 1);
+        let job = submit(&mut s, hang_spec(3.0, 3.0));
+        ready_all(&mut s, &job);
+        for step in 1..=10 {
+            for rank in 0..2 {
+                progress(&mut s, &job, rank, step, step * 2_000);
+            }
+        }
+        s.apply(20_000 + 5_900, Event::Tick).unwrap();
+        assert_eq!(s.job(&job).unwrap().state, JobState::Running);
+        s.apply(20_000 + 6_001, Event::Tick).unwrap();
+        assert_eq!(s.job(&job).unwrap().state, JobState::Restarting);
+    }
+
+    /// Only one rank stalls while the other keeps reporting: that rank is named as hung.
+    #[test]
+    fn hang_is_per_rank() {
+        let mut s = Scheduler::new(1_000_000);
+        register(&mut s, "a", 1);
+        register(&mut s, "b", 1);
+        let job = submit(&mut s, hang_spec(3.0, 3.0));
+        ready_all(&mut s, &job);
+        for step in 1..=60 {
+            progress(&mut s, &job, 0, step, step * 100);
+            if step <= 10 {
+                progress(&mut s, &job, 1, step, step * 100);
+            }
+            s.apply(step * 100, Event::Tick).unwrap();
+        }
+        let rec = s.job(&job).unwrap();
+        assert_eq!(rec.state, JobState::Restarting);
+        assert!(rec.message.contains("rank 1 on b hung"), "{}", rec.message);
+    }
+
+    /// Before its first step a rank gets `startup_secs`; a rank done with its steps is never hung.
+    #[test]
+    fn hang_startup_bound_and_finished_ranks() {
+        let mut s = Scheduler::new(1_000_000);
+        register(&mut s, "a", 1);
+        register(&mut s, "b", 1);
+        let mut sp = hang_spec(3.0, 3.0);
+        sp.steps = Some(5);
+        let job = submit(&mut s, sp);
+        ready_all(&mut s, &job);
+        s.apply(19_000, Event::Tick).unwrap();
+        assert_eq!(s.job(&job).unwrap().state, JobState::Running);
+        for rank in 0..2 {
+            progress(&mut s, &job, rank, 5, 19_500);
+        }
+        // Both are past the last step (saving, exiting): no bound applies.
+        s.apply(100_000, Event::Tick).unwrap();
+        assert_eq!(s.job(&job).unwrap().state, JobState::Running);
+
+        let job2 = {
+            exit_all(&mut s, &job, 0);
+            submit(&mut s, hang_spec(3.0, 3.0))
+        };
+        ready_all(&mut s, &job2);
+        s.apply(200_000, Event::Tick).unwrap();
+        let rec = s.job(&job2).unwrap();
+        assert_eq!(rec.state, JobState::Restarting);
+        assert!(rec.message.contains("after step 0"), "{}", rec.message);
+    }
+
+    /// A checkpoint request needs a running job, goes to rank 0's worker with a new id, and is
+    /// served when a rank reports the commit.
+    #[test]
+    fn checkpoint_request_and_commit() {
+        let mut s = Scheduler::new(1_000_000);
+        register(&mut s, "a", 1);
+        register(&mut s, "b", 1);
+        let job = submit(&mut s, hang_spec(60.0, 3.0));
+        let err = s
+            .apply(1, Event::Checkpoint { job: job.clone() })
+            .unwrap_err();
+        assert!(matches!(err, CoordError::NotRunning { .. }), "{err}");
+        ready_all(&mut s, &job);
+        progress(&mut s, &job, 0, 7, 100);
+        let a = s
+            .apply(200, Event::Checkpoint { job: job.clone() })
+            .unwrap();
+        let ticket = a.checkpoint.unwrap();
+        assert_eq!(
+            ticket,
+            CheckpointTicket {
+                request: 1,
+                generation: 1,
+                step: 7
+            }
+        );
+        assert!(matches!(a.actions[0], Action::Persist(_)));
+        let sent = sends(&a.actions);
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].0, "a");
+        assert!(matches!(
+            sent[0].1,
+            Command::Checkpoint {
+                request: 1,
+                generation: 1,
+                ..
+            }
+        ));
+        assert_eq!(s.job(&job).unwrap().checkpoint_requests_served, 0);
+        let a = s
+            .apply(
+                300,
+                Event::Progress {
+                    job: job.clone(),
+                    generation: 1,
+                    rank: 0,
+                    progress: ProgressInfo {
+                        step: 9,
+                        ..Default::default()
+                    },
+                    committed: Some((8, 1)),
+                },
+            )
+            .unwrap();
+        assert!(a.actions.iter().any(|x| matches!(x, Action::Persist(_))));
+        let rec = s.job(&job).unwrap();
+        assert_eq!(
+            (rec.checkpoint_step, rec.checkpoint_requests_served),
+            (8, 1)
+        );
+        let second = s
+            .apply(400, Event::Checkpoint { job: job.clone() })
+            .unwrap();
+        assert_eq!(second.checkpoint.unwrap().request, 2);
     }
 }

@@ -178,6 +178,66 @@ impl Default for CheckpointSpec {
     }
 }
 
+/// When the coordinator declares a rank hung: no step progress for
+/// `max(min_secs, p99_factor x the rank's p99 step time)` (`startup_secs` before its first step).
+/// A hung rank restarts the generation (counted against `max_restarts`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HangSpec {
+    /// Floor of the bound, seconds.
+    #[serde(default = "hang_min_secs")]
+    pub min_secs: f64,
+    /// Multiple of the rank's p99 step time.
+    #[serde(default = "hang_p99_factor")]
+    pub p99_factor: f64,
+    /// Bound before a rank's first step (model build, data start-up, resume), seconds.
+    #[serde(default = "hang_startup_secs")]
+    pub startup_secs: f64,
+}
+
+impl Default for HangSpec {
+    fn default() -> Self {
+        HangSpec {
+            min_secs: hang_min_secs(),
+            p99_factor: hang_p99_factor(),
+            startup_secs: hang_startup_secs(),
+        }
+    }
+}
+
+impl HangSpec {
+    fn validate(&self) -> Result<(), SpecError> {
+        for (field, v, least) in [
+            ("hang.min_secs", self.min_secs, 0.0),
+            ("hang.startup_secs", self.startup_secs, 0.0),
+        ] {
+            if !(v.is_finite() && v > least) {
+                return Err(invalid(
+                    field,
+                    format!("{v} must be a positive number of seconds"),
+                ));
+            }
+        }
+        if !(self.p99_factor.is_finite() && self.p99_factor >= 1.0) {
+            return Err(invalid(
+                "hang.p99_factor",
+                format!("{} must be a number >= 1", self.p99_factor),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn hang_min_secs() -> f64 {
+    60.0
+}
+fn hang_p99_factor() -> f64 {
+    3.0
+}
+fn hang_startup_secs() -> f64 {
+    600.0
+}
+
 /// Parameters of `task: smoke` (a regression MLP on deterministic synthetic data).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -271,9 +331,12 @@ pub struct JobSpec {
     /// Checkpoint cadence and retention.
     #[serde(default)]
     pub checkpoint: CheckpointSpec,
-    /// Restarts after a trainer failure or a lost worker before the job fails.
+    /// Restarts after a trainer failure, a lost worker or a hung rank before the job fails.
     #[serde(default)]
     pub max_restarts: u32,
+    /// Hang detection bounds.
+    #[serde(default)]
+    pub hang: HangSpec,
     /// Run evaluation after training.
     #[serde(default)]
     pub evaluate: bool,
@@ -440,6 +503,7 @@ impl JobSpec {
                 }
             }
         }
+        self.hang.validate()?;
         for (field, url) in [
             ("output", self.output.as_deref()),
             ("init_checkpoint", self.init_checkpoint.as_deref()),
@@ -614,6 +678,18 @@ mod tests {
                 "config",
             ),
             ("name: 'a b'\ntask: smoke\nsteps: 1\n", "name"),
+            (
+                "name: a\ntask: smoke\nsteps: 1\nhang: {min_secs: 0}\n",
+                "hang.min_secs",
+            ),
+            (
+                "name: a\ntask: smoke\nsteps: 1\nhang: {p99_factor: 0.5}\n",
+                "hang.p99_factor",
+            ),
+            (
+                "name: a\ntask: smoke\nsteps: 1\nhang: {startup_secs: -1}\n",
+                "hang.startup_secs",
+            ),
         ];
         for (text, field) in cases {
             match JobSpec::load(&write(dir.path(), text), &[]) {

@@ -388,3 +388,107 @@ pub fn start_moto() -> Moto {
     .expect("moto_server did not start");
     moto
 }
+
+/// Steps (ascending) of the committed checkpoints (those with a `MANIFEST.json`) under a job's output.
+pub fn committed_checkpoints(output: &Path) -> Vec<u64> {
+    let mut steps: Vec<u64> = std::fs::read_dir(output.join("checkpoints"))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter(|e| e.path().join("MANIFEST.json").is_file())
+                .filter_map(|e| e.file_name().to_str()?.strip_prefix("step-")?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    steps.sort_unstable();
+    steps
+}
+
+/// The pid the worker daemon recorded for a trainer (`{work}/{job}/g{generation}/rank{rank}.pid`).
+pub fn trainer_pid(work_dir: &Path, job: &str, generation: u64, rank: u32) -> Option<u32> {
+    std::fs::read_to_string(work_dir.join(format!("{job}/g{generation}/rank{rank}.pid")))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+impl Cluster {
+    /// The step rank 0 last reported, from the `status JOB` table (0 when unknown).
+    pub fn step(&self, job: &str) -> u64 {
+        self.status(job)
+            .lines()
+            .find(|l| l.starts_with(job))
+            .and_then(|row| {
+                row.split_whitespace()
+                    .find_map(|cell| cell.split_once('/')?.0.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    /// `watch JOB` in the background, every line stamped with the time it arrived.
+    pub fn watch_log(&self, job: &str) -> WatchLog {
+        let mut child = die_with_test(&mut Command::new(bin("xvlm-coord")))
+            .arg("--coordinator")
+            .arg(&self.url)
+            .args(["watch", job])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start xvlm-coord watch");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                sink.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((Instant::now(), line));
+            }
+        });
+        WatchLog { child, lines }
+    }
+}
+
+/// A background `xvlm-coord watch` (see [`Cluster::watch_log`]); killed on drop.
+pub struct WatchLog {
+    child: Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<(Instant, String)>>>,
+}
+
+impl WatchLog {
+    /// The first line containing `pattern`, with its arrival time, waiting up to `timeout`.
+    pub fn wait_for(&self, pattern: &str, timeout: Duration) -> Option<(Instant, String)> {
+        let mut found = None;
+        wait_until(timeout, || {
+            found = self
+                .lines
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .find(|(_, l)| l.contains(pattern))
+                .cloned();
+            found.is_some()
+        })?;
+        found
+    }
+
+    /// Every line so far.
+    pub fn text(&self) -> String {
+        self.lines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(_, l)| l.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for WatchLog {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

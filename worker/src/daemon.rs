@@ -262,9 +262,16 @@ impl Daemon {
 
     fn absorb(&mut self, ev: TrainerEvent) {
         match ev {
-            TrainerEvent::Progress(p) => {
-                self.progress
-                    .insert((p.job_id.clone(), p.generation, p.rank), p);
+            TrainerEvent::Progress(mut p) => {
+                let key = (p.job_id.clone(), p.generation, p.rank);
+                // Only the newest line per rank is sent, but a commit it replaces must still go up.
+                if let Some(old) = self.progress.get(&key) {
+                    if p.committed_checkpoint_step == 0 {
+                        p.committed_checkpoint_step = old.committed_checkpoint_step;
+                        p.checkpoint_request_id = old.checkpoint_request_id;
+                    }
+                }
+                self.progress.insert(key, p);
             }
             TrainerEvent::Exit(e) => {
                 let key = (e.job_id.clone(), e.generation);
@@ -297,6 +304,7 @@ impl Daemon {
             Some(C::Prepare(p)) => self.prepare(p),
             Some(C::Start(s)) => self.start(s),
             Some(C::Stop(s)) => self.stop(&s.job_id, s.generation, &s.reason),
+            Some(C::Checkpoint(c)) => self.request_checkpoint(&c),
             None => {}
         }
     }
@@ -392,11 +400,7 @@ impl Daemon {
             .map(|n| n.get())
             .unwrap_or(1)
             / s.slots.len().max(1);
-        let dir = self
-            .cfg
-            .work_dir
-            .join(&s.job_id)
-            .join(format!("g{}", s.generation));
+        let dir = self.generation_dir(&s.job_id, s.generation);
         for (i, slot) in s.slots.iter().enumerate() {
             let exit = |message: String| v1::TrainerExit {
                 job_id: s.job_id.clone(),
@@ -434,6 +438,7 @@ impl Daemon {
                 shards: s.shards.get(i).map(|l| l.files.clone()).unwrap_or_default(),
                 start_step: s.start_step,
                 threads: threads.max(1),
+                checkpoint_request_file: Some(save_request::request_file(&dir, slot.rank as usize)),
             };
             let listener = gen.listeners.remove(&slot.rank);
             match spawn(&self.cfg.exe, &dir, &assignment, listener.as_ref()) {
@@ -462,6 +467,38 @@ impl Daemon {
         }
         if self.gens.get(&key).is_some_and(Generation::done) {
             self.gens.remove(&key);
+        }
+    }
+
+    fn generation_dir(&self, job: &str, generation: u64) -> PathBuf {
+        self.cfg.work_dir.join(job).join(format!("g{generation}"))
+    }
+
+    /// Hands an on-demand checkpoint request to this node's trainers of the generation.
+    fn request_checkpoint(&mut self, c: &v1::SaveCheckpoint) {
+        let Some(gen) = self.gens.get(&(c.job_id.clone(), c.generation)) else {
+            warn!(
+                job = c.job_id,
+                generation = c.generation,
+                "checkpoint request for a generation not running here"
+            );
+            return;
+        };
+        let dir = self.generation_dir(&c.job_id, c.generation);
+        for rank in &gen.slots {
+            let path = save_request::request_file(&dir, *rank as usize);
+            match save_request::write_request(&path, c.request_id) {
+                Ok(()) => info!(
+                    job = c.job_id,
+                    generation = c.generation,
+                    rank,
+                    request = c.request_id,
+                    "checkpoint requested"
+                ),
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "cannot write checkpoint request")
+                }
+            }
         }
     }
 
@@ -571,6 +608,8 @@ async fn supervise(
                             .collect(),
                         lr: p.lr,
                         samples_per_sec: p.samples_per_sec,
+                        committed_checkpoint_step: p.committed.map_or(0, |c| c.step),
+                        checkpoint_request_id: p.committed.map_or(0, |c| c.request),
                     }));
                 }
                 Err(_) => info!(rank = a.rank, "trainer: {line}"),

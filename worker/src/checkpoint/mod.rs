@@ -145,6 +145,15 @@ fn parse_step(dir: &str) -> Option<u64> {
     dir.strip_prefix("step-")?.parse().ok()
 }
 
+/// A checkpoint this trainer saw committed (reported on its progress line).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Committed {
+    /// Global step of the checkpoint.
+    pub step: u64,
+    /// The on-demand request it served; 0 for a periodic checkpoint.
+    pub request: u64,
+}
+
 /// How long the last save held the step, and how its upload went.
 #[derive(Clone, Debug, Default)]
 pub struct SaveTiming {
@@ -158,6 +167,8 @@ pub struct SaveTiming {
 
 struct InFlight {
     step: u64,
+    /// On-demand request id it serves (0: periodic).
+    request: u64,
     done: mpsc::Receiver<Result<SaveTiming, CheckpointError>>,
     handle: JoinHandle<()>,
     result: Option<Result<SaveTiming, CheckpointError>>,
@@ -206,6 +217,8 @@ pub struct Checkpointer {
     device: Device,
     config_json: serde_json::Value,
     in_flight: Option<InFlight>,
+    /// On-demand request to serve at the next step boundary.
+    pending_request: Option<u64>,
     /// Timings of completed saves of this rank, oldest first.
     pub timings: Vec<SaveTiming>,
     /// Test hook: the background upload sleeps this long before writing anything.
@@ -232,6 +245,7 @@ impl Checkpointer {
             device,
             config_json,
             in_flight: None,
+            pending_request: None,
             timings: Vec::new(),
             upload_delay: Duration::ZERO,
         }
@@ -242,36 +256,49 @@ impl Checkpointer {
         &self.storage
     }
 
+    /// Makes the next [`Checkpointer::after_step`] save (on-demand request `id`, which every rank
+    /// must pass at the same step boundary).
+    pub fn request(&mut self, id: u64) {
+        self.pending_request = Some(id);
+    }
+
     /// Called after step `done` (steps completed so far) of `total`: commits a finished save once
-    /// every rank's part is in, and starts a new save on the cadence. Every rank calls it with the
-    /// same arguments, so the collectives line up.
+    /// every rank's part is in, and starts a new save on the cadence or on request. Every rank calls
+    /// it with the same arguments, so the collectives line up. Returns, on rank 0, the checkpoint
+    /// committed in this call.
     pub fn after_step(
         &mut self,
         done: u64,
         total: u64,
         task: &dyn TrainTask,
         comm: &dyn Collective,
-    ) -> Result<(), CheckpointError> {
+    ) -> Result<Option<Committed>, CheckpointError> {
+        let mut committed = None;
         if self.in_flight.is_some() {
-            self.try_commit(comm, false)?;
+            committed = self.try_commit(comm, false)?;
         }
         let every = self.spec.every_steps;
-        if every > 0 && done.is_multiple_of(every) && done < total {
+        let request = self.pending_request.take();
+        // An on-demand request is served even after the last step (`finish` commits it).
+        if request.is_some() || (every > 0 && done.is_multiple_of(every) && done < total) {
             if self.in_flight.is_some() {
                 // The previous upload is still running: wait for it rather than pile up host copies.
-                self.try_commit(comm, true)?;
+                committed = self.try_commit(comm, true)?.or(committed);
             }
             self.save(done, task);
+            if let Some(flight) = self.in_flight.as_mut() {
+                flight.request = request.unwrap_or(0);
+            }
         }
-        Ok(())
+        Ok(committed)
     }
 
-    /// Waits for the save in flight and commits it (end of training).
-    pub fn finish(&mut self, comm: &dyn Collective) -> Result<(), CheckpointError> {
+    /// Waits for the save in flight and commits it (end of training); returns it on rank 0.
+    pub fn finish(&mut self, comm: &dyn Collective) -> Result<Option<Committed>, CheckpointError> {
         if self.in_flight.is_some() {
-            self.try_commit(comm, true)?;
+            return self.try_commit(comm, true);
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Saves the state after step `step` and commits it before returning (a requested checkpoint:
@@ -281,12 +308,14 @@ impl Checkpointer {
         step: u64,
         task: &dyn TrainTask,
         comm: &dyn Collective,
-    ) -> Result<(), CheckpointError> {
-        if self.in_flight.is_some() {
-            self.try_commit(comm, true)?;
-        }
+    ) -> Result<Option<Committed>, CheckpointError> {
+        let earlier = if self.in_flight.is_some() {
+            self.try_commit(comm, true)?
+        } else {
+            None
+        };
         self.save(step, task);
-        self.try_commit(comm, true)
+        Ok(self.try_commit(comm, true)?.or(earlier))
     }
 
     /// Starts saving the state after step `step`: copies tensors to host memory now, serialises,
@@ -323,6 +352,7 @@ impl Checkpointer {
         });
         self.in_flight = Some(InFlight {
             step,
+            request: 0,
             done: rx,
             handle,
             result: None,
@@ -331,11 +361,16 @@ impl Checkpointer {
 
     /// One all-reduce of "my part is uploaded"; when all are, rank 0 commits. With `wait`, this rank
     /// first waits for its own upload (so the commit happens now).
-    fn try_commit(&mut self, comm: &dyn Collective, wait: bool) -> Result<(), CheckpointError> {
+    fn try_commit(
+        &mut self,
+        comm: &dyn Collective,
+        wait: bool,
+    ) -> Result<Option<Committed>, CheckpointError> {
         let Some(flight) = self.in_flight.as_mut() else {
-            return Ok(());
+            return Ok(None);
         };
         let step = flight.step;
+        let request = flight.request;
         let ready = if wait {
             let r = flight.wait();
             flight.result = Some(r);
@@ -355,16 +390,17 @@ impl Checkpointer {
         comm.all_reduce_sum(&mut flag)?;
         let all = flag.double_value(&[0]).round() as usize == self.world;
         if !all {
-            return Ok(());
+            return Ok(None);
         }
         let mut flight = self.in_flight.take().unwrap_or_else(|| unreachable!());
         let timing = flight.wait()?;
         let _ = flight.handle.join();
         self.timings.push(timing);
-        if self.rank == 0 {
-            self.commit(step)?;
+        if self.rank != 0 {
+            return Ok(None);
         }
-        Ok(())
+        self.commit(step)?;
+        Ok(Some(Committed { step, request }))
     }
 
     /// Writes `MANIFEST.json` from every rank's part record, moves `latest`, applies retention.

@@ -9,7 +9,7 @@ pub mod smoke;
 pub mod task;
 
 use std::net::TcpListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -20,7 +20,7 @@ use xvlm_model::collective::{Collective, SingleProcess};
 use xvlm_proto::spec::{Backend, JobSpec};
 
 use crate::checkpoint::format::HostTensors;
-use crate::checkpoint::{Checkpointer, Storage};
+use crate::checkpoint::{Checkpointer, Committed, Storage};
 use crate::comm::nccl::NcclCollective;
 use crate::comm::ring::RingCollective;
 use crate::error::WorkerError;
@@ -59,6 +59,9 @@ pub struct Assignment {
     pub start_step: u64,
     /// CPU threads for libtorch.
     pub threads: usize,
+    /// Where the daemon writes on-demand checkpoint request ids (see [`control`]).
+    #[serde(default)]
+    pub checkpoint_request_file: Option<PathBuf>,
 }
 
 /// One progress line on the trainer's stdout.
@@ -72,6 +75,9 @@ pub struct ProgressLine {
     pub lr: f64,
     /// Global samples per second over the last step.
     pub samples_per_sec: f64,
+    /// A checkpoint committed since the previous line (rank 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub committed: Option<Committed>,
 }
 
 /// Runs an assignment read from `path`; `listen_fd` is the ring socket the worker bound for this rank.
@@ -148,45 +154,59 @@ pub fn run(a: &Assignment, listener: Option<TcpListener>) -> Result<(), WorkerEr
     if let Some(c) = ckpt.as_ref().filter(|_| a.generation > 1) {
         start = c.resume(task.as_mut())?.unwrap_or(start);
     }
+    let mut requests =
+        save_request::StepRequests::new(a.checkpoint_request_file.clone(), a.rank, device);
+    let mut last: Option<ProgressLine> = None;
     for step in start..total {
         let started = Instant::now();
         let out = task.step(step, comm.as_ref())?;
         let secs = started.elapsed().as_secs_f64().max(1e-9);
-        let line = ProgressLine {
+        let mut line = ProgressLine {
             step: step + 1,
             losses: out.losses,
             lr: task.lr(),
             samples_per_sec: (out.samples * a.world) as f64 / secs,
+            committed: None,
         };
-        println!("{}", serde_json::to_string(&line).unwrap_or_default());
         let done = step + 1;
-        let request = save_request::agree(comm.as_ref(), device)?;
+        let request = requests.agree(comm.as_ref())?;
         match ckpt.as_mut() {
-            Some(c) if request.checkpoint() && done < total => {
+            Some(c) if request.leave && done < total => {
                 info!(
                     step = done,
-                    leave = request.leave,
-                    "checkpoint requested at this step boundary"
+                    "checkpoint and leave requested at this step boundary"
                 );
-                c.save_now(done, task.as_ref(), comm.as_ref())?;
+                line.committed = c.save_now(done, task.as_ref(), comm.as_ref())?;
             }
-            Some(c) => c.after_step(done, total, task.as_ref(), comm.as_ref())?,
-            None if request.checkpoint() => {
-                warn!(
-                    step = done,
-                    "checkpoint requested, but the job's output cannot hold checkpoints"
-                );
+            Some(c) => {
+                if request.checkpoint() {
+                    info!(request = request.id, step = done, "checkpoint requested");
+                    c.request(request.id);
+                }
+                line.committed = c.after_step(done, total, task.as_ref(), comm.as_ref())?;
             }
+            None if request.checkpoint() => warn!(
+                request = request.id,
+                "checkpoint request ignored: output {} cannot hold checkpoints", a.output
+            ),
             None => {}
         }
+        println!("{}", serde_json::to_string(&line).unwrap_or_default());
         if request.leave && done < total {
             // No rank leaves before rank 0 has written the manifest.
             comm.barrier()?;
             return Err(WorkerError::Preempted { step: done });
         }
+        last = Some(line);
     }
     if let Some(c) = ckpt.as_mut() {
-        c.finish(comm.as_ref())?;
+        if let Some(committed) = c.finish(comm.as_ref())? {
+            // The commit of the last save is news for the coordinator too.
+            if let Some(mut line) = last.take() {
+                line.committed = Some(committed);
+                println!("{}", serde_json::to_string(&line).unwrap_or_default());
+            }
+        }
     }
     comm.barrier()?;
     if a.rank == 0 {
@@ -203,7 +223,7 @@ pub fn run(a: &Assignment, listener: Option<TcpListener>) -> Result<(), WorkerEr
 
 /// The checkpoint driver when the job saves checkpoints or this generation may resume one.
 fn checkpointer(a: &Assignment, device: Device) -> Result<Option<Checkpointer>, WorkerError> {
-    // Even without periodic saves, a requested checkpoint (preemption) needs one.
+    // Even without periodic saves, a requested checkpoint (preemption, on demand) needs one.
     let storage = match Storage::open(&a.output) {
         Ok(s) => s,
         // Nothing was ever saved to an output checkpoints cannot use: start from scratch.

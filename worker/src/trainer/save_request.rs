@@ -1,17 +1,20 @@
-//! Checkpoint requests at a step boundary, the trainer-side primitive behind preemption (SIGTERM to
-//! the worker daemon) and on-demand checkpoints.
+//! Checkpoint requests at a step boundary: preemption (SIGTERM to the worker daemon) and on-demand
+//! checkpoints (`xvlm-coord checkpoint JOB`).
 //!
-//! Whoever supervises a trainer asks by signal: SIGUSR1 "save a checkpoint at the next step boundary,
-//! then keep training", SIGUSR2 "save at the next step boundary, then leave" (exit
-//! [`EXIT_PREEMPTED`]). A request may reach only some ranks (only the draining worker's), so at every
-//! step boundary all ranks all-reduce their two flags ([`agree`]): every rank sees the same request
-//! at the same step, saves the same step and commits it together.
+//! Whoever supervises a trainer asks in one of two ways. By signal: SIGUSR1 "save a checkpoint at the
+//! next step boundary, then keep training", SIGUSR2 "save at the next step boundary, then leave" (exit
+//! [`EXIT_PREEMPTED`]). By request file: the daemon writes an on-demand request id next to the
+//! trainer's assignment (atomically, by rename), which rank 0 reads; the id comes back with the commit
+//! so the coordinator knows which request a checkpoint served. A request may reach only some ranks,
+//! so at every step boundary all ranks all-reduce what they have ([`StepRequests::agree`]): every
+//! rank sees the same request at the same step, saves the same step and commits it together.
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tch::{Device, Kind, Tensor};
+use tracing::warn;
 use xvlm_model::collective::{Collective, CollectiveError};
-
 /// Signal asking for a checkpoint at the next step boundary, training continues.
 pub const SAVE_SIGNAL: i32 = libc::SIGUSR1;
 /// Signal asking for a checkpoint at the next step boundary, then a clean exit.
@@ -58,35 +61,96 @@ pub fn request(leave: bool) {
     }
 }
 
+/// The request file of `rank` in a generation directory.
+pub fn request_file(generation_dir: &Path, rank: usize) -> PathBuf {
+    generation_dir.join(format!("rank{rank}.checkpoint-request"))
+}
+
+/// Writes on-demand request `id` for a trainer (tmp file + rename: the trainer never reads half a
+/// number).
+pub fn write_request(path: &Path, id: u64) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, id.to_string())?;
+    std::fs::rename(&tmp, path)
+}
+
 /// What the ranks agreed on at a step boundary.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Agreed {
-    /// Some rank asked for a checkpoint now.
+    /// Some rank was signalled to checkpoint now.
     pub save: bool,
     /// Some rank asked to checkpoint and leave.
     pub leave: bool,
+    /// A new on-demand request id (0: none).
+    pub id: u64,
 }
 
 impl Agreed {
     /// Whether a checkpoint must be taken at this boundary.
     pub fn checkpoint(&self) -> bool {
-        self.save || self.leave
+        self.save || self.leave || self.id > 0
     }
 }
 
-/// One all-reduce of this rank's pending requests; every rank calls it at every step boundary and
-/// gets the same answer. A save request is consumed; a leave request stays.
-pub fn agree(comm: &dyn Collective, device: Device) -> Result<Agreed, CollectiveError> {
-    let local = [
-        f32::from(u8::from(SAVE.swap(false, Ordering::SeqCst))),
-        f32::from(u8::from(LEAVE.load(Ordering::SeqCst))),
-    ];
-    let mut flags = Tensor::from_slice(&local)
-        .to_kind(Kind::Float)
-        .to_device(device);
-    comm.all_reduce_sum(&mut flags)?;
-    Ok(Agreed {
-        save: flags.double_value(&[0]) > 0.0,
-        leave: flags.double_value(&[1]) > 0.0,
-    })
+/// This rank's request sources: the signal flags and, on rank 0, the request file.
+pub struct StepRequests {
+    file: Option<PathBuf>,
+    rank: usize,
+    device: Device,
+    served: u64,
+}
+
+impl StepRequests {
+    /// Requests of `rank`; only rank 0 reads `file` (the others learn its ids through the collective).
+    pub fn new(file: Option<PathBuf>, rank: usize, device: Device) -> Self {
+        StepRequests {
+            file,
+            rank,
+            device,
+            served: 0,
+        }
+    }
+
+    /// The newest id in the request file that was not served yet, or 0.
+    fn pending_id(&self) -> u64 {
+        let Some(file) = self.file.as_ref().filter(|_| self.rank == 0) else {
+            return 0;
+        };
+        let Ok(text) = std::fs::read_to_string(file) else {
+            return 0;
+        };
+        match text.trim().parse::<u64>() {
+            Ok(id) if id > self.served => id,
+            Ok(_) => 0,
+            Err(e) => {
+                warn!("{}: not a request id ({e})", file.display());
+                0
+            }
+        }
+    }
+
+    /// One all-reduce of this rank's pending requests; every rank calls it at every step boundary
+    /// and gets the same answer. A save request and an id are consumed; a leave request stays. Ids
+    /// stay exact in an f64 up to 2^53.
+    pub fn agree(&mut self, comm: &dyn Collective) -> Result<Agreed, CollectiveError> {
+        let local = [
+            f64::from(u8::from(SAVE.swap(false, Ordering::SeqCst))),
+            f64::from(u8::from(LEAVE.load(Ordering::SeqCst))),
+            self.pending_id() as f64,
+        ];
+        let mut flags = Tensor::from_slice(&local)
+            .to_kind(Kind::Double)
+            .to_device(self.device);
+        if comm.world_size() > 1 {
+            comm.all_reduce_sum(&mut flags)?;
+        }
+        let id = flags.double_value(&[2]).round() as u64;
+        let fresh = id > self.served;
+        self.served = self.served.max(id);
+        Ok(Agreed {
+            save: flags.double_value(&[0]) > 0.0,
+            leave: flags.double_value(&[1]) > 0.0,
+            id: if fresh { id } else { 0 },
+        })
+    }
 }
