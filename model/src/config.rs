@@ -809,6 +809,33 @@ mod tests {
         assert_eq!(cfg.embed_dim, Some(64));
     }
 
+    /// `xvlm:` is absent from the official files (official behaviour), set through overrides, and a
+    /// misspelt switch is an error naming it.
+    #[test]
+    fn xvlm_switches_default_to_official_and_override() {
+        let path = configs_dir().join("Pretrain_XVLM_base_4m.yaml");
+        let cfg = TaskConfig::load(&path).unwrap();
+        assert_eq!(cfg.xvlm, XvlmOptions::default());
+        assert!(cfg.xvlm.itc && cfg.xvlm.itm && cfg.xvlm.dropout);
+        let over: serde_yaml::Value =
+            serde_yaml::from_str("xvlm: {itc: false, dropout: false}").unwrap();
+        let cfg = TaskConfig::load_with_overrides(&path, &over).unwrap();
+        assert_eq!(
+            cfg.xvlm,
+            XvlmOptions {
+                itc: false,
+                itm: true,
+                dropout: false
+            }
+        );
+        assert!(!cfg.unknown_keys().contains(&"xvlm"));
+        let bad: serde_yaml::Value = serde_yaml::from_str("xvlm: {itx: false}").unwrap();
+        let err = TaskConfig::load_with_overrides(&path, &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("itx"), "{err}");
+    }
+
     /// A fusion layer past the last layer is refused with the key named.
     #[test]
     fn bad_fusion_layer_is_refused() {

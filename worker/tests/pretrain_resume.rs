@@ -21,6 +21,9 @@ use xvlm_worker::trainer::task::TrainTask;
 static SERIAL: Mutex<()> = Mutex::new(());
 
 const TOTAL: u64 = 6;
+
+/// sha256 of every weight, by name.
+type Hashes = Vec<(String, String)>;
 const SAVE_AT: u64 = 3;
 
 fn checkpointer(
@@ -42,11 +45,7 @@ fn checkpointer(
 
 /// One rank's story: the uninterrupted reference, generation 1 stopping after `SAVE_AT` (its
 /// checkpoint committed), generation 2 resuming and finishing. Returns (reference, resumed) hashes.
-fn story(
-    spec: &JobSpec,
-    storage: &Storage,
-    comms: [&dyn Collective; 3],
-) -> (Vec<(String, String)>, Vec<(String, String)>) {
+fn story(spec: &JobSpec, storage: &Storage, comms: [&dyn Collective; 3]) -> (Hashes, Hashes) {
     let [c0, c1, c2] = comms;
     let mut reference = task(spec, c0, &[]);
     run(&mut reference, c0, 0, TOTAL);
