@@ -14,7 +14,8 @@ pub async fn list_shards(urls: &[String]) -> Result<Vec<String>, CoordError> {
             reason,
         };
         let parsed = url::Url::parse(url).map_err(|e| err(e.to_string()))?;
-        let (store, path) = object_store::parse_url(&parsed).map_err(|e| err(e.to_string()))?;
+        let xvlm_proto::storage::Located { store, path } =
+            xvlm_proto::storage::open(url, &[]).map_err(|e| err(e.reason))?;
         let base = base_url(&parsed);
         let listed: Vec<_> = store
             .list(Some(&path))

@@ -3,6 +3,8 @@
 
 pub mod logging;
 pub mod spec;
+#[cfg(feature = "storage")]
+pub mod storage;
 
 /// Wire protocol version announced on `Register` and `Submit`; bumped on incompatible changes.
 pub const PROTOCOL_VERSION: u32 = 1;

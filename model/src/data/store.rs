@@ -1,5 +1,5 @@
-//! Shard files on a local disk (plain paths) or in an object store (`file://`, `s3://`; `hdfs://` is not
-//! built yet): listing a train_file entry and reading a file from a byte offset as a stream of bytes.
+//! Shard files on a local disk (plain paths) or in an object store (`file://`, `s3://`, `hdfs://` with
+//! the `hdfs` feature; opened by `xvlm_proto::storage`): listing a train_file entry and reading a file from a byte offset as a stream of bytes.
 
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::PathBuf;
@@ -110,19 +110,13 @@ fn list_local_entry(entry: &str) -> Result<Vec<ShardFile>, DataError> {
 }
 
 fn list_object_entry(entry: &str) -> Result<Vec<ShardFile>, DataError> {
-    if entry.starts_with("hdfs://") {
-        return Err(DataError::BadLocation {
-            url: entry.into(),
-            reason: "hdfs:// is not supported by this build".into(),
-        });
-    }
-    let url = url::Url::parse(entry).map_err(|e| DataError::BadLocation {
+    let xvlm_proto::storage::Located {
+        store,
+        path: prefix,
+    } = xvlm_proto::storage::open(entry, &[]).map_err(|e| DataError::BadLocation {
         url: entry.into(),
-        reason: e.to_string(),
+        reason: e.reason,
     })?;
-    let (store, prefix) =
-        object_store::parse_url_opts(&url, std::env::vars()).map_err(|e| store_err(entry, e))?;
-    let store: Arc<dyn ObjectStore> = Arc::from(store);
     let rt = runtime(entry)?;
     let listing = rt
         .block_on(store.list_with_delimiter(Some(&prefix)))

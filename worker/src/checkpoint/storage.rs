@@ -1,13 +1,10 @@
-//! Checkpoint storage: one object store (`file://`, `s3://`) under a root prefix, with a blocking API
-//! for the trainer. S3 settings come from the usual `AWS_*` environment (endpoint, region, credentials,
-//! `AWS_ALLOW_HTTP`) and may be overridden by explicit options.
+//! Checkpoint storage: one object store (`file://`, `s3://`, `hdfs://`; opened by
+//! [`xvlm_proto::storage`]) under a root prefix, with a blocking API for the trainer.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::TryStreamExt;
-use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
-use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 
@@ -49,27 +46,11 @@ impl Storage {
             url: url.to_string(),
             reason,
         };
-        let (store, root): (Arc<dyn ObjectStore>, ObjectPath) =
-            if let Some(path) = url.strip_prefix("file://") {
-                std::fs::create_dir_all(path).map_err(|e| bad(e.to_string()))?;
-                let fs = LocalFileSystem::new_with_prefix(path).map_err(|e| bad(e.to_string()))?;
-                (Arc::new(fs), ObjectPath::default())
-            } else if let Some(rest) = url.strip_prefix("s3://") {
-                let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-                if bucket.is_empty() {
-                    return Err(bad("no bucket name".into()));
-                }
-                let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
-                for (key, value) in options {
-                    let key: AmazonS3ConfigKey =
-                        key.parse().map_err(|e| bad(format!("option {key}: {e}")))?;
-                    builder = builder.with_config(key, *value);
-                }
-                let s3 = builder.build().map_err(|e| bad(e.to_string()))?;
-                (Arc::new(s3), ObjectPath::from(prefix))
-            } else {
-                return Err(bad("checkpoints need a file:// or s3:// output".into()));
-            };
+        if let Some(path) = url.strip_prefix("file://") {
+            std::fs::create_dir_all(path).map_err(|e| bad(e.to_string()))?;
+        }
+        let located = xvlm_proto::storage::open(url, options).map_err(|e| bad(e.reason))?;
+        let (store, root) = (located.store, located.path);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
