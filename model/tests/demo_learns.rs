@@ -167,6 +167,9 @@ fn demo_pretraining_learns_zero_shot_retrieval() {
     let cfg: PretrainDataConfig =
         serde_yaml::from_value(serde_yaml::to_value(&task).unwrap()).unwrap();
     let seed = 42;
+    // One intra-op thread (as each demo worker uses): beside the loader thread on a busy 2-core machine,
+    // libtorch's spinning OpenMP workers make every step several times slower.
+    tch::set_num_threads(1);
     tch::manual_seed(seed as i64);
     let vs = VarStore::new(Device::Cpu);
     let model = PretrainModel::new(&vs.root(), &task).unwrap();
