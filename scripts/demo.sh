@@ -19,7 +19,10 @@ echo "== xvlm doctor"
 "$BIN/xvlm" doctor
 
 echo "== synthetic corpus (shapes at known boxes, captions from the content; train/val/test splits)"
-"$BIN/xvlm" synth-data --out "$OUT/data"
+# Large shapes on one plain background colour: the captions name the shapes, so they should fill the
+# picture (model/tests/demo_learns.rs trains on the same settings).
+"$BIN/xvlm" synth-data --out "$OUT/data" --shape-min 0.6 --shape-max 0.95 \
+  --background-min 225 --background-max 225
 
 echo "== pre-training: configs/jobs/demo-pretrain.yaml on 2 local workers (logs: demo-out/coord.log)"
 start=$(date +%s)

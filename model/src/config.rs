@@ -262,6 +262,15 @@ pub struct ImagesConfig {
     /// Loader workers.
     #[serde(default)]
     pub num_workers: usize,
+    /// xvlm-only: RandomResizedCrop area range (official `pretrain_transform`: [0.2, 1.0]).
+    #[serde(default = "default_crop_scale")]
+    pub crop_scale: (f64, f64),
+    /// xvlm-only: RandomHorizontalFlip (official: True).
+    #[serde(default = "default_true")]
+    pub hflip: bool,
+    /// xvlm-only: RandomAugment(2, 7) over the ten ops (official: True).
+    #[serde(default = "default_true")]
+    pub rand_augment: bool,
 }
 
 /// `regions:` of a pre-training config (the region-text stream).
@@ -299,6 +308,12 @@ pub struct RegionsConfig {
     pub careful_hflip: bool,
 }
 
+fn default_crop_scale() -> (f64, f64) {
+    (0.2, 1.0)
+}
+fn default_true() -> bool {
+    true
+}
 fn default_image_key() -> String {
     "binary".into()
 }

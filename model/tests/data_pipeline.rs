@@ -2,7 +2,9 @@
 //! pre-training model takes, and `file://` object-store URLs read the same lines as local paths.
 
 use xvlm_model::data::loader::StreamState;
-use xvlm_model::data::pipeline::{ImageTextLoader, PretrainDataConfig, RegionLoader};
+use xvlm_model::data::pipeline::{
+    ImageTextLoader, ImagesSection, PretrainDataConfig, RegionLoader,
+};
 use xvlm_model::data::shard::{Cursor, LineStream, ShardPlan, DEFAULT_MAX_LINE_BYTES};
 use xvlm_model::data::store::list_shards;
 use xvlm_model::data::synth::{generate, SynthConfig};
@@ -21,6 +23,33 @@ fn official_config_keys_parse() {
         (5, 2, 3)
     );
     assert_eq!((cfg.image_res, cfg.max_tokens, cfg.max_masks), (64, 16, 4));
+}
+
+/// Without the xvlm-only `images` keys the image-text transform is the official `pretrain_transform`;
+/// with them (the demo config) it is softened; a bad `crop_scale` is a config error naming the key.
+#[test]
+fn images_augmentation_keys() {
+    let official: ImagesSection = serde_yaml::from_str("{batch_size: 8}").unwrap();
+    let t = official.transform(128).unwrap();
+    assert_eq!(
+        (t.scale, t.hflip, t.rand_augment.ops.len()),
+        ((0.2, 1.0), true, 10)
+    );
+    let demo: ImagesSection = serde_yaml::from_str(
+        "{batch_size: 8, crop_scale: [0.9, 1.0], hflip: False, rand_augment: False}",
+    )
+    .unwrap();
+    let t = demo.transform(128).unwrap();
+    assert_eq!(
+        (t.scale, t.hflip, t.rand_augment.ops.len()),
+        ((0.9, 1.0), false, 0)
+    );
+    for bad in ["[0.0, 1.0]", "[0.5, 0.5]", "[0.5, 1.5]"] {
+        let cfg: ImagesSection =
+            serde_yaml::from_str(&format!("{{batch_size: 8, crop_scale: {bad}}}")).unwrap();
+        let err = cfg.transform(128).unwrap_err().to_string();
+        assert!(err.contains("images.crop_scale"), "{bad}: {err}");
+    }
 }
 
 fn config(dir: &std::path::Path) -> PretrainDataConfig {

@@ -125,6 +125,7 @@ fn corpus(images: usize, shards: usize) -> Corpus {
         width: 48,
         height: 40,
         shards,
+        ..SynthConfig::default()
     };
     generate(dir.path(), &cfg).unwrap();
     let tok = TextTokenizer::from_vocab_txt(&dir.path().join("vocab.txt")).unwrap();

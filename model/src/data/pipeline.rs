@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::augment::RandAugment;
 use super::batch::{ImageTextBatch, RegionBatch};
 use super::formats::RecordKeys;
 use super::loader::{Loader, LoaderConfig, StreamState};
@@ -30,6 +31,35 @@ pub struct ImagesSection {
     /// Loader threads.
     #[serde(default = "default_workers")]
     pub num_workers: usize,
+    /// xvlm-only: RandomResizedCrop area range (official: 0.2-1).
+    #[serde(default = "default_crop_scale")]
+    pub crop_scale: (f64, f64),
+    /// xvlm-only: random horizontal flip (official: on).
+    #[serde(default = "default_true")]
+    pub hflip: bool,
+    /// xvlm-only: RandAugment(2, 7) (official: on).
+    #[serde(default = "default_true")]
+    pub rand_augment: bool,
+}
+
+impl ImagesSection {
+    /// The image-text training transform: the official `pretrain_transform` unless the xvlm-only keys
+    /// soften it.
+    pub fn transform(&self, res: usize) -> Result<TrainTransform, DataError> {
+        let (lo, hi) = self.crop_scale;
+        if !(lo > 0.0 && lo < hi && hi <= 1.0) {
+            return Err(DataError::Config(format!(
+                "images.crop_scale must satisfy 0 < min < max <= 1, got [{lo}, {hi}]"
+            )));
+        }
+        let mut t = TrainTransform::pretrain(res);
+        t.scale = (lo, hi);
+        t.hflip = self.hflip;
+        if !self.rand_augment {
+            t.rand_augment = RandAugment::new(&[]);
+        }
+        Ok(t)
+    }
 }
 
 /// `regions:` section of the official pre-training config.
@@ -55,6 +85,14 @@ pub struct RegionsSection {
     /// Loader threads.
     #[serde(default = "default_workers")]
     pub num_workers: usize,
+}
+
+fn default_crop_scale() -> (f64, f64) {
+    (0.2, 1.0)
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_workers() -> usize {
@@ -151,7 +189,7 @@ impl ImageTextLoader {
         let processor = ImageTextProcessor {
             keys: cfg.images.keys.clone(),
             text: cfg.text_pipeline(cfg.images.keys.tokenized)?,
-            transform: TrainTransform::pretrain(cfg.image_res),
+            transform: cfg.images.transform(cfg.image_res)?,
         };
         let lc = LoaderConfig::new(cfg.images.batch_size, cfg.images.num_workers, seed);
         Ok(Self {

@@ -40,6 +40,10 @@ pub struct SynthConfig {
     pub height: usize,
     /// Shard files per pre-training format.
     pub shards: usize,
+    /// Side of each (square-boxed) shape as a fraction of `min(height, width / 2)`, drawn uniformly.
+    pub shape_side: (f64, f64),
+    /// Range of each background channel (drawn per image; every pixel then darkened by up to 11).
+    pub background: (u8, u8),
 }
 
 impl Default for SynthConfig {
@@ -50,6 +54,8 @@ impl Default for SynthConfig {
             width: 160,
             height: 120,
             shards: 4,
+            shape_side: (0.3, 0.6),
+            background: (200, 250),
         }
     }
 }
@@ -106,10 +112,11 @@ struct Item {
 fn make_item(cfg: &SynthConfig, id: usize) -> Result<Item, DataError> {
     let mut rng = rng_for(cfg.seed, Purpose::Synth, &[id as u64]);
     let (w, h) = (cfg.width, cfg.height);
+    let (lo, hi) = cfg.background;
     let bg = [
-        rng.random_range(200..=250u8),
-        rng.random_range(200..=250u8),
-        rng.random_range(200..=250u8),
+        rng.random_range(lo..=hi),
+        rng.random_range(lo..=hi),
+        rng.random_range(lo..=hi),
     ];
     let mut img = RgbImage::filled(w, h, bg);
     for v in img.data.iter_mut() {
@@ -128,8 +135,11 @@ fn make_item(cfg: &SynthConfig, id: usize) -> Result<Item, DataError> {
     }
     let mut shapes = Vec::new();
     for (k, (colour, kind)) in [first, second].into_iter().enumerate() {
-        let side = rng.random_range(h / 5..=h * 2 / 5);
         let half = w / 2;
+        let room = h.min(half) as f64;
+        let (a, b) = cfg.shape_side;
+        let side_lo = ((a * room) as usize).clamp(1, h.min(half));
+        let side = rng.random_range(side_lo..=((b * room) as usize).clamp(side_lo, h.min(half)));
         let x = k * half + rng.random_range(0..=half - side);
         let y = rng.random_range(0..=h - side);
         let s = Shape {
@@ -201,6 +211,18 @@ pub fn generate(out: &Path, cfg: &SynthConfig) -> Result<SynthSummary, DataError
         return Err(DataError::Config(
             "synth-data images must be at least 32x32".into(),
         ));
+    }
+    let (a, b) = cfg.shape_side;
+    if !(a > 0.0 && a <= b && b <= 1.0) {
+        return Err(DataError::Config(format!(
+            "synth-data shape side fractions must satisfy 0 < min <= max <= 1, got {a}..{b}"
+        )));
+    }
+    if cfg.background.0 > cfg.background.1 {
+        return Err(DataError::Config(format!(
+            "synth-data background range {}..{} is empty",
+            cfg.background.0, cfg.background.1
+        )));
     }
     let it_dir = out.join("pretrain/image_text");
     let rg_dir = out.join("pretrain/regions");

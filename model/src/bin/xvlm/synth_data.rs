@@ -25,6 +25,18 @@ pub struct SynthDataArgs {
     /// Image height in pixels.
     #[arg(long, default_value_t = 120)]
     height: usize,
+    /// Smallest shape side, as a fraction of min(height, width / 2).
+    #[arg(long, default_value_t = 0.3)]
+    shape_min: f64,
+    /// Largest shape side, as a fraction of min(height, width / 2).
+    #[arg(long, default_value_t = 0.6)]
+    shape_max: f64,
+    /// Darkest background channel value (each image draws its background colour in this range).
+    #[arg(long, default_value_t = 200)]
+    background_min: u8,
+    /// Brightest background channel value.
+    #[arg(long, default_value_t = 250)]
+    background_max: u8,
 }
 
 /// Generate the corpus and print a summary.
@@ -35,6 +47,8 @@ pub fn run(args: &SynthDataArgs) -> Result<()> {
         width: args.width,
         height: args.height,
         shards: args.shards,
+        shape_side: (args.shape_min, args.shape_max),
+        background: (args.background_min, args.background_max),
     };
     let start = std::time::Instant::now();
     let summary = generate(&args.out, &cfg)
