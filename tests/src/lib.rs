@@ -1,6 +1,8 @@
 //! Helpers for the end-to-end tests in `tests/tests/`: build and locate the real binaries, start a
 //! coordinator and workers on loopback with free ports and temporary directories, run CLI commands.
 
+pub mod checkpoints;
+
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -122,6 +124,15 @@ impl Cluster {
         }
     }
 
+    /// [`Cluster::start`] plus one worker with one CPU slot per name.
+    pub fn with_workers(dir: &Path, names: &[&str]) -> Cluster {
+        let mut c = Cluster::start(dir);
+        for name in names {
+            c.add_worker(name, 1);
+        }
+        c
+    }
+
     /// Starts a worker with `slots` CPU slots and waits until the coordinator can see it (a job
     /// needing it would otherwise be refused as unsatisfiable).
     pub fn add_worker(&mut self, name: &str, slots: u32) {
@@ -178,6 +189,11 @@ impl Cluster {
         let out = self.cli(&["submit", job.to_str().expect("utf-8 path")]);
         assert!(out.status.success(), "submit failed: {}", text(&out.stderr));
         text(&out.stdout).trim().to_string()
+    }
+
+    /// Writes `yaml` as `job.yaml` in the test's directory and submits it.
+    pub fn submit_yaml(&self, yaml: &str) -> String {
+        self.submit(&write(&self.dir, "job.yaml", yaml))
     }
 
     /// The `status JOB` table.
@@ -352,6 +368,18 @@ pub fn http(addr: &str, request: &str) -> std::io::Result<String> {
 }
 
 /// Starts moto and creates the bucket `ckpts`. Panics, naming scripts/setup.sh, when moto is missing.
+/// [`start_moto`], and the standard object_store `AWS_*` environment pointing at it, inherited by
+/// every process the test starts afterwards (workers, trainers).
+pub fn start_moto_for_children() -> Moto {
+    let moto = start_moto();
+    std::env::set_var("AWS_ENDPOINT", &moto.url);
+    std::env::set_var("AWS_ALLOW_HTTP", "true");
+    std::env::set_var("AWS_ACCESS_KEY_ID", "test");
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", "test");
+    std::env::set_var("AWS_REGION", "us-east-1");
+    moto
+}
+
 pub fn start_moto() -> Moto {
     let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv-moto/bin/moto_server");
     assert!(
@@ -387,29 +415,6 @@ pub fn start_moto() -> Moto {
     })
     .expect("moto_server did not start");
     moto
-}
-
-/// Steps (ascending) of the committed checkpoints (those with a `MANIFEST.json`) under a job's output.
-pub fn committed_checkpoints(output: &Path) -> Vec<u64> {
-    let mut steps: Vec<u64> = std::fs::read_dir(output.join("checkpoints"))
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .filter(|e| e.path().join("MANIFEST.json").is_file())
-                .filter_map(|e| e.file_name().to_str()?.strip_prefix("step-")?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    steps.sort_unstable();
-    steps
-}
-
-/// The pid the worker daemon recorded for a trainer (`{work}/{job}/g{generation}/rank{rank}.pid`).
-pub fn trainer_pid(work_dir: &Path, job: &str, generation: u64, rank: u32) -> Option<u32> {
-    std::fs::read_to_string(work_dir.join(format!("{job}/g{generation}/rank{rank}.pid")))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
 }
 
 impl Cluster {

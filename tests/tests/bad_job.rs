@@ -7,9 +7,7 @@ use xvlm_e2e::{text, write, Cluster};
 #[test]
 fn bad_job_yaml_is_rejected_with_the_field_named() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = Cluster::start(dir.path());
-    c.add_worker("w0", 1);
-    c.add_worker("w1", 1);
+    let c = Cluster::with_workers(dir.path(), &["w0", "w1"]);
     let base = "name: bad\ntask: smoke\nsteps: 5\n";
     let cases: Vec<(String, &str, Vec<&str>)> = vec![
         (

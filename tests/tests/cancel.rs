@@ -12,11 +12,7 @@ fn cancel_stops_every_trainer() {
     let mut c = Cluster::start(dir.path());
     c.add_worker("w0", 2);
     c.add_worker("w1", 2);
-    let job = c.submit(&write(
-        dir.path(),
-        "job.yaml",
-        "name: long\ntask: smoke\nsteps: 100000\nworkers: {min: 2, devices_per_worker: 2}\nsmoke: {step_delay_ms: 20}\n",
-    ));
+    let job = c.submit_yaml("name: long\ntask: smoke\nsteps: 100000\nworkers: {min: 2, devices_per_worker: 2}\nsmoke: {step_delay_ms: 20}\n");
     wait_until(Duration::from_secs(30), || {
         let s = c.status(&job);
         s.contains("RUNNING") && !s.contains(" 0/100000")
@@ -74,14 +70,10 @@ fn cancel_stops_every_trainer() {
 #[test]
 fn killed_worker_leaves_no_orphans() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = Cluster::start(dir.path());
-    c.add_worker("w0", 1);
-    c.add_worker("w1", 1);
-    let job = c.submit(&write(
-        dir.path(),
-        "job.yaml",
+    let mut c = Cluster::with_workers(dir.path(), &["w0", "w1"]);
+    let job = c.submit_yaml(
         "name: victim\ntask: smoke\nsteps: 100000\nworkers: {min: 2}\nsmoke: {step_delay_ms: 20}\n",
-    ));
+    );
     wait_until(Duration::from_secs(30), || {
         let s = c.status(&job);
         s.contains("RUNNING") && !s.contains(" 0/100000")

@@ -3,23 +3,18 @@
 
 use std::time::Duration;
 
-use xvlm_e2e::{committed_checkpoints, text, wait_until, write, Cluster};
+use xvlm_e2e::checkpoints::committed_checkpoints;
+use xvlm_e2e::{text, wait_until, Cluster};
 
 const STEPS: u64 = 120;
 
 #[test]
 fn checkpoint_now_commits_between_request_and_end() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = Cluster::start(dir.path());
-    c.add_worker("w0", 1);
-    c.add_worker("w1", 1);
-    let job = c.submit(&write(
-        dir.path(),
-        "job.yaml",
-        &format!(
-            "name: ondemand\ntask: smoke\nsteps: {STEPS}\nworkers: {{min: 2}}\n\
+    let c = Cluster::with_workers(dir.path(), &["w0", "w1"]);
+    let job = c.submit_yaml(&format!(
+        "name: ondemand\ntask: smoke\nsteps: {STEPS}\nworkers: {{min: 2}}\n\
              checkpoint: {{every_steps: 0}}\nsmoke: {{step_delay_ms: 60}}\n"
-        ),
     ));
     let output = dir.path().join("runs").join(&job);
     wait_until(Duration::from_secs(60), || c.step(&job) >= 5)

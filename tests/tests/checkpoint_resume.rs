@@ -5,25 +5,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
+use xvlm_e2e::checkpoints::committed_checkpoints;
 use xvlm_e2e::{alive, text, wait_until, write, Cluster};
 
 const JOB: &str =
     "name: resume\ntask: smoke\nsteps: 60\nseed: 11\nworkers: {min: 2}\nmax_restarts: 2\n\
 checkpoint: {every_steps: 10, keep_last: 2}\nsmoke: {step_delay_ms: 80}\n";
-
-/// Committed checkpoint steps (those with a MANIFEST.json) under a job's output.
-fn committed(output: &Path) -> Vec<u64> {
-    let mut steps: Vec<u64> = std::fs::read_dir(output.join("checkpoints"))
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .filter(|e| e.path().join("MANIFEST.json").is_file())
-                .filter_map(|e| e.file_name().to_str()?.strip_prefix("step-")?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    steps.sort_unstable();
-    steps
-}
 
 /// sha256 of every tensor's bytes in a safetensors file, by name.
 fn tensor_hashes(path: &Path) -> Vec<(String, String)> {
@@ -64,15 +51,15 @@ fn read_logs(paths: &[PathBuf]) -> String {
 #[test]
 fn killed_trainer_resumes_bit_identical() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = Cluster::start(dir.path());
-    c.add_worker("w0", 1);
-    c.add_worker("w1", 1);
+    let c = Cluster::with_workers(dir.path(), &["w0", "w1"]);
     let job = c.submit(&write(dir.path(), "job.yaml", JOB));
     let output = dir.path().join("runs").join(&job);
 
-    wait_until(Duration::from_secs(40), || !committed(&output).is_empty())
-        .unwrap_or_else(|| panic!("no checkpoint committed:\n{}", c.logs()));
-    let saved = committed(&output)[0];
+    wait_until(Duration::from_secs(40), || {
+        !committed_checkpoints(&output).is_empty()
+    })
+    .unwrap_or_else(|| panic!("no checkpoint committed:\n{}", c.logs()));
+    let saved = committed_checkpoints(&output)[0];
     // The manifest is written at a later step boundary; let a few more steps pass.
     std::thread::sleep(Duration::from_millis(300));
     let victim = trainer_pids(&dir.path().join(format!("work-w1/{job}/g1")));
@@ -114,9 +101,9 @@ fn killed_trainer_resumes_bit_identical() {
     );
     println!("first commit step-{saved}; generation 2 resumed from step-{resumed}");
     assert!(
-        committed(&output).len() <= 2,
+        committed_checkpoints(&output).len() <= 2,
         "keep_last 2: {:?}",
-        committed(&output)
+        committed_checkpoints(&output)
     );
 
     // The same job, uninterrupted, in another output directory.

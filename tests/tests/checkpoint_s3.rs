@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use xvlm_e2e::{alive, http, start_moto, text, wait_until, write, Cluster};
+use xvlm_e2e::{alive, http, start_moto_for_children, text, wait_until, Cluster};
 
 fn manifests(moto: &xvlm_e2e::Moto) -> usize {
     let get = format!(
@@ -17,23 +17,11 @@ fn manifests(moto: &xvlm_e2e::Moto) -> usize {
 
 #[test]
 fn s3_checkpoints_survive_a_killed_trainer() {
-    let moto = start_moto();
-    // Inherited by the workers and their trainers: the standard object_store environment chain.
-    std::env::set_var("AWS_ENDPOINT", &moto.url);
-    std::env::set_var("AWS_ALLOW_HTTP", "true");
-    std::env::set_var("AWS_ACCESS_KEY_ID", "test");
-    std::env::set_var("AWS_SECRET_ACCESS_KEY", "test");
-    std::env::set_var("AWS_REGION", "us-east-1");
+    let moto = start_moto_for_children();
     let dir = tempfile::tempdir().unwrap();
-    let mut c = Cluster::start(dir.path());
-    c.add_worker("w0", 1);
-    c.add_worker("w1", 1);
-    let job = c.submit(&write(
-        dir.path(),
-        "job.yaml",
-        "name: s3\ntask: smoke\nsteps: 40\nworkers: {min: 2}\nmax_restarts: 1\noutput: s3://ckpts/s3job\n\
-         checkpoint: {every_steps: 5, keep_last: 2}\nsmoke: {step_delay_ms: 80}\n",
-    ));
+    let c = Cluster::with_workers(dir.path(), &["w0", "w1"]);
+    let job = c.submit_yaml("name: s3\ntask: smoke\nsteps: 40\nworkers: {min: 2}\nmax_restarts: 1\noutput: s3://ckpts/s3job\n\
+         checkpoint: {every_steps: 5, keep_last: 2}\nsmoke: {step_delay_ms: 80}\n");
     wait_until(Duration::from_secs(40), || manifests(&moto) > 0)
         .unwrap_or_else(|| panic!("no checkpoint committed in S3:\n{}", c.logs()));
     std::thread::sleep(Duration::from_millis(200));

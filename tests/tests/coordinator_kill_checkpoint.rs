@@ -5,7 +5,8 @@
 
 use std::time::Duration;
 
-use xvlm_e2e::{committed_checkpoints, start_coordinator_at, wait_until, write, Cluster};
+use xvlm_e2e::checkpoints::committed_checkpoints;
+use xvlm_e2e::{start_coordinator_at, wait_until, write, Cluster};
 
 const JOB: &str = "name: coordkill\ntask: smoke\nsteps: 60\nseed: 3\nworkers: {min: 2}\n\
 checkpoint: {every_steps: 10, keep_last: 2}\nsmoke: {step_delay_ms: 80}\n";
@@ -13,9 +14,7 @@ checkpoint: {every_steps: 10, keep_last: 2}\nsmoke: {step_delay_ms: 80}\n";
 #[test]
 fn coordinator_killed_mid_job_resumes_from_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = Cluster::start(dir.path());
-    c.add_worker("w0", 1);
-    c.add_worker("w1", 1);
+    let mut c = Cluster::with_workers(dir.path(), &["w0", "w1"]);
     let job = c.submit(&write(dir.path(), "job.yaml", JOB));
     let output = dir.path().join("runs").join(&job);
     wait_until(Duration::from_secs(60), || {

@@ -4,11 +4,11 @@
 //! accumulating 2 micro-batches, so the job ends with the weights of an uninterrupted 2-rank run up to
 //! float summation order (tolerance 1e-5).
 
-mod common;
-
 use std::time::Duration;
 
-use common::{committed, gen_logs, last_line, max_weight_diff, resumed_step, trainer_pids};
+use xvlm_e2e::checkpoints::{
+    committed_checkpoints, gen_logs, last_line, max_weight_diff, resumed_step, trainer_pids,
+};
 use xvlm_e2e::{alive, wait_until, write, Cluster};
 
 const JOB: &str = "name: elastic\ntask: smoke\nsteps: 60\nseed: 11\nworkers: {min: 1, max: 2}\n\
@@ -17,16 +17,16 @@ max_restarts: 2\ncheckpoint: {every_steps: 10, keep_last: 3}\nsmoke: {step_delay
 #[test]
 fn killed_worker_daemon_continues_at_smaller_world() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = Cluster::start(dir.path());
-    c.add_worker("w0", 1);
-    c.add_worker("w1", 1);
+    let mut c = Cluster::with_workers(dir.path(), &["w0", "w1"]);
     let job = c.submit(&write(dir.path(), "job.yaml", JOB));
     let output = dir.path().join("runs").join(&job);
 
-    wait_until(Duration::from_secs(40), || !committed(&output).is_empty())
-        .unwrap_or_else(|| panic!("no checkpoint committed:\n{}", c.logs()));
+    wait_until(Duration::from_secs(40), || {
+        !committed_checkpoints(&output).is_empty()
+    })
+    .unwrap_or_else(|| panic!("no checkpoint committed:\n{}", c.logs()));
     std::thread::sleep(Duration::from_millis(300));
-    let first = committed(&output)[0];
+    let first = committed_checkpoints(&output)[0];
     let orphans = trainer_pids(dir.path(), "w1", &job, 1);
     assert_eq!(orphans.len(), 1, "one trainer on w1");
     assert!(alive(orphans[0].1), "trainer finished before the kill");

@@ -8,15 +8,11 @@ use xvlm_e2e::{text, write, Cluster};
 #[test]
 fn failing_trainer_restarts_then_fails() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = Cluster::start(dir.path());
-    c.add_worker("w0", 1);
-    c.add_worker("w1", 1);
+    let c = Cluster::with_workers(dir.path(), &["w0", "w1"]);
     write(dir.path(), "task.yaml", "batch_size_train: 2\n");
-    let job = c.submit(&write(
-        dir.path(),
-        "job.yaml",
+    let job = c.submit_yaml(
         "name: doomed\ntask: pretrain\nconfig: task.yaml\nworkers: {min: 2}\nmax_restarts: 1\n",
-    ));
+    );
     let watch = c.cli(&["watch", &job]);
     let out = text(&watch.stdout);
     assert!(

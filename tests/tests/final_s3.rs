@@ -3,19 +3,13 @@
 //! file the same job writes to a `file://` output.
 
 use md5::{Digest, Md5};
-use xvlm_e2e::{http, start_moto, write, Cluster};
+use xvlm_e2e::{http, start_moto_for_children, write, Cluster};
 
 const JOB: &str = "name: final\ntask: smoke\nsteps: 5\nseed: 3\n";
 
 #[test]
 fn final_weights_reach_s3() {
-    let moto = start_moto();
-    // Inherited by the worker and its trainer: the standard object_store environment chain.
-    std::env::set_var("AWS_ENDPOINT", &moto.url);
-    std::env::set_var("AWS_ALLOW_HTTP", "true");
-    std::env::set_var("AWS_ACCESS_KEY_ID", "test");
-    std::env::set_var("AWS_SECRET_ACCESS_KEY", "test");
-    std::env::set_var("AWS_REGION", "us-east-1");
+    let moto = start_moto_for_children();
     let dir = tempfile::tempdir().unwrap();
     let mut c = Cluster::start(dir.path());
     c.add_worker("w0", 1);

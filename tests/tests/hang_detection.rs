@@ -4,7 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use xvlm_e2e::{alive, committed_checkpoints, trainer_pid, wait_until, write, Cluster};
+use xvlm_e2e::checkpoints::{committed_checkpoints, trainer_pids};
+use xvlm_e2e::{alive, wait_until, Cluster};
 
 const MIN_SECS: f64 = 3.0;
 
@@ -16,17 +17,11 @@ fn resume(pid: u32) {
 #[test]
 fn stopped_trainer_is_detected_and_generation_restarts() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = Cluster::start(dir.path());
-    c.add_worker("w0", 1);
-    c.add_worker("w1", 1);
-    let job = c.submit(&write(
-        dir.path(),
-        "job.yaml",
-        &format!(
-            "name: hang\ntask: smoke\nsteps: 150\nworkers: {{min: 2}}\nmax_restarts: 1\n\
+    let c = Cluster::with_workers(dir.path(), &["w0", "w1"]);
+    let job = c.submit_yaml(&format!(
+        "name: hang\ntask: smoke\nsteps: 150\nworkers: {{min: 2}}\nmax_restarts: 1\n\
              checkpoint: {{every_steps: 10}}\nhang: {{min_secs: {MIN_SECS}}}\n\
              smoke: {{step_delay_ms: 40}}\n"
-        ),
     ));
     let output = dir.path().join("runs").join(&job);
     let watch = c.watch_log(&job);
@@ -35,7 +30,10 @@ fn stopped_trainer_is_detected_and_generation_restarts() {
     })
     .unwrap_or_else(|| panic!("no checkpoint committed:\n{}", c.logs()));
 
-    let pid = trainer_pid(&dir.path().join("work-w1"), &job, 1, 1).expect("rank 1 pid on w1");
+    let pid = trainer_pids(dir.path(), "w1", &job, 1)
+        .into_iter()
+        .find_map(|(rank, pid)| (rank == 1).then_some(pid))
+        .expect("rank 1 pid on w1");
     assert!(alive(pid));
     // SAFETY: plain kill(2) of a pid this test's cluster started.
     unsafe { libc::kill(pid as i32, libc::SIGSTOP) };

@@ -16,9 +16,7 @@ smoke: {batch_size: 8, lr: 0.1}
 #[test]
 fn two_workers_run_a_job_to_completion() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = Cluster::start(dir.path());
-    c.add_worker("w0", 1);
-    c.add_worker("w1", 1);
+    let c = Cluster::with_workers(dir.path(), &["w0", "w1"]);
     let job = c.submit(&write(dir.path(), "job.yaml", JOB));
     assert_eq!(job, "job-0001");
     let out = c.watch_succeeded(&job);
@@ -53,9 +51,7 @@ fn two_workers_run_a_job_to_completion() {
 #[test]
 fn jobs_queue_in_submission_order() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = Cluster::start(dir.path());
-    c.add_worker("w0", 1);
-    c.add_worker("w1", 1);
+    let c = Cluster::with_workers(dir.path(), &["w0", "w1"]);
     let slow = JOB
         .replace("steps: 40", "steps: 30")
         .replace("lr: 0.1}", "lr: 0.1, step_delay_ms: 30}");

@@ -4,11 +4,11 @@
 //! from the remaining worker (world 1, accumulating the fixed global batch), resumes from that step and
 //! ends with the weights of an uninterrupted world-2 run (tolerance 1e-5: summation order).
 
-mod common;
-
 use std::time::Duration;
 
-use common::{committed, gen_logs, last_line, max_weight_diff, resumed_step, trainer_pids};
+use xvlm_e2e::checkpoints::{
+    committed_checkpoints, gen_logs, last_line, max_weight_diff, resumed_step, trainer_pids,
+};
 use xvlm_e2e::{alive, wait_until, write, Cluster};
 
 const JOB: &str = "name: preempt\ntask: smoke\nsteps: 80\nseed: 13\nworkers: {min: 1, max: 2}\n\
@@ -25,9 +25,7 @@ fn step_of(c: &Cluster, job: &str) -> u64 {
 #[test]
 fn sigterm_drains_worker_without_losing_steps() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = Cluster::start(dir.path());
-    c.add_worker("w0", 1);
-    c.add_worker("w1", 1);
+    let mut c = Cluster::with_workers(dir.path(), &["w0", "w1"]);
     let job = c.submit(&write(dir.path(), "job.yaml", JOB));
     let output = dir.path().join("runs").join(&job);
 
@@ -91,7 +89,7 @@ fn sigterm_drains_worker_without_losing_steps() {
         "drain checkpoint step {resumed} is older than the step {before} seen before SIGTERM"
     );
     assert_eq!(
-        committed(&output),
+        committed_checkpoints(&output),
         vec![saved],
         "only the drain checkpoint exists"
     );

@@ -83,9 +83,7 @@ fn pretrain_job_trains_and_saves_an_official_checkpoint() {
         "name: e2e-pretrain\ntask: pretrain\nconfig: {}\nsteps: {STEPS}\nseed: 7\nworkers: {{min: 2}}\n",
         config.display()
     );
-    let mut c = Cluster::start(dir.path());
-    c.add_worker("w0", 1);
-    c.add_worker("w1", 1);
+    let c = Cluster::with_workers(dir.path(), &["w0", "w1"]);
     let id = c.submit(&write(dir.path(), "job.yaml", &job));
     let out = c.watch_succeeded(&id);
     let last = out.lines().last().unwrap_or_default();

@@ -36,11 +36,7 @@ fn coordinator_does_not_link_libtorch() {
 fn restarted_coordinator_keeps_jobs() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = Cluster::start(dir.path());
-    let job = c.submit(&write(
-        dir.path(),
-        "job.yaml",
-        "name: kept\ntask: smoke\nsteps: 5\n",
-    ));
+    let job = c.submit_yaml("name: kept\ntask: smoke\nsteps: 5\n");
     assert!(c.status(&job).contains("PENDING"));
     c.coord.kill();
     let (coord, url) = start_coordinator(dir.path());
@@ -107,14 +103,10 @@ fn run_with_local_workers() {
 #[test]
 fn coordinator_restart_mid_job_recovers() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = Cluster::start(dir.path());
-    c.add_worker("w0", 1);
-    c.add_worker("w1", 1);
-    let job = c.submit(&write(
-        dir.path(),
-        "job.yaml",
+    let mut c = Cluster::with_workers(dir.path(), &["w0", "w1"]);
+    let job = c.submit_yaml(
         "name: survivor\ntask: smoke\nsteps: 60\nworkers: {min: 2}\nsmoke: {step_delay_ms: 20}\n",
-    ));
+    );
     wait_until(Duration::from_secs(30), || {
         c.status(&job).contains("RUNNING")
     })

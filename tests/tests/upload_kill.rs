@@ -3,11 +3,9 @@
 //! w1's trainer is killed. Generation 2 must resume from the previous committed checkpoint S1, never
 //! from the half-written S2, and the job succeeds.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{committed, gen_logs, resumed_step, trainer_pids};
+use xvlm_e2e::checkpoints::{committed_checkpoints, gen_logs, resumed_step, trainer_pids};
 use xvlm_e2e::{alive, wait_until, write, Cluster};
 
 const JOB: &str = "name: upload-kill\ntask: smoke\nsteps: 40\nseed: 17\nworkers: {min: 2}\n\
@@ -36,7 +34,7 @@ fn killed_mid_upload_resumes_previous_commit() {
     // S2: a step after the first commit S1 whose fast part is in, slow part and manifest are not.
     let mut found = None;
     wait_until(Duration::from_secs(40), || {
-        let done = committed(&output);
+        let done = committed_checkpoints(&output);
         let Some(&s1) = done.last() else { return false };
         found = (1..=4).map(|k| s1 + 10 * k).find(|s2| {
             let d = ckpts.join(format!("step-{s2}"));
@@ -48,7 +46,7 @@ fn killed_mid_upload_resumes_previous_commit() {
     })
     .unwrap_or_else(|| panic!("never saw a half-uploaded checkpoint:\n{}", c.logs()));
     let s2 = found.expect("set above");
-    let s1 = *committed(&output).last().expect("a commit");
+    let s1 = *committed_checkpoints(&output).last().expect("a commit");
     assert!(alive(slow.1), "slow trainer already gone");
     // SAFETY: kill(2) of a trainer this test's cluster started.
     unsafe { libc::kill(slow.1 as i32, libc::SIGKILL) };

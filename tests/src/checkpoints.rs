@@ -1,12 +1,10 @@
-//! Helpers shared by the checkpoint e2e tests (elastic, preempt, upload_kill): committed steps,
-//! trainer pids and logs of a generation, the resumed step, and weight comparison.
-
-#![allow(dead_code)]
+//! Helpers of the checkpoint and failure tests: committed steps, trainer pids and logs of a
+//! generation, the resumed step, and weight comparison.
 
 use std::path::{Path, PathBuf};
 
-/// Committed checkpoint steps (those with a MANIFEST.json) under a job's output, ascending.
-pub fn committed(output: &Path) -> Vec<u64> {
+/// Steps (ascending) of the committed checkpoints (those with a `MANIFEST.json`) under a job's output.
+pub fn committed_checkpoints(output: &Path) -> Vec<u64> {
     let mut steps: Vec<u64> = std::fs::read_dir(output.join("checkpoints"))
         .map(|rd| {
             rd.filter_map(|e| e.ok())
