@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Version.h>
 #include <ATen/Context.h>
+#include <ATen/autocast_mode.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <cstring>
 #include <string>
@@ -36,5 +37,22 @@ char *xvlm_show_config() {
 void xvlm_set_allow_tf32(bool allow) {
   at::globalContext().setAllowTF32CuBLAS(allow);
   at::globalContext().setAllowTF32CuDNN(allow);
+}
+
+// CUDA autocast through the per-device API: tch's autocast calls at::autocast::is_enabled/set_enabled,
+// which libtorch 2.11 deprecates with a warning on every call (three log lines per training step).
+// Enter returns the previous state for exit to restore; nesting and the cast cache as in torch.autocast.
+int xvlm_autocast_cuda_enter(bool enabled) {
+  bool prev = at::autocast::is_autocast_enabled(at::kCUDA);
+  at::autocast::set_autocast_enabled(at::kCUDA, enabled);
+  at::autocast::increment_nesting();
+  return prev ? 1 : 0;
+}
+
+void xvlm_autocast_cuda_exit(int prev) {
+  if (at::autocast::decrement_nesting() == 0) {
+    at::autocast::clear_cache();
+  }
+  at::autocast::set_autocast_enabled(at::kCUDA, prev != 0);
 }
 }

@@ -188,6 +188,25 @@ pub fn set_allow_tf32(allow: bool) {
     unsafe { xvlm_set_allow_tf32(allow) }
 }
 
+/// Runs `f` with CUDA autocast (fp16 mixed precision) `enabled`, restoring the previous state after;
+/// a plain call where CUDA is absent. Unlike `tch::autocast` it uses libtorch's per-device API, which
+/// does not print a deprecation warning on every call.
+pub fn autocast_cuda<T>(enabled: bool, f: impl FnOnce() -> T) -> T {
+    extern "C" {
+        fn xvlm_autocast_cuda_enter(enabled: bool) -> c_int;
+        fn xvlm_autocast_cuda_exit(prev: c_int);
+    }
+    if !tch::Cuda::is_available() {
+        return f();
+    }
+    // SAFETY: thread-local autocast flags and nesting counter of libtorch; nothing here throws.
+    let prev = unsafe { xvlm_autocast_cuda_enter(enabled) };
+    let out = f();
+    // SAFETY: as above; pairs with the enter.
+    unsafe { xvlm_autocast_cuda_exit(prev) };
+    out
+}
+
 /// Pointer-sized handle for FFI users that need the current CUDA stream (NCCL).
 pub fn current_cuda_stream(device: usize) -> *mut c_void {
     extern "C" {

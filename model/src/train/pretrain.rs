@@ -268,7 +268,7 @@ impl<'m> PretrainTrainer<'m> {
                     .forward(batch, collective, &mut *sampler, dropout)
             };
             let out = if self.scaler.is_some() {
-                tch::autocast(true, forward)?
+                crate::runtime::autocast_cuda(true, forward)?
             } else {
                 forward()?
             };
