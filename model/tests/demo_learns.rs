@@ -210,14 +210,20 @@ fn demo_pretraining_learns_zero_shot_retrieval() {
         100.0 * r.image,
         100.0 * r.image_chance
     );
-    // Margin: at least 3x chance and chance + 10 points, in both directions.
+    // Margins: ITC well below its chance level, and R@1 at least 3x chance in both directions (40
+    // held-out images: a few hits more than a random ranking would not pass). The run is deterministic
+    // (seeded data, seeded draws keyed by file name, one thread).
+    assert!(
+        last < 0.8 * 8f64.ln(),
+        "ITC loss {last:.3} did not fall below 0.8 x ln 8"
+    );
     for (what, got, chance) in [
         ("text retrieval", r.text, r.text_chance),
         ("image retrieval", r.image, r.image_chance),
     ] {
         assert!(
-            got >= 3.0 * chance && got >= chance + 0.10,
-            "{what} R@1 {:.1}% does not beat chance {:.1}% by the margin (3x and +10 points)",
+            got >= 3.0 * chance,
+            "{what} R@1 {:.1}% does not beat chance {:.1}% by the margin (3x)",
             100.0 * got,
             100.0 * chance
         );

@@ -119,12 +119,13 @@ impl ShardPlan {
     }
 }
 
-/// A 64-bit identity of a shard file from its name (SHA-256, first 8 bytes). Per-sample randomness is
-/// derived from it rather than from the file's index or the reading rank, so a sample is augmented and
-/// masked the same way whichever rank reads it and however the files are split (coordinator plan, own
-/// split, any world size).
+/// A 64-bit identity of a shard file from its file name without the directory (SHA-256, first 8
+/// bytes). Per-sample randomness is derived from it rather than from the file's index or the reading
+/// rank, so a sample is augmented and masked the same way whichever rank reads it and however the
+/// files are split (coordinator plan, own split, any world size), and wherever the data is stored.
 pub fn file_key(name: &str) -> u64 {
-    let digest = Sha256::digest(name.as_bytes());
+    let base = name.rsplit('/').next().unwrap_or(name);
+    let digest = Sha256::digest(base.as_bytes());
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest[..8]);
     u64::from_le_bytes(first)
