@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::{write, Cluster};
+
 /// Steps (ascending) of the committed checkpoints (those with a `MANIFEST.json`) under a job's output.
 pub fn committed_checkpoints(output: &Path) -> Vec<u64> {
     let mut steps: Vec<u64> = std::fs::read_dir(output.join("checkpoints"))
@@ -110,4 +112,19 @@ pub fn max_weight_diff(a: &Path, b: &Path) -> f64 {
 /// The last line of `watch` output that names the job's state.
 pub fn last_line(watch: &str) -> &str {
     watch.lines().last().unwrap_or_default()
+}
+
+/// Runs `job` again, uninterrupted, on the cluster (which must have two free workers) and returns the
+/// largest weight difference between its final weights and those under `output`.
+pub fn diff_to_uninterrupted_world_2(c: &Cluster, output: &Path, job: &str) -> f64 {
+    let reference = c.submit(&write(&c.dir, "again.yaml", job));
+    let watch = c.watch_succeeded(&reference);
+    assert!(last_line(&watch).contains("world=2"), "{watch}");
+    max_weight_diff(
+        &output.join("final/model.safetensors"),
+        &c.dir
+            .join("runs")
+            .join(&reference)
+            .join("final/model.safetensors"),
+    )
 }

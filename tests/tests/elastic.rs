@@ -7,7 +7,8 @@
 use std::time::Duration;
 
 use xvlm_e2e::checkpoints::{
-    committed_checkpoints, gen_logs, last_line, max_weight_diff, resumed_step, trainer_pids,
+    committed_checkpoints, diff_to_uninterrupted_world_2, gen_logs, last_line, resumed_step,
+    trainer_pids,
 };
 use xvlm_e2e::{alive, wait_until, write, Cluster};
 
@@ -64,16 +65,7 @@ fn killed_worker_daemon_continues_at_smaller_world() {
 
     // The same job, uninterrupted at world 2.
     c.add_worker("w2", 1);
-    let reference = c.submit(&write(dir.path(), "again.yaml", JOB));
-    let watch = c.watch_succeeded(&reference);
-    assert!(last_line(&watch).contains("world=2"), "{watch}");
-    let diff = max_weight_diff(
-        &output.join("final/model.safetensors"),
-        &dir.path()
-            .join("runs")
-            .join(&reference)
-            .join("final/model.safetensors"),
-    );
+    let diff = diff_to_uninterrupted_world_2(&c, &output, JOB);
     println!(
         "first commit step-{first}; generation 2 resumed from step-{resumed} at world 1; \
          max |weight diff| vs uninterrupted world 2: {diff:e}"
