@@ -5,7 +5,7 @@
 //! Draining (SIGTERM, e.g. a preempted node): the daemon asks its trainers to checkpoint at the next
 //! step boundary and leave ([`crate::trainer::save_request`]); every rank of the job agrees on that
 //! step, commits it, and exits. The daemon keeps heartbeating meanwhile but reports none of its
-//! trainers' exits, refuses new ranks, and disconnects once they are gone: the coordinator sees the
+//! trainers' non-zero exits, refuses new ranks, and disconnects once they are gone: the coordinator sees the
 //! worker leave (its ranks count as lost) and forms the next generation without it, resuming from the
 //! step the drain committed.
 
@@ -289,9 +289,10 @@ impl Daemon {
                     code = e.code,
                     "trainer exited"
                 );
-                // A draining worker's exits are not reported: were they, the coordinator could see this
-                // worker free and put it in the next generation before it disconnects.
-                if self.draining.is_none() {
+                // A draining worker's failed or preempted exits are not reported: were they, the
+                // coordinator could see this worker free and put it in the next generation before it
+                // disconnects. A clean exit (the job's last step came first) is: the job is done.
+                if self.draining.is_none() || e.code == 0 {
                     self.exits.push(e);
                 }
             }

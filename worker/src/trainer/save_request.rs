@@ -154,3 +154,25 @@ impl StepRequests {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use xvlm_model::collective::SingleProcess;
+
+    /// The only test touching the process-wide flags (they are statics).
+    #[test]
+    fn save_is_consumed_leave_stays() {
+        install().unwrap();
+        let agree = || agree(&SingleProcess, Device::Cpu).unwrap();
+        assert_eq!(agree(), Agreed::default());
+        // SAFETY: raise(3) of a signal whose handler was installed above.
+        unsafe { libc::raise(SAVE_SIGNAL) };
+        let first = agree();
+        assert!(first.save && !first.leave && first.checkpoint());
+        assert_eq!(agree(), Agreed::default(), "a save request is taken once");
+        request(true);
+        assert!(agree().leave);
+        assert!(agree().leave, "a leave request stays");
+    }
+}
