@@ -209,6 +209,9 @@ pub fn watch_line(s: &v1::JobStatus) -> String {
     if s.checkpoint_step > 0 {
         line.push_str(&format!(" ckpt=step-{}", s.checkpoint_step));
     }
+    if s.restarts > 0 {
+        line.push_str(&format!(" restarts={}", s.restarts));
+    }
     if !s.message.is_empty() {
         line.push_str(&format!(" ({})", s.message));
     }

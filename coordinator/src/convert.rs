@@ -60,12 +60,6 @@ fn progress(rec: &JobRecord) -> v1::Progress {
     }
 }
 
-/// The committed checkpoint a progress report carries: (step, request id).
-pub fn committed_checkpoint(p: &v1::RankProgress) -> Option<(u64, u64)> {
-    (p.committed_checkpoint_step > 0)
-        .then_some((p.committed_checkpoint_step, p.checkpoint_request_id))
-}
-
 /// A progress report as the state machine takes it.
 pub fn progress_info(p: &v1::RankProgress) -> ProgressInfo {
     ProgressInfo {

@@ -49,6 +49,16 @@ pub enum CoordError {
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Server(String),
+    /// A checkpoint commit could not be written.
+    #[error("committing checkpoint step-{step} to {output}: {reason}")]
+    Commit {
+        /// The job output URL.
+        output: String,
+        /// The step.
+        step: u64,
+        /// What failed.
+        reason: String,
+    },
     /// Listing data shards failed.
     #[error("data shards {url}: {reason}")]
     Shards {
@@ -72,7 +82,9 @@ impl From<CoordError> for tonic::Status {
             CoordError::Protocol { .. } | CoordError::NotRunning { .. } => {
                 tonic::Status::failed_precondition(msg)
             }
-            CoordError::Store { .. } | CoordError::Server(_) => tonic::Status::internal(msg),
+            CoordError::Store { .. } | CoordError::Server(_) | CoordError::Commit { .. } => {
+                tonic::Status::internal(msg)
+            }
         }
     }
 }

@@ -2,6 +2,7 @@
 //! assignment, shard plans, and the gRPC services. It never links libtorch.
 
 pub mod client;
+pub mod commit;
 pub mod config;
 pub mod convert;
 pub mod error;

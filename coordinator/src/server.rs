@@ -12,10 +12,12 @@ use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
+use xvlm_proto::checkpoint::Part;
 use xvlm_proto::spec::JobSpec;
 use xvlm_proto::{v1, PROTOCOL_VERSION};
 
+use crate::commit::Committer;
 use crate::config::CoordConfig;
 use crate::convert;
 use crate::error::CoordError;
@@ -44,6 +46,7 @@ pub struct Core {
     inner: Mutex<Inner>,
     updates: broadcast::Sender<v1::JobStatus>,
     config: CoordConfig,
+    committer: Committer,
 }
 
 impl Core {
@@ -63,6 +66,7 @@ impl Core {
             }),
             updates,
             config,
+            committer: Committer::spawn()?,
         });
         {
             let mut inner = core.lock();
@@ -83,7 +87,10 @@ impl Core {
         Ok(applied)
     }
 
+    /// Carries out actions in order. A commit runs to the end before the next action, under the lock:
+    /// no later command (a new generation's start) can overtake the checkpoint it must resume from.
     fn act(&self, inner: &mut Inner, actions: Vec<Action>) -> Result<(), CoordError> {
+        let mut follow_ups = Vec::new();
         for action in &actions {
             if let Action::Persist(rec) = action {
                 inner.store.put(rec)?;
@@ -100,12 +107,34 @@ impl Core {
                     }
                     None => warn!(worker, "no link to worker; command dropped"),
                 },
+                Action::Commit {
+                    job,
+                    output,
+                    manifest,
+                    keep_last,
+                    request,
+                } => {
+                    let step = manifest.step;
+                    match self.committer.commit(&output, &manifest, keep_last) {
+                        Ok(removed) => {
+                            info!(job, step, request, output, ?removed, "checkpoint committed");
+                            let applied = inner
+                                .sched
+                                .apply(now_ms(), Event::Committed { job, step, request })?;
+                            follow_ups.extend(applied.actions);
+                        }
+                        Err(e) => error!(job, step, error = %e, "checkpoint not committed"),
+                    }
+                }
                 Action::Notify(job) => {
                     if let Some(rec) = inner.sched.job(&job) {
                         let _ = self.updates.send(convert::job_status(rec));
                     }
                 }
             }
+        }
+        if !follow_ups.is_empty() {
+            self.act(inner, follow_ups)?;
         }
         Ok(())
     }
@@ -147,10 +176,22 @@ impl Core {
         }
     }
 
+    /// Checkpoint parts a worker reports; a step's last part commits it.
+    fn parts(&self, parts: &[v1::CheckpointPart]) -> Result<(), CoordError> {
+        for p in parts {
+            self.dispatch(Event::Part {
+                job: p.job_id.clone(),
+                part: Part::from_wire(p),
+            })?;
+        }
+        Ok(())
+    }
+
     fn report(&self, r: v1::WorkerReport) -> Result<(), CoordError> {
         let worker = r.worker_id.clone();
         self.dispatch(Event::Heartbeat {
             worker: worker.clone(),
+            draining: r.draining,
             running: r
                 .running
                 .iter()
@@ -169,19 +210,15 @@ impl Core {
             })?;
         }
         for p in r.progress {
-            let progress = convert::progress_info(&p);
-            let committed = convert::committed_checkpoint(&p);
-            if let Some((step, request)) = committed {
-                info!(job = p.job_id, step, request, "checkpoint committed");
-            }
             self.dispatch(Event::Progress {
+                progress: convert::progress_info(&p),
                 job: p.job_id,
                 generation: p.generation,
                 rank: p.rank,
-                progress,
-                committed,
             })?;
         }
+        // Before the exits: a trainer's last part precedes its exit, and its commit the job's end.
+        self.parts(&r.parts)?;
         for e in r.exits {
             self.dispatch(Event::Exited {
                 worker: worker.clone(),
@@ -376,6 +413,8 @@ impl v1::workers_server::Workers for WorkersService {
             cuda,
             "worker registered"
         );
+        // Parts first: the registration may start a new generation, which must resume from them.
+        self.0.parts(&req.parts)?;
         self.0.dispatch(Event::Register {
             name: req.name.clone(),
             host: req.host,

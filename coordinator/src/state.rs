@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
+use xvlm_proto::checkpoint::{Manifest, Part};
 use xvlm_proto::spec::{Backend, HangSpec, JobSpec};
 
 use crate::error::CoordError;
@@ -181,6 +182,8 @@ pub struct WorkerEntry {
     pub busy: Option<(String, u64)>,
     /// Its heartbeat stream is open (commands can reach it); set by the first heartbeat.
     pub connected: bool,
+    /// It is draining (preempted): the generation its leaving ends does not count as a restart.
+    pub draining: bool,
 }
 
 /// A trainer slot for a worker command.
@@ -267,6 +270,20 @@ pub enum Action {
     },
     /// The job's status changed (watchers).
     Notify(String),
+    /// Write the checkpoint's manifest, move `latest`, apply retention; then feed back
+    /// [`Event::Committed`]. Later actions wait for it.
+    Commit {
+        /// Job.
+        job: String,
+        /// Its output URL.
+        output: String,
+        /// The manifest of every rank's part.
+        manifest: Manifest,
+        /// Committed checkpoints to keep.
+        keep_last: u32,
+        /// The on-demand request it serves (0: none).
+        request: u64,
+    },
 }
 
 /// Inputs of the state machine.
@@ -301,6 +318,8 @@ pub enum Event {
     Heartbeat {
         /// Worker.
         worker: String,
+        /// It is draining.
+        draining: bool,
         /// (job, generation) pairs.
         running: Vec<(String, u64)>,
     },
@@ -331,8 +350,22 @@ pub enum Event {
         rank: u32,
         /// Progress.
         progress: ProgressInfo,
-        /// A checkpoint committed since the rank's previous report: (step, request id or 0).
-        committed: Option<(u64, u64)>,
+    },
+    /// A rank uploaded its part of a checkpoint.
+    Part {
+        /// Job.
+        job: String,
+        /// The part.
+        part: Part,
+    },
+    /// The driver committed a checkpoint ([`Action::Commit`]).
+    Committed {
+        /// Job.
+        job: String,
+        /// Its step.
+        step: u64,
+        /// The on-demand request it served (0: none).
+        request: u64,
     },
     /// A user asks for a checkpoint now.
     Checkpoint {
@@ -456,6 +489,10 @@ pub struct Scheduler {
     last_progress_persist: BTreeMap<String, Millis>,
     /// Step clocks of the running generation's ranks, by job.
     clocks: BTreeMap<String, BTreeMap<u32, RankClock>>,
+    /// Checkpoint parts of the current generation by job and step, until every rank's is in.
+    parts: BTreeMap<String, BTreeMap<u64, Vec<Part>>>,
+    /// The last (generation, step) committed per job, so parts sent again are not committed twice.
+    last_commit: BTreeMap<String, (u64, u64)>,
 }
 
 impl Scheduler {
@@ -469,6 +506,8 @@ impl Scheduler {
             progress_persist_ms: 5_000,
             last_progress_persist: BTreeMap::new(),
             clocks: BTreeMap::new(),
+            parts: BTreeMap::new(),
+            last_commit: BTreeMap::new(),
         }
     }
 
@@ -543,13 +582,19 @@ impl Scheduler {
                         last_seen_ms: now,
                         busy: None,
                         connected: false,
+                        draining: false,
                     },
                 );
             }
-            Event::Heartbeat { worker, running } => {
+            Event::Heartbeat {
+                worker,
+                draining,
+                running,
+            } => {
                 let w = self.worker_mut(&worker)?;
                 w.last_seen_ms = now;
                 w.connected = true;
+                w.draining = draining;
                 let busy = w.busy.clone();
                 for (job, generation) in running {
                     let current = self
@@ -594,12 +639,10 @@ impl Scheduler {
                 generation,
                 rank,
                 progress,
-                committed,
-            } => {
-                if let Some((step, request)) = committed {
-                    self.committed(now, &job, step, request, &mut out.actions);
-                }
-                self.progress(now, &job, generation, rank, progress, &mut out.actions)
+            } => self.progress(now, &job, generation, rank, progress, &mut out.actions),
+            Event::Part { job, part } => self.part(&job, part, &mut out.actions),
+            Event::Committed { job, step, request } => {
+                self.committed(now, &job, step, request, &mut out.actions)
             }
             Event::Checkpoint { job } => {
                 out.checkpoint = Some(self.request_checkpoint(now, &job, &mut out.actions)?);
@@ -879,7 +922,46 @@ impl Scheduler {
         actions.push(Action::Notify(id.to_string()));
     }
 
-    /// A rank reported a committed checkpoint (from any generation: a commit stays valid).
+    /// Collects a checkpoint part of the job's current generation; the step's last part commits it.
+    /// Parts of other generations are dropped: an older generation's uncommitted step may be
+    /// overwritten by the one resuming, and a part from a newer one cannot exist.
+    fn part(&mut self, id: &str, part: Part, actions: &mut Vec<Action>) {
+        let Some(job) = self.jobs.get(id) else {
+            return;
+        };
+        let (step, generation) = (part.step, part.generation);
+        let seen = self.last_commit.get(id);
+        if generation != job.generation || seen.is_some_and(|&(g, s)| g == generation && step <= s)
+        {
+            return;
+        }
+        let steps = self.parts.entry(id.to_string()).or_default();
+        steps.retain(|_, parts| parts.iter().all(|p| p.generation == generation));
+        let parts = steps.entry(step).or_default();
+        if parts.iter().any(|p| p.rank == part.rank) {
+            return;
+        }
+        parts.push(part);
+        if parts.len() < parts[0].world {
+            return;
+        }
+        let parts = steps.remove(&step).unwrap_or_default();
+        match Manifest::from_parts(&parts) {
+            Ok(manifest) => {
+                self.last_commit.insert(id.to_string(), (generation, step));
+                actions.push(Action::Commit {
+                    job: id.to_string(),
+                    output: job.output.clone(),
+                    keep_last: job.spec.checkpoint.keep_last,
+                    request: parts.iter().map(|p| p.request).max().unwrap_or(0),
+                    manifest,
+                });
+            }
+            Err(e) => tracing::warn!(job = id, "checkpoint not committed: {e}"),
+        }
+    }
+
+    /// The driver committed a checkpoint: it is the job's `latest` now.
     fn committed(
         &mut self,
         now: Millis,
@@ -891,10 +973,7 @@ impl Scheduler {
         let Some(job) = self.jobs.get_mut(id) else {
             return;
         };
-        if step <= job.checkpoint_step && request <= job.checkpoint_requests_served {
-            return;
-        }
-        job.checkpoint_step = job.checkpoint_step.max(step);
+        job.checkpoint_step = step;
         job.checkpoint_requests_served = job.checkpoint_requests_served.max(request);
         job.updated_at_ms = now;
         actions.push(Action::Persist(Box::new(job.clone())));
@@ -1043,7 +1122,8 @@ impl Scheduler {
                 } else {
                     format!("rank {rank} exited with code {code}: {message}")
                 };
-                self.fail_generation(now, id, &why, actions);
+                let preempted = code == i32::from(xvlm_proto::EXIT_PREEMPTED);
+                self.end_generation(now, id, &why, !preempted, actions);
             } else if job.ranks.iter().all(|r| r.exit == Some(0)) {
                 job.state = JobState::Succeeded;
                 job.updated_at_ms = now;
@@ -1055,14 +1135,28 @@ impl Scheduler {
 
     /// Stops the current generation and restarts the job or fails it.
     fn fail_generation(&mut self, now: Millis, id: &str, why: &str, actions: &mut Vec<Action>) {
+        self.end_generation(now, id, why, true, actions)
+    }
+
+    /// Stops the current generation and restarts the job; a generation ended by a failure
+    /// (`counted`) uses one of `max_restarts`, and fails the job when none is left. A drain's is
+    /// not a failure.
+    fn end_generation(
+        &mut self,
+        now: Millis,
+        id: &str,
+        why: &str,
+        counted: bool,
+        actions: &mut Vec<Action>,
+    ) {
         let Some(job) = self.jobs.get_mut(id) else {
             return;
         };
         if !matches!(job.state, JobState::Rendezvous | JobState::Running) {
             return;
         }
-        if job.restarts < job.spec.max_restarts {
-            job.restarts += 1;
+        if !counted || job.restarts < job.spec.max_restarts {
+            job.restarts += u32::from(counted);
             job.state = JobState::Restarting;
             job.message = format!("generation {} failed: {why}", job.generation);
         } else {
@@ -1080,6 +1174,7 @@ impl Scheduler {
             return;
         };
         let busy = w.busy.take();
+        let draining = w.draining;
         if let Some((job_id, generation)) = busy {
             if let Some(job) = self.jobs.get_mut(&job_id) {
                 if job.generation == generation {
@@ -1089,7 +1184,12 @@ impl Scheduler {
                     }
                 }
             }
-            self.fail_generation(now, &job_id, &format!("worker {name}: {why}"), actions);
+            let why = if draining {
+                format!("worker {name} drained: {why}")
+            } else {
+                format!("worker {name}: {why}")
+            };
+            self.end_generation(now, &job_id, &why, !draining, actions);
         }
     }
 
@@ -1262,6 +1362,7 @@ mod tests {
             0,
             Event::Heartbeat {
                 worker: name.into(),
+                draining: false,
                 running: vec![],
             },
         )
@@ -1525,7 +1626,6 @@ mod tests {
                     step,
                     ..Default::default()
                 },
-                committed: None,
             },
         )
         .unwrap()
@@ -1676,18 +1776,29 @@ mod tests {
             }
         ));
         assert_eq!(s.job(&job).unwrap().checkpoint_requests_served, 0);
+        assert!(commits(&part(&mut s, &job, 1, 8, 0, 2)).is_empty());
+        let last = part(&mut s, &job, 1, 8, 1, 2);
+        let committed = commits(&last);
+        assert_eq!(committed.len(), 1, "the last part commits");
+        let Action::Commit {
+            manifest, request, ..
+        } = committed[0]
+        else {
+            unreachable!()
+        };
+        assert_eq!((manifest.step, manifest.world, *request), (8, 2, 1));
+        assert_eq!(
+            s.job(&job).unwrap().checkpoint_step,
+            0,
+            "not before the write"
+        );
         let a = s
             .apply(
                 300,
-                Event::Progress {
+                Event::Committed {
                     job: job.clone(),
-                    generation: 1,
-                    rank: 0,
-                    progress: ProgressInfo {
-                        step: 9,
-                        ..Default::default()
-                    },
-                    committed: Some((8, 1)),
+                    step: 8,
+                    request: 1,
                 },
             )
             .unwrap();
@@ -1701,5 +1812,122 @@ mod tests {
             .apply(400, Event::Checkpoint { job: job.clone() })
             .unwrap();
         assert_eq!(second.checkpoint.unwrap().request, 2);
+    }
+
+    fn part(
+        s: &mut Scheduler,
+        job: &str,
+        generation: u64,
+        step: u64,
+        rank: usize,
+        world: usize,
+    ) -> Vec<Action> {
+        let part = Part {
+            step,
+            rank,
+            world,
+            generation,
+            request: u64::from(rank == 1 && step == 8),
+            files: vec![xvlm_proto::checkpoint::FileEntry {
+                path: format!("rank-{rank}.json"),
+                size: 2,
+                sha256: "ab".into(),
+            }],
+        };
+        s.apply(
+            5,
+            Event::Part {
+                job: job.into(),
+                part,
+            },
+        )
+        .unwrap()
+        .actions
+    }
+
+    fn commits(actions: &[Action]) -> Vec<&Action> {
+        actions
+            .iter()
+            .filter(|a| matches!(a, Action::Commit { .. }))
+            .collect()
+    }
+
+    /// A step commits once, when its last rank's part arrives; parts sent again (a worker
+    /// re-registering) and parts of another generation are not committed.
+    #[test]
+    fn parts_commit_once_per_step_of_the_current_generation() {
+        let mut s = Scheduler::new(1_000_000);
+        register(&mut s, "a", 1);
+        register(&mut s, "b", 1);
+        let job = submit(&mut s, spec(2, 1, 3));
+        ready_all(&mut s, &job);
+        assert!(commits(&part(&mut s, &job, 2, 4, 0, 2)).is_empty());
+        assert!(
+            commits(&part(&mut s, &job, 2, 4, 1, 2)).is_empty(),
+            "generation 2 does not exist"
+        );
+        assert!(commits(&part(&mut s, &job, 1, 4, 0, 2)).is_empty());
+        assert!(
+            commits(&part(&mut s, &job, 1, 4, 0, 2)).is_empty(),
+            "a duplicate is not a rank"
+        );
+        assert_eq!(commits(&part(&mut s, &job, 1, 4, 1, 2)).len(), 1);
+        assert!(commits(&part(&mut s, &job, 1, 4, 0, 2)).is_empty());
+        assert!(
+            commits(&part(&mut s, &job, 1, 4, 1, 2)).is_empty(),
+            "step 4 is committed"
+        );
+        // Rank 0 fails; the generation's stragglers' parts still commit until the next one forms.
+        let worker = s.job(&job).unwrap().ranks[0].worker.clone();
+        s.apply(
+            3,
+            Event::Exited {
+                worker,
+                job: job.clone(),
+                generation: 1,
+                rank: 0,
+                code: 1,
+                message: String::new(),
+            },
+        )
+        .unwrap();
+        assert_eq!(s.job(&job).unwrap().state, JobState::Restarting);
+        part(&mut s, &job, 1, 6, 1, 2);
+        assert_eq!(commits(&part(&mut s, &job, 1, 6, 0, 2)).len(), 1);
+    }
+
+    /// A trainer that left because its worker drains (exit 75), or a draining worker's loss, ends
+    /// the generation without using a restart.
+    #[test]
+    fn drains_do_not_use_restarts() {
+        let mut s = Scheduler::new(1_000_000);
+        register(&mut s, "a", 1);
+        register(&mut s, "b", 1);
+        let job = submit(&mut s, spec(2, 1, 0));
+        ready_all(&mut s, &job);
+        exit_all(&mut s, &job, i32::from(xvlm_proto::EXIT_PREEMPTED));
+        let rec = s.job(&job).unwrap();
+        assert_eq!((rec.state, rec.restarts), (JobState::Rendezvous, 0));
+        assert_eq!(rec.generation, 2, "the next generation formed at once");
+        ready_all(&mut s, &job);
+        s.apply(
+            6,
+            Event::Heartbeat {
+                worker: "b".into(),
+                draining: true,
+                running: vec![],
+            },
+        )
+        .unwrap();
+        s.apply(7, Event::Disconnected { worker: "b".into() })
+            .unwrap();
+        let rec = s.job(&job).unwrap();
+        assert_eq!(
+            (rec.state, rec.restarts),
+            (JobState::Restarting, 0),
+            "{}",
+            rec.message
+        );
+        assert!(rec.message.contains("drained"), "{}", rec.message);
     }
 }

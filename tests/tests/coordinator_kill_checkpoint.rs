@@ -1,7 +1,8 @@
 //! kill -9 of the coordinator in the middle of a job that checkpoints: the trainers keep training and
-//! committing while it is down; restarted on the same state directory and address, it recovers the
-//! job, generation 2 resumes from a committed checkpoint (step > 0) and the final weights equal those
-//! of an uninterrupted run of the same job.
+//! uploading checkpoint parts while it is down, but nothing is committed (the coordinator writes every
+//! manifest). Restarted on the same state directory and address, it gets the held parts from the
+//! re-registering workers, commits them, and generation 2 resumes from a checkpoint saved while it
+//! was down; the final weights equal those of an uninterrupted run of the same job.
 
 use std::time::Duration;
 
@@ -23,8 +24,20 @@ fn coordinator_killed_mid_job_resumes_from_checkpoint() {
     .unwrap_or_else(|| panic!("no checkpoint committed:\n{}", c.logs()));
     c.coord.kill();
     let killed_with = committed_checkpoints(&output);
-    // Down for a while: the trainers keep going and keep committing.
+    // Down for a while: the trainers keep going and upload parts, which nobody commits.
     std::thread::sleep(Duration::from_millis(1500));
+    let newest = *killed_with.last().expect("a commit");
+    let uploaded = std::fs::read_dir(output.join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("step-")?.parse().ok())
+        .filter(|&s: &u64| s > newest)
+        .max()
+        .unwrap_or_else(|| panic!("no parts uploaded while the coordinator was down"));
+    assert_eq!(
+        committed_checkpoints(&output),
+        killed_with,
+        "a checkpoint was committed without the coordinator"
+    );
     let addr = c.url.trim_start_matches("http://").to_string();
     let (coord, url) = start_coordinator_at(dir.path(), &addr);
     c.coord = coord;
@@ -55,10 +68,12 @@ fn coordinator_killed_mid_job_resumes_from_checkpoint() {
                 .ok()
         })
         .unwrap_or_else(|| panic!("generation 2 did not resume:\n{g2}\n{}", c.logs()));
-    println!("killed with commits {killed_with:?}; generation 2 resumed from step-{resumed}");
+    println!(
+        "killed with commits {killed_with:?}; step-{uploaded} uploaded while down; generation 2 resumed from step-{resumed}"
+    );
     assert!(
-        resumed > 0 && resumed >= killed_with[0],
-        "resumed from {resumed}"
+        resumed >= uploaded,
+        "resumed from step-{resumed}, not from step-{uploaded} uploaded while the coordinator was down"
     );
 
     let reference = c.submit(&write(dir.path(), "again.yaml", JOB));

@@ -6,7 +6,6 @@ use std::time::Instant;
 use bytes::Bytes;
 use tch::{Device, Tensor};
 use xvlm_e2e::start_moto;
-use xvlm_model::collective::SingleProcess;
 use xvlm_worker::checkpoint::{Checkpointer, Storage};
 use xvlm_worker::trainer::task::TrainTask;
 
@@ -96,11 +95,12 @@ fn main() {
             0,
             1,
             1,
-            Device::Cpu,
             serde_json::Value::Null,
         );
-        ck.save(1, &task);
-        ck.finish(&SingleProcess).expect("commit");
+        ck.save(1, 0, &task);
+        storage
+            .commit_parts(&ck.finish().expect("upload"), 1)
+            .expect("commit");
         let t = ck.timings.last().expect("timing").clone();
         // The plain write: the same number of bytes, already in one buffer, no serialise or hash.
         let plain = Bytes::from(vec![7u8; bytes]);

@@ -64,8 +64,12 @@ type Key = (String, u64);
 
 enum TrainerEvent {
     Progress(v1::RankProgress),
+    Part(v1::CheckpointPart),
     Exit(v1::TrainerExit),
 }
+
+/// Parts a worker holds per job until a newer generation of it is prepared here.
+const PARTS_HELD_PER_JOB: usize = 16;
 
 #[derive(Default)]
 struct Generation {
@@ -98,6 +102,11 @@ pub struct Daemon {
     ready: Vec<v1::RankReady>,
     progress: BTreeMap<(String, u64, u32), v1::RankProgress>,
     exits: Vec<v1::TrainerExit>,
+    /// Checkpoint parts not yet reported.
+    parts: Vec<v1::CheckpointPart>,
+    /// Every recent part, by (job, generation, step, rank): sent again on re-registering, because a
+    /// restarted coordinator has not seen them and commits only complete steps.
+    parts_held: BTreeMap<(String, u64, u64, u32), v1::CheckpointPart>,
     /// When a drain began.
     draining: Option<Instant>,
 }
@@ -122,6 +131,8 @@ pub async fn run(
         ready: Vec::new(),
         progress: BTreeMap::new(),
         exits: Vec::new(),
+        parts: Vec::new(),
+        parts_held: BTreeMap::new(),
         draining: None,
     };
     let mut backoff = Duration::from_millis(200);
@@ -178,6 +189,7 @@ impl Daemon {
                 name: self.cfg.name.clone(),
                 host: self.cfg.host.clone(),
                 devices: self.cfg.devices.clone(),
+                parts: self.parts_held.values().cloned().collect(),
             })
             .await
         {
@@ -228,7 +240,8 @@ impl Daemon {
                 info!("drain complete: leaving the coordinator");
                 return SessionEnd::Shutdown;
             }
-            let has_news = !self.ready.is_empty() || !self.exits.is_empty();
+            let has_news =
+                !self.ready.is_empty() || !self.exits.is_empty() || !self.parts.is_empty();
             let due = last_beat.elapsed() >= beat || (!self.progress.is_empty() && !urgent);
             if has_news || due {
                 last_beat = Instant::now();
@@ -257,22 +270,19 @@ impl Daemon {
             ready: std::mem::take(&mut self.ready),
             progress: std::mem::take(&mut self.progress).into_values().collect(),
             exits: std::mem::take(&mut self.exits),
+            parts: std::mem::take(&mut self.parts),
+            draining: self.draining.is_some(),
         }
     }
 
     fn absorb(&mut self, ev: TrainerEvent) {
         match ev {
-            TrainerEvent::Progress(mut p) => {
-                let key = (p.job_id.clone(), p.generation, p.rank);
-                // Only the newest line per rank is sent, but a commit it replaces must still go up.
-                if let Some(old) = self.progress.get(&key) {
-                    if p.committed_checkpoint_step == 0 {
-                        p.committed_checkpoint_step = old.committed_checkpoint_step;
-                        p.checkpoint_request_id = old.checkpoint_request_id;
-                    }
-                }
-                self.progress.insert(key, p);
+            TrainerEvent::Progress(p) => {
+                // Only the newest line per rank is sent.
+                self.progress
+                    .insert((p.job_id.clone(), p.generation, p.rank), p);
             }
+            TrainerEvent::Part(p) => self.hold_part(p),
             TrainerEvent::Exit(e) => {
                 let key = (e.job_id.clone(), e.generation);
                 if let Some(g) = self.gens.get_mut(&key) {
@@ -296,6 +306,34 @@ impl Daemon {
                     self.exits.push(e);
                 }
             }
+        }
+    }
+
+    /// Reports a part and keeps it for a re-registration; drops the job's oldest beyond
+    /// [`PARTS_HELD_PER_JOB`].
+    fn hold_part(&mut self, p: v1::CheckpointPart) {
+        info!(
+            job = p.job_id,
+            generation = p.generation,
+            step = p.step,
+            rank = p.rank,
+            "checkpoint part uploaded"
+        );
+        let job = p.job_id.clone();
+        self.parts_held
+            .insert((job.clone(), p.generation, p.step, p.rank), p.clone());
+        self.parts.push(p);
+        let of_job: Vec<_> = self
+            .parts_held
+            .keys()
+            .filter(|k| k.0 == job)
+            .cloned()
+            .collect();
+        for key in of_job
+            .iter()
+            .take(of_job.len().saturating_sub(PARTS_HELD_PER_JOB))
+        {
+            self.parts_held.remove(key);
         }
     }
 
@@ -362,6 +400,10 @@ impl Daemon {
             ranks = p.slots.len(),
             "preparing ranks"
         );
+        // The coordinator forms a newer generation only after committing what it could of the older
+        // ones: their parts are history.
+        self.parts_held
+            .retain(|(job, generation, _, _), _| *job != p.job_id || *generation >= p.generation);
         let key = (p.job_id.clone(), p.generation);
         let gen = self.gens.entry(key).or_default();
         let bind_ip = match self.cfg.host.parse::<std::net::IpAddr>() {
@@ -609,9 +651,10 @@ async fn supervise(
                             .collect(),
                         lr: p.lr,
                         samples_per_sec: p.samples_per_sec,
-                        committed_checkpoint_step: p.committed.map_or(0, |c| c.step),
-                        checkpoint_request_id: p.committed.map_or(0, |c| c.request),
                     }));
+                    for part in &p.parts {
+                        let _ = tx.send(TrainerEvent::Part(part.to_wire(&a.job_id)));
+                    }
                 }
                 Err(_) => info!(rank = a.rank, "trainer: {line}"),
             }

@@ -1,5 +1,6 @@
-//! Checkpoints through the real storage code: save/commit/retention, exact resume, a corrupted
-//! checkpoint falling back to the previous one; on `file://` and on a moto S3 server on loopback.
+//! Checkpoints through the real storage code: save, commit (as the coordinator does it, from the
+//! reported parts), retention, exact resume, a corrupted checkpoint falling back to the previous one;
+//! on `file://` and on a moto S3 server on loopback.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -9,7 +10,7 @@ use tch::{Device, Tensor};
 use xvlm_e2e::start_moto;
 use xvlm_model::collective::SingleProcess;
 use xvlm_proto::spec::JobSpec;
-use xvlm_worker::checkpoint::{sha256_hex, step_dir, Checkpointer, Storage};
+use xvlm_worker::checkpoint::{sha256_hex, step_dir, Checkpointer, Part, Storage};
 use xvlm_worker::trainer::smoke::SmokeTask;
 use xvlm_worker::trainer::task::{TaskContext, TrainTask};
 
@@ -60,16 +61,22 @@ fn checkpointer(storage: &Storage, generation: u64) -> Checkpointer {
         0,
         1,
         generation,
-        Device::Cpu,
         serde_json::json!({"job": spec}),
     )
+}
+
+/// Commits a world-1 part the moment it is reported, as the coordinator does.
+fn commit(storage: &Storage, parts: Vec<Part>) {
+    for part in parts {
+        storage.commit_parts(&[part], 2).expect("commit");
+    }
 }
 
 fn run(task: &mut SmokeTask, ck: &mut Checkpointer, from: u64, to: u64) {
     for step in from..to {
         task.step(step, &SingleProcess).expect("step");
-        ck.after_step(step + 1, TOTAL, task, &SingleProcess)
-            .expect("after_step");
+        let parts = ck.after_step(step + 1, TOTAL, task).expect("after_step");
+        commit(ck.storage(), parts);
     }
 }
 
@@ -104,7 +111,7 @@ fn exercise(storage: &Storage) {
     let mut first = task(&spec);
     let mut ck = checkpointer(storage, 1);
     run(&mut first, &mut ck, 0, 10);
-    ck.finish(&SingleProcess).expect("finish");
+    commit(storage, ck.finish().expect("finish"));
     assert_eq!(
         committed(storage),
         vec![6, 9],
@@ -178,8 +185,8 @@ fn file_storage_save_commit_retain_resume() {
     assert!(names.contains(&"fc1.weight"), "{names:?}");
 }
 
-/// A save whose parts are all uploaded but which no rank committed (the trainer died before the
-/// next step boundary) is never resumed: the previous committed checkpoint is.
+/// A save whose parts are all uploaded but which was never committed (the trainer died before
+/// reporting its part) is never resumed: the previous committed checkpoint is.
 #[test]
 fn uncommitted_parts_are_never_resumed() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -190,13 +197,13 @@ fn uncommitted_parts_are_never_resumed() {
     let mut ck = checkpointer(&storage, 1);
     run(&mut first, &mut ck, 0, 4);
     // The upload is asynchronous: wait for it and commit step 3.
-    ck.finish(&SingleProcess).expect("finish");
+    commit(&storage, ck.finish().expect("finish"));
     assert_eq!(committed(&storage), vec![3]);
     // The save of step 6 is held in flight, as the upload test hook does, then the "trainer" dies.
     run(&mut first, &mut ck, 4, 5);
     ck.upload_delay = Duration::from_millis(200);
     first.step(5, &SingleProcess).expect("step");
-    ck.save(6, &first);
+    ck.save(6, 0, &first);
     drop(ck);
     std::thread::sleep(Duration::from_millis(600));
     assert!(

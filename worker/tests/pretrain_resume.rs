@@ -9,8 +9,7 @@ mod pretrain_common;
 
 use std::sync::Mutex;
 
-use pretrain_common::{corpus, hashes, run, spec, task, task_yaml};
-use tch::Device;
+use pretrain_common::{commit_parts, corpus, hashes, run, spec, task, task_yaml};
 use xvlm_model::collective::{Collective, SingleProcess};
 use xvlm_proto::spec::JobSpec;
 use xvlm_worker::checkpoint::{Checkpointer, Storage};
@@ -38,7 +37,6 @@ fn checkpointer(
         comm.rank(),
         comm.world_size(),
         generation,
-        Device::Cpu,
         serde_json::json!({ "job": spec }),
     )
 }
@@ -54,12 +52,13 @@ fn story(spec: &JobSpec, storage: &Storage, comms: [&dyn Collective; 3]) -> (Has
 
     let mut first = task(spec, c1, &[]);
     let mut ck = checkpointer(storage, spec, c1, 1);
+    let mut parts = Vec::new();
     for step in 0..SAVE_AT {
         first.step(step, c1).expect("step");
-        ck.after_step(step + 1, TOTAL, &first, c1)
-            .expect("after_step");
+        parts.extend(ck.after_step(step + 1, TOTAL, &first).expect("after_step"));
     }
-    ck.finish(c1).expect("commit");
+    parts.extend(ck.finish().expect("upload"));
+    commit_parts(storage, parts, c1);
     // What the checkpoint carries besides the weights.
     let extra = first.checkpoint_state();
     assert!(

@@ -1,6 +1,5 @@
-//! Checkpoints: saving (host copy in the step, upload in the background), committing (a `MANIFEST.json`
-//! with sizes and sha256 written last, then the `latest` pointer, then retention), and resuming from the
-//! newest committed checkpoint whose files verify.
+//! Checkpoints: saving (host copy in the step, upload in the background), reporting each rank's part
+//! for the coordinator to commit, and resuming from the newest committed checkpoint whose files verify.
 //!
 //! Resume at the same world size restores each rank's own part (exact). At another world size (an
 //! elastic restart) the per-rank parts do not map onto the new ranks: every rank gets the weights,
@@ -8,16 +7,12 @@
 //! the task re-derives its data cursors for the new world ([`TrainTask::restore_resharded`]); a task
 //! that cannot is resumed from an older checkpoint of its own world size, or from scratch.
 //!
-//! Layout under `{output}/checkpoints/step-{S}/`: `model.safetensors` (rank 0, the task's named
-//! weights), `config.json` (rank 0: job spec and model config), `rank-{r}.state.safetensors` (optimizer,
-//! scheduler, scaler tensors of rank r, when the task has any), `rank-{r}.json` (rank r's part record:
-//! step, its files with sizes and sha256, and the task's JSON state such as data cursors and RNG),
-//! and last `MANIFEST.json`. A step directory without a manifest is never resumed.
-//!
-//! Commit: ranks agree at step boundaries (one all-reduce of an "uploaded" flag while a save is in
-//! flight); when every part is in, rank 0 writes the manifest from the part records. The design puts
-//! that write in the coordinator; here rank 0 does it, which keeps the same guarantee (the manifest is
-//! written only after every part is durable).
+//! Layout under `{output}/checkpoints/step-{S}/` ([`xvlm_proto::checkpoint`]): `model.safetensors`
+//! (rank 0, the task's named weights), `config.json` (rank 0: job spec and model config),
+//! `rank-{r}.state.safetensors` (optimizer, scheduler, scaler tensors of rank r, when the task has
+//! any), `rank-{r}.json` (rank r's part record: step, its files with sizes and sha256, and the task's
+//! JSON state such as data cursors and RNG), and last `MANIFEST.json`, which the coordinator writes
+//! once every rank has reported its [`Part`]. A step directory without a manifest is never resumed.
 
 pub mod format;
 pub mod storage;
@@ -29,14 +24,17 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tch::{Device, Kind, Tensor};
+use tch::Tensor;
 use tracing::{info, warn};
-use xvlm_model::collective::{Collective, CollectiveError};
+use xvlm_model::collective::CollectiveError;
 use xvlm_proto::spec::CheckpointSpec;
 
 use crate::trainer::task::{TaskError, TrainTask};
 use format::{from_safetensors, HostTensors};
 pub use storage::Storage;
+pub use xvlm_proto::checkpoint::{
+    parse_step, step_dir, FileEntry, Manifest, Part, CHECKPOINTS, MANIFEST,
+};
 
 /// A checkpoint could not be saved, committed or read.
 #[derive(Debug, thiserror::Error)]
@@ -74,29 +72,21 @@ pub enum CheckpointError {
         /// Why.
         message: String,
     },
+    /// The coordinator did not commit a checkpoint in time.
+    #[error("checkpoint step-{step} was not committed within {secs} s (is the coordinator up?)")]
+    NotCommitted {
+        /// The step.
+        step: u64,
+        /// How long this rank waited.
+        secs: u64,
+    },
 }
 
-/// Directory (relative to the output) holding every checkpoint.
-pub const CHECKPOINTS: &str = "checkpoints";
-
-/// One file of a checkpoint.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileEntry {
-    /// Name relative to the step directory.
-    pub path: String,
-    /// Bytes.
-    pub size: u64,
-    /// Hex sha256.
-    pub sha256: String,
-}
-
-impl FileEntry {
-    fn of(path: &str, data: &[u8]) -> FileEntry {
-        FileEntry {
-            path: path.to_string(),
-            size: data.len() as u64,
-            sha256: sha256_hex(data),
-        }
+fn file_entry(path: &str, data: &[u8]) -> FileEntry {
+    FileEntry {
+        path: path.to_string(),
+        size: data.len() as u64,
+        sha256: sha256_hex(data),
     }
 }
 
@@ -117,41 +107,10 @@ pub struct PartRecord {
     pub task_state: serde_json::Value,
 }
 
-/// `MANIFEST.json`: the commit record of a checkpoint.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Manifest {
-    /// Global step.
-    pub step: u64,
-    /// World size that saved it.
-    pub world: usize,
-    /// Generation that saved it.
-    pub generation: u64,
-    /// Every file of the checkpoint but the manifest itself.
-    pub files: Vec<FileEntry>,
-}
-
 /// Hex sha256 of bytes.
 pub fn sha256_hex(data: &[u8]) -> String {
     let digest = Sha256::digest(data);
     digest.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The directory name of step `s`.
-pub fn step_dir(step: u64) -> String {
-    format!("{CHECKPOINTS}/step-{step}")
-}
-
-fn parse_step(dir: &str) -> Option<u64> {
-    dir.strip_prefix("step-")?.parse().ok()
-}
-
-/// A checkpoint this trainer saw committed (reported on its progress line).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Committed {
-    /// Global step of the checkpoint.
-    pub step: u64,
-    /// The on-demand request it served; 0 for a periodic checkpoint.
-    pub request: u64,
 }
 
 /// How long the last save held the step, and how its upload went.
@@ -165,44 +124,33 @@ pub struct SaveTiming {
     pub upload: Duration,
 }
 
+type Uploaded = Result<(SaveTiming, Part), CheckpointError>;
+
 struct InFlight {
     step: u64,
-    /// On-demand request id it serves (0: periodic).
-    request: u64,
-    done: mpsc::Receiver<Result<SaveTiming, CheckpointError>>,
+    done: mpsc::Receiver<Uploaded>,
     handle: JoinHandle<()>,
-    result: Option<Result<SaveTiming, CheckpointError>>,
 }
 
 impl InFlight {
-    /// Whether the upload finished (successfully or not); never blocks.
-    fn poll(&mut self) -> bool {
-        if self.result.is_none() {
-            if let Ok(r) = self.done.try_recv() {
-                self.result = Some(r);
-            } else if self.handle.is_finished() {
-                // The thread ended without sending: it panicked.
-                self.result = Some(Err(CheckpointError::Upload {
-                    step: self.step,
-                    message: "upload thread panicked".into(),
-                }));
+    /// The upload's outcome once it finished; with `wait`, blocks until it has.
+    fn outcome(&self, wait: bool) -> Option<Uploaded> {
+        let panicked = || {
+            Err(CheckpointError::Upload {
+                step: self.step,
+                message: "upload thread panicked".into(),
+            })
+        };
+        if wait {
+            return Some(self.done.recv().unwrap_or_else(|_| panicked()));
+        }
+        match self.done.try_recv() {
+            Ok(r) => Some(r),
+            // The thread ended without sending: it panicked.
+            Err(_) if self.handle.is_finished() => {
+                Some(self.done.try_recv().unwrap_or_else(|_| panicked()))
             }
-        }
-        self.result.is_some()
-    }
-
-    fn wait(&mut self) -> Result<SaveTiming, CheckpointError> {
-        if self.result.is_none() {
-            self.result = Some(self.done.recv().unwrap_or_else(|_| {
-                Err(CheckpointError::Upload {
-                    step: self.step,
-                    message: "upload thread panicked".into(),
-                })
-            }));
-        }
-        match self.result.take() {
-            Some(r) => r,
-            None => unreachable!("result was just set"),
+            Err(_) => None,
         }
     }
 }
@@ -214,7 +162,6 @@ pub struct Checkpointer {
     rank: usize,
     world: usize,
     generation: u64,
-    device: Device,
     config_json: serde_json::Value,
     in_flight: Option<InFlight>,
     /// On-demand request to serve at the next step boundary.
@@ -233,7 +180,6 @@ impl Checkpointer {
         rank: usize,
         world: usize,
         generation: u64,
-        device: Device,
         config_json: serde_json::Value,
     ) -> Checkpointer {
         Checkpointer {
@@ -242,7 +188,6 @@ impl Checkpointer {
             rank,
             world,
             generation,
-            device,
             config_json,
             in_flight: None,
             pending_request: None,
@@ -262,65 +207,48 @@ impl Checkpointer {
         self.pending_request = Some(id);
     }
 
-    /// Called after step `done` (steps completed so far) of `total`: commits a finished save once
-    /// every rank's part is in, and starts a new save on the cadence or on request. Every rank calls
-    /// it with the same arguments, so the collectives line up. Returns, on rank 0, the checkpoint
-    /// committed in this call.
+    /// Called after step `done` (steps completed so far) of `total`: reports this rank's part once
+    /// its upload finished, and starts a new save on the cadence or on request. Every rank calls it
+    /// with the same arguments, so every rank saves the same steps.
     pub fn after_step(
         &mut self,
         done: u64,
         total: u64,
         task: &dyn TrainTask,
-        comm: &dyn Collective,
-    ) -> Result<Option<Committed>, CheckpointError> {
-        let mut committed = None;
-        if self.in_flight.is_some() {
-            committed = self.try_commit(comm, false)?;
-        }
+    ) -> Result<Vec<Part>, CheckpointError> {
+        let mut parts = self.uploaded(false)?;
         let every = self.spec.every_steps;
         let request = self.pending_request.take();
-        // An on-demand request is served even after the last step (`finish` commits it).
+        // An on-demand request is served even after the last step (`finish` waits for it).
         if request.is_some() || (every > 0 && done.is_multiple_of(every) && done < total) {
-            if self.in_flight.is_some() {
-                // The previous upload is still running: wait for it rather than pile up host copies.
-                committed = self.try_commit(comm, true)?.or(committed);
-            }
-            self.save(done, task);
-            if let Some(flight) = self.in_flight.as_mut() {
-                flight.request = request.unwrap_or(0);
-            }
+            // The previous upload may still run: wait for it rather than pile up host copies.
+            parts.extend(self.uploaded(true)?);
+            self.save(done, request.unwrap_or(0), task);
         }
-        Ok(committed)
+        Ok(parts)
     }
 
-    /// Waits for the save in flight and commits it (end of training); returns it on rank 0.
-    pub fn finish(&mut self, comm: &dyn Collective) -> Result<Option<Committed>, CheckpointError> {
-        if self.in_flight.is_some() {
-            return self.try_commit(comm, true);
-        }
-        Ok(None)
+    /// Waits for the save in flight (end of training); returns its part.
+    pub fn finish(&mut self) -> Result<Vec<Part>, CheckpointError> {
+        self.uploaded(true)
     }
 
-    /// Saves the state after step `step` and commits it before returning (a requested checkpoint:
-    /// preemption, on demand). Every rank calls it at the same step.
+    /// Saves the state after step `step` and waits for its upload (a drain: the rank leaves next).
+    /// Every rank calls it at the same step.
     pub fn save_now(
         &mut self,
         step: u64,
         task: &dyn TrainTask,
-        comm: &dyn Collective,
-    ) -> Result<Option<Committed>, CheckpointError> {
-        let earlier = if self.in_flight.is_some() {
-            self.try_commit(comm, true)?
-        } else {
-            None
-        };
-        self.save(step, task);
-        Ok(self.try_commit(comm, true)?.or(earlier))
+    ) -> Result<Vec<Part>, CheckpointError> {
+        let mut parts = self.uploaded(true)?;
+        self.save(step, 0, task);
+        parts.extend(self.uploaded(true)?);
+        Ok(parts)
     }
 
     /// Starts saving the state after step `step`: copies tensors to host memory now, serialises,
-    /// hashes and uploads on a background thread.
-    pub fn save(&mut self, step: u64, task: &dyn TrainTask) {
+    /// hashes and uploads on a background thread. `request` is the on-demand request it serves.
+    pub fn save(&mut self, step: u64, request: u64, task: &dyn TrainTask) {
         let started = Instant::now();
         let model = (self.rank == 0).then(|| HostTensors::copy_of(&task.state()));
         let extra = HostTensors::copy_of(&task.checkpoint_state());
@@ -329,142 +257,64 @@ impl Checkpointer {
         let config = (self.rank == 0).then(|| self.config_json.clone());
         let (tx, rx) = mpsc::channel();
         let storage = self.storage.clone();
-        let (rank, world, generation) = (self.rank, self.world, self.generation);
+        let part = Part {
+            step,
+            rank: self.rank,
+            world: self.world,
+            generation: self.generation,
+            request,
+            files: Vec::new(),
+        };
         let delay = self.upload_delay;
         let handle = std::thread::spawn(move || {
             let up = Instant::now();
             std::thread::sleep(delay);
-            let part = Part {
-                storage: &storage,
-                step,
-                rank,
-                world,
-                generation,
-            };
-            let result = part
-                .write(model, extra, config, task_state)
-                .map(|bytes| SaveTiming {
+            let result = write_part(&storage, part, model, extra, config, task_state).map(|part| {
+                let timing = SaveTiming {
                     blocking,
-                    bytes,
+                    bytes: part.files.iter().map(|f| f.size).sum(),
                     upload: up.elapsed(),
-                });
+                };
+                (timing, part)
+            });
             let _ = tx.send(result);
         });
         self.in_flight = Some(InFlight {
             step,
-            request: 0,
             done: rx,
             handle,
-            result: None,
         });
     }
 
-    /// One all-reduce of "my part is uploaded"; when all are, rank 0 commits. With `wait`, this rank
-    /// first waits for its own upload (so the commit happens now).
-    fn try_commit(
-        &mut self,
-        comm: &dyn Collective,
-        wait: bool,
-    ) -> Result<Option<Committed>, CheckpointError> {
-        let Some(flight) = self.in_flight.as_mut() else {
-            return Ok(None);
+    /// This rank's part of the save in flight once its upload finished (with `wait`: blocks until
+    /// it has); an upload error is returned.
+    fn uploaded(&mut self, wait: bool) -> Result<Vec<Part>, CheckpointError> {
+        let Some(flight) = self.in_flight.as_ref() else {
+            return Ok(Vec::new());
         };
-        let step = flight.step;
-        let request = flight.request;
-        let ready = if wait {
-            let r = flight.wait();
-            flight.result = Some(r);
-            true
-        } else {
-            flight.poll()
+        let Some(outcome) = flight.outcome(wait) else {
+            return Ok(Vec::new());
         };
-        if let Some(Err(_)) = &flight.result {
-            let Some(Err(e)) = flight.result.take() else {
-                unreachable!("matched above")
-            };
-            return Err(e);
+        if let Some(flight) = self.in_flight.take() {
+            let _ = flight.handle.join();
         }
-        let mut flag = Tensor::from_slice(&[if ready { 1f32 } else { 0f32 }])
-            .to_kind(Kind::Float)
-            .to_device(self.device);
-        comm.all_reduce_sum(&mut flag)?;
-        let all = flag.double_value(&[0]).round() as usize == self.world;
-        if !all {
-            return Ok(None);
-        }
-        let mut flight = self.in_flight.take().unwrap_or_else(|| unreachable!());
-        let timing = flight.wait()?;
-        let _ = flight.handle.join();
+        let (timing, part) = outcome?;
         self.timings.push(timing);
-        if self.rank != 0 {
-            return Ok(None);
-        }
-        self.commit(step)?;
-        Ok(Some(Committed { step, request }))
+        Ok(vec![part])
     }
 
-    /// Writes `MANIFEST.json` from every rank's part record, moves `latest`, applies retention.
-    fn commit(&self, step: u64) -> Result<(), CheckpointError> {
-        let dir = step_dir(step);
-        let mut files = Vec::new();
-        for r in 0..self.world {
-            let name = format!("{dir}/rank-{r}.json");
-            let data = self
-                .storage
-                .get(&name)?
-                .ok_or_else(|| CheckpointError::Format(format!("{name} is missing at commit")))?;
-            let record: PartRecord = serde_json::from_slice(&data)
-                .map_err(|e| CheckpointError::Format(format!("{name}: {e}")))?;
-            files.extend(record.files);
-            files.push(FileEntry::of(&format!("rank-{r}.json"), &data));
-        }
-        let manifest = Manifest {
-            step,
-            world: self.world,
-            generation: self.generation,
-            files,
-        };
-        let json = serde_json::to_vec_pretty(&manifest)
-            .map_err(|e| CheckpointError::Format(e.to_string()))?;
-        self.storage
-            .put(&format!("{dir}/MANIFEST.json"), Bytes::from(json))?;
-        self.storage.put(
-            &format!("{CHECKPOINTS}/latest"),
-            Bytes::from(format!("step-{step}\n")),
-        )?;
-        info!(
-            step,
-            url = self.storage.url_of(&dir),
-            "checkpoint committed"
-        );
-        self.retain(step)
-    }
-
-    /// Keeps the newest `keep_last` committed checkpoints; drops older ones and abandoned parts older
-    /// than the newest commit. The manifest goes first, so a half-deleted checkpoint is never resumed.
-    fn retain(&self, newest: u64) -> Result<(), CheckpointError> {
-        let mut committed = Vec::new();
-        let mut abandoned = Vec::new();
-        for dir in self.storage.list_dirs(CHECKPOINTS)? {
-            let Some(s) = parse_step(&dir) else { continue };
-            if self
-                .storage
-                .get(&format!("{CHECKPOINTS}/{dir}/MANIFEST.json"))?
-                .is_some()
-            {
-                committed.push(s);
-            } else if s < newest {
-                abandoned.push(s);
+    /// Waits until the coordinator committed step `step` (its manifest exists), polling the store.
+    pub fn wait_committed(&self, step: u64, timeout: Duration) -> Result<(), CheckpointError> {
+        let started = Instant::now();
+        let manifest = format!("{}/{MANIFEST}", step_dir(step));
+        while self.storage.get(&manifest)?.is_none() {
+            if started.elapsed() > timeout {
+                return Err(CheckpointError::NotCommitted {
+                    step,
+                    secs: timeout.as_secs(),
+                });
             }
-        }
-        committed.sort_unstable();
-        let keep = (self.spec.keep_last.max(1)) as usize;
-        let drop_n = committed.len().saturating_sub(keep);
-        for &s in committed[..drop_n].iter().chain(&abandoned) {
-            let dir = step_dir(s);
-            self.storage.delete(&format!("{dir}/MANIFEST.json"))?;
-            self.storage.delete_dir(&dir)?;
-            info!(step = s, "checkpoint removed (retention)");
+            std::thread::sleep(Duration::from_millis(100));
         }
         Ok(())
     }
@@ -481,7 +331,7 @@ impl Checkpointer {
         steps.sort_unstable_by(|a, b| b.cmp(a));
         for step in steps {
             let dir = step_dir(step);
-            let Some(manifest) = self.storage.get(&format!("{dir}/MANIFEST.json"))? else {
+            let Some(manifest) = self.storage.get(&format!("{dir}/{MANIFEST}"))? else {
                 continue;
             };
             let manifest: Manifest = match serde_json::from_slice(&manifest) {
@@ -615,58 +465,49 @@ impl Checkpointer {
     }
 }
 
-/// Writes one rank's part of a checkpoint (runs on the upload thread).
-struct Part<'a> {
-    storage: &'a Storage,
-    step: u64,
-    rank: usize,
-    world: usize,
-    generation: u64,
-}
-
-impl Part<'_> {
-    /// Uploads the tensor files, then the part record; returns the bytes written.
-    fn write(
-        &self,
-        model: Option<HostTensors>,
-        extra: HostTensors,
-        config: Option<serde_json::Value>,
-        task_state: serde_json::Value,
-    ) -> Result<u64, CheckpointError> {
-        let dir = step_dir(self.step);
-        let mut files = Vec::new();
-        let mut put = |name: &str, data: Vec<u8>| -> Result<(), CheckpointError> {
-            files.push(FileEntry::of(name, &data));
-            self.storage
-                .put(&format!("{dir}/{name}"), Bytes::from(data))
-        };
-        if let Some(model) = model {
-            put("model.safetensors", model.to_safetensors("model")?)?;
-        }
-        if let Some(config) = config {
-            let json = serde_json::to_vec_pretty(&config)
-                .map_err(|e| CheckpointError::Format(e.to_string()))?;
-            put("config.json", json)?;
-        }
-        if !extra.is_empty() {
-            let name = format!("rank-{}.state.safetensors", self.rank);
-            put(&name, extra.to_safetensors(&name)?)?;
-        }
-        let record = PartRecord {
-            step: self.step,
-            rank: self.rank,
-            world: self.world,
-            generation: self.generation,
-            files,
-            task_state,
-        };
-        let bytes: u64 = record.files.iter().map(|f| f.size).sum();
-        let json = serde_json::to_vec_pretty(&record)
-            .map_err(|e| CheckpointError::Format(e.to_string()))?;
-        self.storage
-            .put(&format!("{dir}/rank-{}.json", self.rank), Bytes::from(json))?;
-        Ok(bytes)
+/// Uploads one rank's tensor files, then its part record (runs on the upload thread); returns the
+/// part with every file written, the record last.
+fn write_part(
+    storage: &Storage,
+    mut part: Part,
+    model: Option<HostTensors>,
+    extra: HostTensors,
+    config: Option<serde_json::Value>,
+    task_state: serde_json::Value,
+) -> Result<Part, CheckpointError> {
+    let dir = step_dir(part.step);
+    let mut files = Vec::new();
+    let mut put = |name: &str, data: Vec<u8>| -> Result<(), CheckpointError> {
+        files.push(file_entry(name, &data));
+        storage.put(&format!("{dir}/{name}"), Bytes::from(data))
+    };
+    if let Some(model) = model {
+        put("model.safetensors", model.to_safetensors("model")?)?;
     }
+    if let Some(config) = config {
+        let json = serde_json::to_vec_pretty(&config)
+            .map_err(|e| CheckpointError::Format(e.to_string()))?;
+        put("config.json", json)?;
+    }
+    if !extra.is_empty() {
+        let name = format!("rank-{}.state.safetensors", part.rank);
+        put(&name, extra.to_safetensors(&name)?)?;
+    }
+    let record = PartRecord {
+        step: part.step,
+        rank: part.rank,
+        world: part.world,
+        generation: part.generation,
+        files,
+        task_state,
+    };
+    let json =
+        serde_json::to_vec_pretty(&record).map_err(|e| CheckpointError::Format(e.to_string()))?;
+    let name = format!("rank-{}.json", part.rank);
+    storage.put(&format!("{dir}/{name}"), Bytes::from(json.clone()))?;
+    part.files = record.files;
+    part.files.push(file_entry(&name, &json));
+    Ok(part)
 }
 
 /// Restores named weights into the tensors `task.state()` returns (they share storage with the

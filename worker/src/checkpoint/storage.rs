@@ -8,6 +8,8 @@ use futures::TryStreamExt;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 
+use xvlm_proto::checkpoint::{CheckpointDir, Manifest, Part};
+
 use super::CheckpointError;
 
 /// Objects larger than this are uploaded in parts.
@@ -150,6 +152,34 @@ impl Storage {
                 Ok::<_, object_store::Error>(())
             })
             .map_err(|e| self.err(dir, e))
+    }
+
+    /// Commits the parts of one step the way the coordinator does ([`Manifest::from_parts`],
+    /// [`CheckpointDir::commit`]): for tools and tests that run trainers without one. Returns the
+    /// steps retention removed.
+    pub fn commit_parts(
+        &self,
+        parts: &[Part],
+        keep_last: u32,
+    ) -> Result<Vec<u64>, CheckpointError> {
+        let manifest =
+            Manifest::from_parts(parts).map_err(|e| CheckpointError::Format(e.to_string()))?;
+        self.commit(&manifest, keep_last)
+    }
+
+    /// Commits `manifest` the way the coordinator does ([`CheckpointDir::commit`]). Returns the steps
+    /// retention removed.
+    pub fn commit(&self, manifest: &Manifest, keep_last: u32) -> Result<Vec<u64>, CheckpointError> {
+        let dir = CheckpointDir {
+            store: self.store.as_ref(),
+            root: &self.root,
+        };
+        self.rt
+            .block_on(dir.commit(manifest, keep_last))
+            .map_err(|e| CheckpointError::Store {
+                url: self.url.clone(),
+                message: e.to_string(),
+            })
     }
 
     /// Deletes one object (a missing one is fine).

@@ -20,7 +20,7 @@ use xvlm_model::collective::{Collective, SingleProcess};
 use xvlm_proto::spec::{Backend, JobSpec};
 
 use crate::checkpoint::format::HostTensors;
-use crate::checkpoint::{Checkpointer, Committed, Storage};
+use crate::checkpoint::{Checkpointer, Part, Storage};
 use crate::comm::nccl::NcclCollective;
 use crate::comm::ring::RingCollective;
 use crate::error::WorkerError;
@@ -75,9 +75,10 @@ pub struct ProgressLine {
     pub lr: f64,
     /// Global samples per second over the last step.
     pub samples_per_sec: f64,
-    /// A checkpoint committed since the previous line (rank 0).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub committed: Option<Committed>,
+    /// This rank's checkpoint parts uploaded since the previous line (the coordinator commits a
+    /// checkpoint once every rank's part is in).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<Part>,
 }
 
 /// Runs an assignment read from `path`; `listen_fd` is the ring socket the worker bound for this rank.
@@ -149,7 +150,7 @@ pub fn run(a: &Assignment, listener: Option<TcpListener>) -> Result<(), WorkerEr
     };
     let mut task = task::build(&ctx)?;
     let total = task.total_steps();
-    let mut ckpt = checkpointer(a, device)?;
+    let mut ckpt = checkpointer(a)?;
     let mut start = a.start_step;
     if let Some(c) = ckpt.as_ref().filter(|_| a.generation > 1) {
         start = c.resume(task.as_mut())?.unwrap_or(start);
@@ -166,7 +167,7 @@ pub fn run(a: &Assignment, listener: Option<TcpListener>) -> Result<(), WorkerEr
             losses: out.losses,
             lr: task.lr(),
             samples_per_sec: (out.samples * a.world) as f64 / secs,
-            committed: None,
+            parts: Vec::new(),
         };
         let done = step + 1;
         let request = requests.agree(comm.as_ref())?;
@@ -176,14 +177,14 @@ pub fn run(a: &Assignment, listener: Option<TcpListener>) -> Result<(), WorkerEr
                     step = done,
                     "checkpoint and leave requested at this step boundary"
                 );
-                line.committed = c.save_now(done, task.as_ref(), comm.as_ref())?;
+                line.parts = c.save_now(done, task.as_ref())?;
             }
             Some(c) => {
                 if request.checkpoint() {
                     info!(request = request.id, step = done, "checkpoint requested");
                     c.request(request.id);
                 }
-                line.committed = c.after_step(done, total, task.as_ref(), comm.as_ref())?;
+                line.parts = c.after_step(done, total, task.as_ref())?;
             }
             None if request.checkpoint() => warn!(
                 request = request.id,
@@ -193,19 +194,20 @@ pub fn run(a: &Assignment, listener: Option<TcpListener>) -> Result<(), WorkerEr
         }
         println!("{}", serde_json::to_string(&line).unwrap_or_default());
         if request.leave && done < total {
-            // No rank leaves before rank 0 has written the manifest.
-            comm.barrier()?;
+            if let Some(c) = ckpt.as_ref() {
+                // Leaving before the commit would let the next generation start from an older step.
+                c.wait_committed(done, COMMIT_WAIT)?;
+            }
             return Err(WorkerError::Preempted { step: done });
         }
         last = Some(line);
     }
     if let Some(c) = ckpt.as_mut() {
-        if let Some(committed) = c.finish(comm.as_ref())? {
-            // The commit of the last save is news for the coordinator too.
-            if let Some(mut line) = last.take() {
-                line.committed = Some(committed);
-                println!("{}", serde_json::to_string(&line).unwrap_or_default());
-            }
+        let parts = c.finish()?;
+        // The last save's part is news for the coordinator too.
+        if let (false, Some(mut line)) = (parts.is_empty(), last.take()) {
+            line.parts = parts;
+            println!("{}", serde_json::to_string(&line).unwrap_or_default());
         }
     }
     comm.barrier()?;
@@ -221,8 +223,11 @@ pub fn run(a: &Assignment, listener: Option<TcpListener>) -> Result<(), WorkerEr
     Ok(())
 }
 
+/// How long a leaving rank waits for the coordinator to commit its last checkpoint.
+const COMMIT_WAIT: Duration = Duration::from_secs(60);
+
 /// The checkpoint driver when the job saves checkpoints or this generation may resume one.
-fn checkpointer(a: &Assignment, device: Device) -> Result<Option<Checkpointer>, WorkerError> {
+fn checkpointer(a: &Assignment) -> Result<Option<Checkpointer>, WorkerError> {
     // Even without periodic saves, a requested checkpoint (preemption, on demand) needs one.
     let storage = match Storage::open(&a.output) {
         Ok(s) => s,
@@ -237,7 +242,6 @@ fn checkpointer(a: &Assignment, device: Device) -> Result<Option<Checkpointer>, 
         a.rank,
         a.world,
         a.generation,
-        device,
         config,
     );
     // Test hook: hold every upload this long, so a test can kill a trainer mid-upload.

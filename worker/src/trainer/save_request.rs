@@ -7,7 +7,7 @@
 //! trainer's assignment (atomically, by rename), which rank 0 reads; the id comes back with the commit
 //! so the coordinator knows which request a checkpoint served. A request may reach only some ranks,
 //! so at every step boundary all ranks all-reduce what they have ([`StepRequests::agree`]): every
-//! rank sees the same request at the same step, saves the same step and commits it together.
+//! rank sees the same request at the same step and saves the same step.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,7 +20,7 @@ pub const SAVE_SIGNAL: i32 = libc::SIGUSR1;
 /// Signal asking for a checkpoint at the next step boundary, then a clean exit.
 pub const LEAVE_SIGNAL: i32 = libc::SIGUSR2;
 /// Exit code of a trainer that left after committing its requested checkpoint (EX_TEMPFAIL).
-pub const EXIT_PREEMPTED: u8 = 75;
+pub const EXIT_PREEMPTED: u8 = xvlm_proto::EXIT_PREEMPTED;
 
 static SAVE: AtomicBool = AtomicBool::new(false);
 static LEAVE: AtomicBool = AtomicBool::new(false);
@@ -160,12 +160,19 @@ mod tests {
     use super::*;
     use xvlm_model::collective::SingleProcess;
 
-    /// The only test touching the process-wide flags (they are statics).
+    /// The only test touching the process-wide flags (they are statics). A request file's id is
+    /// served once.
     #[test]
     fn save_is_consumed_leave_stays() {
         install().unwrap();
-        let agree = || agree(&SingleProcess, Device::Cpu).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let file = request_file(dir.path(), 0);
+        let mut requests = StepRequests::new(Some(file.clone()), 0, Device::Cpu);
+        let mut agree = || requests.agree(&SingleProcess).unwrap();
         assert_eq!(agree(), Agreed::default());
+        write_request(&file, 3).unwrap();
+        assert_eq!(agree().id, 3);
+        assert_eq!(agree().id, 0, "an id is served once");
         // SAFETY: raise(3) of a signal whose handler was installed above.
         unsafe { libc::raise(SAVE_SIGNAL) };
         let first = agree();

@@ -10,7 +10,7 @@ use xvlm_model::collective::Collective;
 use xvlm_model::config::configs_dir;
 use xvlm_model::data::synth::{generate, SynthConfig};
 use xvlm_proto::spec::JobSpec;
-use xvlm_worker::checkpoint::sha256_hex;
+use xvlm_worker::checkpoint::{sha256_hex, Part, Storage};
 use xvlm_worker::trainer::pretrain::PretrainTask;
 use xvlm_worker::trainer::task::{TaskContext, TrainTask};
 
@@ -150,4 +150,31 @@ pub fn max_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
             (ta - tb).abs().max().double_value(&[])
         })
         .fold(0.0, f64::max)
+}
+
+/// Parts reported so far, by storage URL: [`commit_parts`] plays the coordinator.
+static PARTS: std::sync::Mutex<Vec<(String, Part)>> = std::sync::Mutex::new(Vec::new());
+
+/// Reports this rank's checkpoint parts and commits a step once every rank's part is in, as the
+/// coordinator does; then waits for every rank, so the commit is done when any rank goes on.
+pub fn commit_parts(storage: &Storage, parts: Vec<Part>, comm: &dyn Collective) {
+    let url = storage.url_of("");
+    {
+        let mut held = PARTS.lock().unwrap_or_else(|e| e.into_inner());
+        for part in parts {
+            let (step, world) = (part.step, part.world);
+            held.push((url.clone(), part));
+            let of_step = |(u, p): &(String, Part)| *u == url && p.step == step;
+            if held.iter().filter(|x| of_step(x)).count() == world {
+                let complete: Vec<Part> = held
+                    .iter()
+                    .filter(|x| of_step(x))
+                    .map(|(_, p)| p.clone())
+                    .collect();
+                held.retain(|x| !of_step(x));
+                storage.commit_parts(&complete, 2).expect("commit");
+            }
+        }
+    }
+    comm.barrier().expect("barrier");
 }
