@@ -4,7 +4,8 @@
 //! the optimizer state are rank 0's exactly, the step counts continue from the saved step, the image-text
 //! stream continues inside the file the saved rank 0 was reading (the single rank's file order of the
 //! epoch is rank 0's files then rank 1's), and it trains on with 2 micro-batches per step.
-//! A checkpoint whose task states it cannot place is refused with an error naming the problem.
+//! A checkpoint whose task states it cannot place is refused with an error naming the problem. Both
+//! with the loader's own split of the files and with the coordinator's per-rank assignment.
 
 mod common;
 mod pretrain_common;
@@ -20,6 +21,9 @@ use xvlm_worker::trainer::task::{TaskError, TrainTask};
 
 const SAVE_AT: u64 = 2;
 const TOTAL: u64 = 4;
+/// Per-rank batch: the first generation's ranks stop inside their files (the synthetic shards have 8
+/// and 16 lines), not at a file's end.
+const BATCH: usize = 3;
 
 /// What a rank of the first generation left: weights, tensor state and task state at `SAVE_AT`.
 struct Saved {
@@ -28,8 +32,13 @@ struct Saved {
     meta: serde_json::Value,
 }
 
-fn first_generation(spec: &JobSpec, storage: &Storage, comm: &dyn Collective) -> Saved {
-    let mut t = task(spec, comm, &[]);
+fn first_generation(
+    spec: &JobSpec,
+    storage: &Storage,
+    comm: &dyn Collective,
+    shards: &[String],
+) -> Saved {
+    let mut t = task(spec, comm, shards);
     let mut ck = checkpointer(storage, spec, comm, 1);
     train_saving(&mut t, &mut ck, comm, 0, SAVE_AT, TOTAL);
     Saved {
@@ -53,11 +62,49 @@ fn int(state: &[(String, Tensor)], name: &str) -> i64 {
         .int64_value(&[])
 }
 
+/// The saved cursor of the stream `stream` a resumed rank whose meta is `meta` should continue from:
+/// that of the saved rank whose file order of the epoch starts with the resumed rank's first file.
+fn expected_cursor(saved: &[Saved], meta: &serde_json::Value, stream: &str) -> serde_json::Value {
+    let order = stream
+        .replace("images", "image_order")
+        .replace("regions", "region_order");
+    let first = &meta[&order][0];
+    let owner = saved
+        .iter()
+        .find(|s| &s.meta[&order][0] == first)
+        .unwrap_or_else(|| panic!("no saved rank started its {stream} with {first}"));
+    owner.meta[stream]["cursor"].clone()
+}
+
 #[test]
 fn world_two_checkpoint_resumes_on_one_rank() {
+    story(false);
+}
+
+#[test]
+fn world_two_checkpoint_resumes_on_one_rank_with_assigned_shards() {
+    story(true);
+}
+
+/// Generation 1 at world 2, generation 2 at world 1; `assigned`: image-text files come from the
+/// coordinator's plan (one file per rank, then both), else the loader splits them.
+fn story(assigned: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = corpus(dir.path());
-    let config = task_yaml(dir.path(), &data, 4, 0.5);
+    let mut files: Vec<String> = std::fs::read_dir(data.join("pretrain/image_text"))
+        .expect("corpus")
+        .map(|e| format!("file://{}", e.expect("entry").path().display()))
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 2);
+    let shards_of = |rank: usize| -> Vec<String> {
+        if assigned {
+            vec![files[rank].clone()]
+        } else {
+            Vec::new()
+        }
+    };
+    let config = task_yaml(dir.path(), &data, BATCH, 0.5);
     let spec = spec(
         &config,
         TOTAL,
@@ -70,9 +117,10 @@ fn world_two_checkpoint_resumes_on_one_rank() {
     let handles: Vec<_> = local_ring(2)
         .expect("ring")
         .into_iter()
-        .map(|c| {
-            let (spec, storage) = (spec.clone(), storage.clone());
-            std::thread::spawn(move || first_generation(&spec, &storage, &c))
+        .enumerate()
+        .map(|(r, c)| {
+            let (spec, storage, shards) = (spec.clone(), storage.clone(), shards_of(r));
+            std::thread::spawn(move || first_generation(&spec, &storage, &c, &shards))
         })
         .collect();
     let saved: Vec<Saved> = handles
@@ -90,7 +138,8 @@ fn world_two_checkpoint_resumes_on_one_rank() {
     let saved_steps = int(&saved[0].state, &step_name);
     assert!(saved_steps >= SAVE_AT as i64, "{step_name} = {saved_steps}");
 
-    let mut one = task(&spec, &SingleProcess, &[]);
+    let all = if assigned { files.clone() } else { Vec::new() };
+    let mut one = task(&spec, &SingleProcess, &all);
 
     // Task states it cannot place are refused with a clear error, before anything is restored.
     let metas: Vec<serde_json::Value> = saved.iter().map(|s| s.meta.clone()).collect();
@@ -109,7 +158,11 @@ fn world_two_checkpoint_resumes_on_one_rank() {
     let why = refused(&bad, &mut one);
     assert!(why.contains("file order"), "{why}");
     let mut bad = metas.clone();
-    bad[1]["image_plan"] = "split 1/2: 3 files, sha256 0123456789abcdef".into();
+    bad[1]["image_plan"] = if assigned {
+        "split 1/2: 2 files, sha256 0123456789abcdef".into()
+    } else {
+        "split 1/2: 3 files, sha256 0123456789abcdef".into()
+    };
     let why = refused(&bad, &mut one);
     assert!(why.contains("image-text files"), "{why}");
 
@@ -131,15 +184,22 @@ fn world_two_checkpoint_resumes_on_one_rank() {
     let meta = one.checkpoint_meta();
     assert_eq!(meta["iteration"], SAVE_AT);
     assert_eq!(meta["world"], 1);
-    assert_eq!(
-        meta["images"]["cursor"], saved[0].meta["images"]["cursor"],
-        "the stream does not continue where rank 0 stopped"
-    );
-    assert!(
-        saved[0].meta["images"]["cursor"]["line"].as_u64() > Some(0),
-        "rank 0 read nothing: {}",
-        saved[0].meta
-    );
+    // Both saved ranks are inside their first file of epoch 0; the single rank continues inside the
+    // first file of its order, where the saved rank reading it stopped.
+    for s in &saved {
+        let cursor = &s.meta["images"]["cursor"];
+        assert!(
+            cursor["epoch"] == 0 && cursor["file"] == 0 && cursor["line"].as_u64() > Some(0),
+            "{cursor}"
+        );
+    }
+    for stream in ["images", "regions"] {
+        assert_eq!(
+            meta[stream]["cursor"],
+            expected_cursor(&saved, &meta, stream),
+            "the {stream} stream does not continue where the saved rank stopped"
+        );
+    }
 
     let (mut samples, mut optimizer_steps) = (Vec::new(), 0);
     for step in SAVE_AT..TOTAL {
@@ -154,8 +214,8 @@ fn world_two_checkpoint_resumes_on_one_rank() {
     }
     assert_eq!(
         samples,
-        vec![8; (TOTAL - SAVE_AT) as usize],
-        "2 x 4 per step"
+        vec![2 * BATCH; (TOTAL - SAVE_AT) as usize],
+        "2 micro-batches per step"
     );
     let state = one.checkpoint_state();
     assert_eq!(int(&state, "scheduler.step"), TOTAL as i64);
