@@ -210,6 +210,12 @@ fn file_urls_read_like_local_paths() {
     for (k, r) in resumed.iter().enumerate() {
         assert_eq!(r.1, a[mid + 1 + k].1);
     }
+    // Resume from every cursor, including one at the very end of a file (a store refuses a range
+    // starting at the object's size).
+    for k in 0..a.len() - 1 {
+        let next = read(&url, a[k].2, 1);
+        assert_eq!(next[0].1, a[k + 1].1, "resumed from after line {k}");
+    }
     let missing = list_shards(&[format!("file://{}/nope", dir.path().display())]).unwrap_err();
     assert!(missing.to_string().contains("nope"), "{missing}");
 }

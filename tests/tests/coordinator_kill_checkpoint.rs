@@ -29,7 +29,14 @@ fn coordinator_killed_mid_job_resumes_from_checkpoint() {
     let newest = *killed_with.last().expect("a commit");
     let uploaded = std::fs::read_dir(output.join("checkpoints"))
         .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("step-")?.parse().ok())
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .to_str()?
+                .strip_prefix("step-")?
+                .parse()
+                .ok()
+        })
         .filter(|&s: &u64| s > newest)
         .max()
         .unwrap_or_else(|| panic!("no parts uploaded while the coordinator was down"));

@@ -3,6 +3,9 @@
 //! same parameters and losses as 2 ranks x 1 micro-batch on the same samples. Tolerance 1e-5 (float32;
 //! only the summation order differs).
 
+mod common;
+
+use common::max_diff;
 use tch::{Device, Tensor};
 use xvlm_model::collective::{Collective, SingleProcess};
 use xvlm_proto::spec::JobSpec;
@@ -36,16 +39,6 @@ fn train(spec: &JobSpec, comm: &dyn Collective) -> (Vec<(String, Tensor)>, Vec<f
         .map(|s| task.step(s, comm).unwrap().losses[0].1)
         .collect();
     (task.state(), losses, accumulation)
-}
-
-fn max_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
-    a.iter()
-        .zip(b)
-        .map(|((na, ta), (nb, tb))| {
-            assert_eq!(na, nb);
-            (ta - tb).abs().max().double_value(&[])
-        })
-        .fold(0.0, f64::max)
 }
 
 #[test]

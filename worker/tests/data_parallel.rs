@@ -2,6 +2,9 @@
 //! TCP ring) end with the same parameters as 1 rank with batch 2b on the same samples. Tolerance 1e-5
 //! (float32; only the summation order differs).
 
+mod common;
+
+use common::max_diff;
 use tch::{Device, Tensor};
 use xvlm_model::collective::{Collective, SingleProcess};
 use xvlm_proto::spec::JobSpec;
@@ -34,16 +37,6 @@ fn train(spec: &JobSpec, comm: &dyn Collective) -> (Vec<(String, Tensor)>, Vec<f
         .map(|s| task.step(s, comm).unwrap().losses[0].1)
         .collect();
     (task.state(), losses)
-}
-
-fn max_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
-    a.iter()
-        .zip(b)
-        .map(|((na, ta), (nb, tb))| {
-            assert_eq!(na, nb);
-            (ta - tb).abs().max().double_value(&[])
-        })
-        .fold(0.0, f64::max)
 }
 
 /// 2 x batch 4 == 1 x batch 8, and training moved the parameters.

@@ -16,11 +16,13 @@
 //! Tolerance: 1e-5 on every parameter (float32; only summation order differs); measured 1e-7 to 6e-7
 //! (the temp dir, part of the file names, changes the samples' augmentation from run to run).
 
+mod common;
 mod pretrain_common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use pretrain_common::{corpus, max_diff, run, spec, task, task_yaml, weights};
+use common::max_diff;
+use pretrain_common::{corpus, run, spec, task, task_yaml, weights};
 use xvlm_model::collective::{Collective, SingleProcess};
 use xvlm_proto::spec::JobSpec;
 use xvlm_worker::comm::ring::local_ring;
@@ -30,28 +32,9 @@ const STEPS: u64 = 4;
 const B: usize = 2;
 const TOLERANCE: f64 = 1e-5;
 
-/// Two shard files of exactly `B` lines each, cut from the synthetic corpus: `file://` URLs as the
-/// coordinator hands them out.
+/// Two shard files of exactly `B` lines each, cut from the synthetic corpus.
 fn shard_files(data: &Path, dir: &Path) -> Vec<String> {
-    let mut lines = Vec::new();
-    let mut parts: Vec<PathBuf> = std::fs::read_dir(data.join("pretrain/image_text"))
-        .expect("corpus")
-        .map(|e| e.expect("entry").path())
-        .collect();
-    parts.sort();
-    for p in parts {
-        let text = std::fs::read_to_string(&p).expect("shard");
-        lines.extend(text.lines().map(str::to_string));
-    }
-    let out = dir.join("shards");
-    std::fs::create_dir_all(&out).expect("mkdir");
-    (0..2)
-        .map(|k| {
-            let path = out.join(format!("part-{k}.jsonl"));
-            std::fs::write(&path, lines[k * B..(k + 1) * B].join("\n") + "\n").expect("write");
-            format!("file://{}", path.display())
-        })
-        .collect()
+    pretrain_common::shard_files(data, dir, 2, B)
 }
 
 fn job(config: &Path, overrides: &str) -> JobSpec {

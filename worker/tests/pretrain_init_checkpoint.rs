@@ -2,10 +2,12 @@
 //! safetensors, initialise a task with another seed when read from `file://` and from `s3://` (a moto
 //! server on loopback, configured through the usual `AWS_*` environment).
 
+mod common;
 mod pretrain_common;
 
 use bytes::Bytes;
-use pretrain_common::{corpus, max_diff, spec, task, task_yaml, weights};
+use common::max_diff;
+use pretrain_common::{corpus, spec, task, task_yaml, weights};
 use xvlm_e2e::start_moto;
 use xvlm_model::collective::SingleProcess;
 use xvlm_proto::spec::JobSpec;

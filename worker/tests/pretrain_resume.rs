@@ -9,10 +9,10 @@ mod pretrain_common;
 
 use std::sync::Mutex;
 
-use pretrain_common::{commit_parts, corpus, hashes, run, spec, task, task_yaml};
+use pretrain_common::{checkpointer, corpus, hashes, run, spec, task, task_yaml, train_saving};
 use xvlm_model::collective::{Collective, SingleProcess};
 use xvlm_proto::spec::JobSpec;
-use xvlm_worker::checkpoint::{Checkpointer, Storage};
+use xvlm_worker::checkpoint::Storage;
 use xvlm_worker::comm::ring::local_ring;
 use xvlm_worker::trainer::task::TrainTask;
 
@@ -25,22 +25,6 @@ const TOTAL: u64 = 6;
 type Hashes = Vec<(String, String)>;
 const SAVE_AT: u64 = 3;
 
-fn checkpointer(
-    storage: &Storage,
-    spec: &JobSpec,
-    comm: &dyn Collective,
-    generation: u64,
-) -> Checkpointer {
-    Checkpointer::new(
-        storage.clone(),
-        spec.checkpoint.clone(),
-        comm.rank(),
-        comm.world_size(),
-        generation,
-        serde_json::json!({ "job": spec }),
-    )
-}
-
 /// One rank's story: the uninterrupted reference, generation 1 stopping after `SAVE_AT` (its
 /// checkpoint committed), generation 2 resuming and finishing. Returns (reference, resumed) hashes.
 fn story(spec: &JobSpec, storage: &Storage, comms: [&dyn Collective; 3]) -> (Hashes, Hashes) {
@@ -52,13 +36,7 @@ fn story(spec: &JobSpec, storage: &Storage, comms: [&dyn Collective; 3]) -> (Has
 
     let mut first = task(spec, c1, &[]);
     let mut ck = checkpointer(storage, spec, c1, 1);
-    let mut parts = Vec::new();
-    for step in 0..SAVE_AT {
-        first.step(step, c1).expect("step");
-        parts.extend(ck.after_step(step + 1, TOTAL, &first).expect("after_step"));
-    }
-    parts.extend(ck.finish().expect("upload"));
-    commit_parts(storage, parts, c1);
+    train_saving(&mut first, &mut ck, c1, 0, SAVE_AT, TOTAL);
     // What the checkpoint carries besides the weights.
     let extra = first.checkpoint_state();
     assert!(

@@ -178,14 +178,19 @@ pub fn open_at(file: &ShardFile, offset: u64) -> Result<Box<dyn BufRead + Send>,
                 range: (offset > 0).then_some(GetRange::Offset(offset)),
                 ..GetOptions::default()
             };
-            let result = rt
-                .block_on(store.get_opts(path, opts))
-                .map_err(|e| match e {
-                    object_store::Error::NotFound { .. } => {
-                        DataError::MissingFile(PathBuf::from(&file.name))
-                    }
-                    e => store_err(&file.name, e),
-                })?;
+            let result = match rt.block_on(store.get_opts(path, opts)) {
+                Ok(r) => r,
+                Err(object_store::Error::NotFound { .. }) => {
+                    return Err(DataError::MissingFile(PathBuf::from(&file.name)))
+                }
+                // A cursor at the very end of a file (it was read to the last line): stores refuse
+                // a range that starts at the size, and there is nothing left to read.
+                Err(e) if offset > 0 => match rt.block_on(store.head(path)) {
+                    Ok(meta) if offset >= meta.size => return Ok(Box::new(std::io::empty())),
+                    _ => return Err(store_err(&file.name, e)),
+                },
+                Err(e) => return Err(store_err(&file.name, e)),
+            };
             let reader = ObjectReader {
                 rt,
                 stream: result.into_stream(),

@@ -10,7 +10,7 @@ use xvlm_model::collective::Collective;
 use xvlm_model::config::configs_dir;
 use xvlm_model::data::synth::{generate, SynthConfig};
 use xvlm_proto::spec::JobSpec;
-use xvlm_worker::checkpoint::{sha256_hex, Part, Storage};
+use xvlm_worker::checkpoint::{sha256_hex, Checkpointer, Part, Storage};
 use xvlm_worker::trainer::pretrain::PretrainTask;
 use xvlm_worker::trainer::task::{TaskContext, TrainTask};
 
@@ -140,16 +140,66 @@ pub fn weights(task: &PretrainTask) -> Vec<(String, Tensor)> {
         .collect()
 }
 
-/// Largest absolute difference between two weight lists (same names in the same order).
-pub fn max_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|((na, ta), (nb, tb))| {
-            assert_eq!(na, nb);
-            (ta - tb).abs().max().double_value(&[])
+/// `files` shard files of exactly `lines` lines each, cut from the synthetic corpus under `data`:
+/// `file://` URLs as the coordinator hands them out.
+pub fn shard_files(data: &Path, dir: &Path, files: usize, lines: usize) -> Vec<String> {
+    let mut all = Vec::new();
+    let mut parts: Vec<PathBuf> = std::fs::read_dir(data.join("pretrain/image_text"))
+        .expect("corpus")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    parts.sort();
+    for p in parts {
+        let text = std::fs::read_to_string(&p).expect("shard");
+        all.extend(text.lines().map(str::to_string));
+    }
+    assert!(all.len() >= files * lines, "corpus too small");
+    let out = dir.join("shards");
+    std::fs::create_dir_all(&out).expect("mkdir");
+    (0..files)
+        .map(|k| {
+            let path = out.join(format!("part-{k}.jsonl"));
+            std::fs::write(&path, all[k * lines..(k + 1) * lines].join("\n") + "\n")
+                .expect("write");
+            format!("file://{}", path.display())
         })
-        .fold(0.0, f64::max)
+        .collect()
+}
+
+/// The checkpointer of this rank of `comm` in `generation` of the job.
+pub fn checkpointer(
+    storage: &Storage,
+    spec: &JobSpec,
+    comm: &dyn Collective,
+    generation: u64,
+) -> Checkpointer {
+    Checkpointer::new(
+        storage.clone(),
+        spec.checkpoint.clone(),
+        comm.rank(),
+        comm.world_size(),
+        generation,
+        serde_json::json!({ "job": spec }),
+    )
+}
+
+/// Runs steps `from..to` of a job of `total` steps with checkpoints on the job's cadence, then waits
+/// for the save in flight and commits it (the one place these tests commit checkpoints).
+pub fn train_saving(
+    task: &mut PretrainTask,
+    ck: &mut Checkpointer,
+    comm: &dyn Collective,
+    from: u64,
+    to: u64,
+    total: u64,
+) {
+    let mut parts = Vec::new();
+    for step in from..to {
+        task.step(step, comm).expect("step");
+        parts.extend(ck.after_step(step + 1, total, &*task).expect("after_step"));
+    }
+    parts.extend(ck.finish().expect("upload"));
+    commit_parts(ck.storage(), parts, comm);
 }
 
 /// Parts reported so far, by storage URL: [`commit_parts`] plays the coordinator.
@@ -157,7 +207,7 @@ static PARTS: std::sync::Mutex<Vec<(String, Part)>> = std::sync::Mutex::new(Vec:
 
 /// Reports this rank's checkpoint parts and commits a step once every rank's part is in, as the
 /// coordinator does; then waits for every rank, so the commit is done when any rank goes on.
-pub fn commit_parts(storage: &Storage, parts: Vec<Part>, comm: &dyn Collective) {
+fn commit_parts(storage: &Storage, parts: Vec<Part>, comm: &dyn Collective) {
     let url = storage.url_of("");
     {
         let mut held = PARTS.lock().unwrap_or_else(|e| e.into_inner());
