@@ -478,8 +478,20 @@ fn write_part(
     let dir = step_dir(part.step);
     let mut files = Vec::new();
     let mut put = |name: &str, data: Vec<u8>| -> Result<(), CheckpointError> {
-        files.push(file_entry(name, &data));
-        storage.put(&format!("{dir}/{name}"), Bytes::from(data))
+        let data = Bytes::from(data);
+        // Hashing a big file takes about as long as writing it: do both at once.
+        let hashing = {
+            let data = data.clone();
+            let name = name.to_string();
+            std::thread::spawn(move || file_entry(&name, &data))
+        };
+        storage.put(&format!("{dir}/{name}"), data)?;
+        let entry = hashing.join().map_err(|_| CheckpointError::Upload {
+            step: part.step,
+            message: format!("hashing {name} panicked"),
+        })?;
+        files.push(entry);
+        Ok(())
     };
     if let Some(model) = model {
         put("model.safetensors", model.to_safetensors("model")?)?;
