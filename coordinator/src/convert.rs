@@ -131,10 +131,12 @@ pub fn command(c: Command) -> v1::CoordinatorCommand {
             job,
             generation,
             request,
+            leave,
         } => C::Checkpoint(v1::SaveCheckpoint {
             job_id: job,
             generation,
             request_id: request,
+            leave,
         }),
         Command::Stop {
             job,

@@ -133,6 +133,9 @@ pub struct JobRecord {
     /// Highest request id whose checkpoint is committed.
     #[serde(default)]
     pub checkpoint_requests_served: u64,
+    /// The generation asked to checkpoint and leave so that the job grows (0: none).
+    #[serde(default)]
+    pub growing: u64,
     /// Submission time.
     pub submitted_at_ms: Millis,
     /// Last change.
@@ -244,6 +247,8 @@ pub enum Command {
         generation: u64,
         /// Request id the trainers report back with the commit.
         request: u64,
+        /// Save and leave: the generation re-forms (to grow).
+        leave: bool,
     },
     /// Stop (kill) the trainers of a generation.
     Stop {
@@ -736,6 +741,7 @@ impl Scheduler {
             checkpoint_step: 0,
             checkpoint_requests: 0,
             checkpoint_requests_served: 0,
+            growing: 0,
             submitted_at_ms: now,
             updated_at_ms: now,
         };
@@ -1018,6 +1024,7 @@ impl Scheduler {
                 job: id.to_string(),
                 generation: job.generation,
                 request: ticket.request,
+                leave: false,
             },
         });
         Ok(ticket)
@@ -1158,7 +1165,8 @@ impl Scheduler {
         if !counted || job.restarts < job.spec.max_restarts {
             job.restarts += u32::from(counted);
             job.state = JobState::Restarting;
-            job.message = format!("generation {} failed: {why}", job.generation);
+            let ended = if counted { "failed" } else { "ended" };
+            job.message = format!("generation {} {ended}: {why}", job.generation);
         } else {
             job.state = JobState::Failed;
             job.message = why.to_string();
@@ -1193,9 +1201,70 @@ impl Scheduler {
         }
     }
 
-    /// Starts the first waiting job (submission order) if enough workers are free.
+    /// Workers that can take a generation needing `slots` per worker now.
+    fn free_workers(&self, slots: u32) -> Vec<String> {
+        self.workers
+            .values()
+            .filter(|w| w.connected && !w.draining && w.busy.is_none() && w.slots >= slots)
+            .map(|w| w.name.clone())
+            .collect()
+    }
+
+    /// Asks one running job below `workers.max` to checkpoint and leave when free workers could
+    /// join it (only when no job waits: queued jobs come first). The trainers commit, exit 75, and
+    /// the next generation forms with the extra workers, resuming from that checkpoint.
+    fn grow(&mut self, now: Millis, actions: &mut Vec<Action>) {
+        let candidate = self.jobs().find(|j| {
+            j.state == JobState::Running
+                && j.growing != j.generation
+                && j.world_size() < j.spec.workers.max_workers() * j.spec.workers.devices_per_worker
+                && j.progress.as_ref().is_some_and(|p| {
+                    p.step > 0 && (j.total_steps() == 0 || p.step + 1 < j.total_steps())
+                })
+        });
+        let Some(id) = candidate.map(|j| j.id.clone()) else {
+            return;
+        };
+        let job = &self.jobs[&id];
+        let free = self.free_workers(job.spec.workers.devices_per_worker);
+        let Some(rank0) = job.ranks.iter().find(|r| r.rank == 0) else {
+            return;
+        };
+        if free.is_empty() {
+            return;
+        }
+        let (worker, generation) = (rank0.worker.clone(), job.generation);
+        let job = self.jobs.get_mut(&id).expect("found above");
+        job.growing = generation;
+        job.message = format!(
+            "growing: {} free worker(s) join at the next checkpoint",
+            free.len()
+        );
+        job.updated_at_ms = now;
+        tracing::info!(
+            job = id,
+            generation,
+            free = free.len(),
+            "growing the job: checkpoint and re-form"
+        );
+        actions.push(Action::Persist(Box::new(job.clone())));
+        actions.push(Action::Send {
+            worker,
+            command: Command::Checkpoint {
+                job: id.clone(),
+                generation,
+                request: 0,
+                leave: true,
+            },
+        });
+        actions.push(Action::Notify(id));
+    }
+
+    /// Starts the first waiting job (submission order) if enough workers are free; with none
+    /// waiting, grows a shrunk one.
     fn schedule(&mut self, now: Millis, actions: &mut Vec<Action>) {
         let Some(id) = self.jobs().find(|j| j.waiting()).map(|j| j.id.clone()) else {
+            self.grow(now, actions);
             return;
         };
         let job = &self.jobs[&id];
@@ -1204,12 +1273,7 @@ impl Scheduler {
             return;
         }
         let need = job.spec.workers.devices_per_worker;
-        let free: Vec<String> = self
-            .workers
-            .values()
-            .filter(|w| w.connected && w.busy.is_none() && w.slots >= need)
-            .map(|w| w.name.clone())
-            .collect();
+        let free = self.free_workers(need);
         if (free.len() as u32) < job.spec.workers.min {
             return;
         }
@@ -1929,5 +1993,42 @@ mod tests {
             rec.message
         );
         assert!(rec.message.contains("drained"), "{}", rec.message);
+    }
+
+    /// A job below `workers.max` grows when a worker frees up and nothing waits: one
+    /// checkpoint-and-leave request to rank 0's worker, then a larger generation without a restart.
+    #[test]
+    fn shrunk_job_grows_back_when_a_worker_frees_up() {
+        let mut s = Scheduler::new(1_000_000);
+        register(&mut s, "a", 1);
+        let mut elastic = spec(1, 1, 0);
+        elastic.workers.max = Some(2);
+        let job = submit(&mut s, elastic);
+        ready_all(&mut s, &job);
+        assert_eq!(s.job(&job).unwrap().world_size(), 1);
+        let leave = |actions: &[Action]| {
+            sends(actions)
+                .iter()
+                .filter(|(_, c)| matches!(c, Command::Checkpoint { leave: true, .. }))
+                .map(|(w, _)| w.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert!(leave(&register(&mut s, "b", 1)).is_empty(), "no step yet");
+        assert_eq!(
+            leave(&progress(&mut s, &job, 0, 3, 10)),
+            vec!["a".to_string()]
+        );
+        assert!(
+            leave(&progress(&mut s, &job, 0, 4, 20)).is_empty(),
+            "asked once"
+        );
+        exit_all(&mut s, &job, i32::from(xvlm_proto::EXIT_PREEMPTED));
+        let rec = s.job(&job).unwrap();
+        assert_eq!(
+            (rec.generation, rec.world_size(), rec.restarts),
+            (2, 2, 0),
+            "{}",
+            rec.message
+        );
     }
 }

@@ -527,6 +527,18 @@ impl Daemon {
             );
             return;
         };
+        if c.leave {
+            // Rank 0 agrees the leave with every rank at the next step boundary.
+            info!(
+                job = c.job_id,
+                generation = c.generation,
+                "checkpoint and leave requested (the generation re-forms)"
+            );
+            for pid in gen.children.values() {
+                process::signal_group(*pid, save_request::LEAVE_SIGNAL);
+            }
+            return;
+        }
         let dir = self.generation_dir(&c.job_id, c.generation);
         for rank in &gen.slots {
             let path = save_request::request_file(&dir, *rank as usize);
