@@ -183,6 +183,20 @@ fn file_storage_save_commit_retain_resume() {
     let loaded = Tensor::read_safetensors(step6.join("model.safetensors")).expect("read");
     let names: Vec<&str> = loaded.iter().map(|(k, _)| k.as_str()).collect();
     assert!(names.contains(&"fc1.weight"), "{names:?}");
+
+    // A model of another shape refuses the checkpoint before changing any of its weights.
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut wider = spec();
+    if let Some(smoke) = wider.smoke.as_mut() {
+        smoke.hidden = 7;
+    }
+    let mut other = task(&wider);
+    let before = tensor_hashes(&other);
+    let err = checkpointer(&storage, 4)
+        .resume(&mut other)
+        .expect_err("a checkpoint of another shape");
+    assert!(err.to_string().contains("shape"), "{err}");
+    assert_eq!(tensor_hashes(&other), before, "weights changed by a refused load");
 }
 
 /// A save whose parts are all uploaded but which was never committed (the trainer died before

@@ -523,13 +523,17 @@ fn write_part(
 }
 
 /// Restores named weights into the tensors `task.state()` returns (they share storage with the
-/// model's variables). Every saved name must exist with the same shape.
+/// model's variables). Every name must exist with the same shape; all are checked before any is
+/// copied, so a checkpoint of another model leaves this one untouched.
 pub fn copy_weights_into(
     targets: &[(String, Tensor)],
     weights: &[(String, Tensor)],
 ) -> Result<(), TaskError> {
+    let by_name: std::collections::HashMap<&str, &Tensor> =
+        weights.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    let mut pairs = Vec::with_capacity(targets.len());
     for (name, target) in targets {
-        let Some((_, src)) = weights.iter().find(|(k, _)| k == name) else {
+        let Some(src) = by_name.get(name.as_str()) else {
             return Err(TaskError::Other(format!("checkpoint has no tensor {name}")));
         };
         if src.size() != target.size() {
@@ -539,6 +543,9 @@ pub fn copy_weights_into(
                 target.size()
             )));
         }
+        pairs.push((target, *src));
+    }
+    for (target, src) in pairs {
         let mut target = target.shallow_clone();
         tch::no_grad(|| target.copy_(src));
     }

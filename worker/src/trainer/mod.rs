@@ -150,7 +150,7 @@ pub fn run(a: &Assignment, listener: Option<TcpListener>) -> Result<(), WorkerEr
     };
     let mut task = task::build(&ctx)?;
     let total = task.total_steps();
-    let mut ckpt = checkpointer(a)?;
+    let mut ckpt = checkpointer(a, task.as_ref())?;
     let mut start = a.start_step;
     if let Some(c) = ckpt.as_ref().filter(|_| a.generation > 1) {
         start = c.resume(task.as_mut())?.unwrap_or(start);
@@ -227,7 +227,7 @@ pub fn run(a: &Assignment, listener: Option<TcpListener>) -> Result<(), WorkerEr
 const COMMIT_WAIT: Duration = Duration::from_secs(60);
 
 /// The checkpoint driver when the job saves checkpoints or this generation may resume one.
-fn checkpointer(a: &Assignment) -> Result<Option<Checkpointer>, WorkerError> {
+fn checkpointer(a: &Assignment, task: &dyn TrainTask) -> Result<Option<Checkpointer>, WorkerError> {
     // Even without periodic saves, a requested checkpoint (preemption, on demand) needs one.
     let storage = match Storage::open(&a.output) {
         Ok(s) => s,
@@ -235,7 +235,7 @@ fn checkpointer(a: &Assignment) -> Result<Option<Checkpointer>, WorkerError> {
         Err(_) if a.spec.checkpoint.every_steps == 0 => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    let config = serde_json::json!({ "job": &a.spec });
+    let config = serde_json::json!({ "job": &a.spec, "model": task.model_config() });
     let mut c = Checkpointer::new(
         storage,
         a.spec.checkpoint.clone(),

@@ -170,6 +170,8 @@ pub struct PretrainTask {
     total_steps: u64,
     batch_size: usize,
     lr: f64,
+    /// The merged task config, saved in every checkpoint's `config.json`.
+    config: serde_json::Value,
 }
 
 fn other(e: impl std::fmt::Display) -> TaskError {
@@ -396,6 +398,7 @@ impl PretrainTask {
             total_steps,
             batch_size,
             lr: 0.0,
+            config: serde_json::to_value(&task).unwrap_or_default(),
         })
     }
 
@@ -673,6 +676,10 @@ impl TrainTask for PretrainTask {
 
     fn checkpoint_state(&self) -> Vec<(String, Tensor)> {
         self.trainer.state_tensors()
+    }
+
+    fn model_config(&self) -> serde_json::Value {
+        self.config.clone()
     }
 
     fn checkpoint_meta(&self) -> serde_json::Value {

@@ -84,6 +84,10 @@ pub trait TrainTask {
     fn checkpoint_state(&self) -> Vec<(String, Tensor)> {
         Vec::new()
     }
+    /// The model and task configuration a checkpoint records beside the job spec (`config.json`).
+    fn model_config(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
     /// This rank's JSON checkpoint state: data cursors, RNG.
     fn checkpoint_meta(&self) -> serde_json::Value {
         serde_json::Value::Null
