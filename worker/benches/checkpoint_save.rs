@@ -97,7 +97,7 @@ fn main() {
             1,
             serde_json::Value::Null,
         );
-        ck.save(1, 0, &task);
+        ck.save(1, 0, &task).expect("save");
         storage
             .commit_parts(&ck.finish().expect("upload"), 1)
             .expect("commit");

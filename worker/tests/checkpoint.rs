@@ -196,7 +196,11 @@ fn file_storage_save_commit_retain_resume() {
         .resume(&mut other)
         .expect_err("a checkpoint of another shape");
     assert!(err.to_string().contains("shape"), "{err}");
-    assert_eq!(tensor_hashes(&other), before, "weights changed by a refused load");
+    assert_eq!(
+        tensor_hashes(&other),
+        before,
+        "weights changed by a refused load"
+    );
 }
 
 /// A save whose parts are all uploaded but which was never committed (the trainer died before
@@ -217,7 +221,7 @@ fn uncommitted_parts_are_never_resumed() {
     run(&mut first, &mut ck, 4, 5);
     ck.upload_delay = Duration::from_millis(200);
     first.step(5, &SingleProcess).expect("step");
-    ck.save(6, 0, &first);
+    ck.save(6, 0, &first).expect("save");
     drop(ck);
     std::thread::sleep(Duration::from_millis(600));
     assert!(

@@ -1,6 +1,6 @@
 //! Named tensors to and from safetensors bytes (kept in memory so they can be hashed and uploaded).
 
-use safetensors::tensor::{Dtype, TensorView};
+use safetensors::tensor::{Dtype, Metadata, TensorInfo};
 use tch::{Kind, Tensor};
 
 use super::CheckpointError;
@@ -37,65 +37,101 @@ fn kind(dtype: Dtype) -> Option<Kind> {
     })
 }
 
-/// Host copies of named tensors: what a save holds while the upload runs. Every tensor is a
-/// contiguous CPU tensor owned by this value (so its bytes can be borrowed without another copy).
-pub struct HostTensors(Vec<(String, Tensor)>);
+/// A safetensors file assembled in host memory straight from named tensors: what a save holds
+/// while the upload runs. Each tensor is copied (from any device) into its final place in the file,
+/// so a save costs one copy of the state and no serialisation pass.
+pub struct HostFile {
+    bytes: Vec<u8>,
+    tensors: usize,
+}
 
-impl HostTensors {
-    /// Deep-copies `tensors` into contiguous CPU memory (the only part of a save the step waits for).
-    pub fn copy_of(tensors: &[(String, Tensor)]) -> HostTensors {
-        HostTensors(
-            tensors
-                .iter()
-                .map(|(k, t)| {
-                    let host =
-                        tch::no_grad(|| t.detach().to_device(tch::Device::Cpu).contiguous().copy());
-                    (k.clone(), host)
-                })
-                .collect(),
-        )
-    }
-
-    /// Whether there are no tensors.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    /// Total bytes of tensor data.
-    pub fn bytes(&self) -> usize {
-        self.0
-            .iter()
-            .map(|(_, t)| t.numel() * t.kind().elt_size_in_bytes())
-            .sum()
-    }
-
-    /// Serialises as a safetensors file.
-    pub fn to_safetensors(&self, what: &str) -> Result<Vec<u8>, CheckpointError> {
-        let buffers: Vec<&[u8]> = self
-            .0
-            .iter()
-            .map(|(_, t)| {
-                let n = t.numel() * t.kind().elt_size_in_bytes();
-                if n == 0 {
-                    return &[][..];
-                }
-                // SAFETY: `copy_of` made every tensor a contiguous CPU tensor that `self` owns and
-                // nothing else writes; the slice lives no longer than `self`.
-                unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, n) }
-            })
-            .collect();
-        let mut views = Vec::with_capacity(self.0.len());
-        for ((name, t), buf) in self.0.iter().zip(&buffers) {
-            let dt = dtype(t.kind()).ok_or_else(|| {
-                CheckpointError::Format(format!("{what}: {name}: dtype {:?}", t.kind()))
-            })?;
-            let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
-            let view = TensorView::new(dt, shape, buf)
-                .map_err(|e| CheckpointError::Format(format!("{what}: {name}: {e}")))?;
-            views.push((name.clone(), view));
+impl HostFile {
+    /// Lays out the safetensors header of `tensors` (the `safetensors` crate's order: descending
+    /// dtype alignment, then name) and copies every tensor into the file (the only part of a save
+    /// the step waits for). `what` names the file in errors.
+    pub fn copy_of(tensors: &[(String, Tensor)], what: &str) -> Result<HostFile, CheckpointError> {
+        let bad = |name: &str, e: &dyn std::fmt::Display| {
+            CheckpointError::Format(format!("{what}: {name}: {e}"))
+        };
+        let mut items = Vec::with_capacity(tensors.len());
+        for (name, t) in tensors {
+            let dt = dtype(t.kind()).ok_or_else(|| bad(name, &format!("dtype {:?}", t.kind())))?;
+            items.push((name, t, dt));
         }
-        safetensors::serialize(views, None)
-            .map_err(|e| CheckpointError::Format(format!("{what}: {e}")))
+        items.sort_by(|a, b| b.2.cmp(&a.2).then(a.0.cmp(b.0)));
+        let mut infos = Vec::with_capacity(items.len());
+        let mut offset = 0usize;
+        for (name, t, dt) in &items {
+            let len = t.numel() * t.kind().elt_size_in_bytes();
+            let shape = t.size().iter().map(|&d| d as usize).collect();
+            infos.push((
+                name.to_string(),
+                TensorInfo {
+                    dtype: *dt,
+                    shape,
+                    data_offsets: (offset, offset + len),
+                },
+            ));
+            offset += len;
+        }
+        let metadata = Metadata::new(None, infos).map_err(|e| bad("header", &e))?;
+        let mut header = serde_json::to_vec(&metadata).map_err(|e| bad("header", &e))?;
+        header.resize(header.len().next_multiple_of(8), b' ');
+        let start = 8 + header.len();
+        let mut bytes = vec![0u8; start + offset];
+        bytes[..8].copy_from_slice(&(header.len() as u64).to_le_bytes());
+        bytes[8..start].copy_from_slice(&header);
+        let mut at = start;
+        for (_, t, _) in &items {
+            let len = t.numel() * t.kind().elt_size_in_bytes();
+            copy_into(t, &mut bytes[at..at + len]);
+            at += len;
+        }
+        Ok(HostFile {
+            bytes,
+            tensors: items.len(),
+        })
+    }
+
+    /// Whether the file holds no tensors.
+    pub fn is_empty(&self) -> bool {
+        self.tensors == 0
+    }
+
+    /// The file's bytes.
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.bytes
+    }
+}
+
+/// Copies `t` (any device, any strides) into `slot`, its contiguous little-endian bytes.
+fn copy_into(t: &Tensor, slot: &mut [u8]) {
+    if slot.is_empty() {
+        return;
+    }
+    let src = t.detach();
+    let elt = t.kind().elt_size_in_bytes();
+    if (slot.as_ptr() as usize).is_multiple_of(elt) {
+        let size = t.size();
+        let mut strides = vec![1i64; size.len()];
+        for i in (0..size.len().saturating_sub(1)).rev() {
+            strides[i] = strides[i + 1] * size[i + 1].max(1);
+        }
+        // SAFETY: `slot` is exactly numel x element-size bytes, aligned for the element type, and
+        // outlives `dst`, which is dropped at the end of this block; nothing else touches `slot`.
+        let mut dst = unsafe {
+            Tensor::from_blob(
+                slot.as_mut_ptr(),
+                &size,
+                &strides,
+                t.kind(),
+                tch::Device::Cpu,
+            )
+        };
+        tch::no_grad(|| dst.copy_(&src));
+    } else {
+        let host = src.to_device(tch::Device::Cpu).contiguous();
+        host.copy_data_u8(slot, t.numel());
     }
 }
 
@@ -119,4 +155,64 @@ pub fn from_safetensors(data: &[u8], what: &str) -> Result<Vec<(String, Tensor)>
         out.push((name, t));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetensors::tensor::TensorView;
+
+    /// The file is byte for byte what `safetensors::serialize` writes for the same tensors, from
+    /// mixed dtypes, a strided (transposed) tensor and an empty one, and it reads back equal.
+    #[test]
+    fn host_file_equals_the_crates_serialisation() {
+        let tensors = vec![
+            (
+                "b.weight".to_string(),
+                Tensor::arange(12, (Kind::Float, tch::Device::Cpu))
+                    .view([3, 4])
+                    .tr(),
+            ),
+            ("a.count".to_string(), Tensor::from_slice(&[3i64, -1, 7])),
+            (
+                "c.half".to_string(),
+                Tensor::from_slice(&[1.5f32, -2.0]).to_kind(Kind::Half),
+            ),
+            (
+                "d.empty".to_string(),
+                Tensor::zeros([0, 3], (Kind::Float, tch::Device::Cpu)),
+            ),
+        ];
+        let file = HostFile::copy_of(&tensors, "test").unwrap().into_bytes();
+        let contiguous: Vec<(String, Tensor)> = tensors
+            .iter()
+            .map(|(k, t)| (k.clone(), t.contiguous()))
+            .collect();
+        let buffers: Vec<Vec<u8>> = contiguous
+            .iter()
+            .map(|(_, t)| {
+                let mut b = vec![0u8; t.numel() * t.kind().elt_size_in_bytes()];
+                t.copy_data_u8(&mut b, t.numel());
+                b
+            })
+            .collect();
+        let views: Vec<(String, TensorView)> = contiguous
+            .iter()
+            .zip(&buffers)
+            .map(|((k, t), b)| {
+                let shape = t.size().iter().map(|&d| d as usize).collect();
+                (
+                    k.clone(),
+                    TensorView::new(dtype(t.kind()).unwrap(), shape, b).unwrap(),
+                )
+            })
+            .collect();
+        let expected = safetensors::serialize(views, None).unwrap();
+        assert_eq!(file, expected);
+        let back = from_safetensors(&file, "test").unwrap();
+        for (name, t) in &tensors {
+            let (_, got) = back.iter().find(|(k, _)| k == name).unwrap();
+            assert!(got.equal(t), "{name}");
+        }
+    }
 }

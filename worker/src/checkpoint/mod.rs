@@ -30,7 +30,7 @@ use xvlm_model::collective::CollectiveError;
 use xvlm_proto::spec::CheckpointSpec;
 
 use crate::trainer::task::{TaskError, TrainTask};
-use format::{from_safetensors, HostTensors};
+use format::{from_safetensors, HostFile};
 pub use storage::Storage;
 pub use xvlm_proto::checkpoint::{
     parse_step, step_dir, FileEntry, Manifest, Part, CHECKPOINTS, MANIFEST,
@@ -223,7 +223,7 @@ impl Checkpointer {
         if request.is_some() || (every > 0 && done.is_multiple_of(every) && done < total) {
             // The previous upload may still run: wait for it rather than pile up host copies.
             parts.extend(self.uploaded(true)?);
-            self.save(done, request.unwrap_or(0), task);
+            self.save(done, request.unwrap_or(0), task)?;
         }
         Ok(parts)
     }
@@ -241,17 +241,27 @@ impl Checkpointer {
         task: &dyn TrainTask,
     ) -> Result<Vec<Part>, CheckpointError> {
         let mut parts = self.uploaded(true)?;
-        self.save(step, 0, task);
+        self.save(step, 0, task)?;
         parts.extend(self.uploaded(true)?);
         Ok(parts)
     }
 
-    /// Starts saving the state after step `step`: copies tensors to host memory now, serialises,
-    /// hashes and uploads on a background thread. `request` is the on-demand request it serves.
-    pub fn save(&mut self, step: u64, request: u64, task: &dyn TrainTask) {
+    /// Starts saving the state after step `step`: copies the tensors into host-memory safetensors
+    /// files now, hashes and uploads them on a background thread. `request` is the on-demand
+    /// request it serves.
+    pub fn save(
+        &mut self,
+        step: u64,
+        request: u64,
+        task: &dyn TrainTask,
+    ) -> Result<(), CheckpointError> {
         let started = Instant::now();
-        let model = (self.rank == 0).then(|| HostTensors::copy_of(&task.state()));
-        let extra = HostTensors::copy_of(&task.checkpoint_state());
+        let model = match self.rank {
+            0 => Some(HostFile::copy_of(&task.state(), "model.safetensors")?),
+            _ => None,
+        };
+        let extra_name = format!("rank-{}.state.safetensors", self.rank);
+        let extra = HostFile::copy_of(&task.checkpoint_state(), &extra_name)?;
         let task_state = task.checkpoint_meta();
         let blocking = started.elapsed();
         let config = (self.rank == 0).then(|| self.config_json.clone());
@@ -284,6 +294,7 @@ impl Checkpointer {
             done: rx,
             handle,
         });
+        Ok(())
     }
 
     /// This rank's part of the save in flight once its upload finished (with `wait`: blocks until
@@ -470,8 +481,8 @@ impl Checkpointer {
 fn write_part(
     storage: &Storage,
     mut part: Part,
-    model: Option<HostTensors>,
-    extra: HostTensors,
+    model: Option<HostFile>,
+    extra: HostFile,
     config: Option<serde_json::Value>,
     task_state: serde_json::Value,
 ) -> Result<Part, CheckpointError> {
@@ -494,7 +505,7 @@ fn write_part(
         Ok(())
     };
     if let Some(model) = model {
-        put("model.safetensors", model.to_safetensors("model")?)?;
+        put("model.safetensors", model.into_bytes())?;
     }
     if let Some(config) = config {
         let json = serde_json::to_vec_pretty(&config)
@@ -503,7 +514,7 @@ fn write_part(
     }
     if !extra.is_empty() {
         let name = format!("rank-{}.state.safetensors", part.rank);
-        put(&name, extra.to_safetensors(&name)?)?;
+        put(&name, extra.into_bytes())?;
     }
     let record = PartRecord {
         step: part.step,

@@ -19,7 +19,7 @@ use tracing::{info, warn};
 use xvlm_model::collective::{Collective, SingleProcess};
 use xvlm_proto::spec::{Backend, JobSpec};
 
-use crate::checkpoint::format::HostTensors;
+use crate::checkpoint::format::HostFile;
 use crate::checkpoint::{Checkpointer, Part, Storage};
 use crate::comm::nccl::NcclCollective;
 use crate::comm::ring::RingCollective;
@@ -267,7 +267,7 @@ fn save_final(a: &Assignment, task: &dyn TrainTask) -> Result<(), WorkerError> {
             return Ok(());
         }
     };
-    let data = HostTensors::copy_of(&task.state()).to_safetensors(FINAL_WEIGHTS)?;
+    let data = HostFile::copy_of(&task.state(), FINAL_WEIGHTS)?.into_bytes();
     storage.put(FINAL_WEIGHTS, Bytes::from(data))?;
     info!(url = storage.url_of(FINAL_WEIGHTS), "final weights written");
     Ok(())
