@@ -1,5 +1,8 @@
 //! Named tensors to and from safetensors bytes (kept in memory so they can be hashed and uploaded).
 
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
 use safetensors::tensor::{Dtype, Metadata, TensorInfo};
 use tch::{Kind, Tensor};
 
@@ -37,19 +40,76 @@ fn kind(dtype: Dtype) -> Option<Kind> {
     })
 }
 
+/// Host buffers of earlier saves, kept for the next one: a save that reuses one pays no page faults,
+/// which on a fresh buffer cost more than the copy itself. Buffers come back when their upload is
+/// done (the last [`Bytes`] of a [`HostFile::into_bytes`] is dropped).
+#[derive(Clone, Default)]
+pub struct BufferPool(Arc<Mutex<Vec<Vec<u8>>>>);
+
+/// Buffers a pool keeps at most (a rank saves at most two files).
+const POOL_BUFFERS: usize = 2;
+
+impl BufferPool {
+    /// A buffer of exactly `len` bytes: a kept one of that size, or a new zeroed one.
+    fn take(&self, len: usize) -> Vec<u8> {
+        let mut pool = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match pool.iter().position(|b| b.len() == len) {
+            Some(i) => pool.swap_remove(i),
+            None => vec![0u8; len],
+        }
+    }
+
+    fn give_back(&self, buf: Vec<u8>) {
+        let mut pool = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        pool.push(buf);
+        if pool.len() > POOL_BUFFERS {
+            pool.remove(0);
+        }
+    }
+
+    /// Buffers kept now.
+    pub fn kept(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+/// A file's buffer that returns to its pool when the last reference is dropped.
+struct Pooled {
+    buf: Vec<u8>,
+    pool: BufferPool,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        self.pool.give_back(std::mem::take(&mut self.buf));
+    }
+}
+
 /// A safetensors file assembled in host memory straight from named tensors: what a save holds
 /// while the upload runs. Each tensor is copied (from any device) into its final place in the file,
 /// so a save costs one copy of the state and no serialisation pass.
 pub struct HostFile {
     bytes: Vec<u8>,
     tensors: usize,
+    pool: BufferPool,
 }
 
 impl HostFile {
     /// Lays out the safetensors header of `tensors` (the `safetensors` crate's order: descending
     /// dtype alignment, then name) and copies every tensor into the file (the only part of a save
     /// the step waits for). `what` names the file in errors.
-    pub fn copy_of(tensors: &[(String, Tensor)], what: &str) -> Result<HostFile, CheckpointError> {
+    /// The buffer comes from `pool` when it holds one of the right size.
+    pub fn copy_of(
+        tensors: &[(String, Tensor)],
+        what: &str,
+        pool: &BufferPool,
+    ) -> Result<HostFile, CheckpointError> {
         let bad = |name: &str, e: &dyn std::fmt::Display| {
             CheckpointError::Format(format!("{what}: {name}: {e}"))
         };
@@ -78,7 +138,8 @@ impl HostFile {
         let mut header = serde_json::to_vec(&metadata).map_err(|e| bad("header", &e))?;
         header.resize(header.len().next_multiple_of(8), b' ');
         let start = 8 + header.len();
-        let mut bytes = vec![0u8; start + offset];
+        // Every byte is written below, so a reused buffer needs no clearing.
+        let mut bytes = pool.take(start + offset);
         bytes[..8].copy_from_slice(&(header.len() as u64).to_le_bytes());
         bytes[8..start].copy_from_slice(&header);
         let mut at = start;
@@ -90,6 +151,7 @@ impl HostFile {
         Ok(HostFile {
             bytes,
             tensors: items.len(),
+            pool: pool.clone(),
         })
     }
 
@@ -98,9 +160,12 @@ impl HostFile {
         self.tensors == 0
     }
 
-    /// The file's bytes.
-    pub fn into_bytes(self) -> Vec<u8> {
-        self.bytes
+    /// The file's bytes; the buffer goes back to the pool when the last clone is dropped.
+    pub fn into_bytes(self) -> Bytes {
+        Bytes::from_owner(Pooled {
+            buf: self.bytes,
+            pool: self.pool,
+        })
     }
 }
 
@@ -183,7 +248,10 @@ mod tests {
                 Tensor::zeros([0, 3], (Kind::Float, tch::Device::Cpu)),
             ),
         ];
-        let file = HostFile::copy_of(&tensors, "test").unwrap().into_bytes();
+        let pool = BufferPool::default();
+        let file = HostFile::copy_of(&tensors, "test", &pool)
+            .unwrap()
+            .into_bytes();
         let contiguous: Vec<(String, Tensor)> = tensors
             .iter()
             .map(|(k, t)| (k.clone(), t.contiguous()))
@@ -208,11 +276,23 @@ mod tests {
             })
             .collect();
         let expected = safetensors::serialize(views, None).unwrap();
-        assert_eq!(file, expected);
+        assert_eq!(file[..], expected[..]);
         let back = from_safetensors(&file, "test").unwrap();
         for (name, t) in &tensors {
             let (_, got) = back.iter().find(|(k, _)| k == name).unwrap();
             assert!(got.equal(t), "{name}");
         }
+        // The buffer returns when the last reference goes, and the next file of that size reuses
+        // it, overwriting every byte.
+        let (first, copy) = (file.as_ptr(), file.clone());
+        drop(file);
+        assert_eq!(pool.kept(), 0, "a clone is still alive");
+        drop(copy);
+        assert_eq!(pool.kept(), 1);
+        let again = HostFile::copy_of(&tensors, "test", &pool)
+            .unwrap()
+            .into_bytes();
+        assert_eq!(again.as_ptr(), first);
+        assert_eq!(again[..], expected[..]);
     }
 }

@@ -30,7 +30,7 @@ use xvlm_model::collective::CollectiveError;
 use xvlm_proto::spec::CheckpointSpec;
 
 use crate::trainer::task::{TaskError, TrainTask};
-use format::{from_safetensors, HostFile};
+use format::{from_safetensors, BufferPool, HostFile};
 pub use storage::Storage;
 pub use xvlm_proto::checkpoint::{
     parse_step, step_dir, FileEntry, Manifest, Part, CHECKPOINTS, MANIFEST,
@@ -170,6 +170,8 @@ pub struct Checkpointer {
     pub timings: Vec<SaveTiming>,
     /// Test hook: the background upload sleeps this long before writing anything.
     pub upload_delay: Duration,
+    /// Host buffers reused from one save to the next.
+    buffers: BufferPool,
 }
 
 impl Checkpointer {
@@ -193,6 +195,7 @@ impl Checkpointer {
             pending_request: None,
             timings: Vec::new(),
             upload_delay: Duration::ZERO,
+            buffers: BufferPool::default(),
         }
     }
 
@@ -257,11 +260,15 @@ impl Checkpointer {
     ) -> Result<(), CheckpointError> {
         let started = Instant::now();
         let model = match self.rank {
-            0 => Some(HostFile::copy_of(&task.state(), "model.safetensors")?),
+            0 => Some(HostFile::copy_of(
+                &task.state(),
+                "model.safetensors",
+                &self.buffers,
+            )?),
             _ => None,
         };
         let extra_name = format!("rank-{}.state.safetensors", self.rank);
-        let extra = HostFile::copy_of(&task.checkpoint_state(), &extra_name)?;
+        let extra = HostFile::copy_of(&task.checkpoint_state(), &extra_name, &self.buffers)?;
         let task_state = task.checkpoint_meta();
         let blocking = started.elapsed();
         let config = (self.rank == 0).then(|| self.config_json.clone());
@@ -488,8 +495,7 @@ fn write_part(
 ) -> Result<Part, CheckpointError> {
     let dir = step_dir(part.step);
     let mut files = Vec::new();
-    let mut put = |name: &str, data: Vec<u8>| -> Result<(), CheckpointError> {
-        let data = Bytes::from(data);
+    let mut put = |name: &str, data: Bytes| -> Result<(), CheckpointError> {
         // Hashing a big file takes about as long as writing it: do both at once.
         let hashing = {
             let data = data.clone();
@@ -510,7 +516,7 @@ fn write_part(
     if let Some(config) = config {
         let json = serde_json::to_vec_pretty(&config)
             .map_err(|e| CheckpointError::Format(e.to_string()))?;
-        put("config.json", json)?;
+        put("config.json", Bytes::from(json))?;
     }
     if !extra.is_empty() {
         let name = format!("rank-{}.state.safetensors", part.rank);

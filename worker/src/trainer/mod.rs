@@ -12,14 +12,13 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tch::Device;
 use tracing::{info, warn};
 use xvlm_model::collective::{Collective, SingleProcess};
 use xvlm_proto::spec::{Backend, JobSpec};
 
-use crate::checkpoint::format::HostFile;
+use crate::checkpoint::format::{BufferPool, HostFile};
 use crate::checkpoint::{Checkpointer, Part, Storage};
 use crate::comm::nccl::NcclCollective;
 use crate::comm::ring::RingCollective;
@@ -267,8 +266,9 @@ fn save_final(a: &Assignment, task: &dyn TrainTask) -> Result<(), WorkerError> {
             return Ok(());
         }
     };
-    let data = HostFile::copy_of(&task.state(), FINAL_WEIGHTS)?.into_bytes();
-    storage.put(FINAL_WEIGHTS, Bytes::from(data))?;
+    let data =
+        HostFile::copy_of(&task.state(), FINAL_WEIGHTS, &BufferPool::default())?.into_bytes();
+    storage.put(FINAL_WEIGHTS, data)?;
     info!(url = storage.url_of(FINAL_WEIGHTS), "final weights written");
     Ok(())
 }
