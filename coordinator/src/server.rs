@@ -22,7 +22,7 @@ use crate::config::CoordConfig;
 use crate::convert;
 use crate::error::CoordError;
 use crate::planner;
-use crate::state::{Action, Applied, Event, Scheduler};
+use crate::state::{Action, Applied, Event, RunningGeneration, Scheduler};
 use crate::store::{JobStore, RedbStore};
 
 type CommandSender = mpsc::UnboundedSender<Result<v1::CoordinatorCommand, Status>>;
@@ -195,7 +195,15 @@ impl Core {
             running: r
                 .running
                 .iter()
-                .map(|g| (g.job_id.clone(), g.generation))
+                .map(|g| RunningGeneration {
+                    job: g.job_id.clone(),
+                    generation: g.generation,
+                    processes: g
+                        .ranks
+                        .iter()
+                        .filter_map(|p| Some((p.rank, p.state.chars().next()?)))
+                        .collect(),
+                })
                 .collect(),
         })?;
         for ready in r.ready {

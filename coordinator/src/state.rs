@@ -326,7 +326,7 @@ pub enum Event {
         /// It is draining.
         draining: bool,
         /// (job, generation) pairs.
-        running: Vec<(String, u64)>,
+        running: Vec<RunningGeneration>,
     },
     /// A rank is prepared.
     Ready {
@@ -423,6 +423,17 @@ pub struct CheckpointTicket {
     pub step: u64,
 }
 
+/// A generation whose trainers run on a worker, as its heartbeat reports it.
+#[derive(Clone, Debug)]
+pub struct RunningGeneration {
+    /// Job.
+    pub job: String,
+    /// Generation.
+    pub generation: u64,
+    /// (rank, Linux process state letter) of each trainer.
+    pub processes: Vec<(u32, char)>,
+}
+
 /// Step-progress clock of one rank of a running generation, for hang detection.
 #[derive(Clone, Debug)]
 struct RankClock {
@@ -436,6 +447,8 @@ struct RankClock {
     step_ms: VecDeque<u64>,
     /// p99 of `step_ms`.
     p99_ms: u64,
+    /// The trainer's process state letter in its worker's last heartbeat.
+    process: Option<char>,
 }
 
 /// Step times kept per rank for the p99.
@@ -449,6 +462,7 @@ impl RankClock {
             stepped: false,
             step_ms: VecDeque::new(),
             p99_ms: 0,
+            process: None,
         }
     }
 
@@ -601,7 +615,23 @@ impl Scheduler {
                 w.connected = true;
                 w.draining = draining;
                 let busy = w.busy.clone();
-                for (job, generation) in running {
+                for RunningGeneration {
+                    job,
+                    generation,
+                    processes,
+                } in running
+                {
+                    if let Some(clocks) = self.clocks.get_mut(&job) {
+                        let current = self
+                            .jobs
+                            .get(&job)
+                            .is_some_and(|j| j.generation == generation);
+                        for (rank, state) in processes.iter().filter(|_| current) {
+                            if let Some(clock) = clocks.get_mut(rank) {
+                                clock.process = Some(*state);
+                            }
+                        }
+                    }
                     let current = self
                         .jobs
                         .get(&job)
@@ -1044,8 +1074,9 @@ impl Scheduler {
                 continue;
             }
             let total = job.total_steps();
-            // Peers of a stuck rank block in its collectives and stall too; name the one that fell
-            // behind first (lowest step, then oldest progress).
+            // Peers of a stuck rank block in its collectives and stall too. Name the rank whose
+            // process is stopped, else one that is busy (its peers sleep in collectives), else the
+            // one that fell behind first (lowest step, then oldest progress).
             let culprit = job
                 .ranks
                 .iter()
@@ -1062,14 +1093,17 @@ impl Scheduler {
                     )
                 })
                 .filter(|(_, _, idle, bound)| idle > bound)
-                .min_by_key(|(r, clock, _, _)| (clock.step, clock.at_ms, r.rank));
+                .min_by_key(|(r, clock, _, _)| {
+                    (suspicion(clock.process), clock.step, clock.at_ms, r.rank)
+                });
             if let Some((r, clock, idle, bound)) = culprit {
                 hung.push((
                     id.clone(),
                     format!(
-                        "rank {} on {} hung: no step progress for {:.1} s after step {} (bound {:.1} s)",
+                        "rank {} on {} hung{}: no step progress for {:.1} s after step {} (bound {:.1} s)",
                         r.rank,
                         r.worker,
+                        process_note(clock.process),
                         idle as f64 / 1000.0,
                         clock.step,
                         bound as f64 / 1000.0
@@ -1325,6 +1359,27 @@ impl Scheduler {
             });
         }
         actions.push(Action::Notify(id));
+    }
+}
+
+/// How likely a stalled rank's process state makes it the cause: stopped, then busy or in I/O,
+/// then anything else (sleeping ranks usually wait for a peer).
+fn suspicion(process: Option<char>) -> u8 {
+    match process {
+        Some('T' | 't') => 0,
+        Some('R' | 'D') => 1,
+        _ => 2,
+    }
+}
+
+/// The hang message's note on the named rank's process state.
+fn process_note(process: Option<char>) -> &'static str {
+    match process {
+        Some('T' | 't') => " (its process is stopped)",
+        Some('R') => " (its process is busy while its peers wait)",
+        Some('D') => " (its process is in uninterruptible I/O)",
+        Some('Z') => " (its process has exited)",
+        _ => "",
     }
 }
 
@@ -2030,5 +2085,49 @@ mod tests {
             "{}",
             rec.message
         );
+    }
+
+    /// Of two ranks stalled at the same step, the one whose worker reports its process stopped is
+    /// named, with that state; without process states the lowest rank is.
+    #[test]
+    fn hang_names_the_stopped_process() {
+        for stopped in [None, Some(1u32)] {
+            let mut s = Scheduler::new(1_000_000);
+            register(&mut s, "a", 1);
+            register(&mut s, "b", 1);
+            let job = submit(&mut s, hang_spec(3.0, 3.0));
+            ready_all(&mut s, &job);
+            for step in 1..=20 {
+                for rank in 0..2 {
+                    progress(&mut s, &job, rank, step, step * 100);
+                }
+            }
+            let rec = s.job(&job).unwrap().clone();
+            for r in &rec.ranks {
+                let state = if Some(r.rank) == stopped { 'T' } else { 'S' };
+                s.apply(
+                    2_500,
+                    Event::Heartbeat {
+                        worker: r.worker.clone(),
+                        draining: false,
+                        running: vec![RunningGeneration {
+                            job: job.clone(),
+                            generation: rec.generation,
+                            processes: vec![(r.rank, state)],
+                        }],
+                    },
+                )
+                .unwrap();
+            }
+            s.apply(6_000, Event::Tick).unwrap();
+            let message = &s.job(&job).unwrap().message;
+            match stopped {
+                Some(rank) => assert!(
+                    message.contains(&format!("rank {rank} on b hung (its process is stopped)")),
+                    "{message}"
+                ),
+                None => assert!(message.contains("rank 0 on a hung:"), "{message}"),
+            }
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! A trainer frozen with SIGSTOP stops making step progress: the coordinator declares its rank hung
-//! after max(hang.min_secs, p99_factor x p99 step time), restarts the generation (which resumes from
-//! the last committed checkpoint) and the job succeeds. The stopped process does not outlive the test.
+//! after max(hang.min_secs, p99_factor x p99 step time), names it (its worker reports the process
+//! stopped, while its peer merely waits), restarts the generation (which resumes from the last
+//! committed checkpoint) and the job succeeds. The stopped process does not outlive the test.
 
 use std::time::{Duration, Instant};
 
@@ -52,6 +53,12 @@ fn stopped_trainer_is_detected_and_generation_restarts() {
         .unwrap_or_else(|| panic!("no bound in {line}"));
     println!("hang detected {latency:.2} s after SIGSTOP (bound {bound:.1} s): {line}");
     assert!(line.contains("RESTARTING"), "{line}");
+    // Both ranks stall (rank 0 waits in the all-reduce); the worker's process states name the
+    // stopped one.
+    assert!(
+        line.contains("rank 1 on w1 hung (its process is stopped)"),
+        "{line}"
+    );
     assert!(bound >= MIN_SECS, "{line}");
     // The last report before the stop is at most a step or two old; the coordinator ticks every 0.5 s.
     assert!(

@@ -261,10 +261,20 @@ impl Daemon {
             worker_id: worker.to_string(),
             running: self
                 .gens
-                .keys()
-                .map(|(job, generation)| v1::RunningGeneration {
+                .iter()
+                .map(|((job, generation), g)| v1::RunningGeneration {
                     job_id: job.clone(),
                     generation: *generation,
+                    ranks: g
+                        .children
+                        .iter()
+                        .filter_map(|(&rank, &pid)| {
+                            Some(v1::RankProcess {
+                                rank,
+                                state: process::state(pid)?.to_string(),
+                            })
+                        })
+                        .collect(),
                 })
                 .collect(),
             ready: std::mem::take(&mut self.ready),

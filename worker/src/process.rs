@@ -67,3 +67,10 @@ pub fn signal_group(pid: u32, signal: i32) {
         libc::kill(-(pid as libc::pid_t), signal);
     }
 }
+
+/// The Linux state letter of a process (`R`, `S`, `D`, `T`, `Z`, ...) from `/proc/PID/stat`.
+pub fn state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name in parentheses may hold spaces or parentheses: the state follows the last ')'.
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
