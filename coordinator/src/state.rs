@@ -1751,6 +1751,16 @@ mod tests {
         .actions
     }
 
+    /// A scheduler with workers `a` and `b` running generation 1 of a job of `spec`.
+    fn running_on_a_and_b(spec: JobSpec) -> (Scheduler, String) {
+        let mut s = Scheduler::new(1_000_000);
+        register(&mut s, "a", 1);
+        register(&mut s, "b", 1);
+        let job = submit(&mut s, spec);
+        ready_all(&mut s, &job);
+        (s, job)
+    }
+
     fn hang_spec(min_secs: f64, p99_factor: f64) -> JobSpec {
         let mut sp = spec(2, 1, 1);
         sp.steps = Some(1000);
@@ -1764,11 +1774,7 @@ mod tests {
     /// generation restarts and every worker is told to stop.
     #[test]
     fn hang_after_min_secs_restarts_generation() {
-        let mut s = Scheduler::new(1_000_000);
-        register(&mut s, "a", 1);
-        register(&mut s, "b", 1);
-        let job = submit(&mut s, hang_spec(3.0, 3.0));
-        ready_all(&mut s, &job);
+        let (mut s, job) = running_on_a_and_b(hang_spec(3.0, 3.0));
         for step in 1..=20 {
             for rank in 0..2 {
                 progress(&mut s, &job, rank, step, step * 100);
@@ -1790,11 +1796,7 @@ mod tests {
     /// Slow steps raise the bound to p99_factor x p99: 2 s steps with factor 3 allow 6 s.
     #[test]
     fn hang_bound_follows_p99_step_time() {
-        let mut s = Scheduler::new(1_000_000);
-        register(&mut s, "a", 1);
-        register(&mut s, "b", 1);
-        let job = submit(&mut s, hang_spec(3.0, 3.0));
-        ready_all(&mut s, &job);
+        let (mut s, job) = running_on_a_and_b(hang_spec(3.0, 3.0));
         for step in 1..=10 {
             for rank in 0..2 {
                 progress(&mut s, &job, rank, step, step * 2_000);
@@ -1809,11 +1811,7 @@ mod tests {
     /// Only one rank stalls while the other keeps reporting: that rank is named as hung.
     #[test]
     fn hang_is_per_rank() {
-        let mut s = Scheduler::new(1_000_000);
-        register(&mut s, "a", 1);
-        register(&mut s, "b", 1);
-        let job = submit(&mut s, hang_spec(3.0, 3.0));
-        ready_all(&mut s, &job);
+        let (mut s, job) = running_on_a_and_b(hang_spec(3.0, 3.0));
         for step in 1..=60 {
             progress(&mut s, &job, 0, step, step * 100);
             if step <= 10 {
@@ -1975,11 +1973,7 @@ mod tests {
     /// re-registering) and parts of another generation are not committed.
     #[test]
     fn parts_commit_once_per_step_of_the_current_generation() {
-        let mut s = Scheduler::new(1_000_000);
-        register(&mut s, "a", 1);
-        register(&mut s, "b", 1);
-        let job = submit(&mut s, spec(2, 1, 3));
-        ready_all(&mut s, &job);
+        let (mut s, job) = running_on_a_and_b(spec(2, 1, 3));
         assert!(commits(&part(&mut s, &job, 2, 4, 0, 2)).is_empty());
         assert!(
             commits(&part(&mut s, &job, 2, 4, 1, 2)).is_empty(),
@@ -2019,11 +2013,7 @@ mod tests {
     /// the generation without using a restart.
     #[test]
     fn drains_do_not_use_restarts() {
-        let mut s = Scheduler::new(1_000_000);
-        register(&mut s, "a", 1);
-        register(&mut s, "b", 1);
-        let job = submit(&mut s, spec(2, 1, 0));
-        ready_all(&mut s, &job);
+        let (mut s, job) = running_on_a_and_b(spec(2, 1, 0));
         exit_all(&mut s, &job, i32::from(xvlm_proto::EXIT_PREEMPTED));
         let rec = s.job(&job).unwrap();
         assert_eq!((rec.state, rec.restarts), (JobState::Rendezvous, 0));
@@ -2092,11 +2082,7 @@ mod tests {
     #[test]
     fn hang_names_the_stopped_process() {
         for stopped in [None, Some(1u32)] {
-            let mut s = Scheduler::new(1_000_000);
-            register(&mut s, "a", 1);
-            register(&mut s, "b", 1);
-            let job = submit(&mut s, hang_spec(3.0, 3.0));
-            ready_all(&mut s, &job);
+            let (mut s, job) = running_on_a_and_b(hang_spec(3.0, 3.0));
             for step in 1..=20 {
                 for rank in 0..2 {
                     progress(&mut s, &job, rank, step, step * 100);

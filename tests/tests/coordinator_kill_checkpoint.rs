@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use xvlm_e2e::checkpoints::committed_checkpoints;
+use xvlm_e2e::checkpoints::{committed_checkpoints, gen_logs, resumed_step};
 use xvlm_e2e::{start_coordinator_at, wait_until, write, Cluster};
 
 const JOB: &str = "name: coordkill\ntask: smoke\nsteps: 60\nseed: 3\nworkers: {min: 2}\n\
@@ -61,19 +61,8 @@ fn coordinator_killed_mid_job_resumes_from_checkpoint() {
         out.contains("ckpt=step-50"),
         "the last commit is reported to the restarted coordinator:\n{out}"
     );
-    let g2 = std::fs::read_to_string(dir.path().join(format!("work-w0/{job}/g2/rank0.log")))
-        .unwrap_or_default()
-        + &std::fs::read_to_string(dir.path().join(format!("work-w1/{job}/g2/rank0.log")))
-            .unwrap_or_default();
-    let resumed: u64 = g2
-        .split("resuming from committed checkpoint step-")
-        .nth(1)
-        .and_then(|r| {
-            r.split(|ch: char| !ch.is_ascii_digit())
-                .next()?
-                .parse()
-                .ok()
-        })
+    let g2 = gen_logs(dir.path(), &["w0", "w1"], &job, 2);
+    let resumed = resumed_step(&g2)
         .unwrap_or_else(|| panic!("generation 2 did not resume:\n{g2}\n{}", c.logs()));
     println!(
         "killed with commits {killed_with:?}; step-{uploaded} uploaded while down; generation 2 resumed from step-{resumed}"

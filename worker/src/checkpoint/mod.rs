@@ -568,3 +568,48 @@ pub fn copy_weights_into(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A mismatch in the last tensor leaves the earlier, matching ones untouched too.
+    #[test]
+    fn weights_of_another_shape_change_nothing() {
+        let targets = vec![
+            (
+                "a".to_string(),
+                Tensor::zeros([2], (tch::Kind::Float, tch::Device::Cpu)),
+            ),
+            (
+                "b".to_string(),
+                Tensor::zeros([3], (tch::Kind::Float, tch::Device::Cpu)),
+            ),
+        ];
+        let weights = vec![
+            (
+                "a".to_string(),
+                Tensor::ones([2], (tch::Kind::Float, tch::Device::Cpu)),
+            ),
+            (
+                "b".to_string(),
+                Tensor::ones([4], (tch::Kind::Float, tch::Device::Cpu)),
+            ),
+        ];
+        let err = copy_weights_into(&targets, &weights).unwrap_err();
+        assert!(err.to_string().contains("tensor b has shape [4]"), "{err}");
+        assert_eq!(targets[0].1.sum(tch::Kind::Float).double_value(&[]), 0.0);
+        let fitting = vec![
+            (
+                "a".to_string(),
+                Tensor::ones([2], (tch::Kind::Float, tch::Device::Cpu)),
+            ),
+            (
+                "b".to_string(),
+                Tensor::ones([3], (tch::Kind::Float, tch::Device::Cpu)),
+            ),
+        ];
+        copy_weights_into(&targets, &fitting).unwrap();
+        assert_eq!(targets[0].1.sum(tch::Kind::Float).double_value(&[]), 2.0);
+    }
+}

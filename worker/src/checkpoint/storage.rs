@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::TryStreamExt;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 
@@ -139,21 +138,6 @@ impl Storage {
         }
     }
 
-    /// Deletes every object under `dir`.
-    pub fn delete_dir(&self, dir: &str) -> Result<(), CheckpointError> {
-        let path = self.path(dir);
-        let store = self.store.clone();
-        self.rt
-            .block_on(async move {
-                let objects: Vec<_> = store.list(Some(&path)).try_collect().await?;
-                for meta in objects {
-                    store.delete(&meta.location).await?;
-                }
-                Ok::<_, object_store::Error>(())
-            })
-            .map_err(|e| self.err(dir, e))
-    }
-
     /// Commits the parts of one step the way the coordinator does ([`Manifest::from_parts`],
     /// [`CheckpointDir::commit`]): for tools and tests that run trainers without one. Returns the
     /// steps retention removed.
@@ -164,31 +148,15 @@ impl Storage {
     ) -> Result<Vec<u64>, CheckpointError> {
         let manifest =
             Manifest::from_parts(parts).map_err(|e| CheckpointError::Format(e.to_string()))?;
-        self.commit(&manifest, keep_last)
-    }
-
-    /// Commits `manifest` the way the coordinator does ([`CheckpointDir::commit`]). Returns the steps
-    /// retention removed.
-    pub fn commit(&self, manifest: &Manifest, keep_last: u32) -> Result<Vec<u64>, CheckpointError> {
         let dir = CheckpointDir {
             store: self.store.as_ref(),
             root: &self.root,
         };
         self.rt
-            .block_on(dir.commit(manifest, keep_last))
+            .block_on(dir.commit(&manifest, keep_last))
             .map_err(|e| CheckpointError::Store {
                 url: self.url.clone(),
                 message: e.to_string(),
             })
-    }
-
-    /// Deletes one object (a missing one is fine).
-    pub fn delete(&self, name: &str) -> Result<(), CheckpointError> {
-        let path = self.path(name);
-        let store = self.store.clone();
-        match self.rt.block_on(async move { store.delete(&path).await }) {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(self.err(name, e)),
-        }
     }
 }
