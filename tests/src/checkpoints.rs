@@ -66,7 +66,12 @@ pub fn gen_logs(dir: &Path, workers: &[&str], job: &str, g: u64) -> String {
 
 /// The step a generation's log says it resumed from.
 pub fn resumed_step(logs: &str) -> Option<u64> {
-    logs.split("resuming from committed checkpoint step-")
+    step_after(logs, "resuming from committed checkpoint step-")
+}
+
+/// The number right after the first `marker` in `logs`.
+pub fn step_after(logs: &str, marker: &str) -> Option<u64> {
+    logs.split(marker)
         .nth(1)?
         .split(|ch: char| !ch.is_ascii_digit())
         .next()?

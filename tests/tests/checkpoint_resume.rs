@@ -1,11 +1,11 @@
 //! kill -9 of one trainer after a committed checkpoint: generation 2 resumes from the committed step
 //! and the job ends with weights bit-identical to an uninterrupted run with the same seed.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-use xvlm_e2e::checkpoints::committed_checkpoints;
+use xvlm_e2e::checkpoints::{committed_checkpoints, gen_logs, resumed_step, trainer_pids};
 use xvlm_e2e::{alive, text, wait_until, write, Cluster};
 
 const JOB: &str =
@@ -28,26 +28,6 @@ fn tensor_hashes(path: &Path) -> Vec<(String, String)> {
     out
 }
 
-fn trainer_pids(gen_dir: &Path) -> Vec<u32> {
-    std::fs::read_dir(gen_dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|e| e == "pid"))
-                .filter_map(|p| std::fs::read_to_string(p).ok()?.trim().parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn read_logs(paths: &[PathBuf]) -> String {
-    paths
-        .iter()
-        .map(|p| std::fs::read_to_string(p).unwrap_or_default())
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 #[test]
 fn killed_trainer_resumes_bit_identical() {
     let dir = tempfile::tempdir().unwrap();
@@ -62,11 +42,11 @@ fn killed_trainer_resumes_bit_identical() {
     let saved = committed_checkpoints(&output)[0];
     // The manifest is written at a later step boundary; let a few more steps pass.
     std::thread::sleep(Duration::from_millis(300));
-    let victim = trainer_pids(&dir.path().join(format!("work-w1/{job}/g1")));
+    let victim = trainer_pids(dir.path(), "w1", &job, 1);
     assert_eq!(victim.len(), 1, "one trainer on w1");
-    assert!(alive(victim[0]), "trainer finished before the kill");
+    assert!(alive(victim[0].1), "trainer finished before the kill");
     // SAFETY: plain kill(2) of a pid this test's cluster started.
-    unsafe { libc::kill(victim[0] as i32, libc::SIGKILL) };
+    unsafe { libc::kill(victim[0].1 as i32, libc::SIGKILL) };
 
     let watch = c.cli(&["watch", &job]);
     assert!(
@@ -75,21 +55,8 @@ fn killed_trainer_resumes_bit_identical() {
         text(&watch.stdout),
         c.logs()
     );
-    let g2_logs = read_logs(&[
-        dir.path().join(format!("work-w0/{job}/g2/rank0.log")),
-        dir.path().join(format!("work-w1/{job}/g2/rank1.log")),
-        dir.path().join(format!("work-w0/{job}/g2/rank1.log")),
-        dir.path().join(format!("work-w1/{job}/g2/rank0.log")),
-    ]);
-    let resumed: u64 = g2_logs
-        .split("resuming from committed checkpoint step-")
-        .nth(1)
-        .and_then(|rest| {
-            rest.split(|ch: char| !ch.is_ascii_digit())
-                .next()?
-                .parse()
-                .ok()
-        })
+    let g2_logs = gen_logs(dir.path(), &["w0", "w1"], &job, 2);
+    let resumed = resumed_step(&g2_logs)
         .unwrap_or_else(|| panic!("generation 2 did not resume:\n{g2_logs}\n{}", c.logs()));
     assert!(
         g2_logs.contains("generation 2 resuming"),

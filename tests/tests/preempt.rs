@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use xvlm_e2e::checkpoints::{
     committed_checkpoints, diff_to_uninterrupted_world_2, gen_logs, last_line, resumed_step,
-    trainer_pids,
+    step_after, trainer_pids,
 };
 use xvlm_e2e::{alive, wait_until, write, Cluster};
 
@@ -68,15 +68,7 @@ fn sigterm_drains_worker_without_losing_steps() {
         "expected success in generation 2 at world 1: {last}\n{watch}"
     );
     let g1 = gen_logs(dir.path(), &["w0", "w1"], &job, 1);
-    let saved: u64 = g1
-        .split("preempted: checkpoint step-")
-        .nth(1)
-        .and_then(|rest| {
-            rest.split(|ch: char| !ch.is_ascii_digit())
-                .next()?
-                .parse()
-                .ok()
-        })
+    let saved = step_after(&g1, "preempted: checkpoint step-")
         .unwrap_or_else(|| panic!("generation 1 did not checkpoint on the drain:\n{g1}"));
     let g2 = gen_logs(dir.path(), &["w0"], &job, 2);
     let resumed = resumed_step(&g2)
