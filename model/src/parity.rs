@@ -166,9 +166,11 @@ pub enum ParityError {
 }
 
 /// Every kind a `case.yaml` may name.
-pub const KNOWN_KINDS: [&str; 9] = [
+pub const KNOWN_KINDS: [&str; 11] = [
     "pretrain",
     "pretrain_train_steps",
+    "finetune_train_steps",
+    "grounding_weak_eval",
     "retrieval",
     "grounding_bbox",
     "nlvr",
@@ -282,9 +284,11 @@ pub fn run_case_on(
             let expected = read_tensors(&dir.join("expected.safetensors"))?;
             image_preprocessing::run(dir, &spec, &expected)?
         }
-        // The trainer's replay of `Pretrain.train` (train/replay.rs): per-step losses, lrs, grad norms,
+        // The trainer's replay of `Pretrain.train` (train/replay/): per-step losses, lrs, grad norms,
         // param groups and final weights.
         "pretrain_train_steps" => crate::train::run_train_steps_case(dir, weights)?,
+        // The shared fine-tuning step replaying the official loop of the case's `task:`.
+        "finetune_train_steps" => crate::train::run_finetune_steps_case(dir, weights)?,
         k if KNOWN_KINDS.contains(&k) => {
             return Err(ParityError::NotImplemented {
                 kind: spec.kind.clone(),

@@ -64,3 +64,10 @@ fn nlvr_from_model_th() {
 fn grounding_bbox_from_model_th() {
     check("grounding_bbox", WeightsSource::TorchSave, 10);
 }
+
+/// Retrieval fine-tuning: 4 steps of the official `Retrieval.train` loop through the shared fine-tune
+/// step (ITC + ITM with `idx`, the fine-tune param groups, the schedule stepped per update, no clipping).
+#[test]
+fn retrieval_train_steps_from_model_th() {
+    check("retrieval_train_steps", WeightsSource::TorchSave, 200);
+}

@@ -12,12 +12,17 @@
 //! are averaged (the official code ignores the key); mixed precision is fp16 autocast with apex-O1-style
 //! dynamic loss scaling, CUDA only (fp32 with a warning on CPU).
 
+mod engine;
+pub mod finetune;
 mod pretrain;
 mod replay;
 pub mod seed;
 
-pub use pretrain::{IterationLog, PretrainTrainer, StepKind, StepLog, TrainSettings};
-pub use replay::run_train_steps_case;
+pub use engine::{EngineSettings, OptimizerEngine, UpdateLog};
+pub use pretrain::{
+    mixed_precision_of, IterationLog, PretrainTrainer, StepKind, StepLog, TrainSettings,
+};
+pub use replay::{run_finetune_steps_case, run_train_steps_case};
 
 use std::path::PathBuf;
 

@@ -5,14 +5,15 @@ use std::collections::HashMap;
 
 use tch::{nn::VarStore, Tensor};
 
+use super::engine::{EngineSettings, OptimizerEngine, UpdateLog};
 use super::seed::{derive_seed, uniform, Purpose};
 use super::TrainError;
 use crate::collective::Collective;
 use crate::config::{OptimizerConfig, TaskConfig};
 use crate::loss::{MultinomialSampler, NegativeSampler};
 use crate::optim::{
-    is_pretrain_init_param, named_trainable_params, AdamW, DynamicLossScaler, GradAccumulator,
-    Gradients, LinearSchedule, NamedParam, Scheduler, DEFAULT_BUCKET_ELEMENTS,
+    is_pretrain_init_param, named_trainable_params, AdamW, DynamicLossScaler, LinearSchedule,
+    NamedParam, DEFAULT_BUCKET_ELEMENTS,
 };
 use crate::tasks::{PretrainBatch, PretrainModel};
 
@@ -51,6 +52,38 @@ impl TrainSettings {
             micro_batches: acc.map_or(1, |a| a.GRAD_ACCUMULATE_STEPS.max(1)),
         }
     }
+
+    /// What the optimizer engine needs of these settings.
+    pub fn engine(&self) -> EngineSettings {
+        EngineSettings {
+            clip_grad_norm: self.clip_grad_norm,
+            bucket_elements: self.bucket_elements,
+            mixed_precision: self.mixed_precision,
+        }
+    }
+}
+
+/// Whether `task`'s `FP16_OPT_LEVEL` asks for mixed precision on `device`: O1 (and O2, run as O1) on
+/// CUDA; on a CPU run the request is dropped with a warning.
+pub fn mixed_precision_of(task: &TaskConfig, device: tch::Device) -> bool {
+    let Some(acc) = &task.accelerator else {
+        return false;
+    };
+    let level = acc.FP16_OPT_LEVEL.as_str();
+    if level == "O0" {
+        return false;
+    }
+    if !device.is_cuda() {
+        tracing::warn!(level, "FP16_OPT_LEVEL on a CPU run: training in fp32");
+        return false;
+    }
+    if level != "O1" {
+        tracing::warn!(
+            level,
+            "FP16_OPT_LEVEL: runs as O1 (fp16 autocast, fp32 weights)"
+        );
+    }
+    true
 }
 
 /// Which batch an optimizer step ran on.
@@ -100,14 +133,13 @@ pub struct IterationLog {
     pub lrs_after: Vec<f64>,
 }
 
-/// Runs pre-training iterations on a [`PretrainModel`]: gradients averaged over the collective,
-/// clipped, applied by the official AdamW; one scheduler step per iteration.
+/// Runs pre-training iterations on a [`PretrainModel`] through the [`OptimizerEngine`]: gradients
+/// averaged over the collective, clipped, applied by the official AdamW; one scheduler step per
+/// iteration.
 pub struct PretrainTrainer<'m> {
     model: &'m PretrainModel,
-    optimizer: AdamW,
-    scheduler: Scheduler,
+    engine: OptimizerEngine,
     settings: TrainSettings,
-    scaler: Option<DynamicLossScaler>,
 }
 
 impl<'m> PretrainTrainer<'m> {
@@ -120,16 +152,17 @@ impl<'m> PretrainTrainer<'m> {
         schedule: LinearSchedule,
         settings: TrainSettings,
     ) -> Result<Self, TrainError> {
-        let mut optimizer = AdamW::new(params, optimizer, is_pretrain_init_param)?;
-        let scheduler = Scheduler::new(schedule);
-        optimizer.set_lr_factor(scheduler.factor());
-        let scaler = settings.mixed_precision.then(DynamicLossScaler::official);
+        let engine = OptimizerEngine::new(
+            params,
+            optimizer,
+            is_pretrain_init_param,
+            schedule,
+            settings.engine(),
+        )?;
         Ok(Self {
             model,
-            optimizer,
-            scheduler,
+            engine,
             settings,
-            scaler,
         })
     }
 
@@ -169,20 +202,7 @@ impl<'m> PretrainTrainer<'m> {
         }
         let schedule = LinearSchedule::from_config(sched, size.div_ceil(global))?;
         let mut settings = TrainSettings::from_task(task);
-        if let Some(acc) = &task.accelerator {
-            let level = acc.FP16_OPT_LEVEL.as_str();
-            if level != "O0" && !vs.device().is_cuda() {
-                tracing::warn!(level, "FP16_OPT_LEVEL on a CPU run: training in fp32");
-            } else if level != "O0" {
-                if level != "O1" {
-                    tracing::warn!(
-                        level,
-                        "FP16_OPT_LEVEL: runs as O1 (fp16 autocast, fp32 weights)"
-                    );
-                }
-                settings.mixed_precision = true;
-            }
-        }
+        settings.mixed_precision = mixed_precision_of(task, vs.device());
         Self::new(model, named_trainable_params(vs), opt, schedule, settings)
     }
 
@@ -194,35 +214,34 @@ impl<'m> PretrainTrainer<'m> {
     /// Replaces the settings (e.g. `dropout: false` for a deterministic replay); turning mixed
     /// precision on starts the official loss scaler, turning it off drops it.
     pub fn with_settings(mut self, settings: TrainSettings) -> Self {
-        self.scaler = match (settings.mixed_precision, self.scaler.take()) {
-            (true, Some(scaler)) => Some(scaler),
-            (true, None) => Some(DynamicLossScaler::official()),
-            (false, _) => None,
-        };
+        self.engine.set_settings(settings.engine());
         self.settings = settings;
         self
     }
 
     /// The loss scaler (mixed precision only).
     pub fn scaler(&self) -> Option<&DynamicLossScaler> {
-        self.scaler.as_ref()
+        self.engine.scaler()
     }
 
     /// Replaces the loss scaler's state (mixed precision only; e.g. a restored or a test scale).
     pub fn set_scaler(&mut self, scaler: DynamicLossScaler) {
-        if self.settings.mixed_precision {
-            self.scaler = Some(scaler);
-        }
+        self.engine.set_scaler(scaler);
     }
 
     /// The optimizer (parameters, groups, state).
     pub fn optimizer(&self) -> &AdamW {
-        &self.optimizer
+        self.engine.optimizer()
+    }
+
+    /// The optimizer engine (state for checkpoints, the lr of each group).
+    pub fn engine(&self) -> &OptimizerEngine {
+        &self.engine
     }
 
     /// The next iteration's index (= scheduler steps taken).
     pub fn iteration(&self) -> u64 {
-        self.scheduler.step
+        self.engine.schedule_step()
     }
 
     /// Whether iteration [`Self::iteration`] runs a region step: a coin derived from (seed, iteration),
@@ -260,18 +279,12 @@ impl<'m> PretrainTrainer<'m> {
             )));
         }
         let mut sums = [0.0f64; 6];
-        let mut accumulator = GradAccumulator::new();
         let dropout = self.settings.dropout;
         for batch in micro_batches {
-            let mut forward = || {
+            let out = self.engine.forward(|| {
                 self.model
                     .forward(batch, collective, &mut *sampler, dropout)
-            };
-            let out = if self.scaler.is_some() {
-                crate::runtime::autocast_cuda(true, forward)?
-            } else {
-                forward()?
-            };
+            })?;
             let value = |t: Option<&Tensor>| -> Result<f64, TrainError> {
                 Ok(t.map(|t| t.f_double_value(&[])).transpose()?.unwrap_or(0.0))
             };
@@ -286,34 +299,14 @@ impl<'m> PretrainTrainer<'m> {
             for (s, l) in sums.iter_mut().zip(losses) {
                 *s += l;
             }
-            let to_backward = match &self.scaler {
-                Some(scaler) => scaler.scale_loss(&out.loss_total)?,
-                None => out.loss_total.shallow_clone(),
-            };
-            accumulator.add(Gradients::backward(&to_backward, self.optimizer.params())?)?;
+            self.engine.backward(&out.loss_total)?;
         }
-        let mut grads = accumulator
-            .take_mean()?
-            .ok_or_else(|| TrainError::Input("no gradients were computed".into()))?;
-        grads.all_reduce_mean(
-            collective,
-            self.optimizer.params(),
-            self.settings.bucket_elements,
-        )?;
-        // apex: unscale after the all-reduce; an overflow skips the update (the scheduler still runs).
-        let mut skipped = false;
-        if let Some(scaler) = &mut self.scaler {
-            skipped = !scaler.unscale(&mut grads)?;
-            scaler.update(skipped);
-        }
-        let grad_norm = match self.settings.clip_grad_norm {
-            Some(max) => grads.clip_norm(max)?,
-            None => grads.total_norm()?.f_double_value(&[])?,
-        };
-        let lrs = self.optimizer.lrs();
-        if !skipped {
-            self.optimizer.step(&grads)?;
-        }
+        let UpdateLog {
+            lrs,
+            grad_norm,
+            skipped,
+            ..
+        } = self.engine.update(collective)?;
         let n = micro_batches.len() as f64;
         let log = StepLog {
             iteration: self.iteration(),
@@ -346,9 +339,7 @@ impl<'m> PretrainTrainer<'m> {
 
     /// Ends the iteration: one scheduler step; returns every group's new lr.
     pub fn finish_iteration(&mut self) -> Vec<f64> {
-        self.scheduler.advance();
-        self.optimizer.set_lr_factor(self.scheduler.factor());
-        self.optimizer.lrs()
+        self.engine.advance_schedule()
     }
 
     /// One full iteration with derived randomness: the region step on `region` when given (call
@@ -397,23 +388,9 @@ impl<'m> PretrainTrainer<'m> {
         })
     }
 
-    /// Optimizer and scheduler state for a checkpoint: `optimizer.{param}.{exp_avg,exp_avg_sq,step}` and
-    /// `scheduler.step` (int64 scalar).
+    /// Optimizer, scheduler and scaler state for a checkpoint (see [`OptimizerEngine::state_tensors`]).
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut out: Vec<(String, Tensor)> = self
-            .optimizer
-            .state_tensors()
-            .into_iter()
-            .map(|(k, t)| (format!("optimizer.{k}"), t))
-            .collect();
-        out.push((
-            "scheduler.step".into(),
-            Tensor::from(self.scheduler.step as i64),
-        ));
-        if let Some(scaler) = &self.scaler {
-            out.extend(scaler.state_tensors());
-        }
-        out
+        self.engine.state_tensors()
     }
 
     /// Restores what [`Self::state_tensors`] wrote (the model weights are restored separately).
@@ -421,27 +398,6 @@ impl<'m> PretrainTrainer<'m> {
         &mut self,
         tensors: &HashMap<String, Tensor>,
     ) -> Result<(), TrainError> {
-        let step = tensors
-            .get("scheduler.step")
-            .ok_or_else(|| TrainError::Input("training state lacks scheduler.step".into()))?
-            .f_int64_value(&[])?;
-        if let (Some(scaler), Some(scale), Some(unskipped)) = (
-            &mut self.scaler,
-            tensors.get("scaler.scale"),
-            tensors.get("scaler.unskipped"),
-        ) {
-            scaler.load_state(scale, unskipped)?;
-        }
-        let optimizer: HashMap<String, Tensor> = tensors
-            .iter()
-            .filter_map(|(k, t)| {
-                Some((k.strip_prefix("optimizer.")?.to_string(), t.shallow_clone()))
-            })
-            .collect();
-        self.optimizer.load_state_tensors(&optimizer)?;
-        self.scheduler.step = u64::try_from(step)
-            .map_err(|_| TrainError::Input(format!("scheduler.step = {step} is negative")))?;
-        self.optimizer.set_lr_factor(self.scheduler.factor());
-        Ok(())
+        Ok(self.engine.load_state_tensors(tensors)?)
     }
 }
