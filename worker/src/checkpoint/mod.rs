@@ -4,7 +4,7 @@
 //! Resume at the same world size restores each rank's own part (exact). At another world size (an
 //! elastic restart) the per-rank parts do not map onto the new ranks: every rank gets the weights,
 //! rank 0's tensor state (identical on every data-parallel rank) and all saved ranks' JSON states, and
-//! the task re-derives its data cursors for the new world ([`TrainTask::restore_resharded`]); a task
+//! the task re-derives its data cursors for the new world ([`Checkpointable::restore_resharded`]); a task
 //! that cannot is resumed from an older checkpoint of its own world size, or from scratch.
 //!
 //! Layout under `{output}/checkpoints/step-{S}/` ([`xvlm_proto::checkpoint`]): `model.safetensors`
@@ -29,7 +29,6 @@ use tracing::{info, warn};
 use xvlm_model::collective::CollectiveError;
 use xvlm_proto::spec::CheckpointSpec;
 
-use crate::trainer::task::{TaskError, TrainTask};
 use format::{from_safetensors, BufferPool, HostFile};
 pub use storage::Storage;
 pub use xvlm_proto::checkpoint::{
@@ -105,6 +104,51 @@ pub struct PartRecord {
     pub files: Vec<FileEntry>,
     /// The task's JSON state (data cursors, RNG).
     pub task_state: serde_json::Value,
+}
+
+/// What the checkpointer saves and restores. The trainer's tasks implement it (through
+/// `TrainTask`); this module knows no trainer type.
+pub trait Checkpointable {
+    /// Named tensors that make up the model state (`model.safetensors`, rank 0).
+    fn state(&self) -> Vec<(String, Tensor)>;
+    /// This rank's other tensors: optimizer, scheduler, loss-scaler state.
+    fn checkpoint_state(&self) -> Vec<(String, Tensor)>;
+    /// This rank's JSON state: data cursors and the like.
+    fn checkpoint_meta(&self) -> serde_json::Value;
+    /// Restores this rank's own part of a checkpoint of this world size.
+    fn restore(
+        &mut self,
+        weights: &[(String, Tensor)],
+        extra: &[(String, Tensor)],
+        meta: &serde_json::Value,
+    ) -> Result<(), RestoreError>;
+    /// Restores a checkpoint of `saved_world` ranks into a world of `world`: the weights, rank 0's
+    /// tensor state and every saved rank's JSON state in rank order.
+    fn restore_resharded(
+        &mut self,
+        weights: &[(String, Tensor)],
+        extra: &[(String, Tensor)],
+        metas: &[serde_json::Value],
+        saved_world: usize,
+        world: usize,
+    ) -> Result<(), RestoreError>;
+}
+
+/// Why a checkpoint could not be restored into the task.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The task cannot re-derive its state for another world size (an older checkpoint of this
+    /// world size may still do).
+    #[error("a checkpoint of {saved} ranks cannot be restored at world size {now}")]
+    WorldChanged {
+        /// World size that saved the checkpoint.
+        saved: usize,
+        /// This generation's world size.
+        now: usize,
+    },
+    /// The task refused the checkpoint.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// Hex sha256 of bytes.
@@ -217,7 +261,7 @@ impl Checkpointer {
         &mut self,
         done: u64,
         total: u64,
-        task: &dyn TrainTask,
+        task: &(impl Checkpointable + ?Sized),
     ) -> Result<Vec<Part>, CheckpointError> {
         let mut parts = self.uploaded(false)?;
         let every = self.spec.every_steps;
@@ -241,7 +285,7 @@ impl Checkpointer {
     pub fn save_now(
         &mut self,
         step: u64,
-        task: &dyn TrainTask,
+        task: &(impl Checkpointable + ?Sized),
     ) -> Result<Vec<Part>, CheckpointError> {
         let mut parts = self.uploaded(true)?;
         self.save(step, 0, task)?;
@@ -256,7 +300,7 @@ impl Checkpointer {
         &mut self,
         step: u64,
         request: u64,
-        task: &dyn TrainTask,
+        task: &(impl Checkpointable + ?Sized),
     ) -> Result<(), CheckpointError> {
         let started = Instant::now();
         let model = match self.rank {
@@ -339,7 +383,10 @@ impl Checkpointer {
 
     /// Restores `task` from the newest committed checkpoint whose files all verify; returns its step.
     /// A checkpoint that fails verification is skipped with a warning naming the bad file.
-    pub fn resume(&self, task: &mut dyn TrainTask) -> Result<Option<u64>, CheckpointError> {
+    pub fn resume(
+        &self,
+        task: &mut (impl Checkpointable + ?Sized),
+    ) -> Result<Option<u64>, CheckpointError> {
         let mut steps: Vec<u64> = self
             .storage
             .list_dirs(CHECKPOINTS)?
@@ -423,11 +470,11 @@ impl Checkpointer {
     }
 
     /// Restores a checkpoint of `saved_world` ranks into this world: the weights, rank 0's tensor
-    /// state and every rank's JSON state go to [`TrainTask::restore_resharded`]. `Ok(false)` when the
+    /// state and every rank's JSON state go to [`Checkpointable::restore_resharded`]. `Ok(false)` when the
     /// task cannot re-derive its state for another world size.
     fn restore_resharded(
         &self,
-        task: &mut dyn TrainTask,
+        task: &mut (impl Checkpointable + ?Sized),
         dir: &str,
         files: &[(String, Bytes)],
         saved_world: usize,
@@ -452,14 +499,14 @@ impl Checkpointer {
         }
         match task.restore_resharded(&weights, &extra, &metas, saved_world, self.world) {
             Ok(()) => Ok(true),
-            Err(TaskError::WorldChanged { .. }) => Ok(false),
-            Err(e) => Err(CheckpointError::Task(e.to_string())),
+            Err(RestoreError::WorldChanged { .. }) => Ok(false),
+            Err(RestoreError::Refused(why)) => Err(CheckpointError::Task(why)),
         }
     }
 
     fn restore(
         &self,
-        task: &mut dyn TrainTask,
+        task: &mut (impl Checkpointable + ?Sized),
         dir: &str,
         files: &[(String, Bytes)],
     ) -> Result<(), CheckpointError> {
@@ -537,79 +584,4 @@ fn write_part(
     part.files = record.files;
     part.files.push(file_entry(&name, &json));
     Ok(part)
-}
-
-/// Restores named weights into the tensors `task.state()` returns (they share storage with the
-/// model's variables). Every name must exist with the same shape; all are checked before any is
-/// copied, so a checkpoint of another model leaves this one untouched.
-pub fn copy_weights_into(
-    targets: &[(String, Tensor)],
-    weights: &[(String, Tensor)],
-) -> Result<(), TaskError> {
-    let by_name: std::collections::HashMap<&str, &Tensor> =
-        weights.iter().map(|(k, t)| (k.as_str(), t)).collect();
-    let mut pairs = Vec::with_capacity(targets.len());
-    for (name, target) in targets {
-        let Some(src) = by_name.get(name.as_str()) else {
-            return Err(TaskError::Other(format!("checkpoint has no tensor {name}")));
-        };
-        if src.size() != target.size() {
-            return Err(TaskError::Other(format!(
-                "checkpoint tensor {name} has shape {:?}, the model {:?}",
-                src.size(),
-                target.size()
-            )));
-        }
-        pairs.push((target, *src));
-    }
-    for (target, src) in pairs {
-        let mut target = target.shallow_clone();
-        tch::no_grad(|| target.copy_(src));
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A mismatch in the last tensor leaves the earlier, matching ones untouched too.
-    #[test]
-    fn weights_of_another_shape_change_nothing() {
-        let targets = vec![
-            (
-                "a".to_string(),
-                Tensor::zeros([2], (tch::Kind::Float, tch::Device::Cpu)),
-            ),
-            (
-                "b".to_string(),
-                Tensor::zeros([3], (tch::Kind::Float, tch::Device::Cpu)),
-            ),
-        ];
-        let weights = vec![
-            (
-                "a".to_string(),
-                Tensor::ones([2], (tch::Kind::Float, tch::Device::Cpu)),
-            ),
-            (
-                "b".to_string(),
-                Tensor::ones([4], (tch::Kind::Float, tch::Device::Cpu)),
-            ),
-        ];
-        let err = copy_weights_into(&targets, &weights).unwrap_err();
-        assert!(err.to_string().contains("tensor b has shape [4]"), "{err}");
-        assert_eq!(targets[0].1.sum(tch::Kind::Float).double_value(&[]), 0.0);
-        let fitting = vec![
-            (
-                "a".to_string(),
-                Tensor::ones([2], (tch::Kind::Float, tch::Device::Cpu)),
-            ),
-            (
-                "b".to_string(),
-                Tensor::ones([3], (tch::Kind::Float, tch::Device::Cpu)),
-            ),
-        ];
-        copy_weights_into(&targets, &fitting).unwrap();
-        assert_eq!(targets[0].1.sum(tch::Kind::Float).double_value(&[]), 2.0);
-    }
 }

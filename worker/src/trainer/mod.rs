@@ -3,6 +3,8 @@
 //! the worker daemon reads those lines and forwards them to the coordinator.
 
 pub mod batch;
+
+pub mod harness;
 pub mod pretrain;
 pub mod save_request;
 pub mod smoke;
@@ -78,6 +80,9 @@ pub struct ProgressLine {
     /// checkpoint once every rank's part is in).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub parts: Vec<Part>,
+    /// Evaluation results reported at this step (`val.r_mean`, `test.txt_r1`, ... with `val.epoch`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics: Vec<(String, f64)>,
 }
 
 /// Runs an assignment read from `path`; `listen_fd` is the ring socket the worker bound for this rank.
@@ -167,6 +172,7 @@ pub fn run(a: &Assignment, listener: Option<TcpListener>) -> Result<(), WorkerEr
             lr: task.lr(),
             samples_per_sec: (out.samples * a.world) as f64 / secs,
             parts: Vec::new(),
+            metrics: out.metrics,
         };
         let done = step + 1;
         let request = requests.agree(comm.as_ref())?;
@@ -210,8 +216,22 @@ pub fn run(a: &Assignment, listener: Option<TcpListener>) -> Result<(), WorkerEr
         }
     }
     comm.barrier()?;
-    if a.rank == 0 {
+    if a.rank == 0 && total > 0 {
         save_final(a, task.as_ref())?;
+    }
+    // The closing evaluation (a fine-tune's test split with its best weights) runs after the final
+    // weights are safe; a restart that finds every step done runs only this.
+    let metrics = task.finish(comm.as_ref())?;
+    if !metrics.is_empty() {
+        let line = ProgressLine {
+            step: total,
+            losses: Vec::new(),
+            lr: task.lr(),
+            samples_per_sec: 0.0,
+            parts: Vec::new(),
+            metrics,
+        };
+        println!("{}", serde_json::to_string(&line).unwrap_or_default());
     }
     info!(
         job = a.job_id,

@@ -36,15 +36,12 @@
 //! it, of another meta version, or over other files is refused with an error.
 
 use std::collections::HashMap;
-use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
 use tch::nn::VarStore;
-use tch::{Device, Kind, Tensor};
-use xvlm_model::checkpoint::{load_state_dict, read_state_dict, LoadOptions, StateDict};
+use tch::{Device, Tensor};
+use xvlm_model::checkpoint::{load_state_dict, LoadOptions};
 use xvlm_model::collective::Collective;
 use xvlm_model::config::TaskConfig;
 use xvlm_model::data::batch::{ImageTextBatch, RegionBatch};
@@ -56,18 +53,17 @@ use xvlm_model::optim::LinearSchedule;
 use xvlm_model::tasks::{PretrainBatch, PretrainModel, RegionInputs};
 use xvlm_model::train::{PretrainTrainer, StepKind, TrainSettings};
 
+use super::harness::losses::mean_over_ranks;
+use super::harness::setup::{
+    broadcast_weights, build_seeded, load_task_config, other, read_init_checkpoint,
+};
 use super::task::{StepOutput, TaskContext, TaskError, TrainTask};
-use crate::checkpoint::Storage;
 use reshard::{continue_stream, SavedStream};
 
 mod reshard;
 
 /// Names of the losses a step reports (averaged over ranks), in [`StepOutput::losses`] order.
 pub const LOSS_NAMES: [&str; 6] = ["itc", "itm", "mlm", "bbox", "giou", "total"];
-
-/// libtorch's generator is process-global: the seeded model initialisation holds this lock, so tasks
-/// built concurrently in one process (in-process ranks, tests) each get the weights of their seed.
-static INIT: Mutex<()> = Mutex::new(());
 
 /// Version of [`ResumeMeta`]'s layout.
 const META_VERSION: u32 = 1;
@@ -174,24 +170,6 @@ pub struct PretrainTask {
     config: serde_json::Value,
 }
 
-fn other(e: impl std::fmt::Display) -> TaskError {
-    TaskError::Other(e.to_string())
-}
-
-/// The task config of the job: the `config:` file with `overrides:` merged in.
-pub fn load_task_config(ctx: &TaskContext<'_>) -> Result<TaskConfig, TaskError> {
-    let path = ctx
-        .spec
-        .config
-        .as_deref()
-        .ok_or_else(|| other("task pretrain needs `config:` (an official task config)"))?;
-    let path = Path::new(path.strip_prefix("file://").unwrap_or(path));
-    let overrides = serde_yaml::to_value(&ctx.spec.overrides)
-        .map_err(|e| other(format!("job overrides: {e}")))?;
-    TaskConfig::load_with_overrides(path, &overrides)
-        .map_err(|e| other(format!("task config {}: {e}", path.display())))
-}
-
 /// The data keys of `task` with every file name resolved like the config's other files (relative to the
 /// config's folder first), `train_file` replaced by the job's shards when it names any.
 pub fn data_config(
@@ -258,40 +236,6 @@ fn region_batch(b: RegionBatch, device: Device) -> PretrainBatch {
     }
 }
 
-/// Distinguishes the temporary copies of remote checkpoints one process makes.
-static DOWNLOADS: AtomicU64 = AtomicU64::new(0);
-
-/// Reads `init_checkpoint`: an official `torch.save` file (`.th`) or safetensors, at a plain path, a
-/// `file://` URL or any URL the checkpoint storage opens (`s3://bucket/key`). A remote object is read
-/// into a private temporary file (the readers take files) that is removed afterwards.
-fn read_init_checkpoint(url: &str) -> Result<StateDict, TaskError> {
-    let fail = |e: &dyn std::fmt::Display| other(format!("init_checkpoint {url}: {e}"));
-    let local = url
-        .strip_prefix("file://")
-        .or((!url.contains("://")).then_some(url));
-    if let Some(path) = local {
-        return read_state_dict(Path::new(path)).map_err(|e| fail(&e));
-    }
-    let (parent, name) = url
-        .rsplit_once('/')
-        .filter(|(p, n)| !n.is_empty() && p.contains("://"))
-        .ok_or_else(|| fail(&"not the URL of an object"))?;
-    let bytes = Storage::open(parent)
-        .and_then(|s| s.get(name))
-        .map_err(|e| fail(&e))?
-        .ok_or_else(|| fail(&"no such object"))?;
-    let tmp = std::env::temp_dir().join(format!(
-        "xvlm-init-{}-{}-{name}",
-        std::process::id(),
-        DOWNLOADS.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::write(&tmp, &bytes).map_err(|e| fail(&format!("{}: {e}", tmp.display())))?;
-    let sd = read_state_dict(&tmp);
-    let _ = std::fs::remove_file(&tmp);
-    tracing::info!(url, bytes = bytes.len(), "downloaded init_checkpoint");
-    sd.map_err(|e| fail(&e))
-}
-
 impl PretrainTask {
     /// Builds the model (seeded by the job seed, broadcast from rank 0, optionally loaded from
     /// `init_checkpoint`), this rank's loaders and the trainer.
@@ -301,25 +245,16 @@ impl PretrainTask {
         let seed = ctx.spec.seed;
 
         let vs = VarStore::new(ctx.device);
-        let model = {
-            let _init = INIT.lock().unwrap_or_else(|e| e.into_inner());
-            tch::manual_seed(seed as i64);
-            PretrainModel::new(&vs.root(), &task).map_err(other)?
-        };
+        let model = build_seeded(seed, || {
+            PretrainModel::new(&vs.root(), &task).map_err(other)
+        })?;
         if let Some(url) = &ctx.spec.init_checkpoint {
             let sd = read_init_checkpoint(url)?;
             let report = load_state_dict(&vs, &sd, &LoadOptions::default())
                 .map_err(|e| other(format!("init_checkpoint {url}: {e}")))?;
             tracing::info!(checkpoint = %url, %report, "loaded init_checkpoint");
         }
-        let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
-        tch::no_grad(|| -> Result<(), TaskError> {
-            for (_, var) in &mut vars {
-                ctx.comm.broadcast(var, 0)?;
-            }
-            Ok(())
-        })?;
+        broadcast_weights(&vs, ctx.comm)?;
 
         // The trainer borrows the model for its whole life, and the task lives until the trainer process
         // exits: one leaked model per process is the simplest owner.
@@ -426,7 +361,7 @@ impl PretrainTask {
                 "pretrain checkpoint has no optimizer/scheduler state for this rank",
             ));
         }
-        crate::checkpoint::copy_weights_into(&self.state(), weights)?;
+        crate::trainer::harness::weights::copy_weights_into(&self.state(), weights)?;
         let extra: HashMap<String, Tensor> = extra
             .iter()
             .map(|(k, t)| (k.clone(), t.shallow_clone()))
@@ -645,24 +580,15 @@ impl TrainTask for PretrainTask {
                 }
             }
         }
-        let mut sum = Tensor::from_slice(&values)
-            .to_kind(Kind::Float)
-            .to_device(self.device);
-        comm.all_reduce_sum(&mut sum)?;
-        let sum: Vec<f64> =
-            Vec::try_from(sum.to_device(Device::Cpu).to_kind(Kind::Double)).map_err(other)?;
-        let world = comm.world_size().max(1) as f64;
-        let mut losses: Vec<(String, f64)> = LOSS_NAMES
-            .iter()
-            .zip(sum)
-            .map(|(n, v)| (n.to_string(), v / world))
-            .collect();
+        let named: Vec<(&str, f64)> = LOSS_NAMES.iter().copied().zip(values).collect();
+        let mut losses = mean_over_ranks(comm, self.device, &named)?;
         if region.is_none() {
             losses.retain(|(n, _)| n != "bbox" && n != "giou");
         }
         Ok(StepOutput {
             losses,
             samples: self.batch_size * self.accumulation,
+            metrics: Vec::new(),
         })
     }
 

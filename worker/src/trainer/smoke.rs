@@ -162,6 +162,7 @@ impl TrainTask for SmokeTask {
         Ok(StepOutput {
             losses: vec![("mse".into(), mse)],
             samples: self.batch.slice().len(),
+            metrics: Vec::new(),
         })
     }
 

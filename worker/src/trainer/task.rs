@@ -9,6 +9,7 @@ use xvlm_proto::spec::{JobSpec, TaskKind};
 use super::batch::BatchPlan;
 use super::pretrain::PretrainTask;
 use super::smoke::SmokeTask;
+use crate::checkpoint::{Checkpointable, RestoreError};
 
 /// A task failed to build or to step.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +31,9 @@ pub enum TaskError {
         /// This generation's world size.
         now: usize,
     },
+    /// Reading or writing the job output failed.
+    #[error(transparent)]
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
     /// Anything else, with context.
     #[error("{0}")]
     Other(String),
@@ -68,6 +72,8 @@ pub struct StepOutput {
     pub losses: Vec<(String, f64)>,
     /// Samples this rank consumed.
     pub samples: usize,
+    /// Evaluation results of this step (an epoch end), `split.metric` names; usually empty.
+    pub metrics: Vec<(String, f64)>,
 }
 
 /// A data-parallel training task, driven one iteration at a time.
@@ -76,6 +82,11 @@ pub trait TrainTask {
     fn total_steps(&self) -> u64;
     /// Runs iteration `step` (0-based global step): forward, backward, gradient all-reduce, update.
     fn step(&mut self, step: u64, comm: &dyn Collective) -> Result<StepOutput, TaskError>;
+    /// After the last step, before the final weights are written: the closing evaluation (a
+    /// fine-tune's test split). Its metrics go on the last progress line.
+    fn finish(&mut self, _comm: &dyn Collective) -> Result<Vec<(String, f64)>, TaskError> {
+        Ok(Vec::new())
+    }
     /// Learning rate used by the last step.
     fn lr(&self) -> f64;
     /// Named tensors that make up the model state (what a checkpoint saves).
@@ -106,7 +117,7 @@ pub trait TrainTask {
                 "this task cannot restore optimizer state; override TrainTask::restore".into(),
             ));
         }
-        crate::checkpoint::copy_weights_into(&self.state(), weights)
+        crate::trainer::harness::weights::copy_weights_into(&TrainTask::state(self), weights)
     }
     /// Restores a checkpoint saved by `saved_world` ranks into this generation's different world
     /// (an elastic restart). `extra` is rank 0's [`TrainTask::checkpoint_state`] (data-parallel ranks
@@ -135,5 +146,50 @@ pub fn build(ctx: &TaskContext<'_>) -> Result<Box<dyn TrainTask>, TaskError> {
         TaskKind::Smoke => Ok(Box::new(SmokeTask::new(ctx)?)),
         TaskKind::Pretrain => Ok(Box::new(PretrainTask::new(ctx)?)),
         other => Err(TaskError::Unavailable(other.as_str())),
+    }
+}
+
+/// Every task is checkpointed through its [`TrainTask`] methods.
+impl<T: TrainTask + ?Sized> Checkpointable for T {
+    fn state(&self) -> Vec<(String, Tensor)> {
+        TrainTask::state(self)
+    }
+
+    fn checkpoint_state(&self) -> Vec<(String, Tensor)> {
+        TrainTask::checkpoint_state(self)
+    }
+
+    fn checkpoint_meta(&self) -> serde_json::Value {
+        TrainTask::checkpoint_meta(self)
+    }
+
+    fn restore(
+        &mut self,
+        weights: &[(String, Tensor)],
+        extra: &[(String, Tensor)],
+        meta: &serde_json::Value,
+    ) -> Result<(), RestoreError> {
+        TrainTask::restore(self, weights, extra, meta).map_err(RestoreError::from)
+    }
+
+    fn restore_resharded(
+        &mut self,
+        weights: &[(String, Tensor)],
+        extra: &[(String, Tensor)],
+        metas: &[serde_json::Value],
+        saved_world: usize,
+        world: usize,
+    ) -> Result<(), RestoreError> {
+        TrainTask::restore_resharded(self, weights, extra, metas, saved_world, world)
+            .map_err(RestoreError::from)
+    }
+}
+
+impl From<TaskError> for RestoreError {
+    fn from(e: TaskError) -> Self {
+        match e {
+            TaskError::WorldChanged { saved, now } => RestoreError::WorldChanged { saved, now },
+            other => RestoreError::Refused(other.to_string()),
+        }
     }
 }
