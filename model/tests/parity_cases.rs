@@ -64,3 +64,9 @@ fn nlvr_from_model_th() {
 fn grounding_bbox_from_model_th() {
     check("grounding_bbox", WeightsSource::TorchSave, 10);
 }
+
+/// Fine-tuning data: the official annotation layouts, datasets and collate functions end to end.
+#[test]
+fn finetune_data_case() {
+    check("finetune_data", WeightsSource::Auto, 63);
+}
