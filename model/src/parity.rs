@@ -5,8 +5,9 @@
 //! `retrieval`, `vqa`, `nlvr`, `grounding_bbox` (task forwards, the model on any device), `param_keys`
 //! (state-dict key sets of the base models), `relpos_resize` (checkpoint resize), `pretrain_train_steps`
 //! (the trainer's replay, `train::run_train_steps_case`), `image_preprocessing` (the data pipeline's test
-//! transform and text encoding).
+//! transform and text encoding), `finetune_data` (the fine-tuning datasets and collate functions).
 
+pub mod finetune_data;
 pub mod image_preprocessing;
 pub mod param_keys;
 
@@ -166,7 +167,7 @@ pub enum ParityError {
 }
 
 /// Every kind a `case.yaml` may name.
-pub const KNOWN_KINDS: [&str; 11] = [
+pub const KNOWN_KINDS: [&str; 12] = [
     "pretrain",
     "pretrain_train_steps",
     "finetune_train_steps",
@@ -178,6 +179,7 @@ pub const KNOWN_KINDS: [&str; 11] = [
     "image_preprocessing",
     "param_keys",
     "relpos_resize",
+    "finetune_data",
 ];
 
 /// Where the model weights of a case come from.
@@ -283,6 +285,10 @@ pub fn run_case_on(
         "image_preprocessing" => {
             let expected = read_tensors(&dir.join("expected.safetensors"))?;
             image_preprocessing::run(dir, &spec, &expected)?
+        }
+        "finetune_data" => {
+            let expected = read_tensors(&dir.join("expected.safetensors"))?;
+            finetune_data::run(dir, &spec, &expected)?
         }
         // The trainer's replay of `Pretrain.train` (train/replay/): per-step losses, lrs, grad norms,
         // param groups and final weights.

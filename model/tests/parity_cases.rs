@@ -71,3 +71,9 @@ fn grounding_bbox_from_model_th() {
 fn retrieval_train_steps_from_model_th() {
     check("retrieval_train_steps", WeightsSource::TorchSave, 200);
 }
+
+/// Fine-tuning data: the official annotation layouts, datasets and collate functions end to end.
+#[test]
+fn finetune_data_case() {
+    check("finetune_data", WeightsSource::Auto, 63);
+}

@@ -302,6 +302,52 @@ impl<'a> Machine<'a> {
                     let v = self.memo.get(&i).cloned().ok_or("memo key missing")?;
                     self.stack.push(v);
                 }
+                // Python 2 `str` (SHORT_BINSTRING, BINSTRING), as in the REFER toolkit's pickles.
+                b'U' | b'T' => {
+                    let n = if op == b'U' {
+                        self.u8()? as usize
+                    } else {
+                        self.u32()? as usize
+                    };
+                    let s = String::from_utf8_lossy(self.take(n)?).into_owned();
+                    self.stack.push(Value::Str(s));
+                }
+                // Protocol 0 text opcodes: INT / LONG, FLOAT, STRING, UNICODE, PUT, GET.
+                b'I' | b'L' => {
+                    let text = self.line()?;
+                    let t = text.trim_end_matches('L');
+                    self.stack.push(match t {
+                        "00" => Value::Bool(false),
+                        "01" => Value::Bool(true),
+                        _ => Value::Int(t.parse().map_err(|_| format!("bad INT {text:?}"))?),
+                    });
+                }
+                b'F' => {
+                    let text = self.line()?;
+                    let v = text.parse().map_err(|_| format!("bad FLOAT {text:?}"))?;
+                    self.stack.push(Value::Float(v));
+                }
+                b'S' => {
+                    let text = self.line()?;
+                    let inner = text.trim().trim_matches(|c| c == '\'' || c == '"');
+                    self.stack.push(Value::Str(inner.to_string()));
+                }
+                b'V' => {
+                    let text = self.line()?;
+                    self.stack.push(Value::Str(text));
+                }
+                b'p' => {
+                    let text = self.line()?;
+                    let i = text.parse().map_err(|_| format!("bad PUT {text:?}"))?;
+                    let v = self.top()?.clone();
+                    self.memo.insert(i, v);
+                }
+                b'g' => {
+                    let text = self.line()?;
+                    let i: u32 = text.parse().map_err(|_| format!("bad GET {text:?}"))?;
+                    let v = self.memo.get(&i).cloned().ok_or("memo key missing")?;
+                    self.stack.push(v);
+                }
                 b'X' | 0x8c | 0x8d => {
                     let n = match op {
                         b'X' => self.u32()? as usize,
@@ -495,6 +541,46 @@ fn flatten(v: &Value, path: &str, out: &mut TorchFile) {
         Value::Str(s) => out.scalars.push((path.to_string(), s.clone().into())),
         Value::Bytes | Value::Global(..) | Value::Storage(_) | Value::Opaque => {}
     }
+}
+
+fn to_json(v: &Value) -> serde_json::Value {
+    use serde_json::Value as J;
+    match v {
+        Value::None => J::Null,
+        Value::Bool(b) => J::Bool(*b),
+        Value::Int(i) => J::from(*i),
+        Value::Float(f) => serde_json::Number::from_f64(*f).map_or(J::Null, J::Number),
+        Value::Str(s) => J::String(s.clone()),
+        Value::Tuple(t) => J::Array(t.iter().map(to_json).collect()),
+        Value::List(l) => J::Array(l.borrow().iter().map(to_json).collect()),
+        Value::Dict(d) => J::Object(
+            d.borrow()
+                .iter()
+                .filter_map(|(k, v)| key_string(k).map(|k| (k, to_json(v))))
+                .collect(),
+        ),
+        Value::Bytes | Value::Global(..) | Value::Storage(_) | Value::Tensor(_) | Value::Opaque => {
+            J::Null
+        }
+    }
+}
+
+/// Reads a plain (non-`torch.save`) pickle of Python containers and scalars, such as the REFER
+/// toolkit's `refs(unc).p`, as JSON (dict keys become strings; other objects become null).
+pub fn read_plain_pickle(data: &[u8]) -> Result<serde_json::Value, String> {
+    let zip = ZipRecords::default();
+    let mut machine = Machine {
+        data,
+        pos: 0,
+        bytes: data,
+        zip: &zip,
+        prefix: String::new(),
+        stack: Vec::new(),
+        marks: Vec::new(),
+        memo: HashMap::new(),
+        storages: HashMap::new(),
+    };
+    machine.run().map(|root| to_json(&root))
 }
 
 fn format_err(path: &Path, reason: impl Into<String>) -> CheckpointError {

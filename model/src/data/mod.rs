@@ -5,11 +5,13 @@
 //! (json-lines records), `sample` / `region` (line processors: texts, images, regions, patch masks),
 //! `batch` (collate into tensors), `pipeline` (loaders from the official config keys), `store` (local /
 //! object_store files), `shard` (partition, shuffle, cursor), `loader` (threads, prefetch), `rng`
-//! (derived seeds), `synth` (synthetic corpus). See `README.md` beside this file.
+//! (derived seeds), `synth` (synthetic corpus), `finetune` (the fine-tuning datasets, samplers and
+//! loaders). See `README.md` beside this file.
 
 pub mod augment;
 pub mod batch;
 pub mod caption;
+pub mod finetune;
 pub mod formats;
 pub mod loader;
 pub mod masking;
@@ -84,4 +86,14 @@ pub enum DataError {
     /// The loader's threads stopped.
     #[error("data loader stopped: {0}")]
     Loader(String),
+    /// A fine-tuning annotation file or one of its items is unusable (fatal: names file and item).
+    #[error("{file}{}: {reason}", .index.map(|i| format!(" item {i}")).unwrap_or_default())]
+    Annotation {
+        /// The annotation file (path or URL).
+        file: String,
+        /// The item's position in the file's list, when one item is at fault.
+        index: Option<usize>,
+        /// What is wrong.
+        reason: String,
+    },
 }

@@ -16,6 +16,8 @@ pub enum Purpose {
     Collate = 3,
     /// Synthetic data generation.
     Synth = 4,
+    /// The per-epoch order of a fine-tuning dataset's items.
+    ItemShuffle = 5,
 }
 
 /// SplitMix64 finaliser: a strong 64-bit mix.
