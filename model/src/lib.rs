@@ -8,6 +8,7 @@ pub mod collective;
 pub mod config;
 pub mod data;
 pub mod loss;
+pub mod metrics;
 pub mod optim;
 pub mod parity;
 pub mod runtime;

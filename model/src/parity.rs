@@ -22,7 +22,9 @@ use crate::collective::SingleProcess;
 use crate::config::TaskConfig;
 use crate::loss::ReplaySampler;
 use crate::tasks::grounding_bbox::{self, GroundingBboxModel};
-use crate::tasks::retrieval::{self, RetrievalModel, TieRule};
+use crate::metrics::retrieval::{itm_eval, GroundTruth, TieRule};
+use crate::tasks::retrieval::eval::{similarities, RetrievalEvalConfig, SplitTensors};
+use crate::tasks::retrieval::RetrievalModel;
 use crate::tasks::vqa::VqaModel;
 use crate::tasks::{NlvrModel, PretrainBatch, PretrainModel, RegionInputs};
 use crate::xvlm::ModelError;
@@ -559,7 +561,6 @@ fn run_retrieval(
         CaseModel::load(dir, weights, device, RetrievalModel::new, |m| {
             m.core.tied_aliases()
         })?;
-    let k_test = required_int(&task, dir, "k_test")?;
     let batch = CaseBatch::open(dir, device)?;
     let t = |name: &str| batch.get(name);
     let mut computed: HashMap<String, Tensor> = HashMap::new();
@@ -567,55 +568,52 @@ fn run_retrieval(
         computed.insert(k.to_string(), v);
     };
 
-    let ev = model.evaluate(
-        &t("eval.image")?,
-        &t("eval.text_ids")?,
-        &t("eval.text_atts")?,
-        k_test,
-    )?;
-    let (txt2img, img2txt) = (t("eval.txt2img")?, t("eval.img2txt")?);
-    let metrics = |rule| {
-        Tensor::from_slice(&retrieval::itm_eval(
-            &ev.score_i2t,
-            &ev.score_t2i,
-            &txt2img,
-            &img2txt,
-            rule,
-        ))
+    let gt = GroundTruth::from_tensors(&t("eval.txt2img")?, &t("eval.img2txt")?)?;
+    let mut split = SplitTensors {
+        images: t("eval.image")?,
+        text_ids: t("eval.text_ids")?,
+        text_atts: t("eval.text_atts")?,
     };
-    put("eval.metrics", metrics(TieRule::NumpySmallRows));
+    let cfg = RetrievalEvalConfig::from_task(&task)?;
+    let ev = model.evaluate(&SingleProcess, &gt, &mut split, &cfg)?;
+    let metrics = |rule| -> Result<Tensor, ParityError> {
+        Ok(Tensor::from_slice(&ev.itm_metrics(&gt, rule)?.to_array()))
+    };
+    put("eval.metrics", metrics(TieRule::NumpySmallRows)?);
     put(
         "eval.metrics_ties_favor_gt",
-        metrics(TieRule::FavorGroundTruth),
+        metrics(TieRule::FavorGroundTruth)?,
     );
     put(
         "eval.metrics_ties_against_gt",
-        metrics(TieRule::AgainstGroundTruth),
+        metrics(TieRule::AgainstGroundTruth)?,
     );
-    put("eval.image_embeds", ev.image_embeds);
-    put("eval.image_feat", ev.image_feat);
-    put("eval.text_embeds", ev.text_embeds);
-    put("eval.text_feat", ev.text_feat);
-    put("eval.sims_matrix", ev.sims);
-    put("eval.i2t_topk_idx", ev.i2t_topk_idx);
-    put("eval.i2t_topk_sim", ev.i2t_topk_sim);
-    put("eval.i2t_topk_itm_score", ev.i2t_topk_itm_score);
-    put("eval.t2i_topk_idx", ev.t2i_topk_idx);
-    put("eval.t2i_topk_sim", ev.t2i_topk_sim);
-    put("eval.t2i_topk_itm_score", ev.t2i_topk_itm_score);
-    put("eval.score_matrix_i2t", ev.score_i2t);
-    put("eval.score_matrix_t2i", ev.score_t2i);
-
+    let (ni, nt) = (gt.n_images(), gt.n_texts());
+    put("eval.score_matrix_i2t", ev.i2t.score_matrix(nt));
+    put("eval.score_matrix_t2i", ev.t2i.score_matrix(ni));
     put(
-        "metric.metrics",
-        Tensor::from_slice(&retrieval::itm_eval(
-            &t("metric.scores_i2t")?,
-            &t("metric.scores_t2i")?,
-            &t("metric.txt2img")?,
-            &t("metric.img2txt")?,
-            TieRule::FavorGroundTruth,
-        )),
+        "eval.sims_matrix",
+        similarities(&ev.image_feat, &ev.text_feat),
     );
+    put("eval.image_embeds", ev.local.image_embeds);
+    put("eval.image_feat", ev.image_feat);
+    put("eval.text_embeds", ev.local.text_embeds);
+    put("eval.text_feat", ev.text_feat);
+    put("eval.i2t_topk_idx", ev.i2t.idx);
+    put("eval.i2t_topk_sim", ev.i2t.sim);
+    put("eval.i2t_topk_itm_score", ev.i2t.itm_score);
+    put("eval.t2i_topk_idx", ev.t2i.idx);
+    put("eval.t2i_topk_sim", ev.t2i.sim);
+    put("eval.t2i_topk_itm_score", ev.t2i.itm_score);
+
+    let metric_gt = GroundTruth::from_tensors(&t("metric.txt2img")?, &t("metric.img2txt")?)?;
+    let made_up = itm_eval(
+        &t("metric.scores_i2t")?,
+        &t("metric.scores_t2i")?,
+        &metric_gt,
+        TieRule::FavorGroundTruth,
+    )?;
+    put("metric.metrics", Tensor::from_slice(&made_up.to_array()));
 
     let mut sampler =
         ReplaySampler::new(t("train.itm_neg_image_idx")?, t("train.itm_neg_text_idx")?);

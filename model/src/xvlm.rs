@@ -32,6 +32,17 @@ pub enum ModelError {
     /// Inputs of the wrong shape or a head the model was built without.
     #[error("invalid model input: {0}")]
     Input(String),
+    /// An evaluation batch could not be read.
+    #[error("reading evaluation {what} {range:?}")]
+    EvalData {
+        /// `images` or `texts`.
+        what: &'static str,
+        /// Their global indices.
+        range: std::ops::Range<usize>,
+        /// The data layer's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// Which optional heads a task model has (`use_contrastive_loss`, `use_matching_loss`, `use_mlm_loss`,

@@ -9,5 +9,5 @@ pub mod vqa;
 pub use grounding_bbox::{GroundingBboxModel, GroundingBboxOutput};
 pub use nlvr::{NlvrModel, NlvrOutput};
 pub use pretrain::{PretrainBatch, PretrainModel, PretrainOutput, RegionInputs};
-pub use retrieval::{RetrievalEval, RetrievalModel, RetrievalTrainOutput};
+pub use retrieval::{RetrievalModel, RetrievalTrainOutput};
 pub use vqa::{AnswerRanking, VqaModel};

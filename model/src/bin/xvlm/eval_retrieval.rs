@@ -16,7 +16,10 @@ use xvlm_model::config::TaskConfig;
 use xvlm_model::data::caption::pre_caption;
 use xvlm_model::data::tokenizer::TextTokenizer;
 use xvlm_model::data::transform::TestTransform;
-use xvlm_model::tasks::retrieval::{itm_eval, RetrievalModel, TieRule};
+use xvlm_model::collective::SingleProcess;
+use xvlm_model::metrics::retrieval::{GroundTruth, RetrievalMetrics};
+use xvlm_model::tasks::retrieval::eval::{RetrievalEvalConfig, SplitTensors};
+use xvlm_model::tasks::retrieval::RetrievalModel;
 use xvlm_model::xvlm::vision_config;
 
 /// Arguments of `xvlm eval-retrieval`.
@@ -36,7 +39,13 @@ pub struct EvalRetrievalArgs {
     split: String,
     /// Texts re-ranked by ITM per image (and images per text).
     #[arg(long, default_value_t = 10)]
-    k_test: i64,
+    k_test: usize,
+    /// Images per vision-encoder forward (`batch_size_test`).
+    #[arg(long, default_value_t = 16)]
+    image_batch: usize,
+    /// Texts per text-encoder forward (`batch_size_test_text`).
+    #[arg(long, default_value_t = 64)]
+    text_batch: usize,
 }
 
 #[derive(Deserialize)]
@@ -59,15 +68,10 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D:
     })
 }
 
-/// The split's images, texts, and the ground-truth maps of `Retrieval.evaluation`.
+/// The split's images and texts, and the ground-truth maps of `Retrieval.evaluation`.
 struct Split {
-    images: Tensor,
-    text_ids: Tensor,
-    text_atts: Tensor,
-    txt2img: Tensor,
-    img2txt: Tensor,
-    n_images: usize,
-    n_texts: usize,
+    tensors: SplitTensors,
+    gt: GroundTruth,
 }
 
 fn load_split(task: &TaskConfig, data: &Path, split: &str) -> Result<Split> {
@@ -89,7 +93,6 @@ fn load_split(task: &TaskConfig, data: &Path, split: &str) -> Result<Split> {
     let transform = TestTransform::new(task.image_res as usize);
     let (mut pixels, mut ids, mut atts) = (Vec::new(), Vec::new(), Vec::new());
     let (mut txt2img, mut img2txt) = (Vec::new(), Vec::new());
-    let per_image = entries.iter().map(|e| e.caption.len()).max().unwrap_or(1);
     for (i, e) in entries.iter().enumerate() {
         let path = data.join(&e.image);
         let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
@@ -104,31 +107,31 @@ fn load_split(task: &TaskConfig, data: &Path, split: &str) -> Result<Split> {
                 .with_context(|| format!("{}: caption {c:?}", file.display()))?;
             let enc = tokenizer.encode(&clean, max_tokens)?;
             let (row, mask) = tokenizer.pad(&enc.ids, max_tokens);
-            mine.push(txt2img.len() as i64);
+            mine.push(txt2img.len());
             ids.extend(row);
             atts.extend(mask);
-            txt2img.push(i as i64);
+            txt2img.push(i);
         }
-        // Rows of img2txt must be equally long: repeat the first caption for images with fewer.
-        while mine.len() < per_image {
-            mine.push(mine[0]);
-        }
-        img2txt.extend(mine);
+        img2txt.push(mine);
     }
     let (ni, nt) = (entries.len() as i64, txt2img.len() as i64);
     let res = task.image_res;
     Ok(Split {
-        images: Tensor::from_slice(&pixels).view([ni, 3, res, res]),
-        text_ids: Tensor::from_slice(&ids).view([nt, max_tokens as i64]),
-        text_atts: Tensor::from_slice(&atts).view([nt, max_tokens as i64]),
-        txt2img: Tensor::from_slice(&txt2img),
-        img2txt: Tensor::from_slice(&img2txt).view([ni, per_image as i64]),
-        n_images: entries.len(),
-        n_texts: txt2img.len(),
+        tensors: SplitTensors {
+            images: Tensor::from_slice(&pixels).view([ni, 3, res, res]),
+            text_ids: Tensor::from_slice(&ids).view([nt, max_tokens as i64]),
+            text_atts: Tensor::from_slice(&atts).view([nt, max_tokens as i64]),
+        },
+        gt: GroundTruth::new(txt2img, img2txt)
+            .with_context(|| format!("{}: ground truth", file.display()))?,
     })
 }
 
-fn print_metrics(label: &str, m: &[f64; 9]) {
+fn print_metrics(label: &str, m: &RetrievalMetrics) {
+    print_array(label, &m.to_array());
+}
+
+fn print_array(label: &str, m: &[f64; 9]) {
     println!(
         "{label:<22} TR R@1 {:6.2}  R@5 {:6.2}  R@10 {:6.2}   IR R@1 {:6.2}  R@5 {:6.2}  R@10 {:6.2}   mean {:6.2}",
         m[0], m[1], m[2], m[4], m[5], m[6], m[8]
@@ -138,7 +141,7 @@ fn print_metrics(label: &str, m: &[f64; 9]) {
 pub fn run(args: &EvalRetrievalArgs) -> Result<()> {
     let task = TaskConfig::load(&args.config)
         .with_context(|| format!("loading {}", args.config.display()))?;
-    let split = load_split(&task, &args.data, &args.split)?;
+    let mut split = load_split(&task, &args.data, &args.split)?;
 
     let vs = VarStore::new(Device::Cpu);
     let model = RetrievalModel::new(&vs.root(), &task)
@@ -159,32 +162,15 @@ pub fn run(args: &EvalRetrievalArgs) -> Result<()> {
     }
 
     let start = std::time::Instant::now();
-    let eval = model.evaluate(
-        &split.images,
-        &split.text_ids,
-        &split.text_atts,
-        args.k_test,
-    )?;
-    let ties = TieRule::AgainstGroundTruth;
-    let itc = itm_eval(
-        &eval.sims,
-        &eval.sims.tr(),
-        &split.txt2img,
-        &split.img2txt,
-        ties,
-    );
-    let itm = itm_eval(
-        &eval.score_i2t,
-        &eval.score_t2i,
-        &split.txt2img,
-        &split.img2txt,
-        ties,
-    );
+    let cfg = RetrievalEvalConfig::new(args.k_test, args.image_batch, args.text_batch);
+    let eval = model.evaluate(&SingleProcess, &split.gt, &mut split.tensors, &cfg)?;
+    let itc = eval.itc.to_array();
     // A random ranking: text retrieval hits if any of an image's captions lands in the top K, image
     // retrieval if the one right image does.
-    let per_image = split.n_texts as f64 / split.n_images as f64;
+    let (n_images, n_texts) = (split.gt.n_images(), split.gt.n_texts());
+    let per_image = n_texts as f64 / n_images as f64;
     let chance = |k: f64, n: f64, hits: f64| 100.0 * (1.0 - (1.0 - k.min(n) / n).powf(hits));
-    let (nt, ni) = (split.n_texts as f64, split.n_images as f64);
+    let (nt, ni) = (n_texts as f64, n_images as f64);
     let tr = [
         chance(1.0, nt, per_image),
         chance(5.0, nt, per_image),
@@ -212,8 +198,8 @@ pub fn run(args: &EvalRetrievalArgs) -> Result<()> {
         args.data
             .join(format!("finetune/retrieval_{}.json", args.split))
             .display(),
-        split.n_images,
-        split.n_texts,
+        n_images,
+        n_texts,
         args.checkpoint.display(),
         start.elapsed().as_secs_f64()
     );
@@ -229,9 +215,9 @@ pub fn run(args: &EvalRetrievalArgs) -> Result<()> {
     println!(
         "mean cosine between different items: images {image_spread:.3}, texts {text_spread:.3} (1.000 = collapsed)"
     );
-    print_metrics("ITC similarity", &itc);
-    print_metrics(&format!("ITM re-rank (k={})", args.k_test), &itm);
-    print_metrics("chance (random order)", &chance);
+    print_metrics("ITC similarity", &eval.itc);
+    print_metrics(&format!("ITM re-rank (k={})", args.k_test), &eval.itm);
+    print_array("chance (random order)", &chance);
     println!(
         "R@1 vs chance (ITC): text retrieval {:.1}% vs {:.1}% ({:.1}x), image retrieval {:.1}% vs {:.1}% ({:.1}x)",
         itc[0],
