@@ -13,12 +13,12 @@
 //! Tolerance: 1e-5 on every parameter (float32; only summation order differs).
 
 mod common;
-mod pretrain_common;
+mod task_common;
 
 use std::path::Path;
 
 use common::max_diff;
-use pretrain_common::{corpus, shard_files, spec, task, task_yaml, weights};
+use task_common::{corpus, shard_files, spec, task, task_yaml, weights};
 use tch::Tensor;
 use xvlm_model::collective::{Collective, SingleProcess};
 use xvlm_proto::spec::JobSpec;

@@ -17,12 +17,12 @@
 //! (the temp dir, part of the file names, changes the samples' augmentation from run to run).
 
 mod common;
-mod pretrain_common;
+mod task_common;
 
 use std::path::Path;
 
 use common::max_diff;
-use pretrain_common::{corpus, run, spec, task, task_yaml, weights};
+use task_common::{corpus, run, spec, task, task_yaml, weights};
 use xvlm_model::collective::{Collective, SingleProcess};
 use xvlm_proto::spec::JobSpec;
 use xvlm_worker::comm::ring::local_ring;
@@ -34,7 +34,7 @@ const TOLERANCE: f64 = 1e-5;
 
 /// Two shard files of exactly `B` lines each, cut from the synthetic corpus.
 fn shard_files(data: &Path, dir: &Path) -> Vec<String> {
-    pretrain_common::shard_files(data, dir, 2, B)
+    task_common::shard_files(data, dir, 2, B)
 }
 
 fn job(config: &Path, overrides: &str) -> JobSpec {

@@ -3,11 +3,11 @@
 //! server on loopback, configured through the usual `AWS_*` environment).
 
 mod common;
-mod pretrain_common;
+mod task_common;
 
 use bytes::Bytes;
 use common::max_diff;
-use pretrain_common::{corpus, spec, task, task_yaml, weights};
+use task_common::{corpus, spec, task, task_yaml, weights};
 use xvlm_e2e::start_moto;
 use xvlm_model::collective::SingleProcess;
 use xvlm_proto::spec::JobSpec;

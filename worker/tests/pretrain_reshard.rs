@@ -8,10 +8,10 @@
 //! with the loader's own split of the files and with the coordinator's per-rank assignment.
 
 mod common;
-mod pretrain_common;
+mod task_common;
 
 use common::max_diff;
-use pretrain_common::{checkpointer, corpus, spec, task, task_yaml, train_saving, weights};
+use task_common::{checkpointer, corpus, spec, task, task_yaml, train_saving, weights};
 use tch::Tensor;
 use xvlm_model::collective::{Collective, SingleProcess};
 use xvlm_proto::spec::JobSpec;

@@ -5,11 +5,11 @@
 //! region steps on a derived coin; world 2 (two threads over a local TCP ring) with dropout off,
 //! because libtorch's generator is shared by the threads of a process.
 
-mod pretrain_common;
+mod task_common;
 
 use std::sync::Mutex;
 
-use pretrain_common::{checkpointer, corpus, hashes, run, spec, task, task_yaml, train_saving};
+use task_common::{checkpointer, corpus, hashes, run, spec, task, task_yaml, train_saving};
 use xvlm_model::collective::{Collective, SingleProcess};
 use xvlm_proto::spec::JobSpec;
 use xvlm_worker::checkpoint::Storage;

@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::augment::RandAugment;
 use super::batch::{ImageTextBatch, RegionBatch};
 use super::formats::RecordKeys;
 use super::loader::{Loader, LoaderConfig, StreamState};
@@ -46,19 +45,12 @@ impl ImagesSection {
     /// The image-text training transform: the official `pretrain_transform` unless the xvlm-only keys
     /// soften it.
     pub fn transform(&self, res: usize) -> Result<TrainTransform, DataError> {
-        let (lo, hi) = self.crop_scale;
-        if !(lo > 0.0 && lo < hi && hi <= 1.0) {
-            return Err(DataError::Config(format!(
-                "images.crop_scale must satisfy 0 < min < max <= 1, got [{lo}, {hi}]"
-            )));
-        }
-        let mut t = TrainTransform::pretrain(res);
-        t.scale = (lo, hi);
-        t.hflip = self.hflip;
-        if !self.rand_augment {
-            t.rand_augment = RandAugment::new(&[]);
-        }
-        Ok(t)
+        TrainTransform::pretrain(res).softened(
+            "images",
+            self.crop_scale,
+            self.hflip,
+            self.rand_augment,
+        )
     }
 }
 

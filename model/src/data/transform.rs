@@ -69,6 +69,29 @@ impl TrainTransform {
         }
     }
 
+    /// This transform softened by the xvlm-only keys of section `key` (`images`,
+    /// `finetune_transform`): another crop area range, the flip or RandAugment off.
+    pub fn softened(
+        mut self,
+        key: &str,
+        crop_scale: (f64, f64),
+        hflip: bool,
+        rand_augment: bool,
+    ) -> Result<Self, DataError> {
+        let (lo, hi) = crop_scale;
+        if !(lo > 0.0 && lo < hi && hi <= 1.0) {
+            return Err(DataError::Config(format!(
+                "{key}.crop_scale must satisfy 0 < min < max <= 1, got [{lo}, {hi}]"
+            )));
+        }
+        self.scale = (lo, hi);
+        self.hflip = hflip;
+        if !rand_augment {
+            self.rand_augment = RandAugment::new(&[]);
+        }
+        Ok(self)
+    }
+
     fn crop_params(&self, rng: &mut impl Rng, w: usize, h: usize) -> CropBox {
         augment::random_resized_crop_params(rng, w, h, self.scale, (3.0 / 4.0, 4.0 / 3.0))
     }

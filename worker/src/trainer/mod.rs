@@ -3,7 +3,7 @@
 //! the worker daemon reads those lines and forwards them to the coordinator.
 
 pub mod batch;
-
+pub mod finetune;
 pub mod harness;
 pub mod pretrain;
 pub mod save_request;

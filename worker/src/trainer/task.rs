@@ -7,6 +7,8 @@ use xvlm_model::collective::{Collective, CollectiveError};
 use xvlm_proto::spec::{JobSpec, TaskKind};
 
 use super::batch::BatchPlan;
+use super::finetune::retrieval::RetrievalTask;
+use super::finetune::FinetuneRunner;
 use super::pretrain::PretrainTask;
 use super::smoke::SmokeTask;
 use crate::checkpoint::{Checkpointable, RestoreError};
@@ -145,6 +147,7 @@ pub fn build(ctx: &TaskContext<'_>) -> Result<Box<dyn TrainTask>, TaskError> {
     match ctx.spec.task {
         TaskKind::Smoke => Ok(Box::new(SmokeTask::new(ctx)?)),
         TaskKind::Pretrain => Ok(Box::new(PretrainTask::new(ctx)?)),
+        TaskKind::Retrieval => Ok(Box::new(FinetuneRunner::<RetrievalTask>::new(ctx)?)),
         other => Err(TaskError::Unavailable(other.as_str())),
     }
 }

@@ -21,6 +21,7 @@ use super::text::{encode_batch, Padding, TextBatch};
 use crate::config::TaskConfig;
 use crate::data::caption::pre_caption;
 use crate::data::tokenizer::TextTokenizer;
+use crate::data::transform::TrainTransform;
 use crate::data::DataError;
 
 /// The data keys of a retrieval task YAML (`Retrieval_coco.yaml`, ...), file names resolved.
@@ -45,6 +46,58 @@ pub struct RetrievalDataConfig {
     /// `pre_caption` word limit.
     #[serde(default = "config::default_max_words")]
     pub max_words: usize,
+    /// xvlm-only softening of the training transform (absent: the official `train_transform`).
+    #[serde(default)]
+    pub finetune_transform: FinetuneTransformSection,
+}
+
+/// xvlm-only `finetune_transform:` keys of a fine-tune config: the official `train_transform`
+/// (RandomResizedCrop 0.5-1, flip, RandAugment) unless these soften it (e.g. the demo's synthetic
+/// captions name left and right, so it turns the flip off).
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneTransformSection {
+    /// RandomResizedCrop area range (official 0.5-1).
+    #[serde(default = "finetune_crop_scale")]
+    pub crop_scale: (f64, f64),
+    /// Random horizontal flip (official: on).
+    #[serde(default = "yes")]
+    pub hflip: bool,
+    /// RandAugment(2, 7) (official: on).
+    #[serde(default = "yes")]
+    pub rand_augment: bool,
+}
+
+impl Default for FinetuneTransformSection {
+    fn default() -> Self {
+        Self {
+            crop_scale: finetune_crop_scale(),
+            hflip: true,
+            rand_augment: true,
+        }
+    }
+}
+
+fn finetune_crop_scale() -> (f64, f64) {
+    (0.5, 1.0)
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl FinetuneTransformSection {
+    /// The training transform at side `res`.
+    pub fn transform(&self, res: usize) -> Result<ImageTransform, DataError> {
+        Ok(ImageTransform::Train(
+            TrainTransform::finetune(res).softened(
+                "finetune_transform",
+                self.crop_scale,
+                self.hflip,
+                self.rand_augment,
+            )?,
+        ))
+    }
 }
 
 impl RetrievalDataConfig {
@@ -393,13 +446,20 @@ impl RetrievalData {
         })
     }
 
-    /// The train data with the official `train_transform` and the default truncation to `max_tokens`.
-    pub fn train_data(&self, tokenizer: Arc<TextTokenizer>) -> RetrievalTrainData {
-        RetrievalTrainData {
+    /// The train data with the official `train_transform` (or the config's `finetune_transform`) and
+    /// the default truncation to `max_tokens`.
+    pub fn train_data(
+        &self,
+        tokenizer: Arc<TextTokenizer>,
+    ) -> Result<RetrievalTrainData, DataError> {
+        Ok(RetrievalTrainData {
             set: self.train.clone(),
             tokenizer,
-            transform: ImageTransform::train(self.config.image_res),
+            transform: self
+                .config
+                .finetune_transform
+                .transform(self.config.image_res)?,
             truncate_to: Some(self.config.max_tokens),
-        }
+        })
     }
 }

@@ -7,8 +7,6 @@
 
 mod retrieval;
 
-pub use retrieval::RetrievalBatch;
-
 use tch::Tensor;
 
 use super::engine::{EngineSettings, OptimizerEngine, UpdateLog};

@@ -1,29 +1,15 @@
 //! Retrieval fine-tuning (`Retrieval.train`): `loss = itc(idx) + itm(idx)`. `model_retrieval` resets
 //! `init_params` to `[]`, so no parameter gets `lr_mult` (XVLM-REFERENCE.md §4, §5.1).
 
-use tch::Tensor;
-
 use super::{FinetuneModel, TaskForward};
 use crate::collective::Collective;
+use crate::data::finetune::retrieval::RetrievalTrainBatch;
 use crate::loss::NegativeSampler;
 use crate::tasks::retrieval::RetrievalModel;
 use crate::xvlm::ModelError;
 
-/// One retrieval training batch.
-#[derive(Debug)]
-pub struct RetrievalBatch {
-    /// Train-transformed images [B, 3, H, W].
-    pub image: Tensor,
-    /// `[CLS]` + WordPiece ids, 0-padded [B, L].
-    pub text_ids: Tensor,
-    /// Their attention mask [B, L].
-    pub text_atts: Tensor,
-    /// Dense image index of each caption [B]: equal = ITC positives, never ITM negatives.
-    pub idx: Tensor,
-}
-
 impl FinetuneModel for RetrievalModel {
-    type Batch = RetrievalBatch;
+    type Batch = RetrievalTrainBatch;
     const LOSS_NAMES: &'static [&'static str] = &["itc", "itm"];
 
     fn is_init_param(&self, _name: &str) -> bool {
@@ -32,7 +18,7 @@ impl FinetuneModel for RetrievalModel {
 
     fn forward_train(
         &self,
-        batch: &RetrievalBatch,
+        batch: &RetrievalTrainBatch,
         collective: &dyn Collective,
         sampler: &mut dyn NegativeSampler,
         train: bool,

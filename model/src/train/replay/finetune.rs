@@ -19,13 +19,14 @@ use super::{
 };
 use crate::collective::SingleProcess;
 use crate::config::TaskConfig;
+use crate::data::finetune::retrieval::RetrievalTrainBatch;
 use crate::loss::{MultinomialSampler, NegativeSampler, ReplaySampler};
 use crate::optim::{named_trainable_params, Gradients, NamedParam};
 use crate::parity::{self, CaseSpec, Comparison, WeightsSource};
 use crate::tasks::retrieval::RetrievalModel;
 use crate::train::finetune::{
-    finetune_schedule, FinetuneKeys, FinetuneModel, FinetuneStepLog, FinetuneTrainer,
-    RetrievalBatch, StepObserver, TaskForward,
+    finetune_schedule, FinetuneKeys, FinetuneModel, FinetuneStepLog, FinetuneTrainer, StepObserver,
+    TaskForward,
 };
 
 /// The case's `batch.safetensors`, looked up by name.
@@ -78,9 +79,9 @@ pub fn run_finetune_steps_case(
     }
 }
 
-fn retrieval_batch(inputs: &CaseInputs, prefix: &str) -> Result<RetrievalBatch, TrainError> {
+fn retrieval_batch(inputs: &CaseInputs, prefix: &str) -> Result<RetrievalTrainBatch, TrainError> {
     let t = |name: &str| inputs.get(&format!("{prefix}.{name}"));
-    Ok(RetrievalBatch {
+    Ok(RetrievalTrainBatch {
         image: t("image")?,
         text_ids: t("text_ids")?,
         text_atts: t("text_atts")?,

@@ -1,5 +1,5 @@
-//! Shared by the pre-training task tests: a synthetic corpus, a tiny task config on it, job specs and
-//! ways to run [`PretrainTask`] ranks in threads.
+//! Shared by the task tests: a synthetic corpus, tiny task configs on it, job specs and ways to run
+//! task ranks (pre-training, fine-tuning) in threads with real checkpoints.
 
 #![allow(dead_code)]
 
@@ -11,6 +11,8 @@ use xvlm_model::config::configs_dir;
 use xvlm_model::data::synth::{generate, SynthConfig};
 use xvlm_proto::spec::JobSpec;
 use xvlm_worker::checkpoint::{sha256_hex, Checkpointer, Part, Storage};
+use xvlm_worker::trainer::finetune::retrieval::RetrievalTask;
+use xvlm_worker::trainer::finetune::FinetuneRunner;
 use xvlm_worker::trainer::pretrain::PretrainTask;
 use xvlm_worker::trainer::task::{TaskContext, TrainTask};
 
@@ -108,7 +110,7 @@ pub fn task(spec: &JobSpec, comm: &dyn Collective, shards: &[String]) -> Pretrai
 
 /// Runs steps `from..to`, returning the reported losses of each.
 pub fn run(
-    task: &mut PretrainTask,
+    task: &mut impl TrainTask,
     comm: &dyn Collective,
     from: u64,
     to: u64,
@@ -119,7 +121,7 @@ pub fn run(
 }
 
 /// sha256 of every weight, by name.
-pub fn hashes(task: &PretrainTask) -> Vec<(String, String)> {
+pub fn hashes(task: &impl TrainTask) -> Vec<(String, String)> {
     task.state()
         .into_iter()
         .map(|(k, t)| {
@@ -133,7 +135,7 @@ pub fn hashes(task: &PretrainTask) -> Vec<(String, String)> {
 }
 
 /// Deep copies of every weight.
-pub fn weights(task: &PretrainTask) -> Vec<(String, Tensor)> {
+pub fn weights(task: &impl TrainTask) -> Vec<(String, Tensor)> {
     task.state()
         .into_iter()
         .map(|(k, t)| (k, t.detach().copy()))
@@ -186,7 +188,7 @@ pub fn checkpointer(
 /// Runs steps `from..to` of a job of `total` steps with checkpoints on the job's cadence, then waits
 /// for the save in flight and commits it (the one place these tests commit checkpoints).
 pub fn train_saving(
-    task: &mut PretrainTask,
+    task: &mut impl TrainTask,
     ck: &mut Checkpointer,
     comm: &dyn Collective,
     from: u64,
@@ -227,4 +229,69 @@ fn commit_parts(storage: &Storage, parts: Vec<Part>, comm: &dyn Collective) {
         }
     }
     comm.barrier().expect("barrier");
+}
+
+/// Writes a tiny retrieval task config (Swin 128 + 4-layer BERT) over `data`'s fine-tuning split to
+/// `dir/retrieval.yaml`: `batch` pairs per rank, the official transforms.
+pub fn retrieval_yaml(dir: &Path, data: &Path, batch: usize, epochs: u64) -> PathBuf {
+    let configs = configs_dir();
+    let configs = std::fs::canonicalize(&configs).unwrap_or(configs);
+    std::fs::create_dir_all(dir).expect("mkdir");
+    std::fs::write(dir.join("bert.json"), BERT).expect("write bert.json");
+    let (d, c, t) = (data.display(), configs.display(), dir.display());
+    let yaml = format!(
+        "train_file: ['{d}/finetune/retrieval_train.json']
+val_file: '{d}/finetune/retrieval_val.json'
+test_file: '{d}/finetune/retrieval_test.json'
+image_root: '{d}'
+vision_config: '{c}/config_swin_tiny_128.json'
+use_clip_vit: False
+use_swin: True
+image_res: 128
+patch_size: 32
+use_roberta: False
+text_config: '{t}/bert.json'
+text_encoder: '{d}'
+batch_size_train: {batch}
+batch_size_test: 4
+batch_size_test_text: 8
+max_tokens: 16
+embed_dim: 16
+temp: 0.07
+k_test: 4
+optimizer: {{opt: adamW, lr: 1e-3, weight_decay: 0.01, lr_mult: 2}}
+schedular: {{sched: linear, lr: 1e-3, epochs: {epochs}, num_warmup_steps: 0.1}}
+"
+    );
+    let path = dir.join("retrieval.yaml");
+    std::fs::write(&path, yaml).expect("write retrieval.yaml");
+    path
+}
+
+/// A `task: retrieval` job on `config`; `extra` is more JSON members (with a leading comma).
+pub fn retrieval_spec(config: &Path, extra: &str) -> JobSpec {
+    JobSpec::from_json(&format!(
+        r#"{{"name":"ft","task":"retrieval","config":"{}","seed":11{extra}}}"#,
+        config.display()
+    ))
+    .expect("job spec")
+}
+
+/// The retrieval runner of this rank of `comm` (1 libtorch thread), writing to `output`.
+pub fn retrieval_task(
+    spec: &JobSpec,
+    comm: &dyn Collective,
+    output: &str,
+) -> FinetuneRunner<RetrievalTask> {
+    tch::set_num_threads(1);
+    let ctx = TaskContext {
+        spec,
+        rank: comm.rank(),
+        world: comm.world_size(),
+        device: Device::Cpu,
+        shards: &[],
+        output,
+        comm,
+    };
+    FinetuneRunner::new(&ctx).expect("retrieval task")
 }

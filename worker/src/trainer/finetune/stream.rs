@@ -1,0 +1,125 @@
+//! The training batches of one rank over the job's fixed global batch.
+//!
+//! A step reads global batch `cursor.batch` of epoch `cursor.epoch`'s permutation (seeded by (seed,
+//! epoch), tail dropped) with `local x reference world` items. At the reference world each rank reads
+//! its slice as one batch from a prefetching loader; at a smaller world (an elastic restart) it reads the
+//! slices of the ranks it stands in for, as micro-batches of `local` items whose gradients the engine
+//! averages. Either way every item is loaded with the draws of (seed, epoch, item), so a micro-batch is
+//! bit-identical to the batch the reference world's rank reads, and the cursor means the same at every
+//! world size.
+
+use std::sync::Arc;
+
+use xvlm_model::data::finetune::loader::{load_batch, MapDataset, MapLoader, MapLoaderConfig};
+use xvlm_model::data::finetune::sampler::{TrainCursor, TrainSampler};
+
+use crate::trainer::batch::BatchPlan;
+use crate::trainer::harness::setup::other;
+use crate::trainer::task::TaskError;
+
+/// How many items a loader prepares ahead of the step.
+const PREFETCH_BATCHES: usize = 2;
+
+/// This rank's micro-batches of each step.
+pub struct StepBatches<D: MapDataset> {
+    data: Arc<D>,
+    /// The whole global batch of each step (one rank of world one).
+    global: TrainSampler,
+    plan: BatchPlan,
+    cfg: MapLoaderConfig,
+    /// At the reference world: the prefetching loader of this rank's slice.
+    loader: Option<MapLoader<D::Batch>>,
+    cursor: TrainCursor,
+}
+
+impl<D: MapDataset> StepBatches<D> {
+    /// The stream of `plan`'s rank over `data`, at `cursor`; `threads` load the items of a batch.
+    pub fn start(
+        data: Arc<D>,
+        plan: BatchPlan,
+        seed: u64,
+        threads: usize,
+        cursor: TrainCursor,
+    ) -> Result<Self, TaskError> {
+        if plan.global % plan.world != 0 || (plan.global / plan.world) % plan.local != 0 {
+            return Err(other(format!(
+                "a global batch of {} cannot be split evenly over {} ranks in micro-batches of {}: \
+                 run fine-tunes at a world size that divides workers.max x devices_per_worker",
+                plan.global, plan.world, plan.local
+            )));
+        }
+        let global = TrainSampler::new(data.len(), plan.global, 0, 1, seed).map_err(other)?;
+        global.check(cursor).map_err(other)?;
+        let cfg = MapLoaderConfig {
+            threads: threads.max(1),
+            prefetch_batches: PREFETCH_BATCHES,
+            seed,
+        };
+        let reference_world = plan.global / plan.local;
+        let loader = if plan.world == reference_world {
+            let sampler = TrainSampler::new(data.len(), plan.local, plan.rank, plan.world, seed)
+                .map_err(other)?;
+            Some(MapLoader::start(data.clone(), sampler, cursor, cfg).map_err(other)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            data,
+            global,
+            plan,
+            cfg,
+            loader,
+            cursor,
+        })
+    }
+
+    /// Global batches (steps) per epoch: `floor(items / global batch)`.
+    pub fn steps_per_epoch(&self) -> u64 {
+        self.global.steps_per_epoch()
+    }
+
+    /// The next step's batch.
+    pub fn cursor(&self) -> TrainCursor {
+        self.cursor
+    }
+
+    /// Micro-batches per step on this rank.
+    pub fn accumulation(&self) -> usize {
+        self.plan.micro_batches().len()
+    }
+
+    /// This rank's micro-batches of the next step; advances the cursor.
+    pub fn next_step(&mut self) -> Result<Vec<D::Batch>, TaskError> {
+        let batches = match &mut self.loader {
+            Some(loader) => {
+                let loaded = loader.next_batch().map_err(other)?;
+                if loaded.cursor != self.cursor {
+                    return Err(other(format!(
+                        "the loader read {:?}, the step needs {:?}",
+                        loaded.cursor, self.cursor
+                    )));
+                }
+                vec![loaded.batch]
+            }
+            None => {
+                let indices = self.global.batch_indices(self.cursor);
+                self.plan
+                    .micro_batches()
+                    .into_iter()
+                    .map(|range| {
+                        load_batch(
+                            self.data.as_ref(),
+                            &indices[range],
+                            self.cursor.epoch,
+                            self.cfg.seed,
+                            self.cfg.threads,
+                        )
+                        .map_err(other)
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+            }
+        };
+        self.cursor = self.global.next(self.cursor);
+        Ok(batches)
+    }
+}

@@ -1,0 +1,170 @@
+//! `task: retrieval` on the fine-tune runner, through the real [`Checkpointer`] on a `file://` output:
+//! exact resume (N steps uninterrupted against k steps, a checkpoint, a fresh runner resumed from it and
+//! the remaining N - k: every final weight bit-identical, at world 1 with dropout and at world 2 over a
+//! local TCP ring), the epoch-end validation with its `eval/epoch-E.json` and `best/` checkpoint, the
+//! closing test evaluation with the best weights, and `evaluate: true`.
+
+mod task_common;
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use task_common::{
+    checkpointer, corpus, hashes, retrieval_spec, retrieval_task, retrieval_yaml, run, train_saving,
+};
+use xvlm_model::collective::{Collective, SingleProcess};
+use xvlm_proto::spec::JobSpec;
+use xvlm_worker::checkpoint::Storage;
+use xvlm_worker::comm::ring::local_ring;
+use xvlm_worker::trainer::task::TrainTask;
+
+/// Dropout draws from libtorch's process-global generator: the tests of this file take turns.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Pairs per rank per step: 48 train pairs give 6 steps per epoch at world 1 (3 at world 2).
+const BATCH: usize = 8;
+const TOTAL: u64 = 8;
+const SAVE_AT: u64 = 4;
+
+type Hashes = Vec<(String, String)>;
+
+/// One rank's story: the uninterrupted reference, generation 1 stopping after `SAVE_AT` (its
+/// checkpoint committed), generation 2 resuming and finishing. Returns (reference, resumed) hashes.
+fn story(
+    spec: &JobSpec,
+    out: &Path,
+    comms: [&dyn Collective; 3],
+) -> (Hashes, Hashes, Vec<(String, f64)>) {
+    let [c0, c1, c2] = comms;
+    let url = |name: &str| format!("file://{}", out.join(name).display());
+    let mut reference = retrieval_task(spec, c0, &url("reference"));
+    run(&mut reference, c0, 0, TOTAL);
+    let expected = hashes(&reference);
+    drop(reference);
+
+    let storage = Storage::open(&url("resumed")).expect("storage");
+    let mut first = retrieval_task(spec, c1, &url("resumed"));
+    let mut ck = checkpointer(&storage, spec, c1, 1);
+    train_saving(&mut first, &mut ck, c1, 0, SAVE_AT, TOTAL);
+    let meta = first.checkpoint_meta();
+    assert_eq!(meta["iteration"], SAVE_AT);
+    assert_eq!(
+        meta["streams"]["train"]["batch"],
+        SAVE_AT % steps_per_epoch(c1)
+    );
+    drop(first);
+
+    let mut second = retrieval_task(spec, c2, &url("resumed"));
+    let resumed = checkpointer(&storage, spec, c2, 2)
+        .resume(&mut second)
+        .expect("resume");
+    assert_eq!(resumed, Some(SAVE_AT), "the checkpoint was not resumed");
+    run(&mut second, c2, SAVE_AT, TOTAL);
+    let got = hashes(&second);
+    let closing = second.finish(c2).expect("closing evaluation");
+    (expected, got, closing)
+}
+
+fn steps_per_epoch(comm: &dyn Collective) -> u64 {
+    48 / (BATCH * comm.world_size()) as u64
+}
+
+fn setup(dir: &Path, extra: &str) -> JobSpec {
+    let data = corpus(dir);
+    let config = retrieval_yaml(dir, &data, BATCH, 2);
+    retrieval_spec(
+        &config,
+        &format!(
+            r#","steps":{TOTAL},"checkpoint":{{"every_steps":{SAVE_AT},"keep_last":2}}{extra}"#
+        ),
+    )
+}
+
+#[test]
+fn world_one_resumes_bit_identically_and_keeps_the_best() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = setup(dir.path(), "");
+    let (expected, got, closing) = story(
+        &spec,
+        dir.path(),
+        [&SingleProcess, &SingleProcess, &SingleProcess],
+    );
+    assert_eq!(expected.len(), got.len());
+    for ((name, a), (_, b)) in expected.iter().zip(&got) {
+        assert_eq!(a, b, "{name} differs after the resume");
+    }
+    // Epoch 0 ended at step 6 inside the resumed generation: validation, the best weights, and the
+    // test split evaluated with them at the end.
+    let out = dir.path().join("resumed");
+    let epoch0: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(out.join("eval/epoch-0.json")).expect("eval/epoch-0.json"),
+    )
+    .expect("json");
+    let r_mean = epoch0[0]["metrics"]["r_mean"].as_f64().expect("r_mean");
+    assert!((0.0..=100.0).contains(&r_mean), "{epoch0}");
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(out.join("best/MANIFEST.json")).expect("best/MANIFEST.json"),
+    )
+    .expect("json");
+    assert_eq!(manifest["best"]["step"], 6, "{manifest}");
+    assert!(out.join("eval/final.json").is_file());
+    let names: Vec<&str> = closing.iter().map(|(k, _)| k.as_str()).collect();
+    for name in ["test.txt_r1", "test.img_r10", "test.r_mean", "test.epoch"] {
+        assert!(names.contains(&name), "{name} missing from {names:?}");
+    }
+}
+
+#[test]
+fn world_two_resumes_bit_identically() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = setup(
+        dir.path(),
+        r#","workers":{"min":2,"max":2},"overrides":{"xvlm":{"dropout":false}}"#,
+    );
+    let rings: Vec<_> = (0..3).map(|_| local_ring(2).expect("ring")).collect();
+    let results: Vec<(Hashes, Hashes, Vec<(String, f64)>)> = std::thread::scope(|s| {
+        let mut by_rank: Vec<_> = (0..2).map(|_| Vec::new()).collect();
+        for ring in rings {
+            for (r, c) in ring.into_iter().enumerate() {
+                by_rank[r].push(c);
+            }
+        }
+        let handles: Vec<_> = by_rank
+            .into_iter()
+            .map(|comms| {
+                let spec = &spec;
+                let dir = dir.path();
+                s.spawn(move || story(spec, dir, [&comms[0], &comms[1], &comms[2]]))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("rank"))
+            .collect()
+    });
+    for (expected, got, closing) in &results {
+        assert_eq!(expected, got, "a rank's weights differ after the resume");
+        assert_eq!(closing, &results[0].2, "ranks disagree on the test metrics");
+    }
+}
+
+#[test]
+fn evaluate_only_scores_the_init_weights_and_trains_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = setup(dir.path(), r#","evaluate":true"#);
+    let out = format!("file://{}", dir.path().join("eval-only").display());
+    let mut task = retrieval_task(&spec, &SingleProcess, &out);
+    assert_eq!(task.total_steps(), 0);
+    let before = hashes(&task);
+    let metrics = task.finish(&SingleProcess).expect("evaluation");
+    assert_eq!(hashes(&task), before);
+    let names: Vec<&str> = metrics.iter().map(|(k, _)| k.as_str()).collect();
+    assert!(
+        names.contains(&"val.r_mean") && names.contains(&"test.r_mean"),
+        "{names:?}"
+    );
+    assert!(dir.path().join("eval-only/eval/final.json").is_file());
+}
