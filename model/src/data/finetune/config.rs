@@ -67,10 +67,15 @@ impl Resolver<'_> {
     }
 }
 
-/// A parsed [`TaskConfig`] as the YAML value it came from (typed and extra keys together).
+/// A parsed [`TaskConfig`] as the YAML value it came from (typed and extra keys together); its unset
+/// optional keys (serialised as null) are dropped so the data keys' defaults apply.
 pub fn task_value(cfg: &TaskConfig) -> Result<serde_yaml::Value, DataError> {
-    serde_yaml::to_value(cfg)
-        .map_err(|e| DataError::Config(format!("{}: {e}", cfg.source.display())))
+    let mut value = serde_yaml::to_value(cfg)
+        .map_err(|e| DataError::Config(format!("{}: {e}", cfg.source.display())))?;
+    if let serde_yaml::Value::Mapping(m) = &mut value {
+        m.retain(|_, v| !v.is_null());
+    }
+    Ok(value)
 }
 
 /// The `pre_caption` word limit of every fine-tuning dataset (their constructors' default).
