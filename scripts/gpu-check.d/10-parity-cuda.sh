@@ -4,7 +4,7 @@ status=0
 for case in tests/fixtures/parity/*/; do
   kind=$(sed -n 's/^kind: *//p' "$case/case.yaml")
   case $kind in
-    image_preprocessing|param_keys|relpos_resize) continue ;;  # no model: CPU only, covered by the tests
+    image_preprocessing|param_keys|relpos_resize|finetune_data) continue ;;  # no model: CPU only, covered by the tests
     pretrain_train_steps) echo "$(basename "$case"): skipped, the train-step replay runs on the CPU only"; continue ;;
   esac
   out=$("$BIN/xvlm" parity "$case" --device cuda 2>&1); rc=$?

@@ -100,24 +100,22 @@ impl Run {
         Ok(Self::ints(v))
     }
 
-    /// A row comparing a collated image batch with the per-image tensors the indices name.
+    /// A row comparing a collated image batch with the official per-image tensors its indices name.
     fn check_collated(&mut self, name: &str, got: &Tensor, indices: &Tensor) {
-        let want = self.expected.get("image0.tensor").is_some().then(|| {
-            let rows: Vec<Tensor> = Vec::<i64>::try_from(indices)
-                .unwrap_or_default()
-                .into_iter()
+        let rows: Option<Vec<Tensor>> = Vec::<i64>::try_from(indices).ok().and_then(|ks| {
+            ks.iter()
                 .map(|k| {
-                    self.expected.get(&format!("image{k}.tensor")).map_or_else(
-                        || Tensor::zeros([0], tch::kind::FLOAT_CPU),
-                        Tensor::shallow_clone,
-                    )
+                    self.expected
+                        .get(&format!("image{k}.tensor"))
+                        .map(Tensor::shallow_clone)
                 })
-                .collect();
-            Tensor::f_stack(&rows, 0).ok()
+                .collect()
         });
-        let row = match want.flatten() {
-            Some(want) => compare(name, got, &want, self.pixels),
-            None => not_computed(name),
+        let row = match rows {
+            Some(rows) if !rows.is_empty() => {
+                compare(name, got, &Tensor::stack(&rows, 0), self.pixels)
+            }
+            _ => not_computed(name),
         };
         self.extra_rows.push(row);
     }
@@ -145,6 +143,9 @@ impl Run {
         self.put_exact(&format!("{prefix}.text_atts"), batch.atts);
     }
 }
+
+/// Computes the tensors of one task from its config file.
+type TaskRunner = fn(&mut Run, &Path) -> Result<(), ParityError>;
 
 fn task_config_path(dir: &Path, top: &serde_yaml::Value, task: &str) -> Option<PathBuf> {
     top.get("task_configs")
@@ -227,7 +228,7 @@ pub fn run(
         atol: extra_f64(spec, "decoded_max_abs_u8", 0.0),
     };
     images_per_file(&mut run, &root, &files, image_res, decoded_tol)?;
-    let tasks: [(&str, fn(&mut Run, &Path) -> Result<(), ParityError>); 5] = [
+    let tasks: [(&str, TaskRunner); 5] = [
         ("re", retrieval),
         ("vqa", vqa_task),
         ("nlvr", nlvr_task),

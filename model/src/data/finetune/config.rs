@@ -67,13 +67,13 @@ impl Resolver<'_> {
     }
 }
 
-/// A parsed [`TaskConfig`] as the YAML value it came from (typed and extra keys together). Typed keys
-/// the file did not set serialise as null; they are left out, so the data keys' own defaults apply.
+/// A parsed [`TaskConfig`] as the YAML value it came from (typed and extra keys together); its unset
+/// optional keys (serialised as null) are dropped so the data keys' defaults apply.
 pub fn task_value(cfg: &TaskConfig) -> Result<serde_yaml::Value, DataError> {
     let mut value = serde_yaml::to_value(cfg)
         .map_err(|e| DataError::Config(format!("{}: {e}", cfg.source.display())))?;
-    if let serde_yaml::Value::Mapping(map) = &mut value {
-        map.retain(|_, v| !v.is_null());
+    if let serde_yaml::Value::Mapping(m) = &mut value {
+        m.retain(|_, v| !v.is_null());
     }
     Ok(value)
 }

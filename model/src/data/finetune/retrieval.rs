@@ -249,6 +249,20 @@ pub struct RetrievalLoaderOptions {
     pub prefetch_batches: usize,
 }
 
+impl RetrievalLoaderOptions {
+    /// Rank `rank` of `world` with `batch_per_rank` pairs, 4 loading threads and 2 batches prefetched.
+    pub fn new(batch_per_rank: usize, rank: usize, world: usize, seed: u64) -> Self {
+        Self {
+            batch_per_rank,
+            rank,
+            world,
+            seed,
+            threads: 4,
+            prefetch_batches: 2,
+        }
+    }
+}
+
 /// The threaded, prefetching retrieval train loader of one rank.
 pub struct RetrievalTrainLoader {
     inner: MapLoader<RetrievalTrainBatch>,
