@@ -554,3 +554,123 @@ fn hostile_vqa_and_grounding_items_name_file_and_item() {
         Some([40.5, 10.0, 30.0, 40.25])
     );
 }
+
+/// The VQA, NLVR2 and RefCOCO+ train sets of the fixture run through the map loader with their random
+/// train transforms: shapes follow the collate functions, box targets stay inside the image.
+#[test]
+fn every_task_trains_through_the_map_loader() {
+    use xvlm_model::data::finetune::grounding::{
+        self, GroundingBoxTrainData, GroundingDataConfig, GroundingTrainData,
+    };
+    use xvlm_model::data::finetune::nlvr::NlvrData;
+    use xvlm_model::data::finetune::vqa::{self, VqaDataConfig, VqaTrainData};
+    use xvlm_model::data::finetune::{MapDataset, MapLoader, MapLoaderConfig};
+
+    fn first<D: MapDataset>(data: D, batch: usize) -> D::Batch {
+        let sampler = TrainSampler::new(data.len(), batch, 0, 1, 3).unwrap();
+        let cfg = MapLoaderConfig {
+            threads: 2,
+            prefetch_batches: 1,
+            seed: 3,
+        };
+        let mut loader =
+            MapLoader::start(Arc::new(data), sampler, TrainCursor::default(), cfg).unwrap();
+        loader.next_batch().unwrap().batch
+    }
+    let dir = case_dir();
+    let tok = tokenizer();
+
+    let cfg = VqaDataConfig::load(&dir.join("config_vqa.yaml")).unwrap();
+    let entries = Arc::new(vqa::load_train(&cfg).unwrap());
+    let b = first(VqaTrainData::new(entries, tok.clone(), &cfg), 2);
+    let answers: i64 = b.k.iter().sum();
+    assert_eq!(b.image.size(), [2, 3, 64, 64]);
+    assert_eq!(b.answer_ids.size()[0], answers);
+    assert_eq!(b.weights.size(), [answers]);
+    assert!(b.text_ids.size()[1] <= cfg.max_tokens as i64);
+
+    let cfg = NlvrDataConfig::load(&dir.join("config_nlvr.yaml")).unwrap();
+    let entries = Arc::new(nlvr::load_split(&cfg, &cfg.train_file).unwrap());
+    let b = first(
+        NlvrData {
+            entries,
+            tokenizer: tok.clone(),
+            transform: ImageTransform::train(cfg.image_res),
+        },
+        3,
+    );
+    assert_eq!(b.image0.size(), b.image1.size());
+    assert_eq!(b.targets.size(), [3]);
+
+    let cfg = GroundingDataConfig::load(&dir.join("config_grounding_bbox.yaml")).unwrap();
+    let entries = Arc::new(grounding::load_split(&cfg, &cfg.train_file).unwrap());
+    let b = first(
+        GroundingTrainData::new(entries.clone(), tok.clone(), &cfg),
+        4,
+    );
+    assert_eq!(b.image.size(), [4, 3, 64, 64]);
+    assert_eq!(b.idx.size(), [4]);
+    let refer = cfg.refer().unwrap();
+    let b = first(
+        GroundingBoxTrainData::new(entries, &refer, tok, &cfg).unwrap(),
+        4,
+    );
+    assert_eq!(b.target_bbox.size(), [4, 4]);
+    for row in Vec::<Vec<f32>>::try_from(&b.target_bbox).unwrap() {
+        let [cx, cy, w, h] = [row[0], row[1], row[2], row[3]];
+        assert!(w > 0.0 && h > 0.0, "{row:?}");
+        assert!(
+            cx - w / 2.0 >= -1e-6 && cx + w / 2.0 <= 1.0 + 1e-6,
+            "{row:?}"
+        );
+        assert!(
+            cy - h / 2.0 >= -1e-6 && cy + h / 2.0 <= 1.0 + 1e-6,
+            "{row:?}"
+        );
+    }
+}
+
+/// Throughput of the retrieval train loader (official train transform at 384) on a folder made by
+/// `xvlm synth-data --out DIR --width 640 --height 480`; run with
+/// `XVLM_FINETUNE_BENCH=DIR cargo test --test finetune_data -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn retrieval_loader_throughput() {
+    let Ok(dir) = std::env::var("XVLM_FINETUNE_BENCH") else {
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let set = Arc::new(
+        RetrievalTrainSet::load(
+            &[dir
+                .join("finetune/retrieval_train.json")
+                .display()
+                .to_string()],
+            &ImageRoot(dir.display().to_string()),
+            30,
+        )
+        .unwrap(),
+    );
+    let tok = Arc::new(TextTokenizer::from_vocab_txt(&dir.join("vocab.txt")).unwrap());
+    for threads in [1usize, 2] {
+        let data = RetrievalTrainData {
+            set: set.clone(),
+            tokenizer: tok.clone(),
+            transform: ImageTransform::train(384),
+            truncate_to: Some(40),
+        };
+        let mut opts = RetrievalLoaderOptions::new(8, 0, 1, 1);
+        opts.threads = threads;
+        let mut loader = RetrievalTrainLoader::start(data, opts, TrainCursor::default()).unwrap();
+        let t0 = std::time::Instant::now();
+        let batches = 24;
+        for _ in 0..batches {
+            loader.next_batch().unwrap();
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        println!(
+            "threads {threads}: {:.0} images/s ({batches} batches of 8 at 384)",
+            (batches * 8) as f64 / secs
+        );
+    }
+}

@@ -4,20 +4,24 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use rand::Rng;
+use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 use tch::Tensor;
 
 use super::annotations::{self, item_err};
 use super::config::{self, one_or_many, Resolver};
-use super::images::{self, ImageAt};
+use super::images::{self, GroundingTrainTransform, ImageAt, ImageTransform};
+use super::loader::MapDataset;
 use super::refer::Refer;
 use super::source::ImageRoot;
 use super::text::{encode_batch, Padding};
 use crate::data::caption::pre_caption;
 use crate::data::pixels::{self, RgbImage};
 use crate::data::tokenizer::TextTokenizer;
+use crate::data::transform::box_transform;
 use crate::data::DataError;
 
 fn default_true() -> bool {
@@ -254,4 +258,165 @@ pub fn box_sample(
 pub fn stack_targets(targets: &[[f32; 4]]) -> Tensor {
     let flat: Vec<f32> = targets.iter().flatten().copied().collect();
     Tensor::from_slice(&flat).view([targets.len() as i64, 4])
+}
+
+/// A collated weakly supervised grounding train batch (retrieval-style: ITC / ITM with `idx`).
+#[derive(Debug)]
+pub struct GroundingTrainBatch {
+    /// `[B, 3, R, R]`.
+    pub image: Tensor,
+    /// `[B, L]` padding longest (truncated to `truncate_to` when set).
+    pub text_ids: Tensor,
+    /// `[B, L]`.
+    pub text_atts: Tensor,
+    /// `[B]` int64 image ids (by file name).
+    pub idx: Tensor,
+}
+
+/// The weak grounding train split as a map-style dataset (`Resize → flip → RandomAugment`).
+pub struct GroundingTrainData {
+    /// The expressions.
+    pub entries: Arc<Vec<GroundingEntry>>,
+    /// The tokenizer.
+    pub tokenizer: Arc<TextTokenizer>,
+    /// The image transform (the grounding train transform; `test_transform` for checks).
+    pub transform: ImageTransform,
+    /// `Some(max_tokens)` (DESIGN fix 16) or `None` (the official call, no truncation).
+    pub truncate_to: Option<usize>,
+}
+
+impl GroundingTrainData {
+    /// With the official grounding train transform and truncation to `max_tokens`.
+    pub fn new(
+        entries: Arc<Vec<GroundingEntry>>,
+        tokenizer: Arc<TextTokenizer>,
+        cfg: &GroundingDataConfig,
+    ) -> Self {
+        Self {
+            entries,
+            tokenizer,
+            transform: ImageTransform::GroundingTrain(GroundingTrainTransform::new(cfg.image_res)),
+            truncate_to: Some(cfg.max_tokens),
+        }
+    }
+}
+
+impl MapDataset for GroundingTrainData {
+    type Item = (usize, Vec<f32>);
+    type Batch = GroundingTrainBatch;
+
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn load(&self, index: usize, rng: &mut ChaCha8Rng) -> Result<Self::Item, DataError> {
+        Ok((index, self.transform.load(rng, &self.entries[index].image)?))
+    }
+
+    fn collate(&self, items: Vec<Self::Item>) -> Result<GroundingTrainBatch, DataError> {
+        let entries: Vec<&GroundingEntry> = items.iter().map(|(i, _)| &self.entries[*i]).collect();
+        let text = encode_texts(&self.tokenizer, &entries, self.truncate_to)?;
+        let images: Vec<Vec<f32>> = items.into_iter().map(|(_, im)| im).collect();
+        Ok(GroundingTrainBatch {
+            image: images::stack(&images, self.transform.res()),
+            text_ids: text.ids,
+            text_atts: text.atts,
+            idx: Tensor::from_slice(&entries.iter().map(|e| e.idx).collect::<Vec<_>>()),
+        })
+    }
+}
+
+/// A collated box-grounding train batch.
+#[derive(Debug)]
+pub struct GroundingBoxBatch {
+    /// `[B, 3, R, R]` after crop, flip, resize and `box_transform`.
+    pub image: Tensor,
+    /// `[B, L]` padding longest (truncated to `truncate_to` when set).
+    pub text_ids: Tensor,
+    /// `[B, L]`.
+    pub text_atts: Tensor,
+    /// `[B, 4]` float32 normalised `(cx, cy, w, h)`.
+    pub target_bbox: Tensor,
+}
+
+/// The box-grounding train split as a map-style dataset (random crop keeping the box, careful flip,
+/// resize, `box_transform`).
+pub struct GroundingBoxTrainData {
+    /// The expressions.
+    pub entries: Arc<Vec<GroundingEntry>>,
+    /// The REFER box of each entry.
+    pub boxes: Vec<[f64; 4]>,
+    /// The tokenizer.
+    pub tokenizer: Arc<TextTokenizer>,
+    /// Output side.
+    pub res: usize,
+    /// No flip for expressions naming a side.
+    pub careful_hflip: bool,
+    /// `Some(max_tokens)` (DESIGN fix 16) or `None` (the official call).
+    pub truncate_to: Option<usize>,
+}
+
+impl GroundingBoxTrainData {
+    /// Looks up every entry's box in `refer`; a `ref_id` it lacks is an error naming the item.
+    pub fn new(
+        entries: Arc<Vec<GroundingEntry>>,
+        refer: &Refer,
+        tokenizer: Arc<TextTokenizer>,
+        cfg: &GroundingDataConfig,
+    ) -> Result<Self, DataError> {
+        let boxes = entries
+            .iter()
+            .map(|e| {
+                refer.get(e.ref_id).map(|r| r.bbox).ok_or_else(|| {
+                    item_err(
+                        &e.image.file,
+                        e.image.index,
+                        format!("ref_id {} is not in {}", e.ref_id, refer.refs_file),
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            entries,
+            boxes,
+            tokenizer,
+            res: cfg.image_res,
+            careful_hflip: cfg.careful_hflip,
+            truncate_to: Some(cfg.max_tokens),
+        })
+    }
+}
+
+impl MapDataset for GroundingBoxTrainData {
+    type Item = (usize, Vec<f32>, [f32; 4]);
+    type Batch = GroundingBoxBatch;
+
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn load(&self, index: usize, rng: &mut ChaCha8Rng) -> Result<Self::Item, DataError> {
+        let e = &self.entries[index];
+        let img = e.image.decode()?;
+        let bbox = self.boxes[index];
+        check_box(bbox, img.width, img.height).map_err(|why| e.image.err(why))?;
+        let draws = draw_box(rng, bbox, img.width, img.height);
+        let no_flip = self.careful_hflip && mentions_side(&e.text);
+        let s = box_sample(&img, bbox, draws, no_flip, self.res).map_err(|why| e.image.err(why))?;
+        Ok((index, box_transform(rng, s.image), s.target))
+    }
+
+    fn collate(&self, items: Vec<Self::Item>) -> Result<GroundingBoxBatch, DataError> {
+        let entries: Vec<&GroundingEntry> =
+            items.iter().map(|(i, _, _)| &self.entries[*i]).collect();
+        let text = encode_texts(&self.tokenizer, &entries, self.truncate_to)?;
+        let targets: Vec<[f32; 4]> = items.iter().map(|(_, _, t)| *t).collect();
+        let images: Vec<Vec<f32>> = items.into_iter().map(|(_, im, _)| im).collect();
+        Ok(GroundingBoxBatch {
+            image: images::stack(&images, self.res),
+            text_ids: text.ids,
+            text_atts: text.atts,
+            target_bbox: stack_targets(&targets),
+        })
+    }
 }
