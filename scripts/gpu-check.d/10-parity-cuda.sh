@@ -5,7 +5,7 @@ for case in tests/fixtures/parity/*/; do
   kind=$(sed -n 's/^kind: *//p' "$case/case.yaml")
   case $kind in
     image_preprocessing|param_keys|relpos_resize|finetune_data) continue ;;  # no model: CPU only, covered by the tests
-    pretrain_train_steps) echo "$(basename "$case"): skipped, the train-step replay runs on the CPU only"; continue ;;
+    pretrain_train_steps|finetune_train_steps) echo "$(basename "$case"): skipped, the train-step replay runs on the CPU only"; continue ;;
   esac
   out=$("$BIN/xvlm" parity "$case" --device cuda 2>&1); rc=$?
   fails=$(grep -c FAIL <<<"$out")

@@ -82,7 +82,8 @@ impl RetrievalSource for Source<'_> {
         let t = TOKENS as usize;
         self.texts_read.push(range.clone());
         let rows = |v: &[i64]| {
-            Tensor::from_slice(&v[range.start * t..range.end * t]).view([range.len() as i64, TOKENS])
+            Tensor::from_slice(&v[range.start * t..range.end * t])
+                .view([range.len() as i64, TOKENS])
         };
         Ok((rows(&self.split.ids), rows(&self.split.atts)))
     }

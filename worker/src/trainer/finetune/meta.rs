@@ -39,6 +39,9 @@ pub struct ResumeMeta {
     /// The best validation result so far.
     #[serde(default)]
     pub best: Option<Best>,
+    /// The latest evaluation's metrics (`val.r_mean`, ...; empty before the first epoch end).
+    #[serde(default)]
+    pub metrics: Vec<(String, f64)>,
 }
 
 impl ResumeMeta {

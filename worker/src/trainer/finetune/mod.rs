@@ -116,6 +116,8 @@ pub struct FinetuneRunner<T: FinetuneTask> {
     evaluate_only: bool,
     lr: f64,
     best: Option<Best>,
+    /// The latest evaluation's metrics (kept in the checkpoint meta).
+    metrics: Vec<(String, f64)>,
     outputs: Option<Outputs>,
     config: serde_json::Value,
 }
@@ -204,6 +206,7 @@ impl<T: FinetuneTask> FinetuneRunner<T> {
             evaluate_only,
             lr: 0.0,
             best: None,
+            metrics: Vec::new(),
             outputs: (ctx.rank == 0).then(|| Outputs::open(ctx.output)).flatten(),
             config: serde_json::to_value(&task_cfg).unwrap_or_default(),
         })
@@ -281,7 +284,8 @@ impl<T: FinetuneTask> FinetuneRunner<T> {
             comm.barrier()?;
             self.best = Some(best);
         }
-        Ok(prefixed(Split::Val, metrics, epoch))
+        self.metrics = prefixed(Split::Val, metrics, epoch);
+        Ok(self.metrics.clone())
     }
 
     /// Restores the weights, the engine state and the stream of a saved `meta`.
@@ -325,6 +329,7 @@ impl<T: FinetuneTask> FinetuneRunner<T> {
         )?;
         self.lr = meta.lr;
         self.best = meta.best;
+        self.metrics = meta.metrics.clone();
         tracing::info!(
             task = T::NAME,
             rank = self.rank,
@@ -448,6 +453,7 @@ impl<T: FinetuneTask> TrainTask for FinetuneRunner<T> {
             lr: self.lr,
             streams: BTreeMap::from([(TRAIN_STREAM.to_string(), self.stream.cursor())]),
             best: self.best,
+            metrics: self.metrics.clone(),
         }
         .to_value()
     }

@@ -1,0 +1,141 @@
+//! `task: retrieval` through the real coordinator and two workers: kill -9 of one trainer in the middle
+//! of an epoch, generation 2 resumes from the committed checkpoint, and the job ends with final weights
+//! sha256-identical to an uninterrupted run, with its per-epoch validation, `best/` checkpoint and
+//! closing test evaluation written.
+
+use std::path::Path;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use xvlm_e2e::checkpoints::{committed_checkpoints, gen_logs, resumed_step, trainer_pids};
+use xvlm_e2e::{alive, text, wait_until, write, Cluster};
+use xvlm_model::config::configs_dir;
+use xvlm_model::data::synth::{generate, SynthConfig};
+
+/// 48 training pairs, 4 per rank at world 2: 6 steps per epoch, 3 epochs.
+const STEPS: u64 = 18;
+const EVERY: u64 = 4;
+
+/// The tiny model on the retrieval split under `data`.
+fn task_yaml(data: &Path) -> String {
+    let configs = configs_dir();
+    let configs = std::fs::canonicalize(&configs).unwrap_or(configs);
+    let (d, c) = (data.display(), configs.display());
+    format!(
+        "train_file: ['{d}/finetune/retrieval_train.json']
+val_file: '{d}/finetune/retrieval_val.json'
+test_file: '{d}/finetune/retrieval_test.json'
+image_root: '{d}'
+vision_config: '{c}/config_swin_tiny_128.json'
+use_clip_vit: False
+use_swin: True
+image_res: 128
+patch_size: 32
+use_roberta: False
+text_config: '{c}/config_bert_demo.json'
+text_encoder: '{d}'
+batch_size_train: 4
+batch_size_test: 4
+batch_size_test_text: 8
+max_tokens: 16
+embed_dim: 16
+temp: 0.07
+k_test: 4
+optimizer: {{opt: adamW, lr: 1e-4, weight_decay: 0.01, lr_mult: 2}}
+schedular: {{sched: linear, lr: 1e-4, epochs: 3, num_warmup_steps: 0.1}}
+"
+    )
+}
+
+/// sha256 of every tensor's bytes in a safetensors file, by name.
+fn tensor_hashes(path: &Path) -> Vec<(String, String)> {
+    let data = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&data).expect("safetensors");
+    let mut out: Vec<(String, String)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let digest = Sha256::digest(view.data());
+            (name, digest.iter().map(|b| format!("{b:02x}")).collect())
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn killed_finetune_trainer_resumes_bit_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    generate(
+        &data,
+        &SynthConfig {
+            images: 30,
+            width: 64,
+            height: 48,
+            shards: 2,
+            ..SynthConfig::default()
+        },
+    )
+    .unwrap();
+    let config = write(dir.path(), "retrieval.yaml", &task_yaml(&data));
+    let job_yaml = format!(
+        "name: ft\ntask: retrieval\nconfig: {}\nseed: 11\nworkers: {{min: 2}}\nmax_restarts: 2\n\
+checkpoint: {{every_steps: {EVERY}, keep_last: 2}}\n",
+        config.display()
+    );
+    let c = Cluster::with_workers(dir.path(), &["w0", "w1"]);
+    let job = c.submit(&write(dir.path(), "job.yaml", &job_yaml));
+    let output = dir.path().join("runs").join(&job);
+
+    wait_until(Duration::from_secs(120), || {
+        !committed_checkpoints(&output).is_empty()
+    })
+    .unwrap_or_else(|| panic!("no checkpoint committed:\n{}", c.logs()));
+    let saved = committed_checkpoints(&output)[0];
+    let victim = trainer_pids(dir.path(), "w1", &job, 1);
+    assert_eq!(victim.len(), 1, "one trainer on w1");
+    assert!(alive(victim[0].1), "trainer finished before the kill");
+    // SAFETY: plain kill(2) of a pid this test's cluster started.
+    unsafe { libc::kill(victim[0].1 as i32, libc::SIGKILL) };
+
+    let watch = c.cli(&["watch", &job]);
+    assert!(
+        watch.status.success(),
+        "{}\n{}",
+        text(&watch.stdout),
+        c.logs()
+    );
+    let g2_logs = gen_logs(dir.path(), &["w0", "w1"], &job, 2);
+    let resumed = resumed_step(&g2_logs)
+        .unwrap_or_else(|| panic!("generation 2 did not resume:\n{g2_logs}\n{}", c.logs()));
+    assert!(
+        resumed >= saved && resumed.is_multiple_of(EVERY) && resumed < STEPS,
+        "resumed from step {resumed}, first commit was {saved}"
+    );
+    println!("first commit step-{saved}; generation 2 resumed from step-{resumed}");
+    for file in [
+        "eval/epoch-0.json",
+        "eval/epoch-2.json",
+        "eval/final.json",
+        "best/MANIFEST.json",
+    ] {
+        assert!(output.join(file).is_file(), "no {file} in {output:?}");
+    }
+
+    // The same job, uninterrupted, in another output directory.
+    let reference = c.submit(&write(dir.path(), "again.yaml", &job_yaml));
+    let watch = c.cli(&["watch", &reference]);
+    assert!(watch.status.success(), "{}", c.logs());
+    let reference = dir.path().join("runs").join(&reference);
+    let got = tensor_hashes(&output.join("final/model.safetensors"));
+    let want = tensor_hashes(&reference.join("final/model.safetensors"));
+    assert!(!got.is_empty());
+    assert_eq!(got, want, "resumed run differs from the uninterrupted one");
+    let metrics = |out: &Path| std::fs::read_to_string(out.join("eval/final.json")).unwrap();
+    assert_eq!(
+        metrics(&output),
+        metrics(&reference),
+        "the closing test evaluation differs"
+    );
+}
