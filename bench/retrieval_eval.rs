@@ -82,7 +82,8 @@ fn parse_options(args: &[String]) -> Result<Options> {
 
 /// `VmHWM` (peak resident set) of this process in MiB.
 fn peak_rss_mib() -> Result<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
     let line = status
         .lines()
         .find(|l| l.starts_with("VmHWM:"))
@@ -105,10 +106,15 @@ fn random_split(task: &TaskConfig, vocab: i64, n: usize) -> Result<(SplitTensors
     let ids = Tensor::randint_low(1000.min(vocab - 1), vocab, [nt, len], opts);
     let _ = ids.narrow(1, 0, 1).fill_(101);
     let lens = Tensor::randint_low(8, len + 1, [nt, 1], opts);
-    let atts = Tensor::arange(len, opts).unsqueeze(0).lt_tensor(&lens).to_kind(Kind::Int64);
+    let atts = Tensor::arange(len, opts)
+        .unsqueeze(0)
+        .lt_tensor(&lens)
+        .to_kind(Kind::Int64);
     let gt = GroundTruth::new(
         (0..n * CAPTIONS).map(|t| t / CAPTIONS).collect(),
-        (0..n).map(|i| (i * CAPTIONS..(i + 1) * CAPTIONS).collect()).collect(),
+        (0..n)
+            .map(|i| (i * CAPTIONS..(i + 1) * CAPTIONS).collect())
+            .collect(),
     )?;
     Ok((
         SplitTensors {
@@ -147,12 +153,23 @@ fn run(o: &Options) -> Result<()> {
         cfg.text_batch,
         o.device,
         tch::get_num_threads(),
-        load.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
         peak_rss_mib()?
     );
     println!(
         "{:>4} {:>5} {:>9} {:>9} {:>9} {:>10} {:>8} {:>9} {:>10}",
-        "N", "texts", "images/s", "texts/s", "ITM pairs", "ITM pairs/s", "total s", "TR@1", "peak MiB"
+        "N",
+        "texts",
+        "images/s",
+        "texts/s",
+        "ITM pairs",
+        "ITM pairs/s",
+        "total s",
+        "TR@1",
+        "peak MiB"
     );
     for &n in &o.sizes {
         let (mut split, gt) = random_split(&task, vocab, n)?;

@@ -82,7 +82,8 @@ impl RetrievalSource for Source<'_> {
         let t = TOKENS as usize;
         self.texts_read.push(range.clone());
         let rows = |v: &[i64]| {
-            Tensor::from_slice(&v[range.start * t..range.end * t]).view([range.len() as i64, TOKENS])
+            Tensor::from_slice(&v[range.start * t..range.end * t])
+                .view([range.len() as i64, TOKENS])
         };
         Ok((rows(&self.split.ids), rows(&self.split.atts)))
     }
@@ -201,7 +202,7 @@ fn metrics_are_identical_at_world_1_2_4() {
     let single = evaluate(&SingleProcess, &split, &config()).unwrap();
     let total = single.itm_pairs;
     // Pairs named by both top-k lists are scored once: fewer than Ni·k + Nt·k forwards.
-    assert!(total <= 11 * 4 + 55 * 4 && total >= 55 * 4, "{total}");
+    assert!((55 * 4..=11 * 4 + 55 * 4).contains(&total), "{total}");
     // The recall is that of a real ranking, not a constant: ITC and ITM rank differently.
     assert_ne!(single.result.itc, single.result.itm);
     for world in [2usize, 4] {

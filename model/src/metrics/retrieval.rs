@@ -250,7 +250,9 @@ impl RetrievalRanks {
             ranks
                 .iter()
                 .enumerate()
-                .map(|(i, r)| r.ok_or_else(|| ModelError::Input(format!("no score row for {what} {i}"))))
+                .map(|(i, r)| {
+                    r.ok_or_else(|| ModelError::Input(format!("no score row for {what} {i}")))
+                })
                 .collect::<Result<Vec<usize>, _>>()
         };
         Ok(RetrievalMetrics::from_ranks(
@@ -346,7 +348,10 @@ mod tests {
         assert_eq!(pairs[0], ("txt_r1", 50.0));
         assert_eq!(pairs[4], ("img_r1", 50.0));
         assert_eq!(pairs[8].0, "r_mean");
-        assert_eq!(m.to_array().map(|v| v.to_bits()), pairs.map(|p| p.1.to_bits()));
+        assert_eq!(
+            m.to_array().map(|v| v.to_bits()),
+            pairs.map(|p| p.1.to_bits())
+        );
     }
 
     /// Feeding the rows in chunks gives the metrics of the whole matrices.
@@ -358,7 +363,9 @@ mod tests {
         ranks.add_i2t_rows(&gt, &i2t.narrow(0, 1, 1), 1).unwrap();
         ranks.add_i2t_rows(&gt, &i2t.narrow(0, 0, 1), 0).unwrap();
         for t in 0..4 {
-            ranks.add_t2i_rows(&gt, &t2i.narrow(0, t, 1), t as usize).unwrap();
+            ranks
+                .add_t2i_rows(&gt, &t2i.narrow(0, t, 1), t as usize)
+                .unwrap();
         }
         assert_eq!(ranks.metrics().unwrap(), whole);
         // A missing row is an error, not a silent zero.

@@ -178,12 +178,11 @@ impl RankedCandidates {
     pub fn score_rows(&self, rows: Range<usize>, width: usize) -> Tensor {
         let (start, len) = (rows.start as i64, rows.len() as i64);
         let score = self.itm_score.narrow(0, start, len);
-        Tensor::full(
-            [len, width as i64],
-            -100.0,
-            (score.kind(), score.device()),
+        Tensor::full([len, width as i64], -100.0, (score.kind(), score.device())).scatter(
+            1,
+            &self.idx.narrow(0, start, len),
+            &score,
         )
-        .scatter(1, &self.idx.narrow(0, start, len), &score)
     }
 
     /// The whole score matrix [n, width] (`score_matrix_i2t` / `score_matrix_t2i`).
@@ -205,7 +204,7 @@ pub struct LocalFeatures {
     pub text_embeds: Tensor,
 }
 
-/// The evaluation of a split, identical on every rank except `local` and `itm_pairs`.
+/// The evaluation of a split, identical on every rank except `local`, `itm_pairs` and `timings`.
 #[derive(Debug)]
 pub struct RetrievalEvalOutput {
     /// Recalls ranking by similarity alone (zero-shot ITC).
@@ -609,7 +608,12 @@ impl<'a> Evaluation<'a> {
             let mut logits = Vec::with_capacity(batches.len());
             for batch in batches {
                 let pairs = &plan.pairs[batch.clone()];
-                let image_rows = rows(pairs.iter().map(|p| (p.image - local.images.start) as i64).collect());
+                let image_rows = rows(
+                    pairs
+                        .iter()
+                        .map(|p| (p.image - local.images.start) as i64)
+                        .collect(),
+                );
                 let chunk_rows = rows(pairs.iter().map(|p| (p.text - span.start) as i64).collect());
                 let text_ids = rows(pairs.iter().map(|p| p.text as i64).collect());
                 logits.push(self.match_logits(
