@@ -47,6 +47,9 @@ use crate::xvlm::ModelError;
 
 mod plan;
 
+/// The images (batch `image_batch`) or texts (`text_batch`) a rank encodes, so a data layer can load
+/// only those: `rank_slice(n, batch, world, rank)`.
+pub use plan::rank_slice;
 use plan::{plan_pairs, rank_slices, PlanShape};
 
 /// Where one rank's evaluation inputs come from. Ranges are global indices into the split; the
