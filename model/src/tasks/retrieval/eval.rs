@@ -30,8 +30,12 @@
 //! does not own once, (W−1)/W of Nt·L·D·4 B = 3.07 GB, holding one chunk at a time (1024 texts:
 //! 126 MB); step 5 sums 31 MB. Held throughout: the own tokens, 3.0 GB/W of images and 3.1 GB/W of
 //! texts. All-gathering the token features instead would hold 6 GB on every rank. Each rank scores
-//! the pairs of its images: exactly k per image from image→text plus its share of text→image, about
-//! 1/W of the ≤ (Ni + Nt)·k pairs.
+//! the pairs of its images: exactly k per image from image→text plus the text→image pairs naming
+//! them, about 1/W of the ≤ (Ni + Nt)·k pairs when the texts' top-k spread over the images; images
+//! that are in many texts' top-k ("hubs", common in an untrained model) load their rank more.
+//! Slices are whole encoding batches, so they differ by up to one batch, not one item: the price of
+//! world-independent batches (an item's features would otherwise change in the last bits with W).
+//! All collectives are on the model's device (NCCL on GPU, the ring on CPU).
 
 use std::convert::Infallible;
 use std::ops::Range;
