@@ -11,7 +11,7 @@ use xvlm_model::collective::{Collective, SingleProcess};
 use xvlm_model::config::TaskConfig;
 use xvlm_model::metrics::retrieval::{GroundTruth, RetrievalMetrics};
 use xvlm_model::parity::{load_case_weights, WeightsSource};
-use xvlm_model::tasks::retrieval::eval::{RetrievalEvalConfig, RetrievalSource};
+use xvlm_model::tasks::retrieval::eval::{rank_slice, RetrievalEvalConfig, RetrievalSource};
 use xvlm_model::tasks::RetrievalModel;
 use xvlm_model::xvlm::ModelError;
 use xvlm_worker::comm::ring::local_ring;
@@ -202,7 +202,7 @@ fn metrics_are_identical_at_world_1_2_4() {
     let single = evaluate(&SingleProcess, &split, &config()).unwrap();
     let total = single.itm_pairs;
     // Pairs named by both top-k lists are scored once: fewer than Ni·k + Nt·k forwards.
-    assert!(total <= 11 * 4 + 55 * 4 && total >= 55 * 4, "{total}");
+    assert!((55 * 4..=11 * 4 + 55 * 4).contains(&total), "{total}");
     // The recall is that of a real ranking, not a constant: ITC and ITM rank differently.
     assert_ne!(single.result.itc, single.result.itm);
     for world in [2usize, 4] {
@@ -214,6 +214,7 @@ fn metrics_are_identical_at_world_1_2_4() {
         let mut texts_read: Vec<Range<usize>> = Vec::new();
         for (rank, run) in runs.iter().enumerate() {
             assert_eq!(run.result, single.result, "world {world}, rank {rank}");
+            assert_eq!(run.images, rank_slice(11, 2, world, rank));
             images_read.extend(run.images_read.iter().cloned());
             texts_read.extend(run.texts_read.iter().cloned());
         }

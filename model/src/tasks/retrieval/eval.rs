@@ -30,8 +30,12 @@
 //! does not own once, (W−1)/W of Nt·L·D·4 B = 3.07 GB, holding one chunk at a time (1024 texts:
 //! 126 MB); step 5 sums 31 MB. Held throughout: the own tokens, 3.0 GB/W of images and 3.1 GB/W of
 //! texts. All-gathering the token features instead would hold 6 GB on every rank. Each rank scores
-//! the pairs of its images: exactly k per image from image→text plus its share of text→image, about
-//! 1/W of the ≤ (Ni + Nt)·k pairs.
+//! the pairs of its images: exactly k per image from image→text plus the text→image pairs naming
+//! them, about 1/W of the ≤ (Ni + Nt)·k pairs when the texts' top-k spread over the images; images
+//! that are in many texts' top-k ("hubs", common in an untrained model) load their rank more.
+//! Slices are whole encoding batches, so they differ by up to one batch, not one item: the price of
+//! world-independent batches (an item's features would otherwise change in the last bits with W).
+//! All collectives are on the model's device (NCCL on GPU, the ring on CPU).
 
 use std::convert::Infallible;
 use std::ops::Range;
@@ -47,6 +51,9 @@ use crate::xvlm::ModelError;
 
 mod plan;
 
+/// The images (batch `image_batch`) or texts (`text_batch`) a rank encodes, so a data layer can load
+/// only those: `rank_slice(n, batch, world, rank)`.
+pub use plan::rank_slice;
 use plan::{plan_pairs, rank_slices, PlanShape};
 
 /// Where one rank's evaluation inputs come from. Ranges are global indices into the split; the
@@ -204,7 +211,7 @@ pub struct LocalFeatures {
     pub text_embeds: Tensor,
 }
 
-/// The evaluation of a split, identical on every rank except `local` and `itm_pairs`.
+/// The evaluation of a split, identical on every rank except `local`, `itm_pairs` and `timings`.
 #[derive(Debug)]
 pub struct RetrievalEvalOutput {
     /// Recalls ranking by similarity alone (zero-shot ITC).

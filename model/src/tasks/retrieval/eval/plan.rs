@@ -6,7 +6,7 @@ use std::ops::Range;
 /// The slice of `0..n` rank `rank` of `world` encodes: a contiguous run of whole batches of `batch`
 /// (the last one may be short), balanced to within one batch; empty when there are fewer batches than
 /// ranks. Every item lands in the same batch at every world size, so its features are bit-identical.
-pub(crate) fn rank_slice(n: usize, batch: usize, world: usize, rank: usize) -> Range<usize> {
+pub fn rank_slice(n: usize, batch: usize, world: usize, rank: usize) -> Range<usize> {
     let batches = n.div_ceil(batch);
     let lo = batches * rank / world;
     let hi = batches * (rank + 1) / world;
