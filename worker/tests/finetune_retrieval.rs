@@ -27,14 +27,12 @@ const TOTAL: u64 = 8;
 const SAVE_AT: u64 = 4;
 
 type Hashes = Vec<(String, String)>;
+/// A story's uninterrupted hashes, resumed hashes and closing metrics.
+type Story = (Hashes, Hashes, Vec<(String, f64)>);
 
 /// One rank's story: the uninterrupted reference, generation 1 stopping after `SAVE_AT` (its
 /// checkpoint committed), generation 2 resuming and finishing. Returns (reference, resumed) hashes.
-fn story(
-    spec: &JobSpec,
-    out: &Path,
-    comms: [&dyn Collective; 3],
-) -> (Hashes, Hashes, Vec<(String, f64)>) {
+fn story(spec: &JobSpec, out: &Path, comms: [&dyn Collective; 3]) -> Story {
     let [c0, c1, c2] = comms;
     let url = |name: &str| format!("file://{}", out.join(name).display());
     let mut reference = retrieval_task(spec, c0, &url("reference"));
@@ -124,7 +122,7 @@ fn world_two_resumes_bit_identically() {
         r#","workers":{"min":2,"max":2},"overrides":{"xvlm":{"dropout":false}}"#,
     );
     let rings: Vec<_> = (0..3).map(|_| local_ring(2).expect("ring")).collect();
-    let results: Vec<(Hashes, Hashes, Vec<(String, f64)>)> = std::thread::scope(|s| {
+    let results: Vec<Story> = std::thread::scope(|s| {
         let mut by_rank: Vec<_> = (0..2).map(|_| Vec::new()).collect();
         for ring in rings {
             for (r, c) in ring.into_iter().enumerate() {

@@ -387,7 +387,7 @@ impl<T: FinetuneTask> TrainTask for FinetuneRunner<T> {
         let named: Vec<(&str, f64)> = log.losses.iter().map(|(k, v)| (k.as_str(), *v)).collect();
         let losses = mean_over_ranks(comm, self.device, &named)?;
         let done = step + 1;
-        let metrics = if done % self.stream.steps_per_epoch().max(1) == 0 {
+        let metrics = if done.is_multiple_of(self.stream.steps_per_epoch().max(1)) {
             self.end_epoch(self.epoch_of(step), done, comm)?
         } else {
             Vec::new()

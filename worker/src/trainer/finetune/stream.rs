@@ -41,7 +41,9 @@ impl<D: MapDataset> StepBatches<D> {
         threads: usize,
         cursor: TrainCursor,
     ) -> Result<Self, TaskError> {
-        if plan.global % plan.world != 0 || (plan.global / plan.world) % plan.local != 0 {
+        if !plan.global.is_multiple_of(plan.world)
+            || !(plan.global / plan.world).is_multiple_of(plan.local)
+        {
             return Err(other(format!(
                 "a global batch of {} cannot be split evenly over {} ranks in micro-batches of {}: \
                  run fine-tunes at a world size that divides workers.max x devices_per_worker",
