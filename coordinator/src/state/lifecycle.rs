@@ -7,7 +7,7 @@ use xvlm_proto::spec::JobSpec;
 use super::hang::{self, RankClock};
 use super::placement::{self, slots_by_worker};
 use super::protocol::{Action, Command, RunningGeneration};
-use super::records::{JobRecord, JobState, Millis, ProgressInfo};
+use super::records::{Evaluation, JobRecord, JobState, Millis, ProgressInfo};
 use super::registry::WorkerEntry;
 use super::Scheduler;
 use crate::error::CoordError;
@@ -43,6 +43,7 @@ impl Scheduler {
             ranks: Vec::new(),
             nccl_id: Vec::new(),
             progress: None,
+            evaluation: None,
             message: String::new(),
             output,
             files,
@@ -166,7 +167,9 @@ impl Scheduler {
         actions.push(Action::Notify(id.to_string()));
     }
 
-    /// A rank's progress: advances its hang clock; rank 0's is the job's progress.
+    /// A rank's progress: advances its hang clock; rank 0's is the job's progress, and its
+    /// evaluation results (if any) the job's latest, persisted at once (they are rare and final).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn progress(
         &mut self,
         now: Millis,
@@ -174,6 +177,7 @@ impl Scheduler {
         generation: u64,
         rank: u32,
         mut progress: ProgressInfo,
+        metrics: Vec<(String, f64)>,
         actions: &mut Vec<Action>,
     ) {
         let Some(job) = self.jobs.get_mut(id) else {
@@ -195,10 +199,18 @@ impl Scheduler {
             .as_ref()
             .and_then(|p| p.first)
             .or(Some((progress.step, now)));
+        let evaluated = !metrics.is_empty();
+        if evaluated {
+            job.evaluation = Some(Evaluation {
+                step: progress.step,
+                metrics,
+                at_ms: now,
+            });
+        }
         job.progress = Some(progress);
         job.updated_at_ms = now;
         let last = &mut runtime.last_progress_persist;
-        if now.saturating_sub(*last) >= self.progress_persist_ms {
+        if evaluated || now.saturating_sub(*last) >= self.progress_persist_ms {
             *last = now;
             actions.push(Action::Persist(Box::new(job.clone())));
         }
@@ -271,6 +283,39 @@ impl Scheduler {
         if self.workers.contains(worker) {
             self.lose_worker(now, worker, "heartbeat stream closed", actions);
             self.workers.remove(worker);
+        }
+    }
+
+    /// Fails every job that never started whose task no registered worker can run, once that has
+    /// lasted `heartbeat_timeout_ms` (the time a worker gets to report): a job submitted before any
+    /// worker registered is not left waiting forever for a build that can run it. While no worker is
+    /// registered at all it waits. A job that ran before (RESTARTING) waits for its workers to return.
+    pub(super) fn fail_unrunnable(&mut self, now: Millis, actions: &mut Vec<Action>) {
+        let mut unrunnable = Vec::new();
+        for job in self.jobs.values().filter(|j| j.state == JobState::Pending) {
+            let blocked =
+                !self.workers.is_empty() && self.workers.supporting(job.spec.task).next().is_none();
+            let runtime = self.runtime.entry(job.id.clone()).or_default();
+            if !blocked {
+                runtime.unrunnable_since = None;
+                continue;
+            }
+            let since = *runtime.unrunnable_since.get_or_insert(now);
+            if now.saturating_sub(since) >= self.heartbeat_timeout_ms {
+                unrunnable.push(job.id.clone());
+            }
+        }
+        for id in unrunnable {
+            let why = placement::unrunnable(&self.workers, self.jobs[&id].spec.task).to_string();
+            let Some(job) = self.jobs.get_mut(&id) else {
+                continue;
+            };
+            tracing::warn!(job = id, "{why}; failing the job");
+            job.state = JobState::Failed;
+            job.message = why;
+            job.updated_at_ms = now;
+            actions.push(Action::Persist(Box::new(job.clone())));
+            actions.push(Action::Notify(id));
         }
     }
 
@@ -445,6 +490,7 @@ fn stop_generation(job: &JobRecord, reason: &str, actions: &mut Vec<Action>) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::records::Evaluation;
     use super::super::test_support::*;
     use super::super::*;
     use xvlm_proto::spec::Backend;
@@ -607,5 +653,71 @@ mod tests {
             rec.message
         );
         assert!(rec.message.contains("drained"), "{}", rec.message);
+    }
+
+    fn report(
+        s: &mut Scheduler,
+        job: &str,
+        rank: u32,
+        step: u64,
+        at: Millis,
+        metrics: &[(&str, f64)],
+    ) -> Vec<Action> {
+        let generation = s.job(job).unwrap().generation;
+        s.apply(
+            at,
+            Event::Progress {
+                job: job.into(),
+                generation,
+                rank,
+                progress: ProgressInfo {
+                    step,
+                    ..Default::default()
+                },
+                metrics: metrics.iter().map(|(n, v)| (n.to_string(), *v)).collect(),
+            },
+        )
+        .unwrap()
+        .actions
+    }
+
+    /// Rank 0's evaluation results become the job's, persisted at once (not rate-limited like
+    /// progress), and stay through later steps without results and through a restart; other ranks'
+    /// are not the job's.
+    #[test]
+    fn evaluation_results_are_kept_and_persisted() {
+        let (mut s, job) = running_on_a_and_b(spec(2, 1, 1));
+        let persisted =
+            |actions: &[Action]| actions.iter().any(|a| matches!(a, Action::Persist(_)));
+        assert!(
+            persisted(&report(&mut s, &job, 0, 1, 10_000, &[])),
+            "the first progress"
+        );
+        assert!(
+            !persisted(&report(&mut s, &job, 0, 2, 11_000, &[])),
+            "rate-limited"
+        );
+        let a = report(
+            &mut s,
+            &job,
+            0,
+            3,
+            12_000,
+            &[("epoch", 0.0), ("val.r_mean", 41.5)],
+        );
+        assert!(persisted(&a), "results are persisted at once");
+        report(&mut s, &job, 1, 3, 12_000, &[("val.r_mean", 99.0)]);
+        report(&mut s, &job, 0, 4, 13_000, &[]);
+        let expected = Some(Evaluation {
+            step: 3,
+            metrics: vec![("epoch".into(), 0.0), ("val.r_mean".into(), 41.5)],
+            at_ms: 12_000,
+        });
+        assert_eq!(s.job(&job).unwrap().evaluation, expected);
+        exit_all(&mut s, &job, 1);
+        ready_all(&mut s, &job);
+        let rec = s.job(&job).unwrap();
+        assert_eq!((rec.state, rec.generation), (JobState::Running, 2));
+        assert_eq!(rec.evaluation, expected, "kept across generations");
     }
 }

@@ -36,7 +36,7 @@ mod test_support;
 use std::collections::BTreeMap;
 
 pub use protocol::{Action, Applied, CheckpointTicket, Command, Event, RunningGeneration, Slot};
-pub use records::{JobRecord, JobState, Millis, ProgressInfo, RankAssignment};
+pub use records::{Evaluation, JobRecord, JobState, Millis, ProgressInfo, RankAssignment};
 pub use registry::WorkerEntry;
 
 use crate::error::CoordError;
@@ -122,12 +122,14 @@ impl Scheduler {
                 host,
                 slots,
                 cuda,
+                tasks,
             } => {
                 let entry = WorkerEntry {
                     name,
                     host,
                     slots,
                     cuda,
+                    tasks,
                     last_seen_ms: now,
                     busy: None,
                     connected: false,
@@ -166,7 +168,8 @@ impl Scheduler {
                 generation,
                 rank,
                 progress,
-            } => self.progress(now, &job, generation, rank, progress, actions),
+                metrics,
+            } => self.progress(now, &job, generation, rank, progress, metrics, actions),
             Event::Part { job, part } => self.part(&job, part, actions),
             Event::Committed { job, step, request } => {
                 self.committed(now, &job, step, request, actions)
@@ -188,6 +191,7 @@ impl Scheduler {
             Event::Disconnected { worker } => self.disconnected(now, &worker, actions),
             Event::Tick => self.tick(now, actions),
         }
+        self.fail_unrunnable(now, &mut out.actions);
         self.schedule(now, &mut out.actions);
         self.prune_runtime();
         Ok(out)

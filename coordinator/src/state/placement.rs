@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use xvlm_proto::spec::{Backend, JobSpec};
+use xvlm_proto::spec::{Backend, JobSpec, TaskKind};
 
 use super::protocol::{Action, Command, Slot};
 use super::records::{JobRecord, JobState, Millis, RankAssignment};
@@ -11,8 +11,10 @@ use super::registry::WorkerRegistry;
 use super::Scheduler;
 use crate::error::CoordError;
 
-/// With workers registered, a job needing more workers or devices than the cluster has can never
-/// start; refuse it at submit instead of blocking the queue forever.
+/// With workers registered, a job whose task no worker can run, or needing more workers or devices
+/// than the workers that can run it have, can never start; refuse it at submit instead of blocking
+/// the queue forever. With none registered yet (`xvlm-coord run` submits while its workers start) the
+/// job is queued; `Scheduler::fail_unrunnable` says when it gives up.
 pub(super) fn check_satisfiable(
     workers: &WorkerRegistry,
     spec: &JobSpec,
@@ -20,8 +22,12 @@ pub(super) fn check_satisfiable(
     if workers.is_empty() {
         return Ok(());
     }
+    let task = spec.task;
+    if workers.supporting(task).next().is_none() {
+        return Err(unrunnable(workers, task));
+    }
     let need = spec.workers.devices_per_worker;
-    let most = workers.iter().map(|w| w.slots).max().unwrap_or(0);
+    let most = workers.supporting(task).map(|w| w.slots).max().unwrap_or(0);
     if most < need {
         return Err(CoordError::Unsatisfiable {
             field: "workers.devices_per_worker".into(),
@@ -30,18 +36,32 @@ pub(super) fn check_satisfiable(
             ),
         });
     }
-    let able = workers.iter().filter(|w| w.slots >= need).count() as u32;
+    let able = workers.supporting(task).filter(|w| w.slots >= need).count() as u32;
     if able < spec.workers.min {
         return Err(CoordError::Unsatisfiable {
             field: "workers.min".into(),
             message: format!(
-                "world size {} needs {} workers with {need} device(s) each, but only {able} such worker(s) are registered",
+                "world size {} needs {} workers with {need} device(s) each, but only {able} such worker(s) that run task {} are registered",
                 spec.world_size(spec.workers.min),
-                spec.workers.min
+                spec.workers.min,
+                task.as_str()
             ),
         });
     }
     Ok(())
+}
+
+/// No registered worker's build can run `task`.
+pub(super) fn unrunnable(workers: &WorkerRegistry, task: TaskKind) -> CoordError {
+    let offered: Vec<&str> = workers.tasks().iter().map(|t| t.as_str()).collect();
+    CoordError::Unsatisfiable {
+        field: "task".into(),
+        message: format!(
+            "no registered worker can run task {}: the registered workers run {}",
+            task.as_str(),
+            offered.join(", ")
+        ),
+    }
 }
 
 /// The ranks of a generation on `chosen` workers with `per_worker` devices each, in worker order.
@@ -99,7 +119,7 @@ impl Scheduler {
             return;
         }
         let need = job.spec.workers.devices_per_worker;
-        let free = self.workers.free(need);
+        let free = self.workers.free(job.spec.task, need);
         if (free.len() as u32) < job.spec.workers.min {
             return;
         }
@@ -150,7 +170,9 @@ impl Scheduler {
             return;
         };
         let job = &self.jobs[&id];
-        let free = self.workers.free(job.spec.workers.devices_per_worker);
+        let free = self
+            .workers
+            .free(job.spec.task, job.spec.workers.devices_per_worker);
         let Some(rank0) = job.ranks.iter().find(|r| r.rank == 0) else {
             return;
         };
@@ -189,6 +211,7 @@ impl Scheduler {
 mod tests {
     use super::super::test_support::*;
     use super::super::*;
+    use xvlm_proto::spec::{JobSpec, TaskKind};
 
     /// Jobs wait in submission order; the second starts when the first frees the workers.
     #[test]
@@ -269,6 +292,119 @@ mod tests {
             (2, 2, 0),
             "{}",
             rec.message
+        );
+    }
+
+    fn submit_event(spec: JobSpec) -> Event {
+        Event::Submit {
+            spec: Box::new(spec),
+            files: vec![],
+            output_root: "file:///r".into(),
+        }
+    }
+
+    fn pretrain(min: u32) -> JobSpec {
+        JobSpec {
+            task: TaskKind::Pretrain,
+            config: Some("/configs/Pretrain.yaml".into()),
+            ..spec(min, 1, 0)
+        }
+    }
+
+    /// A task no registered worker runs is refused at submit naming the task and what the workers
+    /// run; `workers.min` counts only the workers that run the job's task.
+    #[test]
+    fn submit_refuses_a_task_no_worker_runs() {
+        let mut s = Scheduler::new(10_000);
+        register_with_tasks(&mut s, "a", 1, &[TaskKind::Smoke], 0);
+        let err = s.apply(0, submit_event(pretrain(1))).unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, CoordError::Unsatisfiable { .. }), "{text}");
+        assert!(
+            text.starts_with("task: no registered worker can run task pretrain")
+                && text.ends_with("the registered workers run smoke"),
+            "{text}"
+        );
+        assert_eq!(s.jobs().count(), 0, "nothing was queued");
+        register_with_tasks(&mut s, "b", 1, &[TaskKind::Smoke, TaskKind::Pretrain], 0);
+        let err = s.apply(0, submit_event(pretrain(2))).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("only 1 such worker(s) that run task pretrain"),
+            "{err}"
+        );
+        assert!(s.apply(0, submit_event(pretrain(1))).is_ok());
+    }
+
+    /// Placement uses only workers that run the job's task: the free smoke-only worker is passed
+    /// over, and the job waits for (and then takes) the one that runs it.
+    #[test]
+    fn placement_uses_only_workers_that_run_the_task() {
+        let mut s = Scheduler::new(10_000);
+        register_with_tasks(&mut s, "old", 1, &[TaskKind::Smoke], 0);
+        register_with_tasks(&mut s, "new", 1, &[TaskKind::Smoke, TaskKind::Pretrain], 0);
+        let busy = submit(&mut s, spec(1, 1, 0));
+        let first = s.job(&busy).unwrap().ranks[0].worker.clone();
+        assert_eq!(first, "new", "smoke goes to the first free worker");
+        let job = submit(&mut s, pretrain(1));
+        assert_eq!(
+            s.job(&job).unwrap().state,
+            JobState::Pending,
+            "old cannot run it"
+        );
+        ready_all(&mut s, &busy);
+        exit_all(&mut s, &busy, 0);
+        let rec = s.job(&job).unwrap();
+        assert_eq!(rec.state, JobState::Rendezvous);
+        assert_eq!(rec.ranks[0].worker, "new");
+    }
+
+    /// A job queued before any worker registered waits while none is; once workers are registered
+    /// and none runs its task for a heartbeat timeout, it fails naming the task (and frees the queue).
+    /// A worker that runs it arriving within the timeout starts it instead.
+    #[test]
+    fn job_queued_before_workers_fails_when_none_runs_its_task() {
+        let mut s = Scheduler::new(10_000);
+        let job = submit(&mut s, pretrain(1));
+        s.apply(50_000, Event::Tick).unwrap();
+        assert_eq!(
+            s.job(&job).unwrap().state,
+            JobState::Pending,
+            "no worker yet: it waits"
+        );
+        register_with_tasks(&mut s, "old", 1, &[TaskKind::Smoke], 60_000);
+        let queued = submit(&mut s, spec(1, 1, 0));
+        s.apply(69_999, Event::Tick).unwrap();
+        assert_eq!(s.job(&job).unwrap().state, JobState::Pending);
+        assert_eq!(
+            s.job(&queued).unwrap().state,
+            JobState::Pending,
+            "behind it"
+        );
+        s.workers.touch("old", 70_000);
+        let a = s.apply(70_000, Event::Tick).unwrap();
+        let rec = s.job(&job).unwrap();
+        assert_eq!(rec.state, JobState::Failed);
+        assert!(
+            rec.message
+                .contains("no registered worker can run task pretrain"),
+            "{}",
+            rec.message
+        );
+        assert!(a
+            .actions
+            .iter()
+            .any(|x| matches!(x, Action::Persist(r) if r.id == job)));
+        assert_eq!(s.job(&queued).unwrap().state, JobState::Rendezvous);
+
+        let mut s = Scheduler::new(10_000);
+        let job = submit(&mut s, pretrain(1));
+        register_with_tasks(&mut s, "old", 1, &[TaskKind::Smoke], 1_000);
+        register_with_tasks(&mut s, "new", 1, &[TaskKind::Pretrain], 9_000);
+        let rec = s.job(&job).unwrap();
+        assert_eq!(
+            (rec.state, rec.ranks[0].worker.as_str()),
+            (JobState::Rendezvous, "new")
         );
     }
 }

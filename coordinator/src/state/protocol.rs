@@ -3,7 +3,7 @@
 //! between these and the wire types (`convert`); nothing here does I/O.
 
 use xvlm_proto::checkpoint::{Manifest, Part};
-use xvlm_proto::spec::{Backend, JobSpec};
+use xvlm_proto::spec::{Backend, JobSpec, TaskKind};
 
 use super::records::{JobRecord, ProgressInfo};
 
@@ -136,6 +136,8 @@ pub enum Event {
         slots: u32,
         /// CUDA devices or CPU slots.
         cuda: bool,
+        /// The tasks its build can run.
+        tasks: Vec<TaskKind>,
     },
     /// A heartbeat with the generations whose trainers run there.
     Heartbeat {
@@ -173,6 +175,8 @@ pub enum Event {
         rank: u32,
         /// Progress.
         progress: ProgressInfo,
+        /// Evaluation results reported with this step (empty: none).
+        metrics: Vec<(String, f64)>,
     },
     /// A rank uploaded its part of a checkpoint.
     Part {

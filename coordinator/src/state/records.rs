@@ -83,6 +83,17 @@ pub struct ProgressInfo {
     pub first: Option<(u64, Millis)>,
 }
 
+/// The latest evaluation results of a job, as rank 0 reported them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Evaluation {
+    /// The step they were reported at.
+    pub step: u64,
+    /// Named results (`val.r_mean`, `test.txt_r1`, `epoch`, ...) in the trainer's order.
+    pub metrics: Vec<(String, f64)>,
+    /// When they arrived.
+    pub at_ms: Millis,
+}
+
 /// Everything the coordinator knows about a job; what the store persists.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobRecord {
@@ -107,6 +118,9 @@ pub struct JobRecord {
     pub nccl_id: Vec<u8>,
     /// Latest progress.
     pub progress: Option<ProgressInfo>,
+    /// Latest evaluation results; kept across generations.
+    #[serde(default)]
+    pub evaluation: Option<Evaluation>,
     /// Why it failed or was cancelled.
     pub message: String,
     /// Output URL.

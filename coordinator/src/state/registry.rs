@@ -4,6 +4,8 @@
 
 use std::collections::BTreeMap;
 
+use xvlm_proto::spec::TaskKind;
+
 use super::records::Millis;
 
 /// A registered node.
@@ -25,12 +27,23 @@ pub struct WorkerEntry {
     pub connected: bool,
     /// It is draining (preempted): the generation its leaving ends does not count as a restart.
     pub draining: bool,
+    /// The tasks its build can run (what it advertised when it registered).
+    pub tasks: Vec<TaskKind>,
 }
 
 impl WorkerEntry {
-    /// Free to take a generation needing `slots` per worker now.
-    pub fn is_free_for(&self, slots: u32) -> bool {
-        self.connected && !self.draining && self.busy.is_none() && self.slots >= slots
+    /// Its build can run `task`.
+    pub fn supports(&self, task: TaskKind) -> bool {
+        self.tasks.contains(&task)
+    }
+
+    /// Free to take a generation of `task` needing `slots` per worker now.
+    pub fn is_free_for(&self, task: TaskKind, slots: u32) -> bool {
+        self.connected
+            && !self.draining
+            && self.busy.is_none()
+            && self.slots >= slots
+            && self.supports(task)
     }
 }
 
@@ -104,11 +117,28 @@ impl WorkerRegistry {
         }
     }
 
-    /// Workers free to take a generation needing `slots` per worker now, by name.
-    pub(super) fn free(&self, slots: u32) -> Vec<String> {
+    /// Workers whose build can run `task`.
+    pub(super) fn supporting(&self, task: TaskKind) -> impl Iterator<Item = &WorkerEntry> {
+        self.workers.values().filter(move |w| w.supports(task))
+    }
+
+    /// Every task some registered worker can run, in [`TaskKind`] order, without repeats.
+    pub(super) fn tasks(&self) -> Vec<TaskKind> {
+        let mut tasks: Vec<TaskKind> = self
+            .workers
+            .values()
+            .flat_map(|w| w.tasks.clone())
+            .collect();
+        tasks.sort_by_key(|t| t.as_str());
+        tasks.dedup();
+        tasks
+    }
+
+    /// Workers free to take a generation of `task` needing `slots` per worker now, by name.
+    pub(super) fn free(&self, task: TaskKind, slots: u32) -> Vec<String> {
         self.workers
             .values()
-            .filter(|w| w.is_free_for(slots))
+            .filter(|w| w.is_free_for(task, slots))
             .map(|w| w.name.clone())
             .collect()
     }

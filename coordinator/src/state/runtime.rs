@@ -21,4 +21,6 @@ pub(super) struct JobRuntime {
     pub(super) last_commit: Option<(u64, u64)>,
     /// When rank 0's progress was last persisted (progress is persisted at most every few seconds).
     pub(super) last_progress_persist: Millis,
+    /// Since when workers are registered but none can run this never-started job's task.
+    pub(super) unrunnable_since: Option<Millis>,
 }

@@ -47,16 +47,28 @@ pub(super) fn submit(s: &mut Scheduler, spec: JobSpec) -> String {
     .unwrap()
 }
 
-/// Registers a worker and opens its heartbeat stream.
+/// Registers a worker that runs smoke and pretrain jobs and opens its heartbeat stream.
 pub(super) fn register(s: &mut Scheduler, name: &str, slots: u32) -> Vec<Action> {
+    register_with_tasks(s, name, slots, &[TaskKind::Smoke, TaskKind::Pretrain], 0)
+}
+
+/// Registers a worker whose build runs `tasks` at time `at` and opens its heartbeat stream.
+pub(super) fn register_with_tasks(
+    s: &mut Scheduler,
+    name: &str,
+    slots: u32,
+    tasks: &[TaskKind],
+    at: Millis,
+) -> Vec<Action> {
     let registered = s
         .apply(
-            0,
+            at,
             Event::Register {
                 name: name.into(),
                 host: "127.0.0.1".into(),
                 slots,
                 cuda: false,
+                tasks: tasks.to_vec(),
             },
         )
         .unwrap();
@@ -66,7 +78,7 @@ pub(super) fn register(s: &mut Scheduler, name: &str, slots: u32) -> Vec<Action>
         .iter()
         .all(|a| !matches!(a, Action::Send { .. })));
     s.apply(
-        0,
+        at,
         Event::Heartbeat {
             worker: name.into(),
             draining: false,
@@ -151,6 +163,7 @@ pub(super) fn progress(
                 step,
                 ..Default::default()
             },
+            metrics: vec![],
         },
     )
     .unwrap()

@@ -78,6 +78,10 @@ pub struct ProgressLine {
     /// checkpoint once every rank's part is in).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub parts: Vec<Part>,
+    /// Evaluation results measured at this step (`val.r_mean`, `test.txt_r1`, ...), with the epoch
+    /// they belong to as `epoch`; the coordinator shows rank 0's latest in `status` and `watch`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics: Vec<(String, f64)>,
 }
 
 /// Runs an assignment read from `path`; `listen_fd` is the ring socket the worker bound for this rank.
@@ -167,6 +171,7 @@ pub fn run(a: &Assignment, listener: Option<TcpListener>) -> Result<(), WorkerEr
             lr: task.lr(),
             samples_per_sec: (out.samples * a.world) as f64 / secs,
             parts: Vec::new(),
+            metrics: Vec::new(),
         };
         let done = step + 1;
         let request = requests.agree(comm.as_ref())?;
