@@ -190,6 +190,26 @@ fn eta(p: &v1::Progress) -> String {
     }
 }
 
+/// A metric value: whole numbers (an epoch, a count) without decimals, others to 4 places.
+fn metric_value(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.4}")
+    }
+}
+
+/// The job's latest evaluation results, `eval@step-N: name=value ...`; `None` before any.
+pub fn evaluation(s: &v1::JobStatus) -> Option<String> {
+    let e = s.evaluation.as_ref().filter(|e| !e.metrics.is_empty())?;
+    let metrics: Vec<String> = e
+        .metrics
+        .iter()
+        .map(|m| format!("{}={}", m.name, metric_value(m.value)))
+        .collect();
+    Some(format!("eval@step-{}: {}", e.step, metrics.join(" ")))
+}
+
 /// One line of `watch` output.
 pub fn watch_line(s: &v1::JobStatus) -> String {
     let p = s.progress.clone().unwrap_or_default();
@@ -209,6 +229,9 @@ pub fn watch_line(s: &v1::JobStatus) -> String {
     if s.checkpoint_step > 0 {
         line.push_str(&format!(" ckpt=step-{}", s.checkpoint_step));
     }
+    if let Some(eval) = evaluation(s) {
+        line.push_str(&format!(" {eval}"));
+    }
     if s.restarts > 0 {
         line.push_str(&format!(" restarts={}", s.restarts));
     }
@@ -218,7 +241,7 @@ pub fn watch_line(s: &v1::JobStatus) -> String {
     line
 }
 
-/// The `status` table.
+/// The `status` table, then one line per job with evaluation results (`JOB eval@step-N: ...`).
 pub fn status_table(jobs: &[v1::JobStatus]) -> String {
     let header = [
         "JOB",
@@ -271,5 +294,56 @@ pub fn status_table(jobs: &[v1::JobStatus]) -> String {
         out.push('\n');
         out.push_str(&fmt(row));
     }
+    for s in jobs {
+        if let Some(eval) = evaluation(s) {
+            out.push_str(&format!("\n{} {eval}", s.job_id));
+        }
+    }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status_with_eval() -> v1::JobStatus {
+        v1::JobStatus {
+            job_id: "job-0001".into(),
+            name: "ft".into(),
+            state: v1::JobState::Running as i32,
+            evaluation: Some(v1::Evaluation {
+                step: 40,
+                metrics: vec![
+                    v1::Metric {
+                        name: "epoch".into(),
+                        value: 1.0,
+                    },
+                    v1::Metric {
+                        name: "val.r_mean".into(),
+                        value: 52.31234,
+                    },
+                ],
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// `watch` and `status` print the latest evaluation results with their step; nothing before any.
+    #[test]
+    fn evaluation_is_printed_by_watch_and_status() {
+        let s = status_with_eval();
+        let expected = "eval@step-40: epoch=1 val.r_mean=52.3123";
+        assert!(watch_line(&s).contains(expected), "{}", watch_line(&s));
+        let table = status_table(std::slice::from_ref(&s));
+        assert_eq!(
+            table.lines().last(),
+            Some(format!("job-0001 {expected}").as_str())
+        );
+        let plain = v1::JobStatus {
+            evaluation: None,
+            ..s
+        };
+        assert!(!watch_line(&plain).contains("eval@"));
+        assert_eq!(status_table(&[plain]).lines().count(), 2);
+    }
 }

@@ -1,8 +1,43 @@
 //! Wire types <-> domain types, in one place: the state machine never sees prost structs.
 
+use xvlm_proto::spec::TaskKind;
 use xvlm_proto::v1;
 
-use crate::state::{Command, JobRecord, JobState, ProgressInfo, Slot};
+use crate::state::{Command, Evaluation, JobRecord, JobState, ProgressInfo, Slot};
+
+/// What a worker that advertises no tasks runs: it predates the field, and every such build ran these.
+pub const TASKS_OF_UNLISTED_WORKERS: [TaskKind; 2] = [TaskKind::Smoke, TaskKind::Pretrain];
+
+/// The tasks a registering worker advertises (`RegisterRequest.tasks`); names this coordinator does
+/// not know (a newer worker's) are left out, and an empty list means [`TASKS_OF_UNLISTED_WORKERS`].
+pub fn worker_tasks(names: &[String]) -> Vec<TaskKind> {
+    if names.is_empty() {
+        return TASKS_OF_UNLISTED_WORKERS.to_vec();
+    }
+    names
+        .iter()
+        .filter_map(|name| TaskKind::from_name(name))
+        .collect()
+}
+
+/// Named metrics as the state machine takes them.
+pub fn metrics(metrics: &[v1::Metric]) -> Vec<(String, f64)> {
+    metrics.iter().map(|m| (m.name.clone(), m.value)).collect()
+}
+
+fn evaluation(e: &Evaluation) -> v1::Evaluation {
+    v1::Evaluation {
+        step: e.step,
+        metrics: e
+            .metrics
+            .iter()
+            .map(|(name, value)| v1::Metric {
+                name: name.clone(),
+                value: *value,
+            })
+            .collect(),
+    }
+}
 
 impl From<JobState> for v1::JobState {
     fn from(s: JobState) -> Self {
@@ -38,6 +73,7 @@ pub fn job_status(rec: &JobRecord) -> v1::JobStatus {
         output: rec.output.clone(),
         checkpoint_step: rec.checkpoint_step,
         checkpoint_requests_served: rec.checkpoint_requests_served,
+        evaluation: rec.evaluation.as_ref().map(evaluation),
     }
 }
 
@@ -150,5 +186,19 @@ pub fn command(c: Command) -> v1::CoordinatorCommand {
     };
     v1::CoordinatorCommand {
         command: Some(command),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A worker that lists no tasks predates the field and runs smoke and pretrain; names this
+    /// coordinator does not know are dropped, the rest kept.
+    #[test]
+    fn advertised_task_names() {
+        assert_eq!(worker_tasks(&[]), vec![TaskKind::Smoke, TaskKind::Pretrain]);
+        let names = ["retrieval".to_string(), "teleport".to_string()];
+        assert_eq!(worker_tasks(&names), vec![TaskKind::Retrieval]);
     }
 }

@@ -14,7 +14,7 @@ use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{error, info, warn};
 use xvlm_proto::checkpoint::Part;
-use xvlm_proto::spec::JobSpec;
+use xvlm_proto::spec::{JobSpec, TaskKind};
 use xvlm_proto::{v1, PROTOCOL_VERSION};
 
 use crate::commit::Committer;
@@ -220,6 +220,7 @@ impl Core {
         for p in r.progress {
             self.dispatch(Event::Progress {
                 progress: convert::progress_info(&p),
+                metrics: convert::metrics(&p.metrics),
                 job: p.job_id,
                 generation: p.generation,
                 rank: p.rank,
@@ -414,11 +415,25 @@ impl v1::workers_server::Workers for WorkersService {
             .devices
             .iter()
             .all(|d| d.kind == v1::DeviceKind::Cuda as i32);
+        let tasks = convert::worker_tasks(&req.tasks);
+        let unknown: Vec<&String> = req
+            .tasks
+            .iter()
+            .filter(|t| TaskKind::from_name(t).is_none())
+            .collect();
+        if !unknown.is_empty() {
+            warn!(
+                worker = req.name,
+                ?unknown,
+                "ignoring tasks this coordinator does not know"
+            );
+        }
         info!(
             worker = req.name,
             host = req.host,
             devices = req.devices.len(),
             cuda,
+            tasks = ?tasks.iter().map(|t| t.as_str()).collect::<Vec<_>>(),
             "worker registered"
         );
         // Parts first: the registration may start a new generation, which must resume from them.
@@ -428,6 +443,7 @@ impl v1::workers_server::Workers for WorkersService {
             host: req.host,
             slots: req.devices.len() as u32,
             cuda,
+            tasks,
         })?;
         Ok(Response::new(v1::RegisterReply {
             worker_id: req.name,

@@ -67,6 +67,22 @@ pub enum TaskKind {
 }
 
 impl TaskKind {
+    /// Every task, in declaration order.
+    pub const ALL: [TaskKind; 7] = [
+        TaskKind::Smoke,
+        TaskKind::Pretrain,
+        TaskKind::Retrieval,
+        TaskKind::Vqa,
+        TaskKind::Nlvr,
+        TaskKind::Grounding,
+        TaskKind::GroundingBbox,
+    ];
+
+    /// The task named `name` as job.yaml spells it ([`TaskKind::as_str`]); `None` for any other name.
+    pub fn from_name(name: &str) -> Option<TaskKind> {
+        TaskKind::ALL.into_iter().find(|t| t.as_str() == name)
+    }
+
     /// The name used in job.yaml.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -337,7 +353,8 @@ pub struct JobSpec {
     /// Hang detection bounds.
     #[serde(default)]
     pub hang: HangSpec,
-    /// Run evaluation after training.
+    /// Evaluate only, as the official `--evaluate`: evaluate `init_checkpoint` on the task's
+    /// evaluation splits and stop, without training.
     #[serde(default)]
     pub evaluate: bool,
     /// Parameters of `task: smoke`.
@@ -566,6 +583,17 @@ mod tests {
     }
 
     const SMOKE: &str = "name: demo\ntask: smoke\nsteps: 10\nworkers: {min: 2}\n";
+
+    /// Every task's name parses back to it and is the name job.yaml uses (its serde name).
+    #[test]
+    fn task_names_round_trip() {
+        for task in TaskKind::ALL {
+            assert_eq!(TaskKind::from_name(task.as_str()), Some(task));
+            let serde: TaskKind = serde_json::from_str(&format!("{:?}", task.as_str())).unwrap();
+            assert_eq!(serde, task);
+        }
+        assert_eq!(TaskKind::from_name("dance"), None);
+    }
 
     /// A minimal smoke job loads with every default filled in.
     #[test]

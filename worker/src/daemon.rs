@@ -27,7 +27,7 @@ use xvlm_proto::{v1, PROTOCOL_VERSION};
 use crate::comm::nccl;
 use crate::error::WorkerError;
 use crate::process;
-use crate::trainer::{save_request, Assignment, ProgressLine};
+use crate::trainer::{save_request, task, Assignment, ProgressLine};
 
 /// What the operator asked the daemon to do (from signals).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -190,6 +190,7 @@ impl Daemon {
                 host: self.cfg.host.clone(),
                 devices: self.cfg.devices.clone(),
                 parts: self.parts_held.values().cloned().collect(),
+                tasks: advertised_tasks(),
             })
             .await
         {
@@ -287,10 +288,16 @@ impl Daemon {
 
     fn absorb(&mut self, ev: TrainerEvent) {
         match ev {
-            TrainerEvent::Progress(p) => {
-                // Only the newest line per rank is sent.
-                self.progress
-                    .insert((p.job_id.clone(), p.generation, p.rank), p);
+            TrainerEvent::Progress(mut p) => {
+                // Only the newest line per rank is sent, but evaluation results (one line an epoch)
+                // ride on until a report carries them.
+                let key = (p.job_id.clone(), p.generation, p.rank);
+                if let Some(pending) = self.progress.remove(&key) {
+                    if p.metrics.is_empty() {
+                        p.metrics = pending.metrics;
+                    }
+                }
+                self.progress.insert(key, p);
             }
             TrainerEvent::Part(p) => self.hold_part(p),
             TrainerEvent::Exit(e) => {
@@ -648,6 +655,25 @@ fn spawn(
     Ok((child, pid))
 }
 
+/// Test hook: `XVLM_TEST_WORKER_TASKS=smoke,pretrain` makes the worker advertise these task names
+/// instead of its build's (to test a cluster whose workers cannot run a task).
+const TASKS_HOOK: &str = "XVLM_TEST_WORKER_TASKS";
+
+/// The task names this worker registers with: its build's ([`task::supported_tasks`]).
+fn advertised_tasks() -> Vec<String> {
+    if let Ok(names) = std::env::var(TASKS_HOOK) {
+        return names
+            .split(',')
+            .map(|n| n.trim().to_string())
+            .filter(|n| !n.is_empty())
+            .collect();
+    }
+    task::supported_tasks()
+        .into_iter()
+        .map(|t| t.as_str().to_string())
+        .collect()
+}
+
 /// Forwards the trainer's progress lines, then its exit; kills whatever is left of its group.
 async fn supervise(
     mut child: tokio::process::Child,
@@ -673,6 +699,11 @@ async fn supervise(
                             .collect(),
                         lr: p.lr,
                         samples_per_sec: p.samples_per_sec,
+                        metrics: p
+                            .metrics
+                            .into_iter()
+                            .map(|(name, value)| v1::Metric { name, value })
+                            .collect(),
                     }));
                     for part in &p.parts {
                         let _ = tx.send(TrainerEvent::Part(part.to_wire(&a.job_id)));

@@ -80,7 +80,9 @@ pub struct ProgressLine {
     /// checkpoint once every rank's part is in).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub parts: Vec<Part>,
-    /// Evaluation results reported at this step (`val.r_mean`, `test.txt_r1`, ... with `val.epoch`).
+    /// Evaluation results measured at this step (`val.r_mean`, `test.txt_r1`, ...), with the epoch
+    /// they belong to as `val.epoch` / `test.epoch`; the coordinator shows rank 0's latest in `status`
+    /// and `watch`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub metrics: Vec<(String, f64)>,
 }

@@ -142,14 +142,34 @@ pub trait TrainTask {
     }
 }
 
+/// Builds one task for a rank.
+type Builder = fn(&TaskContext<'_>) -> Result<Box<dyn TrainTask>, TaskError>;
+
+/// Every task this build runs, with its builder: [`build`] and [`supported_tasks`] (what the worker
+/// advertises to the coordinator) both read this one table, so they cannot disagree.
+const TASKS: &[(TaskKind, Builder)] = &[
+    (TaskKind::Smoke, |ctx| Ok(Box::new(SmokeTask::new(ctx)?))),
+    (TaskKind::Pretrain, |ctx| {
+        Ok(Box::new(PretrainTask::new(ctx)?))
+    }),
+    (TaskKind::Retrieval, |ctx| {
+        Ok(Box::new(FinetuneRunner::<RetrievalTask>::new(ctx)?))
+    }),
+];
+
+/// The tasks this build can run, in [`TASKS`] order.
+pub fn supported_tasks() -> Vec<TaskKind> {
+    TASKS.iter().map(|(task, _)| *task).collect()
+}
+
 /// The task the job asks for.
 pub fn build(ctx: &TaskContext<'_>) -> Result<Box<dyn TrainTask>, TaskError> {
-    match ctx.spec.task {
-        TaskKind::Smoke => Ok(Box::new(SmokeTask::new(ctx)?)),
-        TaskKind::Pretrain => Ok(Box::new(PretrainTask::new(ctx)?)),
-        TaskKind::Retrieval => Ok(Box::new(FinetuneRunner::<RetrievalTask>::new(ctx)?)),
-        other => Err(TaskError::Unavailable(other.as_str())),
-    }
+    let task = ctx.spec.task;
+    let (_, builder) = TASKS
+        .iter()
+        .find(|(t, _)| *t == task)
+        .ok_or(TaskError::Unavailable(task.as_str()))?;
+    builder(ctx)
 }
 
 /// Every task is checkpointed through its [`TrainTask`] methods.
@@ -194,5 +214,27 @@ impl From<TaskError> for RestoreError {
             TaskError::WorldChanged { saved, now } => RestoreError::WorldChanged { saved, now },
             other => RestoreError::Refused(other.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Exactly the tasks without a builder are unavailable, so what the worker advertises is what
+    /// [`build`] accepts.
+    #[test]
+    fn supported_tasks_are_the_buildable_ones() {
+        let supported = supported_tasks();
+        for task in [TaskKind::Smoke, TaskKind::Pretrain, TaskKind::Retrieval] {
+            assert!(supported.contains(&task), "{}", task.as_str());
+        }
+        for task in TaskKind::ALL {
+            let listed = TASKS.iter().any(|(t, _)| *t == task);
+            assert_eq!(listed, supported.contains(&task), "{}", task.as_str());
+        }
+        let mut deduped = supported.clone();
+        deduped.dedup();
+        assert_eq!(deduped, supported, "a task is listed twice");
     }
 }

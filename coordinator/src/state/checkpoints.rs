@@ -1,0 +1,240 @@
+//! Checkpoint tracking: collecting each rank's uploaded part of a step, asking the driver to commit a
+//! step once every part is in, recording the commit, and on-demand checkpoint requests.
+
+use xvlm_proto::checkpoint::{Manifest, Part};
+
+use super::protocol::{Action, CheckpointTicket, Command};
+use super::records::{JobState, Millis};
+use super::Scheduler;
+use crate::error::CoordError;
+
+impl Scheduler {
+    /// Collects a checkpoint part of the job's current generation; the step's last part commits it.
+    /// Parts of other generations are dropped: an older generation's uncommitted step may be
+    /// overwritten by the one resuming, and a part from a newer one cannot exist. Parts of a job that
+    /// ended are dropped too (workers send their recent parts again when they re-register).
+    pub(super) fn part(&mut self, id: &str, part: Part, actions: &mut Vec<Action>) {
+        let Some(job) = self.jobs.get(id) else {
+            return;
+        };
+        if job.state.is_terminal() {
+            return;
+        }
+        let (step, generation) = (part.step, part.generation);
+        let runtime = self.runtime.entry(id.to_string()).or_default();
+        let seen = runtime.last_commit;
+        if generation != job.generation || seen.is_some_and(|(g, s)| g == generation && step <= s) {
+            return;
+        }
+        let steps = &mut runtime.parts;
+        steps.retain(|_, parts| parts.iter().all(|p| p.generation == generation));
+        let parts = steps.entry(step).or_default();
+        if parts.iter().any(|p| p.rank == part.rank) {
+            return;
+        }
+        parts.push(part);
+        if parts.len() < parts[0].world {
+            return;
+        }
+        let parts = steps.remove(&step).unwrap_or_default();
+        match Manifest::from_parts(&parts) {
+            Ok(manifest) => {
+                runtime.last_commit = Some((generation, step));
+                actions.push(Action::Commit {
+                    job: id.to_string(),
+                    output: job.output.clone(),
+                    keep_last: job.spec.checkpoint.keep_last,
+                    request: parts.iter().map(|p| p.request).max().unwrap_or(0),
+                    manifest,
+                });
+            }
+            Err(e) => tracing::warn!(job = id, "checkpoint not committed: {e}"),
+        }
+    }
+
+    /// The driver committed a checkpoint: it is the job's `latest` now.
+    pub(super) fn committed(
+        &mut self,
+        now: Millis,
+        id: &str,
+        step: u64,
+        request: u64,
+        actions: &mut Vec<Action>,
+    ) {
+        let Some(job) = self.jobs.get_mut(id) else {
+            return;
+        };
+        job.checkpoint_step = step;
+        job.checkpoint_requests_served = job.checkpoint_requests_served.max(request);
+        job.updated_at_ms = now;
+        actions.push(Action::Persist(Box::new(job.clone())));
+        actions.push(Action::Notify(id.to_string()));
+    }
+
+    /// Asks the running generation for a checkpoint at its next step boundary (through rank 0's worker).
+    pub(super) fn request_checkpoint(
+        &mut self,
+        now: Millis,
+        id: &str,
+        actions: &mut Vec<Action>,
+    ) -> Result<CheckpointTicket, CoordError> {
+        let job = self
+            .jobs
+            .get_mut(id)
+            .ok_or_else(|| CoordError::UnknownJob(id.to_string()))?;
+        if job.state != JobState::Running {
+            return Err(CoordError::NotRunning {
+                job: id.to_string(),
+                state: job.state.as_str().to_string(),
+            });
+        }
+        let Some(rank0) = job.ranks.iter().find(|r| r.rank == 0) else {
+            return Err(CoordError::NotRunning {
+                job: id.to_string(),
+                state: "without rank 0".into(),
+            });
+        };
+        let worker = rank0.worker.clone();
+        job.checkpoint_requests += 1;
+        job.updated_at_ms = now;
+        let ticket = CheckpointTicket {
+            request: job.checkpoint_requests,
+            generation: job.generation,
+            step: job.progress.as_ref().map(|p| p.step).unwrap_or(0),
+        };
+        actions.push(Action::Persist(Box::new(job.clone())));
+        actions.push(Action::Send {
+            worker,
+            command: Command::Checkpoint {
+                job: id.to_string(),
+                generation: job.generation,
+                request: ticket.request,
+                leave: false,
+            },
+        });
+        Ok(ticket)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::*;
+    use super::super::*;
+
+    /// A checkpoint request needs a running job, goes to rank 0's worker with a new id, and is
+    /// served when a rank reports the commit.
+    #[test]
+    fn checkpoint_request_and_commit() {
+        let mut s = Scheduler::new(1_000_000);
+        register(&mut s, "a", 1);
+        register(&mut s, "b", 1);
+        let job = submit(&mut s, hang_spec(60.0, 3.0));
+        let err = s
+            .apply(1, Event::Checkpoint { job: job.clone() })
+            .unwrap_err();
+        assert!(matches!(err, CoordError::NotRunning { .. }), "{err}");
+        ready_all(&mut s, &job);
+        progress(&mut s, &job, 0, 7, 100);
+        let a = s
+            .apply(200, Event::Checkpoint { job: job.clone() })
+            .unwrap();
+        let ticket = a.checkpoint.unwrap();
+        assert_eq!(
+            ticket,
+            CheckpointTicket {
+                request: 1,
+                generation: 1,
+                step: 7
+            }
+        );
+        assert!(matches!(a.actions[0], Action::Persist(_)));
+        let sent = sends(&a.actions);
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].0, "a");
+        assert!(matches!(
+            sent[0].1,
+            Command::Checkpoint {
+                request: 1,
+                generation: 1,
+                ..
+            }
+        ));
+        assert_eq!(s.job(&job).unwrap().checkpoint_requests_served, 0);
+        assert!(commits(&part(&mut s, &job, 1, 8, 0, 2)).is_empty());
+        let last = part(&mut s, &job, 1, 8, 1, 2);
+        let committed = commits(&last);
+        assert_eq!(committed.len(), 1, "the last part commits");
+        let Action::Commit {
+            manifest, request, ..
+        } = committed[0]
+        else {
+            unreachable!()
+        };
+        assert_eq!((manifest.step, manifest.world, *request), (8, 2, 1));
+        assert_eq!(
+            s.job(&job).unwrap().checkpoint_step,
+            0,
+            "not before the write"
+        );
+        let a = s
+            .apply(
+                300,
+                Event::Committed {
+                    job: job.clone(),
+                    step: 8,
+                    request: 1,
+                },
+            )
+            .unwrap();
+        assert!(a.actions.iter().any(|x| matches!(x, Action::Persist(_))));
+        let rec = s.job(&job).unwrap();
+        assert_eq!(
+            (rec.checkpoint_step, rec.checkpoint_requests_served),
+            (8, 1)
+        );
+        let second = s
+            .apply(400, Event::Checkpoint { job: job.clone() })
+            .unwrap();
+        assert_eq!(second.checkpoint.unwrap().request, 2);
+    }
+
+    /// A step commits once, when its last rank's part arrives; parts sent again (a worker
+    /// re-registering) and parts of another generation are not committed.
+    #[test]
+    fn parts_commit_once_per_step_of_the_current_generation() {
+        let (mut s, job) = running_on_a_and_b(spec(2, 1, 3));
+        assert!(commits(&part(&mut s, &job, 2, 4, 0, 2)).is_empty());
+        assert!(
+            commits(&part(&mut s, &job, 2, 4, 1, 2)).is_empty(),
+            "generation 2 does not exist"
+        );
+        assert!(commits(&part(&mut s, &job, 1, 4, 0, 2)).is_empty());
+        assert!(
+            commits(&part(&mut s, &job, 1, 4, 0, 2)).is_empty(),
+            "a duplicate is not a rank"
+        );
+        assert_eq!(commits(&part(&mut s, &job, 1, 4, 1, 2)).len(), 1);
+        assert!(commits(&part(&mut s, &job, 1, 4, 0, 2)).is_empty());
+        assert!(
+            commits(&part(&mut s, &job, 1, 4, 1, 2)).is_empty(),
+            "step 4 is committed"
+        );
+        // Rank 0 fails; the generation's stragglers' parts still commit until the next one forms.
+        let worker = s.job(&job).unwrap().ranks[0].worker.clone();
+        s.apply(
+            3,
+            Event::Exited {
+                worker,
+                job: job.clone(),
+                generation: 1,
+                rank: 0,
+                code: 1,
+                message: String::new(),
+            },
+        )
+        .unwrap();
+        assert_eq!(s.job(&job).unwrap().state, JobState::Restarting);
+        part(&mut s, &job, 1, 6, 1, 2);
+        assert_eq!(commits(&part(&mut s, &job, 1, 6, 0, 2)).len(), 1);
+    }
+}
