@@ -288,16 +288,11 @@ impl Daemon {
 
     fn absorb(&mut self, ev: TrainerEvent) {
         match ev {
-            TrainerEvent::Progress(mut p) => {
-                // Only the newest line per rank is sent, but evaluation results (one line an epoch)
-                // ride on until a report carries them.
+            TrainerEvent::Progress(p) => {
+                // Only the newest line per rank is sent.
                 let key = (p.job_id.clone(), p.generation, p.rank);
-                if let Some(pending) = self.progress.remove(&key) {
-                    if p.metrics.is_empty() {
-                        p.metrics = pending.metrics;
-                    }
-                }
-                self.progress.insert(key, p);
+                let pending = self.progress.remove(&key);
+                self.progress.insert(key, newest_progress(pending, p));
             }
             TrainerEvent::Part(p) => self.hold_part(p),
             TrainerEvent::Exit(e) => {
@@ -674,6 +669,43 @@ fn advertised_tasks() -> Vec<String> {
         .collect()
 }
 
+/// The report of a progress line of `rank` of generation `generation` of `job`.
+fn rank_progress(job: &str, generation: u64, rank: u32, p: ProgressLine) -> v1::RankProgress {
+    v1::RankProgress {
+        job_id: job.to_string(),
+        generation,
+        rank,
+        step: p.step,
+        losses: p
+            .losses
+            .into_iter()
+            .map(|(name, value)| v1::Loss { name, value })
+            .collect(),
+        lr: p.lr,
+        samples_per_sec: p.samples_per_sec,
+        metrics: p
+            .metrics
+            .into_iter()
+            .map(|(name, value)| v1::Metric { name, value })
+            .collect(),
+    }
+}
+
+/// What a report sends for a rank whose `pending` progress is replaced by `newest` before the
+/// report went out: the newest line, with the pending evaluation metrics if it has none (results
+/// come once an epoch and must not be lost to the next step's line).
+fn newest_progress(
+    pending: Option<v1::RankProgress>,
+    mut newest: v1::RankProgress,
+) -> v1::RankProgress {
+    if newest.metrics.is_empty() {
+        if let Some(pending) = pending {
+            newest.metrics = pending.metrics;
+        }
+    }
+    newest
+}
+
 /// Forwards the trainer's progress lines, then its exit; kills whatever is left of its group.
 async fn supervise(
     mut child: tokio::process::Child,
@@ -686,26 +718,11 @@ async fn supervise(
         let mut lines = BufReader::new(stdout).lines();
         while let Ok(Some(line)) = lines.next_line().await {
             match serde_json::from_str::<ProgressLine>(&line) {
-                Ok(p) => {
-                    let _ = tx.send(TrainerEvent::Progress(v1::RankProgress {
-                        job_id: a.job_id.clone(),
-                        generation: a.generation,
-                        rank: a.rank as u32,
-                        step: p.step,
-                        losses: p
-                            .losses
-                            .into_iter()
-                            .map(|(name, value)| v1::Loss { name, value })
-                            .collect(),
-                        lr: p.lr,
-                        samples_per_sec: p.samples_per_sec,
-                        metrics: p
-                            .metrics
-                            .into_iter()
-                            .map(|(name, value)| v1::Metric { name, value })
-                            .collect(),
-                    }));
-                    for part in &p.parts {
+                Ok(mut p) => {
+                    let parts = std::mem::take(&mut p.parts);
+                    let progress = rank_progress(&a.job_id, a.generation, a.rank as u32, p);
+                    let _ = tx.send(TrainerEvent::Progress(progress));
+                    for part in &parts {
                         let _ = tx.send(TrainerEvent::Part(part.to_wire(&a.job_id)));
                     }
                 }
@@ -746,4 +763,47 @@ fn last_error_line(path: &Path) -> String {
         })
         .map(|l| l.chars().take(300).collect())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(json: &str) -> v1::RankProgress {
+        let p: ProgressLine = serde_json::from_str(json).unwrap();
+        rank_progress("job-0001", 2, 0, p)
+    }
+
+    /// A progress line's metrics reach the report, and survive a later line without any that
+    /// replaces it before the report goes out; a line without metrics still parses (older trainers)
+    /// and writes no `metrics` key.
+    #[test]
+    fn evaluation_metrics_are_forwarded_and_not_lost() {
+        let eval = line(
+            r#"{"step":3,"losses":[["itc",0.5]],"lr":0.1,"samples_per_sec":8.0,"metrics":[["epoch",0.0],["val.r_mean",41.5]]}"#,
+        );
+        let names: Vec<(&str, f64)> = eval
+            .metrics
+            .iter()
+            .map(|m| (m.name.as_str(), m.value))
+            .collect();
+        assert_eq!(names, vec![("epoch", 0.0), ("val.r_mean", 41.5)]);
+        let next = line(r#"{"step":4,"losses":[["itc",0.4]],"lr":0.1,"samples_per_sec":8.0}"#);
+        assert!(next.metrics.is_empty());
+        let sent = newest_progress(Some(eval.clone()), next);
+        assert_eq!((sent.step, sent.metrics.clone()), (4, eval.metrics.clone()));
+        let later = line(
+            r#"{"step":5,"losses":[],"lr":0.1,"samples_per_sec":8.0,"metrics":[["val.r_mean",50.0]]}"#,
+        );
+        assert_eq!(newest_progress(Some(sent), later.clone()), later);
+        let plain = ProgressLine {
+            step: 1,
+            losses: vec![],
+            lr: 0.0,
+            samples_per_sec: 0.0,
+            parts: vec![],
+            metrics: vec![],
+        };
+        assert!(!serde_json::to_string(&plain).unwrap().contains("metrics"));
+    }
 }

@@ -6,16 +6,19 @@
 //! CANCELLED; a failure in generation g moves the job to RESTARTING (or FAILED past `max_restarts`), and
 //! generation g+1 is formed once enough workers are free. Jobs wait in submission order.
 //!
-//! One concept per file; each depends only on the ones listed before it:
+//! One concept per file; each uses only the ones listed before it (and the [`Scheduler`] fields,
+//! for the files that add its methods):
 //! - `records`: the persisted job record ([`JobRecord`], [`JobState`], ranks, progress).
 //! - `protocol`: the interface: [`Event`]s in, [`Action`]s out, worker [`Command`]s.
 //! - `registry`: registered workers ([`WorkerEntry`]); knows no job.
 //! - `hang`: per-rank step clocks and the rule naming the rank that stalls a generation.
 //! - `runtime`: per-job state that is not persisted (clocks, parts in flight, commit bookkeeping),
 //!   one record per live job, dropped when the job ends.
-//! - `placement`: which free workers a waiting job's next generation runs on; growing a shrunk job.
+//! - `placement`: which free workers (that run the job's task) a waiting job's next generation runs on;
+//!   refusing what can never run; growing a shrunk job.
 //! - `checkpoints`: collecting checkpoint parts, commits, on-demand requests.
-//! - `lifecycle`: submit, cancel, rendezvous, progress, exits, worker loss and hangs ending a generation.
+//! - `lifecycle`: submit, cancel, rendezvous, progress and evaluation results, exits, worker loss and
+//!   hangs ending a generation, jobs no worker can run.
 //! - `mod.rs` (this file): the [`Scheduler`] itself, recovery, and [`Scheduler::apply`], which routes each
 //!   event and then schedules.
 //!
