@@ -41,12 +41,12 @@ retrieval_job() { # $1: label, then --set arguments
   local label=$1
   shift
   "$BIN/xvlm-coord" run configs/jobs/demo-retrieval.yaml --local-workers 2 \
-    --listen 127.0.0.1:0 --state-dir "$OUT/state-$label" --storage "file://$OUT/runs" \
+    --listen 127.0.0.1:0 --state-dir "$OUT/state-$label" --storage "file://$OUT/runs/$label" \
     --set "init_checkpoint=file://$CKPT" "$@" 2>"$OUT/coord-$label.log" | tee "$OUT/progress-$label.txt"
   local job
   job=$(grep -m1 -o '^job-[0-9]*' "$OUT/progress-$label.txt")
-  [ -f "$OUT/runs/$job/eval/final.json" ] || { echo "no evaluation in $OUT/runs/$job/eval" >&2; exit 1; }
-  echo "$OUT/runs/$job/eval/final.json" >"$OUT/$label.result"
+  [ -f "$OUT/runs/$label/$job/eval/final.json" ] || { echo "no evaluation in $OUT/runs/$label/$job" >&2; exit 1; }
+  echo "$OUT/runs/$label/$job/eval/final.json" >"$OUT/$label.result"
 }
 
 echo "== zero-shot retrieval of the pre-trained weights on the held-out test split (never seen in training)"

@@ -114,6 +114,12 @@ checkpoint: {{every_steps: {EVERY}, keep_last: 2}}\n",
         "resumed from step {resumed}, first commit was {saved}"
     );
     println!("first commit step-{saved}; generation 2 resumed from step-{resumed}");
+    // The closing test evaluation reaches the coordinator: `status` shows it.
+    let status = c.status(&job);
+    assert!(
+        status.contains("eval@step-18") && status.contains("test.r_mean="),
+        "no test metrics in status:\n{status}"
+    );
     for file in [
         "eval/epoch-0.json",
         "eval/epoch-2.json",
