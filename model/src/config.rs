@@ -552,6 +552,7 @@ const KNOWN_UNTYPED_KEYS: &[&str] = &[
     "det_file",
     "coco_file",
     "careful_hflip",
+    "finetune_transform",
     "vlue_test",
     "block_num",
     "label_smoothing",
@@ -698,6 +699,54 @@ impl TaskConfig {
             return self.resolve(v).parent().map(Path::to_path_buf);
         }
         self.text_encoder.as_deref().map(|t| self.resolve(t))
+    }
+}
+
+/// The fine-tuning keys of an official task config that training and evaluation read (the official
+/// scripts read them from the YAML; they are untyped in [`TaskConfig`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FinetuneKeys {
+    /// `batch_size_train`: per-rank training batch.
+    pub batch_size_train: usize,
+    /// `batch_size_test`: per-rank evaluation batch of images (or examples).
+    pub batch_size_test: usize,
+    /// `batch_size_test_text`: evaluation batch of texts (retrieval; defaults to `batch_size_test`).
+    pub batch_size_test_text: usize,
+    /// `k_test`: candidates re-scored by ITM (retrieval, VQA).
+    pub k_test: Option<usize>,
+}
+
+impl FinetuneKeys {
+    /// Reads the keys from `task`; a missing `batch_size_train` / `batch_size_test`, or any of them
+    /// not a positive integer, is an error naming the file and key.
+    pub fn from_task(task: &TaskConfig) -> Result<Self, ConfigError> {
+        let read = |key: &'static str| -> Result<Option<usize>, ConfigError> {
+            match task.extra.get(key) {
+                None => Ok(None),
+                Some(v) => v
+                    .as_u64()
+                    .filter(|&n| n > 0)
+                    .map(|n| Some(n as usize))
+                    .ok_or_else(|| ConfigError::Invalid {
+                        path: task.source.clone(),
+                        key,
+                        reason: format!("must be a positive integer, got {v:?}"),
+                    }),
+            }
+        };
+        let required = |key: &'static str| {
+            read(key)?.ok_or_else(|| ConfigError::Missing {
+                path: task.source.clone(),
+                key,
+            })
+        };
+        let batch_size_test = required("batch_size_test")?;
+        Ok(Self {
+            batch_size_train: required("batch_size_train")?,
+            batch_size_test,
+            batch_size_test_text: read("batch_size_test_text")?.unwrap_or(batch_size_test),
+            k_test: read("k_test")?,
+        })
     }
 }
 

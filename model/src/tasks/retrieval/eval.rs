@@ -45,7 +45,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use super::RetrievalModel;
 use crate::collective::Collective;
-use crate::config::TaskConfig;
+use crate::config::{ConfigError, FinetuneKeys, TaskConfig};
 use crate::metrics::retrieval::{GroundTruth, RetrievalMetrics, RetrievalRanks, TieRule};
 use crate::xvlm::ModelError;
 
@@ -131,22 +131,15 @@ impl RetrievalEvalConfig {
 
     /// From the official task YAML keys `k_test`, `batch_size_test`, `batch_size_test_text`.
     pub fn from_task(task: &TaskConfig) -> Result<Self, ModelError> {
-        let key = |name: &str| -> Result<usize, ModelError> {
-            task.extra
-                .get(name)
-                .and_then(serde_yaml::Value::as_u64)
-                .map(|v| v as usize)
-                .ok_or_else(|| {
-                    ModelError::Input(format!(
-                        "{}: missing positive integer key `{name}`",
-                        task.source.display()
-                    ))
-                })
-        };
+        let keys = FinetuneKeys::from_task(task)?;
+        let k_test = keys.k_test.ok_or_else(|| ConfigError::Missing {
+            path: task.source.clone(),
+            key: "k_test",
+        })?;
         Ok(Self::new(
-            key("k_test")?,
-            key("batch_size_test")?,
-            key("batch_size_test_text")?,
+            k_test,
+            keys.batch_size_test,
+            keys.batch_size_test_text,
         ))
     }
 

@@ -59,53 +59,6 @@ pub struct NoObserver;
 
 impl StepObserver for NoObserver {}
 
-/// The fine-tuning keys of an official task config that training and evaluation read.
-#[derive(Debug, Clone, PartialEq)]
-pub struct FinetuneKeys {
-    /// `batch_size_train`: per-rank training batch.
-    pub batch_size_train: usize,
-    /// `batch_size_test`: per-rank evaluation batch of images (or examples).
-    pub batch_size_test: usize,
-    /// `batch_size_test_text`: evaluation batch of texts (retrieval; defaults to `batch_size_test`).
-    pub batch_size_test_text: usize,
-    /// `k_test`: candidates re-scored by ITM (retrieval, VQA).
-    pub k_test: Option<usize>,
-}
-
-impl FinetuneKeys {
-    /// Reads the keys from `task` (an official fine-tune config); a missing or non-integer
-    /// `batch_size_train` / `batch_size_test` is an error naming the file.
-    pub fn from_task(task: &TaskConfig) -> Result<Self, TrainError> {
-        let read = |key: &str| -> Result<Option<usize>, TrainError> {
-            match task.extra.get(key) {
-                None => Ok(None),
-                Some(v) => v
-                    .as_u64()
-                    .filter(|&n| n > 0)
-                    .map(|n| Some(n as usize))
-                    .ok_or_else(|| {
-                        TrainError::Settings(format!(
-                            "{}: `{key}` must be a positive integer, got {v:?}",
-                            task.source.display()
-                        ))
-                    }),
-            }
-        };
-        let required = |key: &str| {
-            read(key)?.ok_or_else(|| {
-                TrainError::Settings(format!("{}: missing key `{key}`", task.source.display()))
-            })
-        };
-        let batch_size_test = required("batch_size_test")?;
-        Ok(Self {
-            batch_size_train: required("batch_size_train")?,
-            batch_size_test,
-            batch_size_test_text: read("batch_size_test_text")?.unwrap_or(batch_size_test),
-            k_test: read("k_test")?,
-        })
-    }
-}
-
 /// What one fine-tuning step logs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FinetuneStepLog {

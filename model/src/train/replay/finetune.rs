@@ -18,15 +18,14 @@ use super::{
     case_err, final_weight_rows, lr_sums, matrix, param_group_rows, read_tensors, TrainError,
 };
 use crate::collective::SingleProcess;
-use crate::config::TaskConfig;
+use crate::config::{FinetuneKeys, TaskConfig};
 use crate::data::finetune::retrieval::RetrievalTrainBatch;
 use crate::loss::{MultinomialSampler, NegativeSampler, ReplaySampler};
 use crate::optim::{named_trainable_params, Gradients, NamedParam};
 use crate::parity::{self, CaseSpec, Comparison, WeightsSource};
 use crate::tasks::retrieval::RetrievalModel;
 use crate::train::finetune::{
-    finetune_schedule, FinetuneKeys, FinetuneModel, FinetuneStepLog, FinetuneTrainer, StepObserver,
-    TaskForward,
+    finetune_schedule, FinetuneModel, FinetuneStepLog, FinetuneTrainer, StepObserver, TaskForward,
 };
 
 /// The case's `batch.safetensors`, looked up by name.

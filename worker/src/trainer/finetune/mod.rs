@@ -25,7 +25,7 @@ use tch::nn::{self, VarStore};
 use tch::{Device, Tensor};
 use xvlm_model::checkpoint::StateDict;
 use xvlm_model::collective::Collective;
-use xvlm_model::config::TaskConfig;
+use xvlm_model::config::{FinetuneKeys, TaskConfig};
 use xvlm_model::data::finetune::loader::MapDataset;
 use xvlm_model::data::finetune::sampler::TrainCursor;
 use xvlm_model::optim::named_trainable_params;
@@ -127,8 +127,7 @@ impl<T: FinetuneTask> FinetuneRunner<T> {
     /// data, the stream and the trainer of this rank.
     pub fn new(ctx: &TaskContext<'_>) -> Result<Self, TaskError> {
         let task_cfg = load_task_config(ctx)?;
-        let keys =
-            xvlm_model::train::finetune::FinetuneKeys::from_task(&task_cfg).map_err(other)?;
+        let keys = FinetuneKeys::from_task(&task_cfg).map_err(other)?;
         let seed = ctx.spec.seed;
         let vs = VarStore::new(ctx.device);
         let model = build_seeded(seed, || {
