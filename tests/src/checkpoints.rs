@@ -133,3 +133,20 @@ pub fn diff_to_uninterrupted_world_2(c: &Cluster, output: &Path, job: &str) -> f
             .join("final/model.safetensors"),
     )
 }
+
+/// sha256 of every tensor's bytes in a safetensors file, by name (sorted).
+pub fn tensor_hashes(path: &Path) -> Vec<(String, String)> {
+    use sha2::{Digest, Sha256};
+    let data = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&data).expect("safetensors");
+    let mut out: Vec<(String, String)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let digest = Sha256::digest(view.data());
+            (name, digest.iter().map(|b| format!("{b:02x}")).collect())
+        })
+        .collect();
+    out.sort();
+    out
+}

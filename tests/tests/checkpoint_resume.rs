@@ -1,32 +1,16 @@
 //! kill -9 of one trainer after a committed checkpoint: generation 2 resumes from the committed step
 //! and the job ends with weights bit-identical to an uninterrupted run with the same seed.
 
-use std::path::Path;
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
-use xvlm_e2e::checkpoints::{committed_checkpoints, gen_logs, resumed_step, trainer_pids};
+use xvlm_e2e::checkpoints::{
+    committed_checkpoints, gen_logs, resumed_step, tensor_hashes, trainer_pids,
+};
 use xvlm_e2e::{alive, text, wait_until, write, Cluster};
 
 const JOB: &str =
     "name: resume\ntask: smoke\nsteps: 60\nseed: 11\nworkers: {min: 2}\nmax_restarts: 2\n\
 checkpoint: {every_steps: 10, keep_last: 2}\nsmoke: {step_delay_ms: 80}\n";
-
-/// sha256 of every tensor's bytes in a safetensors file, by name.
-fn tensor_hashes(path: &Path) -> Vec<(String, String)> {
-    let data = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let st = safetensors::SafeTensors::deserialize(&data).expect("safetensors");
-    let mut out: Vec<(String, String)> = st
-        .tensors()
-        .into_iter()
-        .map(|(name, view)| {
-            let digest = Sha256::digest(view.data());
-            (name, digest.iter().map(|b| format!("{b:02x}")).collect())
-        })
-        .collect();
-    out.sort();
-    out
-}
 
 #[test]
 fn killed_trainer_resumes_bit_identical() {

@@ -6,8 +6,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
-use xvlm_e2e::checkpoints::{committed_checkpoints, gen_logs, resumed_step, trainer_pids};
+use xvlm_e2e::checkpoints::{
+    committed_checkpoints, gen_logs, resumed_step, tensor_hashes, trainer_pids,
+};
 use xvlm_e2e::{alive, text, wait_until, write, Cluster};
 use xvlm_model::config::configs_dir;
 use xvlm_model::data::synth::{generate, SynthConfig};
@@ -45,22 +46,6 @@ optimizer: {{opt: adamW, lr: 1e-4, weight_decay: 0.01, lr_mult: 2}}
 schedular: {{sched: linear, lr: 1e-4, epochs: 3, num_warmup_steps: 0.1}}
 "
     )
-}
-
-/// sha256 of every tensor's bytes in a safetensors file, by name.
-fn tensor_hashes(path: &Path) -> Vec<(String, String)> {
-    let data = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let st = safetensors::SafeTensors::deserialize(&data).expect("safetensors");
-    let mut out: Vec<(String, String)> = st
-        .tensors()
-        .into_iter()
-        .map(|(name, view)| {
-            let digest = Sha256::digest(view.data());
-            (name, digest.iter().map(|b| format!("{b:02x}")).collect())
-        })
-        .collect();
-    out.sort();
-    out
 }
 
 #[test]

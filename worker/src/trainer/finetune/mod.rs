@@ -409,9 +409,16 @@ impl<T: FinetuneTask> TrainTask for FinetuneRunner<T> {
         } else if let Some(best) = self.best {
             // The test split is evaluated with the best validation weights (rank 0 reads them and
             // every rank takes them from it).
-            if let Some(out) = &self.outputs {
-                let weights = out.read_best(best)?;
-                crate::trainer::harness::weights::copy_weights_into(&self.state(), &weights)?;
+            match &self.outputs {
+                Some(out) => {
+                    let weights = out.read_best(best)?;
+                    crate::trainer::harness::weights::copy_weights_into(&self.state(), &weights)?;
+                }
+                None if self.rank == 0 => tracing::warn!(
+                    "the job output holds no best weights: the test split is scored with the \
+                     final weights"
+                ),
+                None => {}
             }
             broadcast_weights(&self.vs, comm)?;
         }
