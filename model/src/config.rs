@@ -717,8 +717,9 @@ pub struct FinetuneKeys {
 }
 
 impl FinetuneKeys {
-    /// Reads the keys from `task`; a missing `batch_size_train` / `batch_size_test`, or any of them
-    /// not a positive integer, is an error naming the file and key.
+    /// Reads the keys from `task` (`batch_size` stands in for a missing `batch_size_train` /
+    /// `batch_size_test`, as the NLVR2 and grounding scripts read it); a missing batch size, or any
+    /// key not a positive integer, is an error naming the file and key.
     pub fn from_task(task: &TaskConfig) -> Result<Self, ConfigError> {
         let read = |key: &'static str| -> Result<Option<usize>, ConfigError> {
             match task.extra.get(key) {
@@ -734,15 +735,18 @@ impl FinetuneKeys {
                     }),
             }
         };
-        let required = |key: &'static str| {
-            read(key)?.ok_or_else(|| ConfigError::Missing {
+        // Retrieval.py and VQA.py read `batch_size_train` / `batch_size_test`; NLVR.py, Grounding.py
+        // and Grounding_bbox.py read one `batch_size` for both.
+        let batch = |key: &'static str| match read(key)? {
+            Some(n) => Ok(n),
+            None => read("batch_size")?.ok_or_else(|| ConfigError::Missing {
                 path: task.source.clone(),
                 key,
-            })
+            }),
         };
-        let batch_size_test = required("batch_size_test")?;
+        let batch_size_test = batch("batch_size_test")?;
         Ok(Self {
-            batch_size_train: required("batch_size_train")?,
+            batch_size_train: batch("batch_size_train")?,
             batch_size_test,
             batch_size_test_text: read("batch_size_test_text")?.unwrap_or(batch_size_test),
             k_test: read("k_test")?,

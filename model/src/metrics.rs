@@ -1,4 +1,5 @@
-//! Evaluation metrics of the fine-tuning tasks, one file per task: retrieval recall@K now; VQA accuracy,
-//! NLVR2 accuracy and grounding accuracy@IoU0.5 go beside it.
+//! Evaluation metrics of the fine-tuning tasks, one file per task: retrieval recall@K and the RefCOCO+
+//! grounding accuracy@IoU0.5 per split now; VQA and NLVR2 accuracy go beside them.
 
+pub mod grounding;
 pub mod retrieval;

@@ -5,9 +5,11 @@
 //! `retrieval`, `vqa`, `nlvr`, `grounding_bbox` (task forwards, the model on any device), `param_keys`
 //! (state-dict key sets of the base models), `relpos_resize` (checkpoint resize), `pretrain_train_steps`
 //! (the trainer's replay, `train::run_train_steps_case`), `image_preprocessing` (the data pipeline's test
-//! transform and text encoding), `finetune_data` (the fine-tuning datasets and collate functions).
+//! transform and text encoding), `finetune_data` (the fine-tuning datasets and collate functions),
+//! `grounding_weak_eval` (the weakly supervised RefCOCO+ evaluation, Grad-CAM on the retrieval model).
 
 pub mod finetune_data;
+pub mod grounding_weak_eval;
 pub mod image_preprocessing;
 pub mod param_keys;
 
@@ -292,6 +294,8 @@ pub fn run_case_on(
             let expected = read_tensors(&dir.join("expected.safetensors"))?;
             finetune_data::run(dir, &spec, &expected)?
         }
+        // Grad-CAM of the ITM score, detection scoring and accuracy per split (tasks::grounding_weak).
+        "grounding_weak_eval" => grounding_weak_eval::run(dir, &spec, weights)?,
         // The trainer's replay of `Pretrain.train` (train/replay/): per-step losses, lrs, grad norms,
         // param groups and final weights.
         "pretrain_train_steps" => crate::train::run_train_steps_case(dir, weights)?,
@@ -703,10 +707,10 @@ fn run_vqa(
         t("train.k")?,
         t("train.weights")?,
     );
-    let (loss, per_answer) =
+    let out =
         tch::no_grad(|| model.train_loss(&image, &ids, &atts, &a_ids, &a_atts, &k, &w, false))?;
-    computed.insert("train.loss".into(), loss);
-    computed.insert("train.per_answer_loss".into(), per_answer);
+    computed.insert("train.loss".into(), out.loss);
+    computed.insert("train.per_answer_loss".into(), out.per_answer);
 
     check_expected(dir, spec, &computed)
 }

@@ -72,8 +72,34 @@ fn retrieval_train_steps_from_model_th() {
     check("retrieval_train_steps", WeightsSource::TorchSave, 200);
 }
 
+/// VQA fine-tuning: 4 steps of `VQA.train` (answers + `[SEP]`, answer weights, `k` repeats, the summed
+/// per-answer NLL over B; the decoder cross K/V in the lr_mult groups).
+#[test]
+fn vqa_train_steps_from_model_th() {
+    check("vqa_train_steps", WeightsSource::TorchSave, 200);
+}
+
+/// NLVR2 fine-tuning: 4 steps of `NLVR.train` (two images, shared cross K/V, `cls_head` at lr_mult).
+#[test]
+fn nlvr_train_steps_from_model_th() {
+    check("nlvr_train_steps", WeightsSource::TorchSave, 200);
+}
+
+/// Box grounding fine-tuning: 4 steps of `Grounding_bbox.train` (L1 + GIoU).
+#[test]
+fn grounding_bbox_train_steps_from_model_th() {
+    check("grounding_bbox_train_steps", WeightsSource::TorchSave, 200);
+}
+
 /// Fine-tuning data: the official annotation layouts, datasets and collate functions end to end.
 #[test]
 fn finetune_data_case() {
     check("finetune_data", WeightsSource::Auto, 63);
+}
+
+/// RefCOCO+ weakly supervised evaluation: Grad-CAM of the ITM score over the cross-attention of text layer
+/// `block_num`, bicubic upsampling to each image, detection scoring (alpha 0.5), accuracy@IoU0.5 per split.
+#[test]
+fn grounding_weak_eval_case() {
+    check("grounding_weak_eval", WeightsSource::TorchSave, 27);
 }

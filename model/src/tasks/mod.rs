@@ -1,6 +1,8 @@
-//! Task models built on the X-VLM core: pre-training, retrieval, VQA, NLVR2, grounding with boxes; the other fine-tuning tasks slot in beside.
+//! Task models built on the X-VLM core: pre-training, retrieval, VQA, NLVR2, grounding with boxes, and the
+//! weakly supervised grounding evaluation (Grad-CAM on the retrieval model); other tasks slot in beside.
 
 pub mod grounding_bbox;
+pub mod grounding_weak;
 pub mod nlvr;
 pub mod pretrain;
 pub mod retrieval;

@@ -48,6 +48,17 @@ impl AnswerRanking {
     }
 }
 
+/// What the VQA training forward computes.
+#[derive(Debug)]
+pub struct VqaTrainLoss {
+    /// `(weights · per-answer NLL).sum() / B`.
+    pub loss: Tensor,
+    /// Summed NLL of each answer [N].
+    pub per_answer: Tensor,
+    /// Text-encoder states of the questions before the per-answer repetition [B, Lq, D].
+    pub question_states: Tensor,
+}
+
 fn int_key(task: &TaskConfig, key: &'static str) -> Option<i64> {
     task.extra.get(key).and_then(serde_yaml::Value::as_i64)
 }
@@ -157,7 +168,7 @@ impl VqaModel {
     }
 
     /// The training loss: question states repeated `k[b]` times for the answers of question b;
-    /// `(weights · per-answer NLL).sum() / B`. Returns (loss, per-answer NLL [N]).
+    /// `(weights · per-answer NLL).sum() / B`.
     #[allow(clippy::too_many_arguments)]
     pub fn train_loss(
         &self,
@@ -169,7 +180,7 @@ impl VqaModel {
         k: &Tensor,
         weights: &Tensor,
         train: bool,
-    ) -> Result<(Tensor, Tensor), ModelError> {
+    ) -> Result<VqaTrainLoss, ModelError> {
         let (_, states) = self.encode_question(image, question_ids, question_atts, train);
         let b = question_ids.size()[0];
         let rows = Tensor::arange(b, (Kind::Int64, states.device())).repeat_interleave_self_tensor(
@@ -192,7 +203,11 @@ impl VqaModel {
             train,
         )?;
         let loss = (weights * &per_answer).sum(Kind::Float) / image.size()[0] as f64;
-        Ok((loss, per_answer))
+        Ok(VqaTrainLoss {
+            loss,
+            per_answer,
+            question_states: states,
+        })
     }
 
     /// `rank_answer`: first-token probabilities of every answer from `[CLS]` alone, top-k, teacher-forced

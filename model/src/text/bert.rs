@@ -279,6 +279,18 @@ impl BertSelfAttention {
     /// `hidden` [B, Lq, D], `kv` [B, Lk, W] (the hidden states themselves for self-attention), additive
     /// `mask` [B, 1, 1, Lk] → context [B, Lq, D].
     pub fn forward_t(&self, hidden: &Tensor, kv: &Tensor, mask: &Tensor, train: bool) -> Tensor {
+        self.forward_with_probs(hidden, kv, mask, train).0
+    }
+
+    /// As [`Self::forward_t`], also returning the softmax probabilities [B, heads, Lq, Lk] before
+    /// dropout (what xbert's `save_attention_map` keeps), as part of the autograd graph.
+    pub fn forward_with_probs(
+        &self,
+        hidden: &Tensor,
+        kv: &Tensor,
+        mask: &Tensor,
+        train: bool,
+    ) -> (Tensor, Tensor) {
         let q = self.split_heads(&self.query.forward(hidden));
         let k = self.split_heads(&self.key.forward(kv));
         let v = self.split_heads(&self.value.forward(kv));
@@ -288,13 +300,15 @@ impl BertSelfAttention {
         } else {
             q.matmul(&k.transpose(-1, -2)) / scale
         } + mask;
-        let probs = scores.softmax(-1, Kind::Float).dropout(self.dropout, train);
+        let probs = scores.softmax(-1, Kind::Float);
         let (b, _, lq, _) = q.size4().expect("[B, H, L, d]");
-        probs.matmul(&v).permute([0, 2, 1, 3]).contiguous().view([
-            b,
-            lq,
-            self.num_heads * self.head_dim,
-        ])
+        let ctx = probs
+            .dropout(self.dropout, train)
+            .matmul(&v)
+            .permute([0, 2, 1, 3])
+            .contiguous()
+            .view([b, lq, self.num_heads * self.head_dim]);
+        (ctx, probs)
     }
 }
 
@@ -361,6 +375,19 @@ impl BertAttention {
         let ctx = self.self_attn.forward_t(hidden, kv, mask, train);
         self.output.forward_t(&ctx, hidden, train)
     }
+
+    /// As [`Self::forward_t`], also returning the attention probabilities (see
+    /// [`BertSelfAttention::forward_with_probs`]).
+    pub fn forward_with_probs(
+        &self,
+        hidden: &Tensor,
+        kv: &Tensor,
+        mask: &Tensor,
+        train: bool,
+    ) -> (Tensor, Tensor) {
+        let (ctx, probs) = self.self_attn.forward_with_probs(hidden, kv, mask, train);
+        (self.output.forward_t(&ctx, hidden, train), probs)
+    }
 }
 
 // models/xbert.py: BertLayer(config, layer_num)
@@ -413,13 +440,34 @@ impl BertLayer {
         cross: Option<&CrossContext>,
         train: bool,
     ) -> Tensor {
+        self.forward_capture(hidden, self_mask, cross, false, train)
+            .0
+    }
+
+    /// [`Self::forward_t`]; with `capture`, also the cross-attention probabilities [B, heads, L, Nv]
+    /// (`None` for a text-only layer).
+    fn forward_capture(
+        &self,
+        hidden: &Tensor,
+        self_mask: &Tensor,
+        cross: Option<&CrossContext>,
+        capture: bool,
+        train: bool,
+    ) -> (Tensor, Option<Tensor>) {
         let mut h = self.attention.forward_t(hidden, hidden, self_mask, train);
+        let mut probs = None;
         if let Some(crossattention) = &self.crossattention {
             let ctx = cross.expect("a cross-attention layer needs vision embeddings");
-            h = crossattention.forward_t(&h, ctx.embeds, &ctx.mask, train);
+            h = if capture {
+                let (out, p) = crossattention.forward_with_probs(&h, ctx.embeds, &ctx.mask, train);
+                probs = Some(p);
+                out
+            } else {
+                crossattention.forward_t(&h, ctx.embeds, &ctx.mask, train)
+            };
         }
         let inter = activation(&self.intermediate.forward(&h), &self.hidden_act);
-        self.output.forward_t(&inter, &h, train)
+        (self.output.forward_t(&inter, &h, train), probs)
     }
 }
 
@@ -507,13 +555,32 @@ impl BertModel {
         range: Range<usize>,
         train: bool,
     ) -> Tensor {
+        self.run_layers_capture(hidden, self_mask, cross, range, None, train)
+            .0
+    }
+
+    /// [`Self::run_layers_with_mask`], also returning the cross-attention probabilities of layer
+    /// `capture` when it runs and has cross-attention.
+    fn run_layers_capture(
+        &self,
+        hidden: Tensor,
+        self_mask: &Tensor,
+        cross: &[CrossContext],
+        range: Range<usize>,
+        capture: Option<usize>,
+        train: bool,
+    ) -> (Tensor, Option<Tensor>) {
         let mut h = hidden;
+        let mut captured = None;
         for l in range {
             let ctx = (l >= self.fusion_layer && !cross.is_empty())
                 .then(|| &cross[(l - self.fusion_layer) % cross.len()]);
-            h = self.layers[l].forward_t(&h, self_mask, ctx, train);
+            let (out, probs) =
+                self.layers[l].forward_capture(&h, self_mask, ctx, capture == Some(l), train);
+            h = out;
+            captured = captured.or(probs);
         }
-        h
+        (h, captured)
     }
 
     /// Mode `'text'`: `input_ids` [B, L] → text states [B, L, D].
@@ -560,6 +627,28 @@ impl BertModel {
             &causal_self_attention_mask(text_atts),
             cross,
             self.layer_range(EncoderMode::MultiModal),
+            train,
+        )
+    }
+
+    /// Mode `'multi_modal'` that also returns the softmax probabilities [B, heads, L, Nv] of the
+    /// cross-attention of layer `layer`, still in the autograd graph (Grad-CAM reads their gradient);
+    /// `None` when that layer has no cross-attention.
+    pub fn forward_multimodal_with_cross_probs(
+        &self,
+        input_ids: &Tensor,
+        text_atts: &Tensor,
+        cross: &[CrossContext],
+        layer: usize,
+        train: bool,
+    ) -> (Tensor, Option<Tensor>) {
+        let emb = self.embeddings.forward_t(input_ids, train);
+        self.run_layers_capture(
+            emb,
+            &self_attention_mask(text_atts),
+            cross,
+            self.layer_range(EncoderMode::MultiModal),
+            Some(layer),
             train,
         )
     }
@@ -671,6 +760,29 @@ mod tests {
         attn.scale_query_first = true;
         let guarded = attn.forward_t(&hidden, &kv, &mask, false);
         assert!(plain.allclose(&guarded, 1e-5, 1e-6, false));
+    }
+
+    /// The capturing forward computes the same states, and probabilities only for a cross layer.
+    #[test]
+    fn cross_probs_hook_keeps_the_forward() {
+        tch::manual_seed(0);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = BertModel::new(vs.root(), &tiny_cfg(), TextFlavor::Bert);
+        let ids = Tensor::from_slice(&[2i64, 7, 9, 0]).view([1, 4]);
+        let atts = Tensor::from_slice(&[1i64, 1, 1, 0]).view([1, 4]);
+        let image = Tensor::randn([1, 5, 6], (Kind::Float, Device::Cpu));
+        let cross = [CrossContext::new(&image, &image.ones_like().select(2, 0))];
+        let plain = model.forward_multimodal(&ids, &atts, &cross, false);
+        let (hidden, probs) =
+            model.forward_multimodal_with_cross_probs(&ids, &atts, &cross, 1, false);
+        assert!(plain.equal(&hidden));
+        let probs = probs.expect("layer 1 cross-attends");
+        assert_eq!(probs.size(), vec![1, 2, 4, 5]);
+        assert!(probs.requires_grad());
+        let rows = probs.sum_dim_intlist(-1, false, Kind::Float);
+        assert!(rows.allclose(&rows.ones_like(), 1e-6, 1e-6, false));
+        let (_, none) = model.forward_multimodal_with_cross_probs(&ids, &atts, &cross, 0, false);
+        assert!(none.is_none());
     }
 
     /// Only layers at or after `fusion_layer` have cross-attention, with key/value of the vision width.

@@ -191,6 +191,20 @@ impl TextEncoder {
         self.model.forward_multimodal(ids, atts, cross, train)
     }
 
+    /// Mode `'multi_modal'` that also returns the cross-attention probabilities of layer `layer`, in the
+    /// autograd graph (see [`BertModel::forward_multimodal_with_cross_probs`]).
+    pub fn forward_multimodal_with_cross_probs(
+        &self,
+        ids: &Tensor,
+        atts: &Tensor,
+        cross: &[CrossContext],
+        layer: usize,
+        train: bool,
+    ) -> (Tensor, Option<Tensor>) {
+        self.model
+            .forward_multimodal_with_cross_probs(ids, atts, cross, layer, train)
+    }
+
     /// Decoder forward (`BertLMHeadModel`, causal self-attention, every layer cross-attending to
     /// `cross`) → [B, L, D].
     pub fn forward_decoder(

@@ -19,11 +19,17 @@ use super::{
 };
 use crate::collective::SingleProcess;
 use crate::config::{FinetuneKeys, TaskConfig};
+use crate::data::finetune::grounding::GroundingBoxBatch;
+use crate::data::finetune::nlvr::NlvrBatch;
 use crate::data::finetune::retrieval::RetrievalTrainBatch;
+use crate::data::finetune::vqa::VqaTrainBatch;
 use crate::loss::{MultinomialSampler, NegativeSampler, ReplaySampler};
 use crate::optim::{named_trainable_params, Gradients, NamedParam};
 use crate::parity::{self, CaseSpec, Comparison, WeightsSource};
+use crate::tasks::grounding_bbox::GroundingBboxModel;
 use crate::tasks::retrieval::RetrievalModel;
+use crate::tasks::vqa::VqaModel;
+use crate::tasks::NlvrModel;
 use crate::train::finetune::{
     finetune_schedule, FinetuneModel, FinetuneStepLog, FinetuneTrainer, StepObserver, TaskForward,
 };
@@ -66,16 +72,42 @@ pub fn run_finetune_steps_case(
     match task_name.as_str() {
         "retrieval" => {
             let model = RetrievalModel::new(&vs.root(), &task)?;
-            let aliases = model.core.tied_aliases();
-            parity::load_case_weights(&vs, dir, weights, &aliases).map_err(|e| case_err(dir, e))?;
+            load_weights(dir, &vs, weights, &model.core.tied_aliases())?;
             let state = || model.core.state_dict(&vs);
             replay(dir, &spec, &task, &vs, &model, retrieval_batch, state)
+        }
+        "vqa" => {
+            let model = VqaModel::new(&vs.root(), &task)?;
+            load_weights(dir, &vs, weights, &model.tied_aliases())?;
+            let state = || model.state_dict(&vs);
+            replay(dir, &spec, &task, &vs, &model, vqa_batch, state)
+        }
+        "nlvr" => {
+            let model = NlvrModel::new(&vs.root(), &task)?;
+            load_weights(dir, &vs, weights, &model.core.tied_aliases())?;
+            let state = || model.core.state_dict(&vs);
+            replay(dir, &spec, &task, &vs, &model, nlvr_batch, state)
+        }
+        "grounding_bbox" => {
+            let model = GroundingBboxModel::new(&vs.root(), &task)?;
+            load_weights(dir, &vs, weights, &model.core.tied_aliases())?;
+            let state = || model.core.state_dict(&vs);
+            replay(dir, &spec, &task, &vs, &model, grounding_bbox_batch, state)
         }
         other => Err(case_err(
             dir,
             format!("finetune_train_steps for task {other:?} is not implemented in this build"),
         )),
     }
+}
+
+fn load_weights(
+    dir: &Path,
+    vs: &VarStore,
+    weights: WeightsSource,
+    aliases: &[(String, String)],
+) -> Result<(), TrainError> {
+    parity::load_case_weights(vs, dir, weights, aliases).map_err(|e| case_err(dir, e))
 }
 
 fn retrieval_batch(inputs: &CaseInputs, prefix: &str) -> Result<RetrievalTrainBatch, TrainError> {
@@ -85,6 +117,43 @@ fn retrieval_batch(inputs: &CaseInputs, prefix: &str) -> Result<RetrievalTrainBa
         text_ids: t("text_ids")?,
         text_atts: t("text_atts")?,
         idx: t("idx")?,
+    })
+}
+
+fn vqa_batch(inputs: &CaseInputs, prefix: &str) -> Result<VqaTrainBatch, TrainError> {
+    let t = |name: &str| inputs.get(&format!("{prefix}.{name}"));
+    Ok(VqaTrainBatch {
+        image: t("image")?,
+        text_ids: t("question_ids")?,
+        text_atts: t("question_atts")?,
+        answer_ids: t("answer_ids")?,
+        answer_atts: t("answer_atts")?,
+        weights: t("weights")?,
+        k: Vec::<i64>::try_from(t("k")?)?,
+    })
+}
+
+fn nlvr_batch(inputs: &CaseInputs, prefix: &str) -> Result<NlvrBatch, TrainError> {
+    let t = |name: &str| inputs.get(&format!("{prefix}.{name}"));
+    Ok(NlvrBatch {
+        image0: t("image0")?,
+        image1: t("image1")?,
+        text_ids: t("text_ids")?,
+        text_atts: t("text_atts")?,
+        targets: t("targets")?,
+    })
+}
+
+fn grounding_bbox_batch(
+    inputs: &CaseInputs,
+    prefix: &str,
+) -> Result<GroundingBoxBatch, TrainError> {
+    let t = |name: &str| inputs.get(&format!("{prefix}.{name}"));
+    Ok(GroundingBoxBatch {
+        image: t("image")?,
+        text_ids: t("text_ids")?,
+        text_atts: t("text_atts")?,
+        target_bbox: t("target_bbox")?,
     })
 }
 
@@ -196,7 +265,10 @@ fn replay<M: FinetuneModel>(
         .collect();
     computed.insert("steps.epoch".into(), Tensor::from_slice(&epochs));
     for (name, per_step) in &recorder.debug {
-        computed.insert(format!("steps.{name}"), Tensor::stack(per_step, 0));
+        // Per-step shapes differ where batches do (VQA answers): those exist only as `step{s}.X`.
+        if let Ok(stacked) = Tensor::f_stack(per_step, 0) {
+            computed.insert(format!("steps.{name}"), stacked);
+        }
         for (s, t) in per_step.iter().enumerate() {
             computed.insert(format!("step{s}.{name}"), t.shallow_clone());
         }

@@ -99,14 +99,20 @@ pub(super) fn final_weight_rows(
     atol: f64,
 ) -> Result<Vec<Comparison>, TrainError> {
     let expected = read_tensors(&dir.join("final.safetensors"))?;
-    let group_of: HashMap<&str, usize> = opt
+    // By storage, so that a tied alias (NLVR2's shared cross K/V under both layers' names) finds the
+    // group of the one parameter behind it.
+    let group_of: HashMap<usize, usize> = opt
         .groups()
         .iter()
         .enumerate()
         .flat_map(|(g, grp)| grp.params.iter().map(move |&p| (p, g)))
-        .map(|(p, g)| (opt.params()[p].name.as_str(), g))
+        .map(|(p, g)| (opt.params()[p].tensor.data_ptr() as usize, g))
         .collect();
-    let lr_sum = |name: &str| -> f64 { group_of.get(name).map_or(0.0, |&g| lr_sums[g]) };
+    let lr_sum = |name: &str| -> f64 {
+        ours.get(name)
+            .and_then(|t| group_of.get(&(t.data_ptr() as usize)))
+            .map_or(0.0, |&g| lr_sums[g])
+    };
     let rel = Tolerance { rtol, atol };
     let mut rows = Vec::new();
     for (name, e) in &expected {
