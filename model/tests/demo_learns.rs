@@ -2,7 +2,7 @@
 //! for a short budget on the corpus `scripts/demo.sh` writes (`xvlm synth-data` with the same shape and
 //! background settings), through the real loaders and trainer, ranks the held-out test pairs by ITC
 //! similarity far above chance in both directions. With the official augmentation and lr (or the old demo
-//! config) the features collapse and R@1 stays at chance, so this test fails there.
+//! config) the features collapse and the ranks stay at chance, so this test fails there.
 
 use std::path::Path;
 
@@ -52,16 +52,54 @@ fn region(b: RegionBatch) -> PretrainBatch {
     }
 }
 
-/// Zero-shot ITC retrieval on `finetune/retrieval_test.json`, as `xvlm eval-retrieval` ranks it.
-struct Recall {
-    /// Text retrieval R@1 (an image's best-ranked caption is one of its own), fraction.
-    text: f64,
-    /// Image retrieval R@1, fraction.
-    image: f64,
-    /// R@1 of a random ranking, text retrieval.
-    text_chance: f64,
-    /// R@1 of a random ranking, image retrieval.
-    image_chance: f64,
+/// Zero-shot ITC retrieval on `finetune/retrieval_test.json`, as `xvlm eval-retrieval` ranks it: the
+/// rank of the ground truth in each direction (ties count against it, so collapsed, all-equal features
+/// rank last), and what a random ranking scores.
+struct Ranking {
+    /// Per image: the rank of its best-ranked own caption among all captions (1 = top).
+    text_ranks: Vec<usize>,
+    /// Per caption: the rank of its image among all images.
+    image_ranks: Vec<usize>,
+    /// Captions per image.
+    per_image: usize,
+}
+
+impl Ranking {
+    fn recall(ranks: &[usize], k: usize) -> f64 {
+        ranks.iter().filter(|&&r| r <= k).count() as f64 / ranks.len() as f64
+    }
+
+    fn mean(ranks: &[usize]) -> f64 {
+        ranks.iter().sum::<usize>() as f64 / ranks.len() as f64
+    }
+
+    /// Text retrieval R@k and its chance (some of an image's `per_image` captions among k random ones).
+    fn text_recall(&self, k: usize) -> (f64, f64) {
+        let nt = self.image_ranks.len();
+        let miss: f64 = (0..k)
+            .map(|i| (nt - self.per_image - i) as f64 / (nt - i) as f64)
+            .product();
+        (Self::recall(&self.text_ranks, k), 1.0 - miss)
+    }
+
+    /// Image retrieval R@k and its chance.
+    fn image_recall(&self, k: usize) -> (f64, f64) {
+        let ni = self.text_ranks.len();
+        (Self::recall(&self.image_ranks, k), k as f64 / ni as f64)
+    }
+
+    /// Mean ranks (text, image) and their chance values: the best of `per_image` random ranks among
+    /// `nt`, and a uniform rank among `ni`.
+    fn mean_ranks(&self) -> [(f64, f64); 2] {
+        let (ni, nt) = (self.text_ranks.len(), self.image_ranks.len());
+        [
+            (
+                Self::mean(&self.text_ranks),
+                (nt + 1) as f64 / (self.per_image + 1) as f64,
+            ),
+            (Self::mean(&self.image_ranks), (ni + 1) as f64 / 2.0),
+        ]
+    }
 }
 
 fn mean_off_diagonal_cosine(feat: &Tensor) -> f64 {
@@ -71,7 +109,7 @@ fn mean_off_diagonal_cosine(feat: &Tensor) -> f64 {
         .double_value(&[])
 }
 
-fn evaluate(model: &PretrainModel, task: &TaskConfig, data: &Path) -> Recall {
+fn evaluate(model: &PretrainModel, task: &TaskConfig, data: &Path) -> Ranking {
     let file = data.join("finetune/retrieval_test.json");
     let entries: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
@@ -114,28 +152,29 @@ fn evaluate(model: &PretrainModel, task: &TaskConfig, data: &Path) -> Recall {
     let sims: Vec<Vec<f64>> = (0..ni as i64)
         .map(|i| Vec::<f64>::try_from(sims.get(i)).unwrap())
         .collect();
-    // Ties count against the ground truth, so collapsed (all-equal) features score 0, not 100 %.
-    let top = |scores: &[f64], gt: usize| {
-        scores
-            .iter()
-            .enumerate()
-            .all(|(j, &x)| j == gt || x < scores[gt])
+    // Ties count against the ground truth.
+    let rank = |scores: &[f64], own: &dyn Fn(usize) -> bool| {
+        let best = (0..scores.len())
+            .filter(|&j| own(j))
+            .map(|j| scores[j])
+            .fold(f64::NEG_INFINITY, f64::max);
+        1 + (0..scores.len())
+            .filter(|&j| !own(j) && scores[j] >= best)
+            .count()
     };
-    let text_hits = (0..ni)
-        .filter(|&i| (0..nt).any(|t| txt2img[t] == i && top(&sims[i], t)))
-        .count();
-    let image_hits = (0..nt)
-        .filter(|&t| {
+    let text_ranks = (0..ni)
+        .map(|i| rank(&sims[i], &|t| txt2img[t] == i))
+        .collect();
+    let image_ranks = (0..nt)
+        .map(|t| {
             let column: Vec<f64> = sims.iter().map(|row| row[t]).collect();
-            top(&column, txt2img[t])
+            rank(&column, &|i| i == txt2img[t])
         })
-        .count();
-    let per_image = nt as f64 / ni as f64;
-    Recall {
-        text: text_hits as f64 / ni as f64,
-        image: image_hits as f64 / nt as f64,
-        text_chance: 1.0 - (1.0 - 1.0 / nt as f64).powf(per_image),
-        image_chance: 1.0 / ni as f64,
+        .collect();
+    Ranking {
+        text_ranks,
+        image_ranks,
+        per_image: nt / ni,
     }
 }
 
@@ -200,32 +239,52 @@ fn demo_pretraining_learns_zero_shot_retrieval() {
     }
     let last: f64 = itc[itc.len() - 25..].iter().sum::<f64>() / 25.0;
     let r = evaluate(&model, &task, &data);
+    let (t1, t1_chance) = r.text_recall(1);
+    let (i1, i1_chance) = r.image_recall(1);
+    let (t5, t5_chance) = r.text_recall(5);
+    let (i5, i5_chance) = r.image_recall(5);
+    let [(text_rank, text_rank_chance), (image_rank, image_rank_chance)] = r.mean_ranks();
     eprintln!(
-        "after {ITERATIONS} iterations ({:.0}s): ITC loss (last 25 mean) {last:.3} vs ln 8 = {:.3}; \
-         R@1 text retrieval {:.1}% (chance {:.1}%), image retrieval {:.1}% (chance {:.1}%)",
+        "after {ITERATIONS} iterations ({:.0}s): ITC loss (last 25 mean) {last:.3} vs ln 8 = {:.3}\n\
+         text retrieval: R@1 {:.1}% (chance {:.1}%), R@5 {:.1}% (chance {:.1}%), mean rank {text_rank:.1} \
+         (chance {text_rank_chance:.1})\n\
+         image retrieval: R@1 {:.1}% (chance {:.1}%), R@5 {:.1}% (chance {:.1}%), mean rank {image_rank:.1} \
+         (chance {image_rank_chance:.1})",
         start.elapsed().as_secs_f64(),
         8f64.ln(),
-        100.0 * r.text,
-        100.0 * r.text_chance,
-        100.0 * r.image,
-        100.0 * r.image_chance
+        100.0 * t1,
+        100.0 * t1_chance,
+        100.0 * t5,
+        100.0 * t5_chance,
+        100.0 * i1,
+        100.0 * i1_chance,
+        100.0 * i5,
+        100.0 * i5_chance,
     );
-    // Margins: ITC well below its chance level, and R@1 at least 3x chance in both directions (40
-    // held-out images: a few hits more than a random ranking would not pass). The run is deterministic
-    // (seeded data, seeded draws keyed by file name, one thread).
+    // Margins: ITC well below its chance level; in both directions R@5 at least 2x chance and the mean
+    // rank of the ground truth at most 0.6x a random ranking's. R@1 is printed, not asserted: 40 held-out
+    // images make it a count of two or three hits, which float rounding on another CPU's kernels moves
+    // (this run is deterministic per machine: seeded data, seeded draws keyed by file name, one
+    // thread). A random ranking's mean rank over 80 captions has a standard deviation near 1.3.
     assert!(
         last < 0.8 * 8f64.ln(),
         "ITC loss {last:.3} did not fall below 0.8 x ln 8"
     );
-    for (what, got, chance) in [
-        ("text retrieval", r.text, r.text_chance),
-        ("image retrieval", r.image, r.image_chance),
-    ] {
+    for (what, got, chance) in [("text", t5, t5_chance), ("image", i5, i5_chance)] {
         assert!(
-            got >= 3.0 * chance,
-            "{what} R@1 {:.1}% does not beat chance {:.1}% by the margin (3x)",
+            got >= 2.0 * chance,
+            "{what} retrieval R@5 {:.1}% does not reach 2x chance ({:.1}%)",
             100.0 * got,
             100.0 * chance
+        );
+    }
+    for (what, got, chance) in [
+        ("text", text_rank, text_rank_chance),
+        ("image", image_rank, image_rank_chance),
+    ] {
+        assert!(
+            got <= 0.6 * chance,
+            "{what} retrieval mean rank {got:.1} is not below 0.6x chance ({chance:.1})"
         );
     }
 }
