@@ -1,6 +1,8 @@
 //! The collective operations data-parallel training needs. Backends (TCP ring, NCCL) live in the worker;
 //! the model only sees this trait, so a single process uses [`SingleProcess`].
 
+use std::ops::Range;
+
 use tch::Tensor;
 
 /// A failed collective: a peer died, a socket broke, NCCL reported an error.
@@ -77,4 +79,19 @@ pub fn all_gather_local_grad(
         .map(|(r, t)| if r == rank { local.shallow_clone() } else { t })
         .collect();
     Ok(Tensor::cat(&parts, 0))
+}
+
+/// The slice of `0..n` rank `rank` of `world` scores in a distributed evaluation: a contiguous run of whole batches of `batch`
+/// (the last one may be short), balanced to within one batch; empty when there are fewer batches than
+/// ranks. Every item lands in the same batch at every world size, so its outputs are bit-identical.
+pub fn rank_slice(n: usize, batch: usize, world: usize, rank: usize) -> Range<usize> {
+    let batches = n.div_ceil(batch);
+    let lo = batches * rank / world;
+    let hi = batches * (rank + 1) / world;
+    (lo * batch).min(n)..(hi * batch).min(n)
+}
+
+/// Every rank's slice, in rank order.
+pub fn rank_slices(n: usize, batch: usize, world: usize) -> Vec<Range<usize>> {
+    (0..world).map(|r| rank_slice(n, batch, world, r)).collect()
 }

@@ -451,6 +451,7 @@ fn hostile_nlvr_items_name_file_and_item() {
         image_root: root.0.clone(),
         image_res: 32,
         max_words: 30,
+        finetune_transform: Default::default(),
     };
     let good = json!({"images": ["ok.jpg", "ok.jpg"], "sentence": "two", "label": "True"});
     for (body, why) in [

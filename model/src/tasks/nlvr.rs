@@ -5,6 +5,7 @@
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
+use crate::checkpoint::StateDict;
 use crate::config::TaskConfig;
 use crate::text::CrossContext;
 use crate::xvlm::{vision_config, Heads, Mlp, ModelError, XvlmCore};
@@ -102,6 +103,50 @@ impl NlvrModel {
     }
 }
 
+/// The text layer index of a `text_encoder.encoder.layer.{l}.…` key, with the rest of the key.
+fn text_layer(key: &str) -> Option<(usize, &str)> {
+    let rest = key.strip_prefix("text_encoder.encoder.layer.")?;
+    let (index, tail) = rest.split_once('.')?;
+    Some((index.parse().ok()?, tail))
+}
+
+/// `model_nlvr.py:load_pretrained` (`load_nlvr_pretrain=False`) after the general key handling: text
+/// layers below `fusion_layer` keep their index and every layer `l >= fusion_layer` is copied to
+/// `fusion + 2(l - fusion)` and the one after it. A checkpoint already holding a layer of the doubled
+/// layout beyond the general one (an NLVR2 domain pre-training or an NLVR2 fine-tune: the official
+/// `--load_nlvr_pretrain`) is left as it is. `num_layers` is the general text config's layer count.
+pub fn double_cross_layers(sd: &mut StateDict, fusion_layer: usize, num_layers: usize) {
+    let doubled_layout = sd
+        .keys()
+        .any(|k| text_layer(k).is_some_and(|(l, _)| l >= num_layers));
+    if doubled_layout {
+        return;
+    }
+    // Every cross layer is taken out before any is written back: a copy lands on an index a later
+    // original still has.
+    let cross: Vec<(usize, String, Tensor)> = sd
+        .keys()
+        .filter(|k| text_layer(k).is_some_and(|(l, _)| l >= fusion_layer))
+        .cloned()
+        .collect::<Vec<_>>()
+        .into_iter()
+        .filter_map(|key| {
+            let (l, tail) = text_layer(&key)?;
+            let tail = tail.to_string();
+            Some((l, tail, sd.remove(&key)?))
+        })
+        .collect();
+    for (l, tail, tensor) in cross {
+        let first = fusion_layer + 2 * (l - fusion_layer);
+        for target in [first, first + 1] {
+            sd.insert(
+                format!("text_encoder.encoder.layer.{target}.{tail}"),
+                tensor.shallow_clone(),
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,6 +163,26 @@ mod tests {
             assert_eq!(report.rows.len(), 6);
             assert!(report.passed(), "{source:?}: {:#?}", report.failures());
         }
+    }
+
+    /// A general 4-layer checkpoint (fusion 2) fills the 6-layer layout: layer 3 lands at 4 and 5; an
+    /// already doubled checkpoint is kept.
+    #[test]
+    fn general_checkpoint_layers_are_doubled_once() {
+        let key = |l: usize| format!("text_encoder.encoder.layer.{l}.output.dense.bias");
+        let mut sd = StateDict::new();
+        for l in 0..4 {
+            sd.insert(key(l), Tensor::from_slice(&[l as f32]));
+        }
+        sd.insert("vision_encoder.x".into(), Tensor::from_slice(&[9f32]));
+        double_cross_layers(&mut sd, 2, 4);
+        let value = |sd: &StateDict, l: usize| sd[&key(l)].double_value(&[0]);
+        let got: Vec<f64> = (0..6).map(|l| value(&sd, l)).collect();
+        assert_eq!(got, [0.0, 1.0, 2.0, 2.0, 3.0, 3.0]);
+        assert_eq!(sd.len(), 7);
+        let before: Vec<f64> = (0..6).map(|l| value(&sd, l)).collect();
+        double_cross_layers(&mut sd, 2, 4);
+        assert_eq!((0..6).map(|l| value(&sd, l)).collect::<Vec<_>>(), before);
     }
 
     /// Each pair of duplicated cross layers holds ONE key/value tensor (listed under both keys).

@@ -7,6 +7,7 @@ use xvlm_model::collective::{Collective, CollectiveError};
 use xvlm_proto::spec::{JobSpec, TaskKind};
 
 use super::batch::BatchPlan;
+use super::finetune::nlvr::NlvrTask;
 use super::finetune::retrieval::RetrievalTask;
 use super::finetune::FinetuneRunner;
 use super::pretrain::PretrainTask;
@@ -154,6 +155,9 @@ const TASKS: &[(TaskKind, Builder)] = &[
     }),
     (TaskKind::Retrieval, |ctx| {
         Ok(Box::new(FinetuneRunner::<RetrievalTask>::new(ctx)?))
+    }),
+    (TaskKind::Nlvr, |ctx| {
+        Ok(Box::new(FinetuneRunner::<NlvrTask>::new(ctx)?))
     }),
 ];
 

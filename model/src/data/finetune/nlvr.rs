@@ -11,6 +11,7 @@ use super::annotations::{self, item_err};
 use super::config::{self, one_or_many, Resolver};
 use super::images::{self, ImageAt, ImageTransform};
 use super::loader::MapDataset;
+use super::retrieval::FinetuneTransformSection;
 use super::source::ImageRoot;
 use super::text::{encode_batch, Padding};
 use crate::data::caption::pre_caption;
@@ -36,6 +37,9 @@ pub struct NlvrDataConfig {
     /// `pre_caption` word limit.
     #[serde(default = "config::default_max_words")]
     pub max_words: usize,
+    /// xvlm-only softening of the training transform (absent: the official `train_transform`).
+    #[serde(default)]
+    pub finetune_transform: FinetuneTransformSection,
 }
 
 impl NlvrDataConfig {
@@ -50,6 +54,11 @@ impl NlvrDataConfig {
         cfg.test_file = resolver.resolve_all(&cfg.test_file);
         cfg.image_root = resolver.resolve(&cfg.image_root);
         Ok(cfg)
+    }
+
+    /// Reads the keys of a loaded task config (names resolved as its other files).
+    pub fn from_task_config(cfg: &crate::config::TaskConfig) -> Result<Self, DataError> {
+        Self::from_yaml(&config::task_value(cfg)?, &Resolver::Task(cfg))
     }
 
     /// Reads a task YAML file (names relative to its folder).
@@ -126,6 +135,33 @@ pub fn collate(
         text_atts: t.atts,
         targets: Tensor::from_slice(&targets),
     })
+}
+
+impl NlvrData {
+    /// The training set of `cfg`: `train_transform` (or the config's `finetune_transform`).
+    pub fn train(cfg: &NlvrDataConfig, tokenizer: Arc<TextTokenizer>) -> Result<Self, DataError> {
+        Ok(Self {
+            entries: Arc::new(load_split(cfg, &cfg.train_file)?),
+            tokenizer,
+            transform: cfg.finetune_transform.transform(cfg.image_res)?,
+        })
+    }
+
+    /// An evaluation split of `cfg` (`test_transform`); `None` when the config names no file for it.
+    pub fn eval(
+        cfg: &NlvrDataConfig,
+        files: &[String],
+        tokenizer: Arc<TextTokenizer>,
+    ) -> Result<Option<Self>, DataError> {
+        if files.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            entries: Arc::new(load_split(cfg, files)?),
+            tokenizer,
+            transform: ImageTransform::test(cfg.image_res),
+        }))
+    }
 }
 
 /// An NLVR2 split as a map-style dataset.

@@ -14,6 +14,7 @@
 //! optimizer, the scheduler step and the stream cursor, so a resume at the same world size is exact.
 
 mod meta;
+pub mod nlvr;
 pub mod outputs;
 pub mod retrieval;
 mod stream;

@@ -3,20 +3,7 @@
 
 use std::ops::Range;
 
-/// The slice of `0..n` rank `rank` of `world` encodes: a contiguous run of whole batches of `batch`
-/// (the last one may be short), balanced to within one batch; empty when there are fewer batches than
-/// ranks. Every item lands in the same batch at every world size, so its features are bit-identical.
-pub fn rank_slice(n: usize, batch: usize, world: usize, rank: usize) -> Range<usize> {
-    let batches = n.div_ceil(batch);
-    let lo = batches * rank / world;
-    let hi = batches * (rank + 1) / world;
-    (lo * batch).min(n)..(hi * batch).min(n)
-}
-
-/// Every rank's slice, in rank order.
-pub(crate) fn rank_slices(n: usize, batch: usize, world: usize) -> Vec<Range<usize>> {
-    (0..world).map(|r| rank_slice(n, batch, world, r)).collect()
-}
+pub use crate::collective::{rank_slice, rank_slices};
 
 /// One (image, text) pair to score with the ITM head and where its logit goes: a flat position in the
 /// image→text top-k scores [Ni·k_i2t], in the text→image top-k scores [Nt·k_t2i], or both.

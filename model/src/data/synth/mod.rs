@@ -1,7 +1,11 @@
 //! A synthetic multi-grained corpus: images of coloured shapes at known boxes, captions determined by the
 //! content ("a red circle left of a blue square"), region annotations, in the official pre-training
 //! json-lines formats (several shards), plus fine-tuning files of the same images (retrieval
-//! train/val/test, grounding with boxes) and a WordPiece `vocab.txt` that covers every word.
+//! train/val/test, grounding with boxes, NLVR2 statements about image pairs in [`nlvr`]) and a
+//! WordPiece `vocab.txt` that covers every word.
+
+mod nlvr;
+mod vqa;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -61,11 +65,31 @@ impl Default for SynthConfig {
 }
 
 /// One drawn shape.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Shape {
     colour: usize,
     kind: usize,
     bb: [usize; 4],
+}
+
+/// What a fine-tune writer knows of one written image.
+#[derive(Debug, Clone)]
+struct Drawn {
+    /// The image's name under the corpus folder (`images/000123.jpg`).
+    name: String,
+    /// 0 train, 1 val, 2 test.
+    split: usize,
+    /// The left shape, then the right one (different colour-shape pairs).
+    shapes: Vec<Shape>,
+}
+
+impl Drawn {
+    /// Whether the image holds a shape of this colour and kind.
+    fn has(&self, colour: usize, kind: usize) -> bool {
+        self.shapes
+            .iter()
+            .any(|s| s.colour == colour && s.kind == kind)
+    }
 }
 
 impl Shape {
@@ -200,6 +224,7 @@ pub struct SynthSummary {
 /// Write the corpus under `out`:
 /// `pretrain/image_text/part-*.jsonl`, `pretrain/regions/part-*.jsonl` (train split only, base64 images),
 /// `images/*.jpg`, `finetune/{retrieval_train,retrieval_val,retrieval_test,grounding_train,grounding_test}.json`,
+/// `finetune/nlvr_{train,dev,test}.json`,
 /// `vocab.txt`, and `README.md`.
 pub fn generate(out: &Path, cfg: &SynthConfig) -> Result<SynthSummary, DataError> {
     if cfg.images < 10 || cfg.shards == 0 {
@@ -255,6 +280,7 @@ pub fn generate(out: &Path, cfg: &SynthConfig) -> Result<SynthSummary, DataError
     let mut rg_lines = vec![String::new(); cfg.shards];
     let mut retrieval = [Vec::new(), Vec::new(), Vec::new()];
     let mut grounding = [Vec::new(), Vec::new()];
+    let mut drawn = Vec::with_capacity(n);
     for i in 0..n {
         let item = make_item(cfg, i)?;
         let name = format!("images/{:06}.jpg", item.id);
@@ -304,6 +330,11 @@ pub fn generate(out: &Path, cfg: &SynthConfig) -> Result<SynthSummary, DataError
                 "bbox": s.bb,
             }));
         }
+        drawn.push(Drawn {
+            name,
+            split,
+            shapes: item.shapes,
+        });
     }
     let mut image_text_shards = Vec::new();
     let mut region_shards = Vec::new();
@@ -329,6 +360,8 @@ pub fn generate(out: &Path, cfg: &SynthConfig) -> Result<SynthSummary, DataError
                 .as_bytes(),
         )?;
     }
+    nlvr::write(&ft_dir, cfg.seed, &drawn)?;
+    vqa::write(&ft_dir, cfg.seed, &drawn)?;
     write_file(&out.join("vocab.txt"), vocab().as_bytes())?;
     write_file(&out.join("pretrain_data.yaml"), data_yaml(out).as_bytes())?;
     let mut readme = Vec::new();
@@ -415,6 +448,11 @@ pub fn vocab() -> String {
     }
     for c in '0'..='9' {
         v.push(c.to_string());
+    }
+    // The fine-tune questions and statements, appended so every earlier id stays what it was (the
+    // demo text config has 192 ids).
+    for w in ["what", "colour", "image", "has", "none", "?"] {
+        v.push(w.into());
     }
     let mut out = v.join("\n");
     out.push('\n');
