@@ -3,3 +3,4 @@
 
 pub mod grounding;
 pub mod retrieval;
+pub mod vqa;

@@ -4,6 +4,8 @@
 //!   `load_text` every `text_encoder.*bert.*` key renamed without `bert.` (XVLM-REFERENCE.md §1.5, §5);
 //! - `models/xvlm.py:build_vision_encoder(load_params=True)` (pre-training initialisation, §1.8): the
 //!   ImageNet Swin / HF CLIP / DeiT weights mapped to our `vision_encoder.*` names.
+//! - `models/model_vqa.py:XVLM.load_pretrained`: the text layers split between the VQA encoder and
+//!   its answer decoder ([`vqa_init_state_dict`], §5.2).
 
 use crate::vision::{SwinConfig, VisionConfig};
 
@@ -163,4 +165,152 @@ pub fn vision_init_state_dict(
         .map(|(k, v)| (format!("vision_encoder.{k}"), v))
         .collect();
     Ok(sd)
+}
+
+/// `model_vqa.py: XVLM.load_pretrained` (not eval), applied to a pre-training state dict already
+/// adapted by [`adapt_for_finetune`] with `load_text = false`. For every original key: one holding
+/// `bert.` gets a stripped copy (the text encoder keeps all its layers); under `text_encoder.`, layer
+/// keys below `num_text_layers` are dropped, layers `num_text_layers..` move to the decoder as layers
+/// `0..` (`text_decoder.bert.encoder.layer.{l - num_text_layers}.*`) except the cross-attention
+/// key/value when `fresh_cross_kv` (the decoder attends to the text width, not the vision width, so
+/// they stay freshly initialised), and every other key (embeddings, `cls.*`) moves to `text_decoder.*`.
+pub fn vqa_init_state_dict(
+    sd: &mut StateDict,
+    num_text_layers: usize,
+    fresh_cross_kv: bool,
+) -> Result<(), CheckpointError> {
+    // The official loop walks a snapshot of the keys: the copies it adds are not visited again.
+    let keys: Vec<String> = sd.keys().cloned().collect();
+    for key in keys {
+        let Some(tensor) = sd.get(&key).map(|t| t.shallow_clone()) else {
+            continue;
+        };
+        if key.contains("bert.") {
+            sd.insert(key.replace("bert.", ""), tensor.shallow_clone());
+        }
+        if !key.contains("text_encoder.") {
+            continue;
+        }
+        let encoder_key = if key.contains("layer.") {
+            // `text_encoder.bert.encoder.layer.{l}.…`: the layer number is the fifth segment.
+            let mut parts: Vec<&str> = key.split('.').collect();
+            let layer: usize = parts.get(4).and_then(|s| s.parse().ok()).ok_or_else(|| {
+                CheckpointError::Format {
+                    path: "init_checkpoint".into(),
+                    reason: format!(
+                        "key {key} has no layer number in its fifth segment (the VQA loader \
+                         reads `text_encoder.bert.encoder.layer.<l>.…`)"
+                    ),
+                }
+            })?;
+            if layer < num_text_layers
+                || (fresh_cross_kv
+                    && (key.contains("crossattention.self.key")
+                        || key.contains("crossattention.self.value")))
+            {
+                sd.remove(&key);
+                continue;
+            }
+            let decoder_layer = (layer - num_text_layers).to_string();
+            parts[4] = &decoder_layer;
+            parts.join(".")
+        } else {
+            key.clone()
+        };
+        sd.remove(&key);
+        sd.insert(encoder_key.replace("text_encoder", "text_decoder"), tensor);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::vqa_init_state_dict;
+    use crate::checkpoint::StateDict;
+
+    fn sd(keys: &[&str]) -> StateDict {
+        keys.iter()
+            .enumerate()
+            .map(|(i, k)| (k.to_string(), tch::Tensor::from(i as f32)))
+            .collect()
+    }
+
+    fn value(sd: &StateDict, key: &str) -> f32 {
+        sd.get(key)
+            .unwrap_or_else(|| panic!("no {key} in {:?}", sd.keys().collect::<Vec<_>>()))
+            .double_value(&[]) as f32
+    }
+
+    /// Layers below the split stay encoder-only, later ones are copied into the decoder (cross K/V
+    /// left out when the widths differ), embeddings and the MLM head move to the decoder, other keys
+    /// are untouched.
+    #[test]
+    fn vqa_keys_follow_the_official_loader() {
+        let mut d = sd(&[
+            "text_encoder.bert.encoder.layer.1.attention.self.query.weight",
+            "text_encoder.bert.encoder.layer.2.attention.self.query.weight",
+            "text_encoder.bert.encoder.layer.3.crossattention.self.key.weight",
+            "text_encoder.bert.encoder.layer.3.crossattention.self.query.weight",
+            "text_encoder.bert.embeddings.LayerNorm.weight",
+            "text_encoder.cls.predictions.bias",
+            "vision_encoder.norm.weight",
+            "itm_head.weight",
+        ]);
+        vqa_init_state_dict(&mut d, 2, true).unwrap();
+        let mut keys: Vec<&str> = d.keys().map(String::as_str).collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                "itm_head.weight",
+                "text_decoder.bert.embeddings.LayerNorm.weight",
+                "text_decoder.bert.encoder.layer.0.attention.self.query.weight",
+                "text_decoder.bert.encoder.layer.1.crossattention.self.query.weight",
+                "text_decoder.cls.predictions.bias",
+                "text_encoder.embeddings.LayerNorm.weight",
+                "text_encoder.encoder.layer.1.attention.self.query.weight",
+                "text_encoder.encoder.layer.2.attention.self.query.weight",
+                "text_encoder.encoder.layer.3.crossattention.self.key.weight",
+                "text_encoder.encoder.layer.3.crossattention.self.query.weight",
+                "vision_encoder.norm.weight",
+            ]
+        );
+        assert_eq!(
+            value(
+                &d,
+                "text_decoder.bert.encoder.layer.0.attention.self.query.weight"
+            ),
+            1.0
+        );
+        assert_eq!(
+            value(
+                &d,
+                "text_decoder.bert.encoder.layer.1.crossattention.self.query.weight"
+            ),
+            3.0
+        );
+        assert_eq!(
+            value(
+                &d,
+                "text_encoder.encoder.layer.2.attention.self.query.weight"
+            ),
+            1.0
+        );
+        assert_eq!(value(&d, "text_decoder.cls.predictions.bias"), 5.0);
+
+        // Equal widths: the cross key/value move too.
+        let mut d = sd(&["text_encoder.bert.encoder.layer.3.crossattention.self.key.weight"]);
+        vqa_init_state_dict(&mut d, 2, false).unwrap();
+        assert!(d.contains_key("text_decoder.bert.encoder.layer.1.crossattention.self.key.weight"));
+
+        // A layer key without a layer number is refused, naming the key.
+        let mut d = sd(&["text_encoder.encoder.layer.3.output.dense.weight"]);
+        let err = vqa_init_state_dict(&mut d, 2, true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("text_encoder.encoder.layer.3.output.dense.weight"),
+            "{err}"
+        );
+    }
 }

@@ -9,6 +9,7 @@ use xvlm_proto::spec::{JobSpec, TaskKind};
 use super::batch::BatchPlan;
 use super::finetune::nlvr::NlvrTask;
 use super::finetune::retrieval::RetrievalTask;
+use super::finetune::vqa::VqaTask;
 use super::finetune::FinetuneRunner;
 use super::pretrain::PretrainTask;
 use super::smoke::SmokeTask;
@@ -158,6 +159,9 @@ const TASKS: &[(TaskKind, Builder)] = &[
     }),
     (TaskKind::Nlvr, |ctx| {
         Ok(Box::new(FinetuneRunner::<NlvrTask>::new(ctx)?))
+    }),
+    (TaskKind::Vqa, |ctx| {
+        Ok(Box::new(FinetuneRunner::<VqaTask>::new(ctx)?))
     }),
 ];
 

@@ -5,3 +5,4 @@
 mod task_common;
 
 mod nlvr;
+mod vqa;

@@ -11,8 +11,7 @@ use xvlm_model::config::configs_dir;
 use xvlm_model::data::synth::{generate, SynthConfig};
 use xvlm_proto::spec::JobSpec;
 use xvlm_worker::checkpoint::{sha256_hex, Checkpointer, Part, Storage};
-use xvlm_worker::trainer::finetune::retrieval::RetrievalTask;
-use xvlm_worker::trainer::finetune::FinetuneRunner;
+use xvlm_worker::trainer::finetune::{FinetuneRunner, FinetuneTask};
 use xvlm_worker::trainer::pretrain::PretrainTask;
 use xvlm_worker::trainer::task::{TaskContext, TrainTask};
 
@@ -268,21 +267,22 @@ schedular: {{sched: linear, lr: 1e-3, epochs: {epochs}, num_warmup_steps: 0.1}}
     path
 }
 
-/// A `task: retrieval` job on `config`; `extra` is more JSON members (with a leading comma).
-pub fn retrieval_spec(config: &Path, extra: &str) -> JobSpec {
+/// A fine-tune job of `task` (its job.yaml name) on `config`; `extra` is more JSON members (with a
+/// leading comma).
+pub fn finetune_spec(task: &str, config: &Path, extra: &str) -> JobSpec {
     JobSpec::from_json(&format!(
-        r#"{{"name":"ft","task":"retrieval","config":"{}","seed":11{extra}}}"#,
+        r#"{{"name":"ft","task":"{task}","config":"{}","seed":11{extra}}}"#,
         config.display()
     ))
     .expect("job spec")
 }
 
-/// The retrieval runner of this rank of `comm` (1 libtorch thread), writing to `output`.
-pub fn retrieval_task(
+/// The fine-tune runner of task `T` for this rank of `comm` (1 libtorch thread), writing to `output`.
+pub fn finetune_task<T: FinetuneTask>(
     spec: &JobSpec,
     comm: &dyn Collective,
     output: &str,
-) -> FinetuneRunner<RetrievalTask> {
+) -> FinetuneRunner<T> {
     tch::set_num_threads(1);
     let ctx = TaskContext {
         spec,
@@ -293,5 +293,91 @@ pub fn retrieval_task(
         output,
         comm,
     };
-    FinetuneRunner::new(&ctx).expect("retrieval task")
+    FinetuneRunner::new(&ctx).unwrap_or_else(|e| panic!("{} task: {e}", T::NAME))
+}
+
+/// The corpus `scripts/demo.sh` writes (400 images, large shapes on a plain background) under
+/// `dir/data`.
+pub fn demo_corpus(dir: &Path) -> PathBuf {
+    let data = dir.join("data");
+    generate(
+        &data,
+        &SynthConfig {
+            shape_side: (0.6, 0.95),
+            background: (225, 225),
+            ..SynthConfig::default()
+        },
+    )
+    .expect("synthetic corpus");
+    data
+}
+
+/// configs/`name` with its data folder replaced by `data`, its model files named absolutely and each
+/// `(from, to)` of `patch` applied, written to `dir/name`.
+pub fn demo_config(dir: &Path, name: &str, data: &Path, patch: &[(&str, &str)]) -> PathBuf {
+    let configs = configs_dir();
+    let configs = std::fs::canonicalize(&configs).unwrap_or(configs);
+    let text = std::fs::read_to_string(configs.join(name)).expect("demo config");
+    let mut text = text
+        .replace("demo-out/data", &data.display().to_string())
+        .replace("'configs/", &format!("'{}/", configs.display()));
+    for (from, to) in patch {
+        assert!(text.contains(from), "{name} has no {from:?}");
+        text = text.replace(from, to);
+    }
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+/// A briefly pre-trained starting checkpoint: `iterations` of Pretrain_XVLM_demo.yaml on `data` (one
+/// rank; `extra` job members), written to `dir/pretrained.safetensors`.
+pub fn pretrained_checkpoint(dir: &Path, data: &Path, iterations: u64, extra: &str) -> PathBuf {
+    let pretrain = demo_config(dir, "Pretrain_XVLM_demo.yaml", data, &[]);
+    let spec = spec(&pretrain, iterations, extra);
+    let comm = xvlm_model::collective::SingleProcess;
+    let mut pretrained = task(&spec, &comm, &[]);
+    run(&mut pretrained, &comm, 0, iterations);
+    let checkpoint = dir.join("pretrained.safetensors");
+    let sd: xvlm_model::checkpoint::StateDict = pretrained.state().into_iter().collect();
+    xvlm_model::checkpoint::write_safetensors(&sd, &checkpoint).expect("write checkpoint");
+    checkpoint
+}
+
+/// The value of metric `name`.
+pub fn metric(metrics: &[(String, f64)], name: &str) -> f64 {
+    metrics
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| *v)
+        .unwrap_or_else(|| panic!("no {name} in {metrics:?}"))
+}
+
+/// The closing metrics of a `finish` (an `evaluate: true` job scores its splits) of task `T` by every
+/// rank of a local TCP ring of `world` ranks writing to `output`; panics when the ranks disagree.
+pub fn finish_at_world<T: FinetuneTask>(
+    spec: &JobSpec,
+    world: usize,
+    output: &str,
+) -> Vec<(String, f64)> {
+    let ring = xvlm_worker::comm::ring::local_ring(world).expect("ring");
+    let metrics: Vec<Vec<(String, f64)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = ring
+            .into_iter()
+            .map(|comm| {
+                s.spawn(move || {
+                    let mut task = finetune_task::<T>(spec, &comm, output);
+                    task.finish(&comm).expect("evaluation")
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("rank"))
+            .collect()
+    });
+    for m in &metrics {
+        assert_eq!(m, &metrics[0], "ranks disagree at world {world}");
+    }
+    metrics.into_iter().next().expect("a rank")
 }

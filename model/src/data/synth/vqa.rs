@@ -81,7 +81,11 @@ fn annotators(rng: &mut ChaCha8Rng, truth: &str, asks: Asks) -> Vec<String> {
 
 /// Writes `vqa_train.json`, `vqa_val.json`, `vqa_test.json` and `answer_list.json` under `dir`.
 pub(super) fn write(dir: &Path, seed: u64, drawn: &[Drawn]) -> Result<(), DataError> {
-    for (split, file) in [(0, "vqa_train.json"), (1, "vqa_val.json"), (2, "vqa_test.json")] {
+    for (split, file) in [
+        (0, "vqa_train.json"),
+        (1, "vqa_val.json"),
+        (2, "vqa_test.json"),
+    ] {
         let mut rng = rng_for(seed, Purpose::Synth, &[VQA_STREAM, split as u64]);
         let mut items = Vec::new();
         for (i, d) in drawn.iter().enumerate().filter(|(_, d)| d.split == split) {

@@ -13,11 +13,13 @@
 //! epoch, item), ITM negatives and dropout from (seed, step, rank). A checkpoint holds the weights, the
 //! optimizer, the scheduler step and the stream cursor, so a resume at the same world size is exact.
 
+mod init;
 mod meta;
 pub mod nlvr;
 pub mod outputs;
 pub mod retrieval;
 mod stream;
+pub mod vqa;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

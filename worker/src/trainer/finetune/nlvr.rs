@@ -5,20 +5,18 @@
 //! scoring a contiguous share, the counts summed over the ranks: every example counts exactly once
 //! (the official `DistributedSampler` pads the last batch and counts a few examples twice).
 
-use std::sync::Arc;
-
 use tch::nn::{self, VarStore};
 use tch::{Device, Kind, Tensor};
-use xvlm_model::checkpoint::{adapt_for_finetune, load_state_dict, LoadOptions, StateDict};
+use xvlm_model::checkpoint::{adapt_for_finetune, StateDict};
 use xvlm_model::collective::{rank_slice, Collective};
 use xvlm_model::config::{FinetuneKeys, TaskConfig};
 use xvlm_model::data::finetune::loader::{load_batch, MapDataset};
 use xvlm_model::data::finetune::nlvr::{NlvrBatch, NlvrData, NlvrDataConfig};
-use xvlm_model::data::tokenizer::TextTokenizer;
 use xvlm_model::tasks::nlvr::double_cross_layers;
 use xvlm_model::tasks::NlvrModel;
 use xvlm_model::xvlm::{vision_config, ModelError};
 
+use super::init::{load_init_weights, task_tokenizer};
 use super::{FinetuneTask, Split};
 use crate::trainer::harness::setup::{other, read_init_checkpoint};
 use crate::trainer::task::{TaskContext, TaskError};
@@ -106,33 +104,10 @@ impl FinetuneTask for NlvrTask {
             layer_count(text.fusion_layer, "fusion_layer")?,
             layer_count(text.num_hidden_layers, "num_hidden_layers")?,
         );
-        // Non-strict as the official loader: the pre-training heads (ITC, ITM, MLM, box) are dropped
-        // and `cls_head` is new.
-        let opts = LoadOptions {
-            strict: false,
-            ignore: model
-                .core
-                .tied_aliases()
-                .into_iter()
-                .map(|(alias, _)| alias)
-                .collect(),
-        };
-        let report = load_state_dict(vs, &sd, &opts)
-            .map_err(|e| other(format!("init_checkpoint {url}: {e}")))?;
-        let missing: Vec<&String> = report
-            .missing
-            .iter()
-            .filter(|k| !k.starts_with("cls_head."))
-            .collect();
-        if let Some(first) = missing.first() {
-            return Err(other(format!(
-                "init_checkpoint {url} lacks {} weights of the NLVR2 model (e.g. {first}): not a \
-                 checkpoint of this config",
-                missing.len()
-            )));
-        }
-        tracing::info!(checkpoint = %url, %report, "loaded init_checkpoint for nlvr");
-        Ok(())
+        // The pre-training heads (ITC, ITM, MLM, box) are dropped and `cls_head` is new.
+        load_init_weights(vs, &sd, model.core.tied_aliases(), url, "NLVR2", |k| {
+            k.starts_with("cls_head.")
+        })
     }
 
     fn state_dict(model: &NlvrModel, vs: &VarStore) -> StateDict {
@@ -142,13 +117,7 @@ impl FinetuneTask for NlvrTask {
     fn load_data(task: &TaskConfig, ctx: &TaskContext<'_>) -> Result<(Self, NlvrData), TaskError> {
         let cfg = NlvrDataConfig::from_task_config(task).map_err(other)?;
         let keys = FinetuneKeys::from_task(task).map_err(other)?;
-        let vocab = task.vocab_dir().ok_or_else(|| {
-            other(format!(
-                "{}: missing key `text_encoder`",
-                task.source.display()
-            ))
-        })?;
-        let tokenizer = Arc::new(TextTokenizer::from_dir(&vocab, task.use_roberta).map_err(other)?);
+        let tokenizer = task_tokenizer(task)?;
         let train = NlvrData::train(&cfg, tokenizer.clone()).map_err(other)?;
         let val = NlvrData::eval(&cfg, &cfg.val_file, tokenizer.clone()).map_err(other)?;
         let test = NlvrData::eval(&cfg, &cfg.test_file, tokenizer).map_err(other)?;

@@ -92,6 +92,14 @@ impl Outputs {
         Ok(())
     }
 
+    /// Writes any JSON document (e.g. a task's prediction file) to `name`.
+    pub fn write_json(&self, name: &str, value: &impl Serialize) -> Result<(), TaskError> {
+        let json = serde_json::to_vec(value).map_err(other)?;
+        self.storage.put(name, json.into())?;
+        tracing::info!(url = self.storage.url_of(name), "results written");
+        Ok(())
+    }
+
     /// Writes the best weights, then their manifest.
     pub fn write_best(
         &self,

@@ -5,23 +5,22 @@
 //! the ranks (each encodes its slice; ITM re-scoring split across ranks), `r_mean` picks the best.
 
 use std::ops::Range;
-use std::sync::Arc;
 
 use tch::nn::{self, VarStore};
 use tch::{Device, Tensor};
-use xvlm_model::checkpoint::{adapt_for_finetune, load_state_dict, LoadOptions, StateDict};
+use xvlm_model::checkpoint::{adapt_for_finetune, StateDict};
 use xvlm_model::collective::Collective;
 use xvlm_model::config::TaskConfig;
 use xvlm_model::data::finetune::retrieval::{
     RetrievalData, RetrievalDataConfig, RetrievalEvalSet, RetrievalTrainBatch, RetrievalTrainData,
 };
-use xvlm_model::data::tokenizer::TextTokenizer;
 use xvlm_model::data::DataError;
 use xvlm_model::metrics::retrieval::GroundTruth;
 use xvlm_model::tasks::retrieval::eval::{RetrievalEvalConfig, RetrievalSource};
 use xvlm_model::tasks::retrieval::RetrievalModel;
 use xvlm_model::xvlm::{vision_config, ModelError};
 
+use super::init::{load_init_weights, task_tokenizer};
 use super::{FinetuneTask, Split};
 use crate::trainer::harness::setup::{other, read_init_checkpoint};
 use crate::trainer::task::{TaskContext, TaskError};
@@ -81,27 +80,10 @@ impl FinetuneTask for RetrievalTask {
         let vision = vision_config(task).map_err(other)?;
         adapt_for_finetune(&mut sd, &vision, true)
             .map_err(|e| other(format!("init_checkpoint {url}: {e}")))?;
-        // Non-strict as the official loader: the pre-training heads (MLM, box) are dropped.
-        let opts = LoadOptions {
-            strict: false,
-            ignore: model
-                .core
-                .tied_aliases()
-                .into_iter()
-                .map(|(alias, _)| alias)
-                .collect(),
-        };
-        let report = load_state_dict(vs, &sd, &opts)
-            .map_err(|e| other(format!("init_checkpoint {url}: {e}")))?;
-        if let Some(first) = report.missing.first() {
-            return Err(other(format!(
-                "init_checkpoint {url} lacks {} weights of the retrieval model (e.g. {first}): not a \
-                 checkpoint of this config",
-                report.missing.len()
-            )));
-        }
-        tracing::info!(checkpoint = %url, %report, "loaded init_checkpoint for retrieval");
-        Ok(())
+        // The pre-training heads (MLM, box) are dropped; every retrieval weight must be there.
+        load_init_weights(vs, &sd, model.core.tied_aliases(), url, "retrieval", |_| {
+            false
+        })
     }
 
     fn state_dict(model: &RetrievalModel, vs: &VarStore) -> StateDict {
@@ -113,13 +95,7 @@ impl FinetuneTask for RetrievalTask {
         ctx: &TaskContext<'_>,
     ) -> Result<(Self, RetrievalTrainData), TaskError> {
         let cfg = RetrievalDataConfig::from_task_config(task).map_err(other)?;
-        let vocab = task.vocab_dir().ok_or_else(|| {
-            other(format!(
-                "{}: missing key `text_encoder`",
-                task.source.display()
-            ))
-        })?;
-        let tokenizer = Arc::new(TextTokenizer::from_dir(&vocab, task.use_roberta).map_err(other)?);
+        let tokenizer = task_tokenizer(task)?;
         let data = RetrievalData::load(&cfg, tokenizer.clone()).map_err(other)?;
         let train = data.train_data(tokenizer).map_err(other)?;
         let eval = RetrievalEvalConfig::from_task(task).map_err(other)?;
