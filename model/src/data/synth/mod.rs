@@ -1,10 +1,13 @@
 //! A synthetic multi-grained corpus: images of coloured shapes at known boxes, captions determined by the
 //! content ("a red circle left of a blue square"), region annotations, in the official pre-training
 //! json-lines formats (several shards), plus fine-tuning files of the same images (retrieval
-//! train/val/test, grounding with boxes, NLVR2 statements about image pairs in [`nlvr`]) and a
-//! WordPiece `vocab.txt` that covers every word.
+//! train/val/test, grounding with boxes, NLVR2 statements about image pairs in [`nlvr`], VQA questions
+//! in [`vqa`], a RefCOCO+ split in the official REFER layouts in [`refcoco`]) and a WordPiece
+//! `vocab.txt` that covers every word.
 
 mod nlvr;
+mod pickle;
+mod refcoco;
 mod vqa;
 
 use std::io::Write;
@@ -224,7 +227,8 @@ pub struct SynthSummary {
 /// Write the corpus under `out`:
 /// `pretrain/image_text/part-*.jsonl`, `pretrain/regions/part-*.jsonl` (train split only, base64 images),
 /// `images/*.jpg`, `finetune/{retrieval_train,retrieval_val,retrieval_test,grounding_train,grounding_test}.json`,
-/// `finetune/nlvr_{train,dev,test}.json`,
+/// `finetune/nlvr_{train,dev,test}.json`, `finetune/{vqa_train,vqa_val,vqa_test,answer_list}.json`,
+/// `finetune/refcoco+_{train,val,test}.json` with `finetune/refcoco+/{refs(unc).p,instances.json,dets.json,cocos.json}`,
 /// `vocab.txt`, and `README.md`.
 pub fn generate(out: &Path, cfg: &SynthConfig) -> Result<SynthSummary, DataError> {
     if cfg.images < 10 || cfg.shards == 0 {
@@ -362,6 +366,7 @@ pub fn generate(out: &Path, cfg: &SynthConfig) -> Result<SynthSummary, DataError
     }
     nlvr::write(&ft_dir, cfg.seed, &drawn)?;
     vqa::write(&ft_dir, cfg.seed, &drawn)?;
+    refcoco::write(&ft_dir, cfg.seed, &drawn, cfg.width, cfg.height)?;
     write_file(&out.join("vocab.txt"), vocab().as_bytes())?;
     write_file(&out.join("pretrain_data.yaml"), data_yaml(out).as_bytes())?;
     let mut readme = Vec::new();
@@ -371,7 +376,11 @@ pub fn generate(out: &Path, cfg: &SynthConfig) -> Result<SynthSummary, DataError
          {}x{} JPEG.\nPre-training shards hold the train split only (base64 images); fine-tuning files \
          name images under `images/` (is_image_rpath with image root = this folder).\nGrounding boxes \
          are [x, y, w, h] pixels. `vocab.txt` is a WordPiece vocabulary covering every word; \
-         `pretrain_data.yaml` holds the official data keys for pre-training on it.",
+         `pretrain_data.yaml` holds the official data keys for pre-training on it.\nRefCOCO+ \
+         (official layouts): `finetune/refcoco+_{{train,val,test}}.json` name images under `images/`; \
+         `finetune/refcoco+/` holds `refs(unc).p` (REFER refs, splits train / val / testA / testB), \
+         `instances.json` (COCO boxes), `dets.json` (4 proposals per image: both shapes, 2 distractors) \
+         and `cocos.json` (set `refcoco_data` to `finetune`).",
         cfg.seed, cfg.width, cfg.height
     );
     write_file(&out.join("README.md"), &readme)?;
