@@ -95,3 +95,43 @@ pub fn rank_slice(n: usize, batch: usize, world: usize, rank: usize) -> Range<us
 pub fn rank_slices(n: usize, batch: usize, world: usize) -> Vec<Range<usize>> {
     (0..world).map(|r| rank_slice(n, batch, world, r)).collect()
 }
+
+/// Every rank's per-item results of a distributed evaluation, merged in item order: rank `r` computed
+/// `per_item` values for each item of `slices[r]` (its share, [`rank_slices`]) in `mine`. The shares are
+/// padded with `pad` to the longest (all_gather needs one shape everywhere) and the padding dropped.
+pub fn gather_shares<T: tch::kind::Element + Copy>(
+    comm: &dyn Collective,
+    slices: &[Range<usize>],
+    mut mine: Vec<T>,
+    per_item: usize,
+    pad: T,
+) -> Result<Vec<T>, CollectiveError> {
+    let failed = |reason: String| CollectiveError::Failed {
+        op: "gather_shares",
+        rank: comm.rank(),
+        reason,
+    };
+    let own = slices.get(comm.rank()).map_or(0, |s| s.len()) * per_item;
+    if mine.len() != own {
+        return Err(failed(format!(
+            "this rank's share holds {} values, its slice needs {own}",
+            mine.len()
+        )));
+    }
+    let width = slices.iter().map(|s| s.len()).max().unwrap_or(0) * per_item;
+    let mut merged = Vec::with_capacity(slices.iter().map(|s| s.len()).sum::<usize>() * per_item);
+    if width == 0 {
+        return Ok(merged);
+    }
+    mine.resize(width, pad);
+    let gathered = comm.all_gather(&Tensor::from_slice(&mine))?;
+    for (slice, t) in slices.iter().zip(&gathered) {
+        let values = Vec::<T>::try_from(t).map_err(|e| failed(e.to_string()))?;
+        let take = slice.len() * per_item;
+        let part = values
+            .get(..take)
+            .ok_or_else(|| failed(format!("a rank sent {} of {take} values", values.len())))?;
+        merged.extend_from_slice(part);
+    }
+    Ok(merged)
+}

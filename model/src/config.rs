@@ -555,6 +555,7 @@ const KNOWN_UNTYPED_KEYS: &[&str] = &[
     "finetune_transform",
     "vlue_test",
     "block_num",
+    "block_num_search",
     "label_smoothing",
     "apply_FG_free",
     "prompt",

@@ -595,6 +595,30 @@ mod tests {
         assert_eq!(TaskKind::from_name("dance"), None);
     }
 
+    /// Every example job of configs/jobs loads and validates, its config file exists.
+    #[test]
+    fn example_jobs_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/jobs");
+        let mut loaded = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+                continue;
+            }
+            let spec =
+                JobSpec::load(&path, &[]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            if let Some(config) = &spec.config {
+                assert!(
+                    Path::new(config).exists(),
+                    "{}: no {config}",
+                    path.display()
+                );
+            }
+            loaded += 1;
+        }
+        assert!(loaded >= 10, "only {loaded} jobs in {}", dir.display());
+    }
+
     /// A minimal smoke job loads with every default filled in.
     #[test]
     fn loads_defaults() {

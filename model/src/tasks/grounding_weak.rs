@@ -252,36 +252,89 @@ pub struct ExpressionEval {
     pub correct: bool,
 }
 
+/// The choice among one expression's proposals: its upsampled map, every proposal's score and the
+/// proposal with the best positive score (`None`: none was positive).
+#[derive(Debug)]
+pub struct ProposalChoice {
+    /// The upsampled map [height, width].
+    pub mask: Tensor,
+    /// Score per detection.
+    pub scores: Vec<f32>,
+    /// The chosen detection.
+    pub chosen: Option<usize>,
+}
+
+/// Upsamples an expression's map to its image and scores its proposals (the part of `grounding_eval`
+/// that needs only the expression itself, so ranks can run it on their shares).
+pub fn choose_proposal(e: &ExpressionInput) -> Result<ProposalChoice, ModelError> {
+    let mask = upsample_map(&e.gradcam, e.height, e.width)?;
+    let scores = detection_scores(&mask, &e.dets)?;
+    let chosen = choose_detection(&scores);
+    Ok(ProposalChoice {
+        mask,
+        scores,
+        chosen,
+    })
+}
+
+/// The box of an expression without a prediction: zero-sized, so its IoU with any box is 0.
+pub const NO_PREDICTION: [f64; 4] = [0.0; 4];
+
+/// The predicted box of each expression from its chosen proposal, in evaluation order: an expression
+/// whose proposals all scored <= 0 keeps the previous expression's prediction, as the official loop's
+/// `pred_box` variable does. The first expression has none to keep (the official code then fails on an
+/// undefined name): it gets [`NO_PREDICTION`], which overlaps nothing and counts as wrong.
+pub fn resolve_predictions<'a>(
+    choices: impl IntoIterator<Item = (Option<usize>, &'a [[f64; 4]])>,
+) -> Result<Vec<[f64; 4]>, ModelError> {
+    let mut boxes: Vec<[f64; 4]> = Vec::new();
+    for (n, (chosen, dets)) in choices.into_iter().enumerate() {
+        let pred = match (chosen, boxes.last()) {
+            (Some(i), _) => *dets.get(i).ok_or_else(|| {
+                ModelError::Input(format!(
+                    "expression {n}: chosen proposal {i} of {}",
+                    dets.len()
+                ))
+            })?,
+            (None, Some(prev)) => *prev,
+            (None, None) => NO_PREDICTION,
+        };
+        boxes.push(pred);
+    }
+    Ok(boxes)
+}
+
 /// `grounding_eval(results, dets, cocos, refer, alpha=0.5, mask_size=P)`: per-expression evaluations in
-/// order and the accuracy per split. As the official loop, an expression without a positive score keeps
-/// the previous prediction (an error for the first).
+/// order and the accuracy per split ([`choose_proposal`] on each, then [`resolve_predictions`]).
 pub fn grounding_eval(
     expressions: &[ExpressionInput],
 ) -> Result<(Vec<ExpressionEval>, GroundingAccuracy), ModelError> {
-    let mut evals: Vec<ExpressionEval> = Vec::with_capacity(expressions.len());
-    for (n, e) in expressions.iter().enumerate() {
-        let mask = upsample_map(&e.gradcam, e.height, e.width)?;
-        let scores = detection_scores(&mask, &e.dets)?;
-        let chosen = choose_detection(&scores);
-        let pred_box = match (chosen, evals.last()) {
-            (Some(i), _) => e.dets[i],
-            (None, Some(prev)) => prev.pred_box,
-            (None, None) => {
-                return Err(ModelError::Input(format!(
-                    "expression {n}: no detection scores above 0 and no earlier prediction"
-                )))
+    let choices = expressions
+        .iter()
+        .map(choose_proposal)
+        .collect::<Result<Vec<_>, _>>()?;
+    let boxes = resolve_predictions(
+        choices
+            .iter()
+            .zip(expressions)
+            .map(|(c, e)| (c.chosen, e.dets.as_slice())),
+    )?;
+    let evals: Vec<ExpressionEval> = choices
+        .into_iter()
+        .zip(expressions)
+        .zip(boxes)
+        .map(|((c, e), pred_box)| {
+            let iou = inclusive_iou(e.ref_box, pred_box);
+            ExpressionEval {
+                mask: c.mask,
+                scores: c.scores,
+                chosen: c.chosen,
+                pred_box,
+                iou,
+                correct: grounding::is_correct(iou),
             }
-        };
-        let iou = inclusive_iou(e.ref_box, pred_box);
-        evals.push(ExpressionEval {
-            mask,
-            scores,
-            chosen,
-            pred_box,
-            iou,
-            correct: grounding::is_correct(iou),
-        });
-    }
+        })
+        .collect();
     let accuracy = grounding::grounding_accuracy(
         expressions
             .iter()

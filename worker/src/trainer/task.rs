@@ -7,6 +7,8 @@ use xvlm_model::collective::{Collective, CollectiveError};
 use xvlm_proto::spec::{JobSpec, TaskKind};
 
 use super::batch::BatchPlan;
+use super::finetune::grounding::GroundingTask;
+use super::finetune::grounding_bbox::GroundingBboxTask;
 use super::finetune::nlvr::NlvrTask;
 use super::finetune::retrieval::RetrievalTask;
 use super::finetune::vqa::VqaTask;
@@ -162,6 +164,12 @@ const TASKS: &[(TaskKind, Builder)] = &[
     }),
     (TaskKind::Vqa, |ctx| {
         Ok(Box::new(FinetuneRunner::<VqaTask>::new(ctx)?))
+    }),
+    (TaskKind::Grounding, |ctx| {
+        Ok(Box::new(FinetuneRunner::<GroundingTask>::new(ctx)?))
+    }),
+    (TaskKind::GroundingBbox, |ctx| {
+        Ok(Box::new(FinetuneRunner::<GroundingBboxTask>::new(ctx)?))
     }),
 ];
 

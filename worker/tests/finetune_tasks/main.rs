@@ -4,5 +4,10 @@
 #[path = "../task_common/mod.rs"]
 mod task_common;
 
+mod grounding;
 mod nlvr;
 mod vqa;
+
+/// Training draws from libtorch's process-global generator (dropout, fresh weights): the training
+/// tests of this binary take turns.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());

@@ -7,21 +7,15 @@
 use std::path::Path;
 
 use crate::task_common::{
-    self, checkpointer, demo_config, demo_corpus, finetune_spec, finetune_task, finish_at_world,
-    hashes, metric, pretrained_checkpoint, run, train_saving,
+    self, checkpointer, demo_config, finetune_spec, finetune_task, finish_at_world, hashes, metric,
+    run, shared_pretrained, train_saving, SHARED_PRETRAIN_ITERATIONS,
 };
+use crate::SERIAL;
 use xvlm_model::collective::SingleProcess;
 use xvlm_model::metrics::vqa::majority_answer;
 use xvlm_worker::checkpoint::Storage;
 use xvlm_worker::trainer::finetune::vqa::VqaTask;
 use xvlm_worker::trainer::task::TrainTask;
-
-/// Pre-training iterations that make the starting checkpoint (one rank, 8 pairs per batch).
-const PRETRAIN_ITERATIONS: u64 = 120;
-
-/// Training draws from libtorch's process-global generator (dropout, fresh weights): the training
-/// tests of this file take turns.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// The percentage of `file`'s questions whose majority answer is the split's most frequent one.
 fn majority_baseline(file: &Path) -> (f64, String, usize) {
@@ -48,24 +42,14 @@ fn majority_baseline(file: &Path) -> (f64, String, usize) {
 fn vqa_fine_tuning_doubles_the_majority_baseline() {
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().expect("tempdir");
-    let data = demo_corpus(dir.path());
+    let (data, checkpoint, pretrain_secs) = shared_pretrained();
     let (baseline, majority, questions) = majority_baseline(&data.join("finetune/vqa_val.json"));
-
     let started = std::time::Instant::now();
-    // No dropout anywhere: the other tests of this binary build fresh models from libtorch's global
-    // generator at the same time, and draws from it here would change their weights.
-    let checkpoint = pretrained_checkpoint(
-        dir.path(),
-        &data,
-        PRETRAIN_ITERATIONS,
-        r#","overrides":{"xvlm":{"dropout":false}}"#,
-    );
-    let pretrain_secs = started.elapsed().as_secs_f64();
 
     let config = demo_config(
         dir.path(),
         "VQA_demo.yaml",
-        &data,
+        data,
         &[("epochs: 3", "epochs: 4")],
     );
     let job = finetune_spec(
@@ -98,10 +82,10 @@ fn vqa_fine_tuning_doubles_the_majority_baseline() {
         val_metric("val.vqa_challenge_acc"),
     );
     println!(
-        "pre-training {PRETRAIN_ITERATIONS} iterations: {pretrain_secs:.0}s; fine-tuning {total} \
+        "pre-training {SHARED_PRETRAIN_ITERATIONS} iterations: {pretrain_secs:.0}s; fine-tuning {total} \
          steps: {:.0}s; held-out VQA on {questions} questions: exact {:.1} %, challenge {:.1} %, \
          majority answer {majority:?} {:.1} %",
-        started.elapsed().as_secs_f64() - pretrain_secs,
+        started.elapsed().as_secs_f64(),
         acc,
         challenge,
         baseline,

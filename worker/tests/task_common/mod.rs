@@ -381,3 +381,27 @@ pub fn finish_at_world<T: FinetuneTask>(
     }
     metrics.into_iter().next().expect("a rank")
 }
+
+/// Pre-training iterations of [`shared_pretrained`]'s checkpoint (one rank, 8 pairs per batch).
+pub const SHARED_PRETRAIN_ITERATIONS: u64 = 120;
+
+/// The demo corpus and a starting checkpoint pre-trained on it without dropout
+/// ([`SHARED_PRETRAIN_ITERATIONS`]), made once per test binary: (data folder, checkpoint, seconds
+/// the pre-training took). No dropout, so making it draws nothing from libtorch's global generator
+/// that another test of the binary is using.
+pub fn shared_pretrained() -> &'static (PathBuf, PathBuf, f64) {
+    static SHARED: std::sync::OnceLock<(PathBuf, PathBuf, f64)> = std::sync::OnceLock::new();
+    SHARED.get_or_init(|| {
+        // Kept for the whole binary: the tests read from it until the process exits.
+        let dir = Box::leak(Box::new(tempfile::tempdir().expect("tempdir")));
+        let data = demo_corpus(dir.path());
+        let started = std::time::Instant::now();
+        let checkpoint = pretrained_checkpoint(
+            dir.path(),
+            &data,
+            SHARED_PRETRAIN_ITERATIONS,
+            r#","overrides":{"xvlm":{"dropout":false}}"#,
+        );
+        (data, checkpoint, started.elapsed().as_secs_f64())
+    })
+}

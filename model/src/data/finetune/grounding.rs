@@ -16,6 +16,7 @@ use super::config::{self, one_or_many, Resolver};
 use super::images::{self, GroundingTrainTransform, ImageAt, ImageTransform};
 use super::loader::MapDataset;
 use super::refer::Refer;
+use super::retrieval::RetrievalTrainBatch;
 use super::source::ImageRoot;
 use super::text::{encode_batch, Padding};
 use crate::data::caption::pre_caption;
@@ -72,6 +73,11 @@ impl GroundingDataConfig {
         cfg.det_file = cfg.det_file.map(|f| resolver.resolve(&f));
         cfg.image_root = resolver.resolve(&cfg.image_root);
         Ok(cfg)
+    }
+
+    /// The keys of a loaded task config (names relative to its file).
+    pub fn from_task_config(cfg: &crate::config::TaskConfig) -> Result<Self, DataError> {
+        Self::from_yaml(&config::task_value(cfg)?, &Resolver::Task(cfg))
     }
 
     /// Reads a task YAML file (names relative to its folder).
@@ -260,19 +266,6 @@ pub fn stack_targets(targets: &[[f32; 4]]) -> Tensor {
     Tensor::from_slice(&flat).view([targets.len() as i64, 4])
 }
 
-/// A collated weakly supervised grounding train batch (retrieval-style: ITC / ITM with `idx`).
-#[derive(Debug)]
-pub struct GroundingTrainBatch {
-    /// `[B, 3, R, R]`.
-    pub image: Tensor,
-    /// `[B, L]` padding longest (truncated to `truncate_to` when set).
-    pub text_ids: Tensor,
-    /// `[B, L]`.
-    pub text_atts: Tensor,
-    /// `[B]` int64 image ids (by file name).
-    pub idx: Tensor,
-}
-
 /// The weak grounding train split as a map-style dataset (`Resize → flip → RandomAugment`).
 pub struct GroundingTrainData {
     /// The expressions.
@@ -303,7 +296,9 @@ impl GroundingTrainData {
 
 impl MapDataset for GroundingTrainData {
     type Item = (usize, Vec<f32>);
-    type Batch = GroundingTrainBatch;
+    // The weak task trains the retrieval model (Grounding.py uses models/model_retrieval.py): its
+    // batches are retrieval batches with `idx` numbering image file names.
+    type Batch = RetrievalTrainBatch;
 
     fn len(&self) -> usize {
         self.entries.len()
@@ -313,11 +308,11 @@ impl MapDataset for GroundingTrainData {
         Ok((index, self.transform.load(rng, &self.entries[index].image)?))
     }
 
-    fn collate(&self, items: Vec<Self::Item>) -> Result<GroundingTrainBatch, DataError> {
+    fn collate(&self, items: Vec<Self::Item>) -> Result<RetrievalTrainBatch, DataError> {
         let entries: Vec<&GroundingEntry> = items.iter().map(|(i, _)| &self.entries[*i]).collect();
         let text = encode_texts(&self.tokenizer, &entries, self.truncate_to)?;
         let images: Vec<Vec<f32>> = items.into_iter().map(|(_, im)| im).collect();
-        Ok(GroundingTrainBatch {
+        Ok(RetrievalTrainBatch {
             image: images::stack(&images, self.transform.res()),
             text_ids: text.ids,
             text_atts: text.atts,

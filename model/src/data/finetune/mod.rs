@@ -5,11 +5,13 @@
 //! Layout: `source` (paths / URLs, reading files), `config` (task YAML data keys), `annotations` (JSON
 //! layouts), `refer` (RefCOCO+ boxes from the REFER files), `text` (tokenization: padding, truncation),
 //! `images` (transforms, stacking), `sampler` (permutation, cursor, slices), `loader` (threads), and the
-//! tasks `retrieval`, `vqa`, `nlvr`, `grounding`. See the fine-tuning section of `../README.md`.
+//! tasks `retrieval`, `vqa`, `nlvr`, `grounding` (training) and `grounding_eval` (the
+//! evaluation expressions with their boxes, image sizes and proposals). See the fine-tuning section of `../README.md`.
 
 pub mod annotations;
 pub mod config;
 pub mod grounding;
+pub mod grounding_eval;
 pub mod images;
 pub mod loader;
 pub mod nlvr;

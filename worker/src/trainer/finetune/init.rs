@@ -4,12 +4,26 @@
 use std::sync::Arc;
 
 use tch::nn::VarStore;
-use xvlm_model::checkpoint::{load_state_dict, LoadOptions, StateDict};
+use xvlm_model::checkpoint::{adapt_for_finetune, load_state_dict, LoadOptions, StateDict};
 use xvlm_model::config::TaskConfig;
 use xvlm_model::data::tokenizer::TextTokenizer;
+use xvlm_model::xvlm::vision_config;
 
-use crate::trainer::harness::setup::other;
+use crate::trainer::harness::setup::{other, read_init_checkpoint};
 use crate::trainer::task::TaskError;
+
+/// Reads `init_checkpoint` and adapts it as `xvlm.py:load_pretrained(..., load_text=True)` does (vision
+/// position information resized to the task's images, `bert.` dropped from text-encoder keys).
+pub(crate) fn read_finetune_checkpoint(
+    task: &TaskConfig,
+    url: &str,
+) -> Result<StateDict, TaskError> {
+    let mut sd = read_init_checkpoint(url)?;
+    let vision = vision_config(task).map_err(other)?;
+    adapt_for_finetune(&mut sd, &vision, true)
+        .map_err(|e| other(format!("init_checkpoint {url}: {e}")))?;
+    Ok(sd)
+}
 
 /// Loads `sd` (already in the task model's layout) into `vs` non-strictly, skipping the tied `aliases`;
 /// a model weight the checkpoint lacks is an error naming `url`, unless `may_be_new` allows it (the

@@ -13,6 +13,8 @@
 //! epoch, item), ITM negatives and dropout from (seed, step, rank). A checkpoint holds the weights, the
 //! optimizer, the scheduler step and the stream cursor, so a resume at the same world size is exact.
 
+pub mod grounding;
+pub mod grounding_bbox;
 mod init;
 mod meta;
 pub mod nlvr;
@@ -29,7 +31,7 @@ use tch::{Device, Tensor};
 use xvlm_model::checkpoint::StateDict;
 use xvlm_model::collective::Collective;
 use xvlm_model::config::{FinetuneKeys, TaskConfig};
-use xvlm_model::data::finetune::loader::MapDataset;
+use xvlm_model::data::finetune::loader::{load_batch, MapDataset};
 use xvlm_model::data::finetune::sampler::TrainCursor;
 use xvlm_model::optim::named_trainable_params;
 use xvlm_model::train::finetune::{finetune_schedule, FinetuneModel, FinetuneTrainer};
@@ -352,6 +354,23 @@ fn prefixed(split: Split, metrics: Vec<(String, f64)>, epoch: u64) -> Vec<(Strin
         .collect();
     out.push((format!("{}.epoch", split.as_str()), epoch as f64));
     out
+}
+
+/// Loads the evaluation share `share` of `set` in whole batches of `batch` (test mode: epoch 0, so the
+/// same items in the same batches at every world size) and hands each to `score` with its indices.
+fn score_in_batches<D: MapDataset>(
+    set: &D,
+    share: std::ops::Range<usize>,
+    batch: usize,
+    seed: u64,
+    mut score: impl FnMut(&[usize], D::Batch) -> Result<(), TaskError>,
+) -> Result<(), TaskError> {
+    let indices: Vec<usize> = share.collect();
+    for chunk in indices.chunks(batch.max(1)) {
+        let loaded = load_batch(set, chunk, 0, seed, loader_threads()).map_err(other)?;
+        score(chunk, loaded)?;
+    }
+    Ok(())
 }
 
 /// Threads loading a batch's images: `XVLM_LOADER_THREADS`, else 2.

@@ -7,18 +7,18 @@
 
 use tch::nn::{self, VarStore};
 use tch::{Device, Kind, Tensor};
-use xvlm_model::checkpoint::{adapt_for_finetune, StateDict};
+use xvlm_model::checkpoint::StateDict;
 use xvlm_model::collective::{rank_slice, Collective};
 use xvlm_model::config::{FinetuneKeys, TaskConfig};
-use xvlm_model::data::finetune::loader::{load_batch, MapDataset};
+use xvlm_model::data::finetune::loader::MapDataset;
 use xvlm_model::data::finetune::nlvr::{NlvrBatch, NlvrData, NlvrDataConfig};
 use xvlm_model::tasks::nlvr::double_cross_layers;
 use xvlm_model::tasks::NlvrModel;
-use xvlm_model::xvlm::{vision_config, ModelError};
+use xvlm_model::xvlm::ModelError;
 
-use super::init::{load_init_weights, task_tokenizer};
+use super::init::{load_init_weights, read_finetune_checkpoint, task_tokenizer};
 use super::{FinetuneTask, Split};
-use crate::trainer::harness::setup::{other, read_init_checkpoint};
+use crate::trainer::harness::setup::other;
 use crate::trainer::task::{TaskContext, TaskError};
 
 /// The NLVR2 task of one rank: its evaluation splits.
@@ -28,7 +28,6 @@ pub struct NlvrTask {
     batch_size_test: usize,
     seed: u64,
     device: Device,
-    threads: usize,
 }
 
 impl NlvrTask {
@@ -43,10 +42,8 @@ impl NlvrTask {
         // size, so the predictions (and the accuracy) are identical at world 1, 2, 4.
         let batch = self.batch_size_test.max(1);
         let share = rank_slice(set.len(), batch, comm.world_size(), comm.rank());
-        let indices: Vec<usize> = share.collect();
         let (mut correct, mut scored) = (0i64, 0i64);
-        for chunk in indices.chunks(batch) {
-            let batch = load_batch(set, chunk, 0, self.seed, self.threads).map_err(other)?;
+        super::score_in_batches(set, share, batch, self.seed, |chunk, batch| {
             let batch = to_device(batch, self.device);
             let images = Tensor::cat(&[&batch.image0, &batch.image1], 0);
             let pred = tch::no_grad(|| {
@@ -60,7 +57,8 @@ impl NlvrTask {
                 .sum(Kind::Int64)
                 .int64_value(&[]);
             scored += chunk.len() as i64;
-        }
+            Ok(())
+        })?;
         Ok((correct, scored))
     }
 }
@@ -91,10 +89,7 @@ impl FinetuneTask for NlvrTask {
         task: &TaskConfig,
         url: &str,
     ) -> Result<(), TaskError> {
-        let mut sd = read_init_checkpoint(url)?;
-        let vision = vision_config(task).map_err(other)?;
-        adapt_for_finetune(&mut sd, &vision, true)
-            .map_err(|e| other(format!("init_checkpoint {url}: {e}")))?;
+        let mut sd = read_finetune_checkpoint(task, url)?;
         let text = task.load_text_config().map_err(other)?;
         let layer_count = |v: i64, what: &str| {
             usize::try_from(v).map_err(|_| other(format!("text config: {what} {v} is negative")))
@@ -128,7 +123,6 @@ impl FinetuneTask for NlvrTask {
                 batch_size_test: keys.batch_size_test,
                 seed: ctx.spec.seed,
                 device: ctx.device,
-                threads: super::loader_threads(),
             },
             train,
         ))

@@ -8,7 +8,7 @@ use std::ops::Range;
 
 use tch::nn::{self, VarStore};
 use tch::{Device, Tensor};
-use xvlm_model::checkpoint::{adapt_for_finetune, StateDict};
+use xvlm_model::checkpoint::StateDict;
 use xvlm_model::collective::Collective;
 use xvlm_model::config::TaskConfig;
 use xvlm_model::data::finetune::retrieval::{
@@ -18,11 +18,11 @@ use xvlm_model::data::DataError;
 use xvlm_model::metrics::retrieval::GroundTruth;
 use xvlm_model::tasks::retrieval::eval::{RetrievalEvalConfig, RetrievalSource};
 use xvlm_model::tasks::retrieval::RetrievalModel;
-use xvlm_model::xvlm::{vision_config, ModelError};
+use xvlm_model::xvlm::ModelError;
 
-use super::init::{load_init_weights, task_tokenizer};
+use super::init::{load_init_weights, read_finetune_checkpoint, task_tokenizer};
 use super::{FinetuneTask, Split};
-use crate::trainer::harness::setup::{other, read_init_checkpoint};
+use crate::trainer::harness::setup::other;
 use crate::trainer::task::{TaskContext, TaskError};
 
 /// The retrieval task of one rank: its evaluation splits.
@@ -60,6 +60,16 @@ impl RetrievalSource for EvalSource<'_> {
     }
 }
 
+/// A retrieval batch moved to `device` (also the weak grounding task's batches).
+pub(super) fn to_device(batch: RetrievalTrainBatch, device: Device) -> RetrievalTrainBatch {
+    RetrievalTrainBatch {
+        image: batch.image.to_device(device),
+        text_ids: batch.text_ids.to_device(device),
+        text_atts: batch.text_atts.to_device(device),
+        idx: batch.idx.to_device(device),
+    }
+}
+
 impl FinetuneTask for RetrievalTask {
     type Model = RetrievalModel;
     type Data = RetrievalTrainData;
@@ -76,10 +86,7 @@ impl FinetuneTask for RetrievalTask {
         task: &TaskConfig,
         url: &str,
     ) -> Result<(), TaskError> {
-        let mut sd = read_init_checkpoint(url)?;
-        let vision = vision_config(task).map_err(other)?;
-        adapt_for_finetune(&mut sd, &vision, true)
-            .map_err(|e| other(format!("init_checkpoint {url}: {e}")))?;
+        let sd = read_finetune_checkpoint(task, url)?;
         // The pre-training heads (MLM, box) are dropped; every retrieval weight must be there.
         load_init_weights(vs, &sd, model.core.tied_aliases(), url, "retrieval", |_| {
             false
@@ -112,12 +119,7 @@ impl FinetuneTask for RetrievalTask {
     }
 
     fn to_device(batch: RetrievalTrainBatch, device: Device) -> RetrievalTrainBatch {
-        RetrievalTrainBatch {
-            image: batch.image.to_device(device),
-            text_ids: batch.text_ids.to_device(device),
-            text_atts: batch.text_atts.to_device(device),
-            idx: batch.idx.to_device(device),
-        }
+        to_device(batch, device)
     }
 
     fn evaluate(

@@ -21,7 +21,7 @@ use tch::nn::{self, VarStore};
 use tch::{Device, Tensor};
 use xvlm_model::checkpoint::official::vqa_init_state_dict;
 use xvlm_model::checkpoint::{adapt_for_finetune, StateDict};
-use xvlm_model::collective::{rank_slices, Collective};
+use xvlm_model::collective::{gather_shares, rank_slices, Collective};
 use xvlm_model::config::{FinetuneKeys, TaskConfig};
 use xvlm_model::data::finetune::annotations::{self, read_items};
 use xvlm_model::data::finetune::config::{one_or_many, parse_keys, task_value, Resolver};
@@ -345,20 +345,7 @@ impl FinetuneTask for VqaTask {
         let n = set.entries.len();
         let slices = rank_slices(n, self.batch_size_test.max(1), comm.world_size());
         let mine = self.answer_share(model, set, slices[comm.rank()].clone())?;
-        // all_gather needs one shape on every rank: each share padded to the longest with -1.
-        let width = slices.iter().map(|s| s.len()).max().unwrap_or(0);
-        let mut chosen: Vec<i64> = Vec::with_capacity(n);
-        if width > 0 {
-            let mut padded = mine;
-            padded.resize(width, -1);
-            let gathered = comm
-                .all_gather(&Tensor::from_slice(&padded))
-                .map_err(other)?;
-            for (slice, t) in slices.iter().zip(&gathered) {
-                let v = Vec::<i64>::try_from(t).map_err(other)?;
-                chosen.extend_from_slice(&v[..slice.len()]);
-            }
-        }
+        let chosen = gather_shares(comm, &slices, mine, 1, -1i64).map_err(other)?;
         let mut results = Vec::with_capacity(n);
         for (entry, &a) in set.entries.iter().zip(&chosen) {
             let answer = usize::try_from(a)
