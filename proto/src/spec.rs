@@ -64,11 +64,15 @@ pub enum TaskKind {
     Grounding,
     /// Referring-expression grounding with box regression.
     GroundingBbox,
+    /// NLVR2 domain pre-training (text-to-images alignment, `NLVR_pretrain.py`).
+    NlvrPretrain,
+    /// Box-grounding domain pre-training on region data (`Grounding_bbox_pretrain.py`).
+    GroundingBboxPretrain,
 }
 
 impl TaskKind {
     /// Every task, in declaration order.
-    pub const ALL: [TaskKind; 7] = [
+    pub const ALL: [TaskKind; 9] = [
         TaskKind::Smoke,
         TaskKind::Pretrain,
         TaskKind::Retrieval,
@@ -76,6 +80,8 @@ impl TaskKind {
         TaskKind::Nlvr,
         TaskKind::Grounding,
         TaskKind::GroundingBbox,
+        TaskKind::NlvrPretrain,
+        TaskKind::GroundingBboxPretrain,
     ];
 
     /// The task named `name` as job.yaml spells it ([`TaskKind::as_str`]); `None` for any other name.
@@ -93,6 +99,8 @@ impl TaskKind {
             TaskKind::Nlvr => "nlvr",
             TaskKind::Grounding => "grounding",
             TaskKind::GroundingBbox => "grounding_bbox",
+            TaskKind::NlvrPretrain => "nlvr_pretrain",
+            TaskKind::GroundingBboxPretrain => "grounding_bbox_pretrain",
         }
     }
 }

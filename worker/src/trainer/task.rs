@@ -9,7 +9,9 @@ use xvlm_proto::spec::{JobSpec, TaskKind};
 use super::batch::BatchPlan;
 use super::finetune::grounding::GroundingTask;
 use super::finetune::grounding_bbox::GroundingBboxTask;
+use super::finetune::grounding_bbox_pretrain::GroundingBboxPretrainTask;
 use super::finetune::nlvr::NlvrTask;
+use super::finetune::nlvr_pretrain::NlvrPretrainTask;
 use super::finetune::retrieval::RetrievalTask;
 use super::finetune::vqa::VqaTask;
 use super::finetune::FinetuneRunner;
@@ -170,6 +172,14 @@ const TASKS: &[(TaskKind, Builder)] = &[
     }),
     (TaskKind::GroundingBbox, |ctx| {
         Ok(Box::new(FinetuneRunner::<GroundingBboxTask>::new(ctx)?))
+    }),
+    (TaskKind::NlvrPretrain, |ctx| {
+        Ok(Box::new(FinetuneRunner::<NlvrPretrainTask>::new(ctx)?))
+    }),
+    (TaskKind::GroundingBboxPretrain, |ctx| {
+        Ok(Box::new(FinetuneRunner::<GroundingBboxPretrainTask>::new(
+            ctx,
+        )?))
     }),
 ];
 

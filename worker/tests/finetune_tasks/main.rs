@@ -4,6 +4,7 @@
 #[path = "../task_common/mod.rs"]
 mod task_common;
 
+mod domain_pretrain;
 mod grounding;
 mod nlvr;
 mod vqa;

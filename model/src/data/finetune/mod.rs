@@ -13,6 +13,7 @@ pub mod config;
 pub mod grounding;
 pub mod grounding_eval;
 pub mod images;
+pub mod jsonl;
 pub mod loader;
 pub mod nlvr;
 pub mod refer;

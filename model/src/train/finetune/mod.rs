@@ -5,8 +5,10 @@
 //! A task plugs in by implementing [`FinetuneModel`] for its model (its batch type, loss names, the
 //! `init_params` that get `lr × lr_mult`); the step, the schedule and the derived randomness are shared.
 
+mod bbox_pretrain;
 mod grounding_bbox;
 mod nlvr;
+mod nlvr_pretrain;
 mod retrieval;
 mod vqa;
 

@@ -15,9 +15,11 @@
 
 pub mod grounding;
 pub mod grounding_bbox;
+pub mod grounding_bbox_pretrain;
 mod init;
 mod meta;
 pub mod nlvr;
+pub mod nlvr_pretrain;
 pub mod outputs;
 pub mod retrieval;
 mod stream;
@@ -35,6 +37,7 @@ use xvlm_model::data::finetune::loader::{load_batch, MapDataset};
 use xvlm_model::data::finetune::sampler::TrainCursor;
 use xvlm_model::optim::named_trainable_params;
 use xvlm_model::train::finetune::{finetune_schedule, FinetuneModel, FinetuneTrainer};
+use xvlm_model::train::{mixed_precision_of, EngineSettings, TrainSettings};
 use xvlm_model::xvlm::ModelError;
 
 use super::harness::losses::mean_over_ranks;
@@ -74,6 +77,18 @@ pub trait FinetuneTask: Sized + 'static {
     /// The validation metric that picks the best checkpoint (higher is better).
     const BEST_METRIC: &'static str;
 
+    /// Items per rank in a training step (the runner's `batch_size_train`). Default: the config's
+    /// `batch_size_train`, else `batch_size`, as the official fine-tune scripts read them.
+    fn train_batch_size(task: &TaskConfig) -> Result<usize, TaskError> {
+        FinetuneKeys::from_task(task)
+            .map(|k| k.batch_size_train)
+            .map_err(other)
+    }
+    /// How the optimizer engine runs the updates on `device`. Default: as every official fine-tune
+    /// loop, fp32 without clipping.
+    fn engine_settings(_task: &TaskConfig, _device: Device) -> EngineSettings {
+        EngineSettings::default()
+    }
     /// Builds the model under `root` from the task config.
     fn build_model(root: &nn::Path, task: &TaskConfig) -> Result<Self::Model, ModelError>;
     /// Loads `init_checkpoint` into `vs` the way the official fine-tune loader does.
@@ -132,7 +147,7 @@ impl<T: FinetuneTask> FinetuneRunner<T> {
     /// data, the stream and the trainer of this rank.
     pub fn new(ctx: &TaskContext<'_>) -> Result<Self, TaskError> {
         let task_cfg = load_task_config(ctx)?;
-        let keys = FinetuneKeys::from_task(&task_cfg).map_err(other)?;
+        let batch_size_train = T::train_batch_size(&task_cfg)?;
         let seed = ctx.spec.seed;
         let vs = VarStore::new(ctx.device);
         let model = build_seeded(seed, || {
@@ -148,7 +163,7 @@ impl<T: FinetuneTask> FinetuneRunner<T> {
         // The trainer borrows the model for its whole life, and the runner lives until the trainer
         // process exits: one leaked model per process is the simplest owner.
         let model: &'static T::Model = Box::leak(Box::new(model));
-        let plan = ctx.batch_plan(keys.batch_size_train);
+        let plan = ctx.batch_plan(batch_size_train);
         let reference_world = plan.global / plan.local;
         let threads = loader_threads();
         let stream = StepBatches::start(
@@ -161,7 +176,7 @@ impl<T: FinetuneTask> FinetuneRunner<T> {
         let schedule = finetune_schedule(
             &task_cfg,
             data.len() as u64,
-            keys.batch_size_train,
+            batch_size_train,
             reference_world,
         )
         .map_err(other)?;
@@ -173,7 +188,7 @@ impl<T: FinetuneTask> FinetuneRunner<T> {
         } else {
             ctx.spec.steps.unwrap_or(planned)
         };
-        let trainer = FinetuneTrainer::new(
+        let mut trainer = FinetuneTrainer::new(
             model,
             named_trainable_params(&vs),
             &task_cfg,
@@ -182,6 +197,9 @@ impl<T: FinetuneTask> FinetuneRunner<T> {
             task_cfg.xvlm.dropout,
         )
         .map_err(other)?;
+        trainer
+            .engine_mut()
+            .set_settings(T::engine_settings(&task_cfg, ctx.device));
         tracing::info!(
             task = T::NAME,
             rank = ctx.rank,
@@ -344,6 +362,15 @@ impl<T: FinetuneTask> FinetuneRunner<T> {
         );
         Ok(())
     }
+}
+
+/// The engine settings of the official apex scripts (`Pretrain.py` and the `*_pretrain.py` domain
+/// pre-trainings): the config's `CLIP_GRAD_NORM`, and `FP16_OPT_LEVEL` O1 as autocast with dynamic loss
+/// scaling on CUDA (fp32 with a warning on a CPU run).
+pub fn apex_engine_settings(task: &TaskConfig, device: Device) -> EngineSettings {
+    let mut settings = TrainSettings::from_task(task);
+    settings.mixed_precision = mixed_precision_of(task, device);
+    settings.engine()
 }
 
 /// `{split}.{name}` metrics plus the epoch they belong to.

@@ -73,6 +73,21 @@ fn to_device(batch: NlvrBatch, device: Device) -> NlvrBatch {
     }
 }
 
+/// `sd` (a general checkpoint or one already in the NLVR2 layout) in the doubled cross-layer layout
+/// of `task`'s text config (`model_nlvr.py:load_pretrained`, shared by the NLVR2 pre-training).
+pub(super) fn into_nlvr_layout(task: &TaskConfig, sd: &mut StateDict) -> Result<(), TaskError> {
+    let text = task.load_text_config().map_err(other)?;
+    let layer_count = |v: i64, what: &str| {
+        usize::try_from(v).map_err(|_| other(format!("text config: {what} {v} is negative")))
+    };
+    double_cross_layers(
+        sd,
+        layer_count(text.fusion_layer, "fusion_layer")?,
+        layer_count(text.num_hidden_layers, "num_hidden_layers")?,
+    );
+    Ok(())
+}
+
 impl FinetuneTask for NlvrTask {
     type Model = NlvrModel;
     type Data = NlvrData;
@@ -90,15 +105,7 @@ impl FinetuneTask for NlvrTask {
         url: &str,
     ) -> Result<(), TaskError> {
         let mut sd = read_finetune_checkpoint(task, url)?;
-        let text = task.load_text_config().map_err(other)?;
-        let layer_count = |v: i64, what: &str| {
-            usize::try_from(v).map_err(|_| other(format!("text config: {what} {v} is negative")))
-        };
-        double_cross_layers(
-            &mut sd,
-            layer_count(text.fusion_layer, "fusion_layer")?,
-            layer_count(text.num_hidden_layers, "num_hidden_layers")?,
-        );
+        into_nlvr_layout(task, &mut sd)?;
         // The pre-training heads (ITC, ITM, MLM, box) are dropped and `cls_head` is new.
         load_init_weights(vs, &sd, model.core.tied_aliases(), url, "NLVR2", |k| {
             k.starts_with("cls_head.")
