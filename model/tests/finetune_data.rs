@@ -556,6 +556,104 @@ fn hostile_vqa_and_grounding_items_name_file_and_item() {
     );
 }
 
+/// RefCOCO+ evaluation inputs that the grounding evaluation cannot score (an expression whose
+/// `ref_id` is unknown or in a training split, a box outside its image, an image without proposals
+/// in `dets.json`, a `NaN` proposal as Python's `json.dump` writes it, a missing image): each is an
+/// error naming the file, and the item where there is one, before any scoring starts.
+#[test]
+fn hostile_grounding_eval_inputs_name_file_and_item() {
+    use xvlm_model::data::finetune::grounding::GroundingDataConfig;
+    use xvlm_model::data::finetune::grounding_eval::GroundingEvalData;
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = case_dir().join("data/refcoco+");
+    let refer_dir = tmp.path().join("refcoco+");
+    std::fs::create_dir_all(&refer_dir).unwrap();
+    std::fs::copy(fixture.join("refs(unc).p"), refer_dir.join("refs(unc).p")).unwrap();
+    let instances: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture.join("instances.json")).unwrap()).unwrap();
+    std::fs::write(refer_dir.join("instances.json"), instances.to_string()).unwrap();
+    let dets = fixture.join("dets.json").display().to_string();
+    let val = json!({"image": "coco/alpha_d.png", "text": "cat on the table", "ref_id": 43});
+    let config = |test_file: &str, det_file: &str| GroundingDataConfig {
+        train_file: Vec::new(),
+        test_file: vec![test_file.to_string()],
+        refcoco_data: Some(tmp.path().display().to_string()),
+        det_file: Some(det_file.to_string()),
+        image_root: case_dir().join("images").display().to_string(),
+        image_res: 32,
+        max_tokens: 40,
+        careful_hflip: true,
+        max_words: 30,
+    };
+    let load = |cfg: &GroundingDataConfig| GroundingEvalData::load(cfg, tokenizer(), true);
+    let good = write(tmp.path(), "good.json", &json!([val]).to_string());
+    assert_eq!(
+        load(&config(&good, &dets))
+            .expect("the fixture's val split")
+            .items
+            .len(),
+        1
+    );
+
+    let item_cases = [
+        (
+            json!({"image": "coco/alpha_d.png", "text": "a dog", "ref_id": 99}),
+            "ref_id 99 is not in",
+        ),
+        (
+            json!({"image": "coco/img_a.jpg", "text": "a dog", "ref_id": 40}),
+            "not one of val / testA / testB",
+        ),
+        (
+            json!({"image": "coco/nope.png", "text": "a dog", "ref_id": 43}),
+            "nope.png",
+        ),
+    ];
+    for (item, why) in item_cases {
+        let file = write(tmp.path(), "val.json", &json!([val, item]).to_string());
+        let (f, i, reason) = annotation_error(load(&config(&file, &dets)).err().expect("refused"));
+        assert_eq!((f, i), (file, Some(1)), "{reason}");
+        assert!(reason.contains(why), "{reason}");
+    }
+
+    let mut without_703: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture.join("dets.json")).unwrap()).unwrap();
+    without_703.as_object_mut().unwrap().remove("703");
+    let no_proposals = write(tmp.path(), "dets.json", &without_703.to_string());
+    let (f, i, reason) =
+        annotation_error(load(&config(&good, &no_proposals)).err().expect("refused"));
+    assert_eq!((f, i), (good.clone(), Some(0)));
+    assert!(
+        reason.contains("has no proposals in") && reason.contains(&no_proposals),
+        "{reason}"
+    );
+
+    let nan = write(
+        tmp.path(),
+        "dets_nan.json",
+        r#"{"703": [[1.0, NaN, 3.0, 4.0]]}"#,
+    );
+    let msg = load(&config(&good, &nan))
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(msg.contains("dets_nan.json"), "{msg}");
+
+    let mut outside = instances;
+    for ann in outside["annotations"].as_array_mut().unwrap() {
+        if ann["id"] == 8003 {
+            ann["bbox"] = json!([60.0, 20.0, 40.0, 40.0]);
+        }
+    }
+    std::fs::write(refer_dir.join("instances.json"), outside.to_string()).unwrap();
+    let (f, i, reason) = annotation_error(load(&config(&good, &dets)).err().expect("refused"));
+    assert!(
+        i == Some(0) || f.ends_with("instances.json"),
+        "{f} {i:?} {reason}"
+    );
+    assert!(reason.contains("is not inside the 72x90 image"), "{reason}");
+}
+
 /// The VQA, NLVR2 and RefCOCO+ train sets of the fixture run through the map loader with their random
 /// train transforms: shapes follow the collate functions, box targets stay inside the image.
 #[test]
