@@ -130,3 +130,110 @@ checkpoint: {{every_steps: {EVERY}, keep_last: 2}}\n",
         "the closing test evaluation differs"
     );
 }
+
+/// `configs/jobs/demo-{name}.yaml` with its task config read from `data` (the demo's `demo-out/data`
+/// replaced, model files named absolutely), `steps` short, and `extra` job keys; written under `dir`.
+fn demo_job(dir: &Path, data: &Path, name: &str, steps: u64, extra: &str) -> std::path::PathBuf {
+    let configs = configs_dir();
+    let configs = std::fs::canonicalize(&configs).unwrap_or(configs);
+    let job = std::fs::read_to_string(configs.join(format!("jobs/demo-{name}.yaml")))
+        .unwrap_or_else(|e| panic!("demo-{name}.yaml: {e}"));
+    let mut lines = Vec::new();
+    for line in job.lines() {
+        if let Some(config) = line.strip_prefix("config: ../") {
+            let text = std::fs::read_to_string(configs.join(config)).expect("demo task config");
+            let text = text
+                .replace("demo-out/data", &data.display().to_string())
+                .replace("'configs/", &format!("'{}/", configs.display()));
+            lines.push(format!("config: {}", write(dir, config, &text).display()));
+        } else if line.starts_with("steps:") {
+            lines.push(format!("steps: {steps}"));
+        } else {
+            lines.push(line.to_string());
+        }
+    }
+    lines.push(extra.to_string());
+    write(dir, &format!("demo-{name}.yaml"), &lines.join("\n"))
+}
+
+/// Every part-2 example job of `configs/jobs/` (VQA, NLVR2 and its domain pre-training, RefCOCO+ weak
+/// and box and the box domain pre-training) runs through the real coordinator on two workers to
+/// SUCCEEDED on the synthetic splits: each fine-tune (2 steps, so no epoch end: only the closing test
+/// evaluation) leaves its result file and its test metrics in `status`, and each domain pre-training's final weights start the fine-tune it precedes.
+#[test]
+fn every_task_job_runs_through_the_coordinator() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    generate(
+        &data,
+        &SynthConfig {
+            images: 30,
+            width: 64,
+            height: 48,
+            shards: 2,
+            ..SynthConfig::default()
+        },
+    )
+    .unwrap();
+    let c = Cluster::with_workers(dir.path(), &["w0", "w1"]);
+    let run = |name: &str, extra: &str| {
+        let job = c.submit(&demo_job(dir.path(), &data, name, 2, extra));
+        let watch = c.watch_succeeded(&job);
+        println!("demo-{name}: {}", watch.lines().last().unwrap_or(""));
+        (
+            job.clone(),
+            dir.path().join("runs").join(&job),
+            c.status(&job),
+        )
+    };
+    let weights_of = |out: &Path| {
+        let w = out.join("final/model.safetensors");
+        assert!(w.is_file(), "no final weights in {out:?}");
+        format!("init_checkpoint: file://{}", w.display())
+    };
+
+    let (_, nlvr_pretrain, _) = run("nlvr-pretrain", "");
+    let (_, bbox_pretrain, _) = run("grounding-bbox-pretrain", "");
+    let cases = [
+        (
+            "vqa",
+            String::new(),
+            "test.questions=",
+            vec!["eval/vqa_result.json"],
+        ),
+        (
+            "nlvr",
+            weights_of(&nlvr_pretrain),
+            "test.acc=",
+            vec!["eval/final.json"],
+        ),
+        (
+            "grounding",
+            String::new(),
+            "test.val_d=",
+            vec!["eval/grounding_test_result.json"],
+        ),
+        (
+            "grounding-bbox",
+            weights_of(&bbox_pretrain),
+            "test.val_d=",
+            vec!["eval/grounding_bbox_test_result.json"],
+        ),
+    ];
+    for (name, extra, metric, files) in cases {
+        let (job, output, status) = run(name, &extra);
+        assert!(
+            status.contains(metric),
+            "{job} ({name}): no {metric} in status:\n{status}"
+        );
+        for file in files {
+            let body = std::fs::read(output.join(file))
+                .unwrap_or_else(|e| panic!("{name}: {file} in {output:?}: {e}"));
+            let parsed: serde_json::Value = serde_json::from_slice(&body).expect("result json");
+            assert!(
+                parsed.as_array().is_some_and(|a| !a.is_empty()),
+                "{name}: {file} is not a non-empty list"
+            );
+        }
+    }
+}
