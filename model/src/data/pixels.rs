@@ -356,9 +356,10 @@ fn vertical_pass(
 /// PIL `Image.resize((out_w, out_h), BICUBIC)` of the rectangle `(x0, y0, w, h)` of `img` (the crop taken
 /// first, as `img.crop(box).resize(...)`), bit-exact with Pillow's 8-bit two-pass resampler.
 ///
-/// Pass order: Pillow runs the horizontal pass first, except (Pillow 13, which made the fixtures) when the
-/// height shrinks by a larger factor than the width, where the vertical pass runs first. The exact
-/// threshold is inferred from the fixture images (all three are bit-exact with this rule).
+/// Pass order matters (each pass rounds to 8 bits): Pillow 13 (which made the fixtures;
+/// `ImagingResampleInner`) runs the vertical pass first iff the height loses more than twice as many
+/// pixels as the width, `in_h - out_h > 0 && in_h - out_h > 2 * (in_w - out_w)` (differences in pixels,
+/// the width's negative when it grows), and the horizontal pass first otherwise.
 pub fn resize_bicubic_crop(
     img: &RgbImage,
     crop: (usize, usize, usize, usize),
@@ -366,8 +367,20 @@ pub fn resize_bicubic_crop(
     out_h: usize,
 ) -> RgbImage {
     let (_, _, w, h) = crop;
-    let vertical_first = out_h < h && out_h * w < out_w * h;
-    resize_two_pass(img, crop, out_w, out_h, vertical_first)
+    resize_two_pass(
+        img,
+        crop,
+        out_w,
+        out_h,
+        pil_vertical_first(w, h, out_w, out_h),
+    )
+}
+
+/// Pillow 13's pass-order rule for resizing `in_w x in_h` to `out_w x out_h`.
+fn pil_vertical_first(in_w: usize, in_h: usize, out_w: usize, out_h: usize) -> bool {
+    let lost_h = in_h as i64 - out_h as i64;
+    let lost_w = in_w as i64 - out_w as i64;
+    lost_h > 0 && lost_h > 2 * lost_w
 }
 
 fn resize_two_pass(
@@ -479,4 +492,71 @@ pub fn to_normalized_chw(img: &RgbImage, mean: [f32; 3], std: [f32; 3]) -> Vec<f
         b[i] = lut[2][p[2] as usize];
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::{Digest, Sha256};
+
+    /// `n` bytes from splitmix64 seeded with `seed`, each output little-endian (as
+    /// `scripts/pil-resize-cases.py`).
+    fn splitmix64_bytes(seed: u64, n: usize) -> Vec<u8> {
+        let mut state = seed;
+        let mut out = Vec::with_capacity(n + 8);
+        while out.len() < n {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            out.extend_from_slice(&z.to_le_bytes());
+        }
+        out.truncate(n);
+        out
+    }
+
+    #[test]
+    fn splitmix64_matches_the_reference_sequence() {
+        // First output for seed 0 from the splitmix64 reference implementation.
+        assert_eq!(
+            splitmix64_bytes(0, 8),
+            0xE220_A839_7B1D_CDAFu64.to_le_bytes()
+        );
+    }
+
+    /// Every case of `tests/fixtures/pil_resize/cases.json` (Pillow 13 `Image.resize(BICUBIC)` of a
+    /// noise image, by `scripts/pil-resize-cases.py`) is bit-exact.
+    #[test]
+    fn bicubic_resize_matches_pil_on_every_case() {
+        let doc: serde_json::Value =
+            serde_json::from_str(include_str!("../../tests/fixtures/pil_resize/cases.json"))
+                .expect("cases.json parses");
+        let cases = doc["cases"].as_array().expect("cases array");
+        assert!(cases.len() >= 300, "only {} cases", cases.len());
+        let mut failed = Vec::new();
+        for case in cases {
+            let f = case.as_array().expect("case row");
+            let dim = |i: usize| f[i].as_u64().expect("size") as usize;
+            let (w, h, ow, oh) = (dim(0), dim(1), dim(2), dim(3));
+            let seed = f[4].as_u64().expect("seed");
+            let (kind, want) = (f[5].as_str().unwrap(), f[6].as_str().unwrap());
+            let img = RgbImage::new(w, h, splitmix64_bytes(seed, w * h * 3)).unwrap();
+            let out = resize_bicubic(&img, ow, oh);
+            assert_eq!(
+                (out.width, out.height, out.data.len()),
+                (ow, oh, ow * oh * 3)
+            );
+            if hex::encode(Sha256::digest(&out.data)) != want {
+                failed.push(format!("{w}x{h} -> {ow}x{oh} ({kind}, seed {seed})"));
+            }
+        }
+        assert!(
+            failed.is_empty(),
+            "{} of {} resizes differ from PIL:\n{}",
+            failed.len(),
+            cases.len(),
+            failed.join("\n")
+        );
+    }
 }
