@@ -9,6 +9,7 @@ mod convert;
 mod doctor;
 mod eval_retrieval;
 mod parity;
+mod region_stats;
 mod smoke;
 mod synth_data;
 
@@ -38,6 +39,8 @@ enum Command {
     BenchData(bench_data::BenchDataArgs),
     /// Zero-shot ITC/ITM retrieval of a pre-training checkpoint on a held-out split; prints R@1/5/10.
     EvalRetrieval(eval_retrieval::EvalRetrievalArgs),
+    /// Dump what the pre-training region path feeds the model (boxes, coverage, pixels) as json lines.
+    RegionStats(region_stats::RegionStatsArgs),
 }
 
 fn main() {
@@ -59,5 +62,6 @@ fn run(command: Command) -> Result<()> {
         Command::SynthData(args) => synth_data::run(&args),
         Command::BenchData(args) => bench_data::run(&args),
         Command::EvalRetrieval(args) => eval_retrieval::run(&args),
+        Command::RegionStats(args) => region_stats::run(&args),
     }
 }
