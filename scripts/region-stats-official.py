@@ -77,6 +77,37 @@ def box_transform(randaugment):
     ])
 
 
+def use_intended_ops(randaugment):
+    """The ablation: AutoContrast and Sharpness with the arithmetic their authors meant (xvlm's), not
+    the official uint8 wraps (`-low` of a numpy uint8 wraps to 256 - low; Sharpness casts unclipped)."""
+    import numpy as np
+
+    def autocontrast(img, cutoff=0):
+        def channel(ch):
+            high, low = int(ch.max()), int(ch.min())
+            if high <= low:
+                return ch
+            table = (np.arange(256) - low) * (255 / (high - low))
+            return table.clip(0, 255).astype(np.uint8)[ch]
+        return np.stack([channel(img[:, :, c]) for c in range(img.shape[2])], axis=-1)
+
+    official_sharpness = randaugment.sharpness_func
+
+    def sharpness(img, factor):
+        if factor in (0.0, 1.0):
+            return official_sharpness(img, factor)
+        kernel = np.ones((3, 3), dtype=np.float32)
+        kernel[1][1] = 5
+        kernel /= 13
+        degenerate = randaugment.cv2.filter2D(img, -1, kernel).astype(np.float32)[1:-1, 1:-1, :]
+        out = img.astype(np.float32)
+        out[1:-1, 1:-1, :] = degenerate + factor * (out[1:-1, 1:-1, :] - degenerate)
+        return out.clip(0, 255).astype(np.uint8)
+
+    randaugment.func_dict["AutoContrast"] = autocontrast
+    randaugment.func_dict["Sharpness"] = sharpness
+
+
 def record(batch):
     images, idx_to_group_img = batch[0], batch[1]
     image_atts, target_bbox, is_image = batch[7], batch[8], batch[9]
@@ -99,11 +130,15 @@ def main():
     ap.add_argument("--texts", type=int, default=10000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--intended-ops", action="store_true",
+                    help="ablation: AutoContrast and Sharpness without the official uint8 wraps")
     args = ap.parse_args()
 
     import torch
     import yaml
     pretrain, randaugment = import_official(args.official)
+    if args.intended_ops:
+        use_intended_ops(randaugment)
     config = yaml.safe_load(open(args.config))
     # Pretrain.py joins the file lists before create_dataset.
     config["train_file_regions"] = ",".join(config["train_file_regions"])
