@@ -1,4 +1,10 @@
 //! `xvlm-coord run job.yaml --local-workers N`: a coordinator and N workers on this machine, one command.
+//!
+//! The workers never outlive `run`: each gets the parent-death signal (SIGKILL), so even a `kill -9`
+//! of `run` takes them down, and their trainers with them (a worker's trainers die with it the same
+//! way). SIGTERM or Ctrl-C stops `run` gracefully: the workers get SIGTERM and drain (their trainers
+//! checkpoint at the next step boundary, which this coordinator still commits), and a second signal
+//! kills them at once.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -7,12 +13,19 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
-use tracing::info;
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tracing::{info, warn};
+use xvlm_proto::process::{die_with_parent, signal_process};
 use xvlm_proto::spec::JobSpec;
 
 use crate::client;
 use crate::config::CoordConfig;
 use crate::server;
+
+/// How long stopped local workers get to exit before they are killed: a draining worker waits for
+/// its trainers' checkpoint up to `xvlm-worker`'s drain timeout (120 s), then stops them (5 s).
+/// Workers with nothing to drain (the job is over) exit at once.
+pub const WORKER_STOP_GRACE: Duration = Duration::from_secs(130);
 
 /// The `xvlm-worker` binary: `XVLM_WORKER_BIN`, else beside this executable, else on `PATH`.
 pub fn worker_binary() -> PathBuf {
@@ -26,7 +39,42 @@ pub fn worker_binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("xvlm-worker"))
 }
 
-/// Runs the job to its end; returns its final status.
+/// The signals that stop `run`: SIGTERM (a service manager, `kill`) and SIGINT (Ctrl-C).
+struct StopSignals {
+    term: Signal,
+    interrupt: Signal,
+}
+
+impl StopSignals {
+    fn install() -> Result<Self> {
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+            interrupt: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+        })
+    }
+
+    /// The name of the next stop signal.
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.interrupt.recv() => "SIGINT",
+        }
+    }
+}
+
+/// How the job's watch ended.
+enum Outcome {
+    /// The job ended (or submitting or watching it failed); boxed, a status is large.
+    Ended(Box<Result<xvlm_proto::v1::JobStatus>>),
+    /// A stop signal came first.
+    Stopped(&'static str),
+}
+
+/// Runs the job to its end; returns its final status. A stop signal ends it early with an error.
+///
+/// The workers are spawned from the calling thread, and Linux delivers their parent-death signal
+/// when *that thread* exits: call this on a thread that lives as long as the process (the main
+/// thread under `block_on`, as `xvlm-coord` does), not from a blocking-pool thread.
 pub async fn run(
     job: &Path,
     sets: &[String],
@@ -36,11 +84,14 @@ pub async fn run(
     worker_bin: &Path,
 ) -> Result<xvlm_proto::v1::JobStatus> {
     let spec = JobSpec::load(job, sets).with_context(|| format!("{}", job.display()))?;
+    // Before any child exists: from here on a stop signal is handled, never the default exit.
+    let mut signals = StopSignals::install()?;
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
     let url = format!("http://{addr}");
+    let state_dir = config.state_dir.clone();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(server::serve(listener, config, async {
         let _ = stop_rx.await;
@@ -56,28 +107,64 @@ pub async fn run(
             .arg("--cpu-slots")
             .arg(spec.workers.devices_per_worker.to_string())
             .stdin(Stdio::null())
+            // Their own process group: a terminal's Ctrl-C reaches `run` alone, which then stops
+            // the workers in order (drain first) instead of every process at once.
+            .process_group(0)
             .kill_on_drop(true);
+        die_with_parent(cmd.as_std_mut(), libc::SIGKILL);
         if !use_cuda {
             cmd.arg("--devices").arg("cpu");
         }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {}", worker_bin.display()))?;
-        children.push(child);
+        match cmd.spawn() {
+            Ok(child) => children.push(child),
+            Err(e) => {
+                stop_workers(&mut children, &mut signals).await;
+                let _ = stop_tx.send(());
+                let _ = server.await;
+                return Err(e).with_context(|| format!("cannot start {}", worker_bin.display()));
+            }
+        }
     }
-    let result = async {
-        let mut c = connect_retry(&url).await?;
-        let job_id = client::submit(&mut c, job, sets).await?;
-        println!("{job_id}");
-        client::watch(&mut c, &job_id, std::io::stdout()).await
+    let mut job_id = None;
+    let outcome = tokio::select! {
+        result = submit_and_watch(&url, job, sets, &mut job_id) => Outcome::Ended(Box::new(result)),
+        name = signals.next() => Outcome::Stopped(name),
+    };
+    if let Outcome::Stopped(name) = &outcome {
+        warn!(
+            "{name}: stopping the local workers (their trainers checkpoint at the next step \
+             boundary; {name} again stops them at once)"
+        );
     }
-    .await;
-    for child in &mut children {
-        terminate(child).await;
-    }
+    stop_workers(&mut children, &mut signals).await;
     let _ = stop_tx.send(());
     let _ = server.await;
-    result
+    match outcome {
+        Outcome::Ended(result) => *result,
+        Outcome::Stopped(name) => Err(match job_id {
+            Some(id) => anyhow::anyhow!(
+                "stopped by {name}: job {id} stays in the job store {} (`xvlm-coord serve \
+                 --state-dir {}` and a worker resume it)",
+                state_dir.display(),
+                state_dir.display()
+            ),
+            None => anyhow::anyhow!("stopped by {name} before the job was submitted"),
+        }),
+    }
+}
+
+/// Submits the job (its id goes to stdout and `job_id`) and watches it to its end.
+async fn submit_and_watch(
+    url: &str,
+    job: &Path,
+    sets: &[String],
+    job_id: &mut Option<String>,
+) -> Result<xvlm_proto::v1::JobStatus> {
+    let mut c = connect_retry(url).await?;
+    let id = client::submit(&mut c, job, sets).await?;
+    println!("{id}");
+    *job_id = Some(id.clone());
+    client::watch(&mut c, &id, std::io::stdout()).await
 }
 
 async fn connect_retry(url: &str) -> Result<client::Client> {
@@ -92,18 +179,27 @@ async fn connect_retry(url: &str) -> Result<client::Client> {
     Err(last.unwrap_or_else(|| anyhow::anyhow!("cannot connect to {url}")))
 }
 
-/// SIGTERM (the worker then stops its trainers), SIGKILL after 10 s.
-async fn terminate(child: &mut Child) {
-    if let Some(pid) = child.id() {
-        // SAFETY: plain kill(2) on our own child's pid.
-        unsafe {
-            libc::kill(pid as libc::pid_t, libc::SIGTERM);
+/// SIGTERM to every worker (each drains, then stops its trainers), SIGKILL to those still running
+/// after [`WORKER_STOP_GRACE`] or at the next stop signal.
+async fn stop_workers(children: &mut [Child], signals: &mut StopSignals) {
+    for child in children.iter() {
+        if let Some(pid) = child.id() {
+            signal_process(pid, libc::SIGTERM);
         }
     }
-    if tokio::time::timeout(Duration::from_secs(10), child.wait())
-        .await
-        .is_err()
-    {
+    tokio::select! {
+        _ = async {
+            for child in children.iter_mut() {
+                let _ = child.wait().await;
+            }
+        } => return,
+        _ = tokio::time::sleep(WORKER_STOP_GRACE) => {
+            warn!("local workers still running after {WORKER_STOP_GRACE:?}: killing them");
+        }
+        name = signals.next() => warn!("{name} again: killing the local workers"),
+    }
+    for child in children.iter_mut() {
+        // SIGKILL and reap; the worker's trainers die with it (their parent-death signal).
         let _ = child.kill().await;
     }
 }

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::Stream;
@@ -12,12 +12,12 @@ use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 use xvlm_proto::checkpoint::Part;
 use xvlm_proto::spec::{JobSpec, TaskKind};
 use xvlm_proto::{v1, PROTOCOL_VERSION};
 
-use crate::commit::Committer;
+use crate::commit::{CommitRequest, Committer};
 use crate::config::CoordConfig;
 use crate::convert;
 use crate::error::CoordError;
@@ -57,6 +57,18 @@ impl Core {
         info!(jobs = records.len(), "recovered job store");
         let actions = sched.recover(records, now_ms());
         let (updates, _) = broadcast::channel(1024);
+        // Commit outcomes come back as events, from the commit thread.
+        let me: Arc<OnceLock<Weak<Core>>> = Arc::default();
+        let committer = Committer::spawn({
+            let me = me.clone();
+            move |event| {
+                if let Some(core) = me.get().and_then(Weak::upgrade) {
+                    if let Err(e) = core.dispatch(event) {
+                        warn!(error = %e, "checkpoint commit outcome not applied");
+                    }
+                }
+            }
+        })?;
         let core = Arc::new(Core {
             inner: Mutex::new(Inner {
                 sched,
@@ -66,8 +78,9 @@ impl Core {
             }),
             updates,
             config,
-            committer: Committer::spawn()?,
+            committer,
         });
+        let _ = me.set(Arc::downgrade(&core));
         {
             let mut inner = core.lock();
             core.act(&mut inner, actions)?;
@@ -87,10 +100,10 @@ impl Core {
         Ok(applied)
     }
 
-    /// Carries out actions in order. A commit runs to the end before the next action, under the lock:
-    /// no later command (a new generation's start) can overtake the checkpoint it must resume from.
+    /// Carries out actions in order. A commit is handed to the commit thread and runs off the lock;
+    /// its outcome comes back as an event (the scheduler holds back a new generation's start until
+    /// the checkpoint it must resume from is committed or abandoned).
     fn act(&self, inner: &mut Inner, actions: Vec<Action>) -> Result<(), CoordError> {
-        let mut follow_ups = Vec::new();
         for action in &actions {
             if let Action::Persist(rec) = action {
                 inner.store.put(rec)?;
@@ -113,28 +126,19 @@ impl Core {
                     manifest,
                     keep_last,
                     request,
-                } => {
-                    let step = manifest.step;
-                    match self.committer.commit(&output, &manifest, keep_last) {
-                        Ok(removed) => {
-                            info!(job, step, request, output, ?removed, "checkpoint committed");
-                            let applied = inner
-                                .sched
-                                .apply(now_ms(), Event::Committed { job, step, request })?;
-                            follow_ups.extend(applied.actions);
-                        }
-                        Err(e) => error!(job, step, error = %e, "checkpoint not committed"),
-                    }
-                }
+                } => self.committer.submit(CommitRequest {
+                    job,
+                    output,
+                    manifest,
+                    keep_last,
+                    request,
+                }),
                 Action::Notify(job) => {
                     if let Some(rec) = inner.sched.job(&job) {
                         let _ = self.updates.send(convert::job_status(rec));
                     }
                 }
             }
-        }
-        if !follow_ups.is_empty() {
-            self.act(inner, follow_ups)?;
         }
         Ok(())
     }

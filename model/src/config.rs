@@ -518,7 +518,8 @@ pub struct TaskConfig {
     #[serde(default)]
     pub xvlm: XvlmOptions,
 
-    /// Keys this crate does not use (fine-tuning data keys, comments turned keys, …).
+    /// Keys the model core does not type (the fine-tuning data keys, read by the tasks, and keys no
+    /// task reads, reported by [`TaskConfig::unknown_keys`]).
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_yaml::Value>,
 
@@ -529,41 +530,6 @@ pub struct TaskConfig {
     #[serde(skip)]
     pub source: PathBuf,
 }
-
-/// Keys the official fine-tuning/data code reads that the model core does not type: no warning for these.
-const KNOWN_UNTYPED_KEYS: &[&str] = &[
-    "test_file",
-    "val_file",
-    "image_root",
-    "batch_size",
-    "batch_size_train",
-    "batch_size_test",
-    "batch_size_test_text",
-    "k_test",
-    "num_dec_layers",
-    "answer_list",
-    "vqa_root",
-    "vg_root",
-    "gqa_root",
-    "eos",
-    "start_eval",
-    "large_lr_for_dec",
-    "refcoco_data",
-    "det_file",
-    "coco_file",
-    "careful_hflip",
-    "finetune_transform",
-    "vlue_test",
-    "block_num",
-    "block_num_search",
-    "label_smoothing",
-    "apply_FG_free",
-    "prompt",
-    "max_length",
-    "min_length",
-    "beam_size",
-    "num_beams",
-];
 
 impl TaskConfig {
     /// Reads a task YAML; unknown keys are logged as warnings.
@@ -619,12 +585,14 @@ impl TaskConfig {
         Ok(cfg)
     }
 
-    /// Keys present in the file that neither this struct nor the known fine-tuning keys use.
+    /// Keys present in the file that no task reads: neither typed here nor in the shared key table
+    /// ([`xvlm_proto::task_keys`], which the coordinator also checks job overrides against; a key a
+    /// task starts reading is added there).
     pub fn unknown_keys(&self) -> Vec<&str> {
         self.extra
             .keys()
             .map(String::as_str)
-            .filter(|k| !KNOWN_UNTYPED_KEYS.contains(k))
+            .filter(|k| !xvlm_proto::task_keys::is_known_key(k))
             .collect()
     }
 
@@ -903,6 +871,52 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("itx"), "{err}");
+    }
+
+    /// Every key this struct types, at the top and inside its sections, is in the shared key table
+    /// the coordinator checks overrides against: a key typed here without an entry there would be
+    /// refused as an override although the model reads it.
+    #[test]
+    fn typed_keys_are_in_the_shared_key_table() {
+        let cfg = TaskConfig::load(&configs_dir().join("Pretrain_XVLM_base_4m.yaml")).unwrap();
+        let value = serde_yaml::to_value(&cfg).unwrap();
+        let serde_yaml::Value::Mapping(top) = value else {
+            panic!("a task config serialises to a mapping")
+        };
+        let mut checked = 0;
+        for (key, inner) in &top {
+            let key = key.as_str().unwrap();
+            assert!(
+                xvlm_proto::task_keys::lookup(&[key]).is_some(),
+                "`{key}` is typed in TaskConfig but missing from xvlm_proto::task_keys"
+            );
+            checked += 1;
+            if let serde_yaml::Value::Mapping(section) = inner {
+                for inner_key in section.keys() {
+                    let inner_key = inner_key.as_str().unwrap();
+                    assert!(
+                        xvlm_proto::task_keys::lookup(&[key, inner_key]).is_some(),
+                        "`{key}.{inner_key}` is typed in TaskConfig but missing from xvlm_proto::task_keys"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        // Every section of the 4M config is present, so its nested keys were all seen.
+        for section in [
+            "images",
+            "regions",
+            "optimizer",
+            "schedular",
+            "accelerator",
+            "xvlm",
+        ] {
+            assert!(
+                top.get(section).is_some_and(serde_yaml::Value::is_mapping),
+                "{section}"
+            );
+        }
+        assert!(checked > 60, "only {checked} keys checked");
     }
 
     /// A fusion layer past the last layer is refused with the key named.

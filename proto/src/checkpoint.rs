@@ -201,12 +201,19 @@ impl CheckpointDir<'_> {
     }
 
     /// Writes the manifest (the commit point), then `latest`, then drops what `keep_last` no longer
-    /// keeps; returns the removed steps.
+    /// keeps; returns the removed steps. [`CheckpointDir::publish`] then [`CheckpointDir::retain`].
     pub async fn commit(
         &self,
         manifest: &Manifest,
         keep_last: u32,
     ) -> Result<Vec<u64>, CommitError> {
+        self.publish(manifest).await?;
+        self.retain(manifest.step, keep_last).await
+    }
+
+    /// Writes the manifest (the commit point), then moves `latest` to its step: the checkpoint is
+    /// committed once this returns.
+    pub async fn publish(&self, manifest: &Manifest) -> Result<(), CommitError> {
         let dir = step_dir(manifest.step);
         let name = format!("{dir}/{MANIFEST}");
         let json = serde_json::to_vec_pretty(manifest).unwrap_or_default();
@@ -222,7 +229,7 @@ impl CheckpointDir<'_> {
             )
             .await
             .map_err(self.err(&latest))?;
-        self.retain(manifest.step, keep_last).await
+        Ok(())
     }
 
     /// Committed steps and uncommitted step directories, each sorted.
@@ -255,9 +262,10 @@ impl CheckpointDir<'_> {
     }
 
     /// Keeps the newest `keep_last` committed checkpoints; drops older ones and abandoned parts
-    /// older than `newest`. A manifest goes before its files, so a half-deleted checkpoint is never
-    /// resumed.
-    async fn retain(&self, newest: u64, keep_last: u32) -> Result<Vec<u64>, CommitError> {
+    /// older than `newest`; returns the removed steps. A manifest goes before its files, so a
+    /// half-deleted checkpoint is never resumed; on `file://` the emptied step directories go too
+    /// ([`crate::storage::open`] removes the directories its deletes empty).
+    pub async fn retain(&self, newest: u64, keep_last: u32) -> Result<Vec<u64>, CommitError> {
         let (committed, partial) = self.steps().await?;
         let drop_n = committed.len().saturating_sub(keep_last.max(1) as usize);
         let abandoned = partial.into_iter().filter(|&s| s < newest);
@@ -360,5 +368,55 @@ mod tests {
                 .unwrap();
             assert_eq!(&latest[..], b"step-5\n");
         });
+    }
+
+    /// On `file://`, retention removes a pruned checkpoint's directory (nested ones included) and an
+    /// abandoned step's, not only their files: what is left is the kept checkpoints and `latest`.
+    #[test]
+    fn file_retention_removes_step_directories() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let url = format!("file://{}/job", tmp.path().display());
+        let located = crate::storage::open(&url, &[]).unwrap();
+        let dir = CheckpointDir {
+            store: located.store.as_ref(),
+            root: &located.path,
+        };
+        rt.block_on(async {
+            for step in [2u64, 3, 4, 5] {
+                for name in ["rank-0.json", "rank-0/model.safetensors"] {
+                    let path = dir.path(&format!("{}/{name}", step_dir(step)));
+                    located
+                        .store
+                        .put(&path, PutPayload::from(vec![1u8]))
+                        .await
+                        .unwrap();
+                }
+            }
+            let mut removed = Vec::new();
+            for step in [2u64, 4, 5] {
+                let m = Manifest::from_parts(&[part(step, 0, 1)]).unwrap();
+                removed.extend(dir.commit(&m, 1).await.unwrap());
+            }
+            removed.sort_unstable();
+            assert_eq!(removed, vec![2, 3, 4]);
+        });
+        let checkpoints = tmp.path().join("job").join(CHECKPOINTS);
+        let mut left: Vec<String> = std::fs::read_dir(&checkpoints)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            vec!["latest", "step-5"],
+            "in {}",
+            checkpoints.display()
+        );
+        assert!(checkpoints
+            .join("step-5/rank-0/model.safetensors")
+            .is_file());
     }
 }

@@ -1,12 +1,17 @@
 //! The xvlm wire contract (gRPC package `xvlm.v1`) and the small tch-free pieces shared by every binary:
-//! the job spec (`job.yaml`), logging, object stores from URLs and the checkpoint commit protocol.
+//! the job spec (`job.yaml`) and the task-config key table it checks overrides against, logging,
+//! child processes that die with their parent, object stores from URLs and the checkpoint commit
+//! protocol.
 
 #[cfg(feature = "storage")]
 pub mod checkpoint;
+pub mod duplicate_keys;
 pub mod logging;
+pub mod process;
 pub mod spec;
 #[cfg(feature = "storage")]
 pub mod storage;
+pub mod task_keys;
 
 /// Wire protocol version announced on `Register` and `Submit`; bumped on incompatible changes.
 pub const PROTOCOL_VERSION: u32 = 2;

@@ -2,7 +2,9 @@
 //! coordinator (validation, scheduling) and the trainers (task parameters), so it has no tch dependency.
 //!
 //! Layering: serde defaults < the YAML file < `XVLM_JOB_*` environment (`__` nests: `XVLM_JOB_WORKERS__MIN=2`)
-//! < `--set key.path=value` flags. Unknown keys are errors, unlike the official task YAMLs.
+//! < `--set key.path=value` flags. Unknown keys are errors, unlike the official task YAMLs, and so is
+//! a key written twice in one mapping (YAML parsers keep the last without a word). `overrides:` are
+//! checked against the keys the task's config has ([`crate::task_keys`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -10,6 +12,15 @@ use std::path::{Path, PathBuf};
 use figment::providers::{Env, Format, Serialized, Yaml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
+
+use crate::duplicate_keys::find_duplicate_key;
+use crate::task_keys::{self, ConfigValue};
+
+/// Longest job name: a DNS label's limit, so a name can label cluster objects (Kubernetes, Slurm).
+pub const MAX_NAME_LEN: usize = 63;
+
+/// Restarts a job gets when its spec sets none (see [`JobSpec::max_restarts`]).
+pub const DEFAULT_MAX_RESTARTS: u32 = 3;
 
 /// Largest world size any backend here supports; a guard against typos like `devices_per_worker: 80`.
 pub const MAX_WORLD_SIZE: u32 = 4096;
@@ -23,6 +34,16 @@ pub enum SpecError {
     /// The job file does not exist.
     #[error("job file {0} does not exist")]
     MissingFile(PathBuf),
+    /// A key appears twice in one mapping of the job file.
+    #[error("{}: duplicate key `{key}`{}: a YAML parser keeps only the last; remove one", file.display(), at_line(*line))]
+    DuplicateKey {
+        /// The job file.
+        file: PathBuf,
+        /// Dotted path of the key (`workers.min`).
+        key: String,
+        /// Line of its second occurrence.
+        line: Option<usize>,
+    },
     /// A `--set` flag is not `key.path=value`.
     #[error("--set {0:?}: expected key.path=value")]
     BadOverride(String),
@@ -37,6 +58,11 @@ pub enum SpecError {
         /// What is wrong and what is allowed.
         message: String,
     },
+}
+
+/// ` at line N`, or nothing when the line is unknown.
+fn at_line(line: Option<usize>) -> String {
+    line.map(|l| format!(" at line {l}")).unwrap_or_default()
 }
 
 fn invalid(field: &str, message: impl Into<String>) -> SpecError {
@@ -298,6 +324,9 @@ impl Default for SmokeSpec {
 fn one() -> u32 {
     1
 }
+fn default_max_restarts() -> u32 {
+    DEFAULT_MAX_RESTARTS
+}
 fn three() -> u32 {
     3
 }
@@ -321,14 +350,16 @@ fn smoke_lr() -> f64 {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
-    /// Human name (letters, digits, `-`, `_`, `.`).
+    /// Human name: 1 to [`MAX_NAME_LEN`] letters, digits, `-`, `_`, `.`, starting with a letter or
+    /// digit.
     pub name: String,
     /// What the trainers run.
     pub task: TaskKind,
     /// Official-format task config (required for every task but `smoke`).
     #[serde(default)]
     pub config: Option<String>,
-    /// Keys patched into the task config.
+    /// Keys patched into the task config; checked against the keys, types and ranges the task's
+    /// config has ([`task_keys::TASK_CONFIG_KEYS`]).
     #[serde(default)]
     pub overrides: BTreeMap<String, serde_json::Value>,
     /// Weights to start from.
@@ -355,8 +386,10 @@ pub struct JobSpec {
     /// Checkpoint cadence and retention.
     #[serde(default)]
     pub checkpoint: CheckpointSpec,
-    /// Restarts after a trainer failure, a lost worker or a hung rank before the job fails.
-    #[serde(default)]
+    /// Restarts after a trainer failure, a lost worker or a hung rank before the job fails. Defaults to
+    /// [`DEFAULT_MAX_RESTARTS`] (3): one SIGKILL or preemption of a node should not fail a job that
+    /// resumes from its last checkpoint, and a small bound still stops a crash loop quickly.
+    #[serde(default = "default_max_restarts")]
     pub max_restarts: u32,
     /// Hang detection bounds.
     #[serde(default)]
@@ -381,6 +414,17 @@ impl JobSpec {
         if !path.is_file() {
             return Err(SpecError::MissingFile(path.to_path_buf()));
         }
+        // An unreadable file is left to figment, which names it in its error.
+        if let Some(dup) = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|text| find_duplicate_key(&text))
+        {
+            return Err(SpecError::DuplicateKey {
+                file: path.to_path_buf(),
+                key: dup.key,
+                line: dup.line,
+            });
+        }
         let mut figment = Figment::new()
             .merge(Yaml::file_exact(path))
             .merge(Env::prefixed(ENV_PREFIX).split("__"));
@@ -397,6 +441,11 @@ impl JobSpec {
         let mut spec: JobSpec = figment
             .extract()
             .map_err(|e| SpecError::Parse(format_figment_error(e)))?;
+        // The overrides as written: `spec.overrides` holds JSON values, in which a `.nan` or `.inf`
+        // has already become null; these still say what the file (or a flag) wrote.
+        if let Ok(written) = figment.extract_inner::<BTreeMap<String, ConfigValue>>("overrides") {
+            check_overrides(spec.task, &written)?;
+        }
         let base = path
             .parent()
             .map(Path::to_path_buf)
@@ -459,20 +508,7 @@ impl JobSpec {
 
     /// Checks every value against what is allowed; the error names the field.
     pub fn validate(&self) -> Result<(), SpecError> {
-        if self.name.is_empty()
-            || !self
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        {
-            return Err(invalid(
-                "name",
-                format!(
-                    "{:?} must be non-empty and use only letters, digits, '-', '_', '.'",
-                    self.name
-                ),
-            ));
-        }
+        check_name(&self.name)?;
         let w = &self.workers;
         if w.min == 0 {
             return Err(invalid("workers.min", "must be at least 1"));
@@ -528,6 +564,16 @@ impl JobSpec {
                 }
             }
         }
+        let overrides = self
+            .overrides
+            .iter()
+            .map(|(k, v)| {
+                serde_json::from_value(v.clone())
+                    .map(|v| (k.clone(), v))
+                    .map_err(|e| invalid(&format!("overrides.{k}"), e.to_string()))
+            })
+            .collect::<Result<BTreeMap<String, ConfigValue>, SpecError>>()?;
+        check_overrides(self.task, &overrides)?;
         self.hang.validate()?;
         for (field, url) in [
             ("output", self.output.as_deref()),
@@ -542,6 +588,50 @@ impl JobSpec {
         }
         Ok(())
     }
+}
+
+/// A job name names directories, log lines and cluster objects: short, plain ASCII, and not starting
+/// with `-` (read as a flag) or `.` (hidden, or `..`).
+fn check_name(name: &str) -> Result<(), SpecError> {
+    let plain = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    let starts_well = name.starts_with(|c: char| c.is_ascii_alphanumeric());
+    if name.len() > MAX_NAME_LEN || !plain || !starts_well {
+        let length = if name.len() > MAX_NAME_LEN {
+            format!(" (it has {})", name.chars().count())
+        } else {
+            String::new()
+        };
+        return Err(invalid(
+            "name",
+            format!(
+                "{name:?} must be 1 to {MAX_NAME_LEN} characters{length}, each a letter, digit, \
+                 '-', '_' or '.', starting with a letter or digit"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `overrides` (as written) against the keys of `task`'s config; `smoke` has no config to patch.
+fn check_overrides(
+    task: TaskKind,
+    overrides: &BTreeMap<String, ConfigValue>,
+) -> Result<(), SpecError> {
+    if overrides.is_empty() {
+        return Ok(());
+    }
+    if task == TaskKind::Smoke {
+        return Err(invalid(
+            "overrides",
+            "task smoke has no task config to override (its parameters are under smoke:)",
+        ));
+    }
+    task_keys::check_keys(task, "overrides", overrides).map_err(|e| SpecError::Invalid {
+        field: e.key,
+        message: e.message,
+    })
 }
 
 fn has_scheme(s: &str) -> bool {
@@ -637,6 +727,7 @@ mod tests {
         assert_eq!(spec.seed, 42);
         assert_eq!(spec.backend, Backend::Auto);
         assert_eq!(spec.world_size(2), 2);
+        assert_eq!(spec.max_restarts, 3);
         let back = JobSpec::from_json(&spec.to_json()).unwrap();
         assert_eq!(back, spec);
     }
@@ -757,6 +848,198 @@ mod tests {
                 other => panic!("{text}: expected invalid {field}, got {other:?}"),
             }
         }
+    }
+
+    /// A key written twice, at the top or nested, is an error naming the key and its line; the same
+    /// key in two different mappings is fine.
+    #[test]
+    fn duplicate_keys_are_named_with_their_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            (format!("{SMOKE}steps: 20\n"), "steps", 5),
+            (
+                "name: a\ntask: smoke\nsteps: 1\nworkers:\n  min: 1\n  min: 2\n".to_string(),
+                "workers.min",
+                6,
+            ),
+            (
+                "name: a\ntask: smoke\nsteps: 1\nsmoke: {lr: 0.1, hidden: 4, lr: 0.2}\n"
+                    .to_string(),
+                "smoke.lr",
+                4,
+            ),
+        ];
+        for (text, key, line) in cases {
+            let path = write(dir.path(), &text);
+            let err = JobSpec::load(&path, &[]).unwrap_err();
+            let SpecError::DuplicateKey {
+                key: k, line: l, ..
+            } = &err
+            else {
+                panic!("{text}: expected a duplicate {key}, got {err:?}")
+            };
+            assert_eq!((k.as_str(), *l), (key, Some(line)), "{text}");
+            let msg = err.to_string();
+            assert!(
+                msg.contains(&format!("duplicate key `{key}` at line {line}"))
+                    && msg.contains("job.yaml"),
+                "{msg}"
+            );
+        }
+        let fine = "name: a\ntask: smoke\nsteps: 1\nworkers: {min: 1}\nhang: {min_secs: 5}\n";
+        JobSpec::load(&write(dir.path(), fine), &[]).unwrap();
+    }
+
+    /// Names: up to 63 plain characters, starting with a letter or digit; the error says the rule.
+    #[test]
+    fn job_name_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |name: &str| {
+            JobSpec::load(
+                &write(
+                    dir.path(),
+                    &format!("name: '{name}'\ntask: smoke\nsteps: 1\n"),
+                ),
+                &[],
+            )
+        };
+        let longest = "a".repeat(MAX_NAME_LEN);
+        assert_eq!(load(&longest).unwrap().name, longest);
+        load("7.run_b-2").unwrap();
+        let err = load(&"a".repeat(64)).unwrap_err().to_string();
+        assert!(
+            err.starts_with("name: ") && err.contains("must be 1 to 63 characters (it has 64)"),
+            "{err}"
+        );
+        for bad in ["", "-rf", ".hidden", "a/b", "caf\u{e9}", "a b"] {
+            let err = load(bad).unwrap_err().to_string();
+            assert!(
+                err.contains(
+                    "each a letter, digit, '-', '_' or '.', starting with a letter or digit"
+                ),
+                "{bad:?}: {err}"
+            );
+        }
+    }
+
+    fn retrieval_job(overrides: &str) -> String {
+        let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/Retrieval_demo.yaml");
+        format!(
+            "name: ft\ntask: retrieval\nconfig: {}\noverrides: {overrides}\n",
+            config.display()
+        )
+    }
+
+    /// `overrides` are checked at load (where a `.nan` is still a NaN) and in the wire form the
+    /// coordinator validates at submit (where JSON has turned it into null): the message names the
+    /// key path and the allowed values.
+    #[test]
+    fn overrides_are_checked_against_the_task_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |overrides: &str, sets: &[String]| {
+            JobSpec::load(&write(dir.path(), &retrieval_job(overrides)), sets)
+                .map_err(|e| e.to_string())
+        };
+        let ok = load(
+            "{optimizer: {lr: 1e-4}, batch_size_train: 4, xvlm: {dropout: false}}",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(ok.overrides["batch_size_train"], serde_json::json!(4));
+        let cases = [
+            (
+                "{optimizer: {lr: .nan}}",
+                "overrides.optimizer.lr: must be a finite number > 0, got .nan",
+            ),
+            (
+                "{optimizer: {lr: .inf}}",
+                "overrides.optimizer.lr: must be a finite number > 0, got .inf",
+            ),
+            (
+                "{optimizer: {lr: -0.001}}",
+                "overrides.optimizer.lr: must be a finite number > 0, got -0.001",
+            ),
+            (
+                "{batch_size_train: many}",
+                "overrides.batch_size_train: must be an integer >= 1, got \"many\"",
+            ),
+        ];
+        for (overrides, want) in cases {
+            assert_eq!(load(overrides, &[]).unwrap_err(), want, "{overrides}");
+        }
+        let err = load("{optimiser: {lr: 1e-4}}", &[]).unwrap_err();
+        assert!(
+            err.starts_with("overrides.optimiser: unknown key for task retrieval (its keys here: ")
+                && err.contains("optimizer"),
+            "{err}"
+        );
+        // A flag's `nan` is the string "nan", which the model's reader would parse to a NaN.
+        let err = load("{}", &["overrides.optimizer.lr=nan".into()]).unwrap_err();
+        assert_eq!(
+            err,
+            "overrides.optimizer.lr: must be a finite number > 0, got \"nan\""
+        );
+        // The wire form: what a client that skipped these checks would send.
+        let spec = load("{}", &[]).unwrap();
+        let mut wire: serde_json::Value = serde_json::from_str(&spec.to_json()).unwrap();
+        wire["overrides"] = serde_json::json!({"optimizer": {"lr": null}, "k_test": 0});
+        let err = JobSpec::from_json(&wire.to_string())
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "overrides.k_test: must be an integer >= 1, got 0");
+        wire["overrides"] = serde_json::json!({"optimizer": {"lr": null}});
+        let err = JobSpec::from_json(&wire.to_string())
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "overrides.optimizer.lr: must be a finite number > 0, got null"
+        );
+        let smoke = write(dir.path(), &format!("{SMOKE}overrides: {{lr: 0.1}}\n"));
+        let err = JobSpec::load(&smoke, &[]).unwrap_err().to_string();
+        assert!(
+            err.starts_with("overrides: task smoke has no task config"),
+            "{err}"
+        );
+    }
+
+    /// Every shipped task config passes the key table of its task (file names say the task), so the
+    /// table knows every key, type and range the real configs use.
+    #[test]
+    fn shipped_task_configs_pass_their_task_keys() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        // Longest prefix first: `NLVR_pretrain` before `NLVR`.
+        let tasks = [
+            ("Grounding_bbox_pretrain", TaskKind::GroundingBboxPretrain),
+            ("Grounding_bbox", TaskKind::GroundingBbox),
+            ("Grounding", TaskKind::Grounding),
+            ("NLVR_pretrain", TaskKind::NlvrPretrain),
+            ("NLVR", TaskKind::Nlvr),
+            ("Pretrain", TaskKind::Pretrain),
+            ("Retrieval", TaskKind::Retrieval),
+            ("VQA", TaskKind::Vqa),
+        ];
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+                continue;
+            }
+            let file = path.file_name().unwrap().to_string_lossy().to_string();
+            let (_, task) = tasks
+                .iter()
+                .find(|(prefix, _)| file.starts_with(prefix))
+                .unwrap_or_else(|| panic!("{file}: no task for this config name; add it here"));
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert_eq!(find_duplicate_key(&text), None, "{file}");
+            let keys: BTreeMap<String, ConfigValue> = Figment::new()
+                .merge(Yaml::string(&text))
+                .extract()
+                .unwrap_or_else(|e| panic!("{file}: {e}"));
+            task_keys::check_keys(*task, "", &keys).unwrap_or_else(|e| panic!("{file}: {e}"));
+            checked += 1;
+        }
+        assert!(checked >= 18, "only {checked} configs in {}", dir.display());
     }
 
     /// A missing job file is reported with its path.

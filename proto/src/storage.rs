@@ -30,7 +30,9 @@ pub struct StoreUrlError {
 
 /// Opens `url` (`file:///abs/path`, `s3://bucket/prefix`, `hdfs://namenode:port/path`); `options`
 /// are S3 config keys (`aws_endpoint`, `aws_allow_http`, ...) that take precedence over the
-/// environment.
+/// environment. A `file://` store removes the directories its deletes leave empty, as a prefix
+/// vanishes from an object store with its last object (checkpoint retention leaves no empty
+/// `step-N/` behind).
 pub fn open(url: &str, options: &[(&str, &str)]) -> Result<Located, StoreUrlError> {
     let bad = |reason: String| StoreUrlError {
         url: url.to_string(),
@@ -44,7 +46,7 @@ pub fn open(url: &str, options: &[(&str, &str)]) -> Result<Located, StoreUrlErro
         }
         let path = ObjectPath::from_url_path(path).map_err(|e| bad(e.to_string()))?;
         return Ok(Located {
-            store: Arc::new(LocalFileSystem::new()),
+            store: Arc::new(LocalFileSystem::new().with_automatic_cleanup(true)),
             path,
         });
     }

@@ -2,6 +2,7 @@
 //! coordinator and workers on loopback with free ports and temporary directories, run CLI commands.
 
 pub mod checkpoints;
+pub mod stall;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
@@ -233,6 +234,15 @@ pub fn start_coordinator(dir: &Path) -> (Proc, String) {
 
 /// [`start_coordinator`] on a given address (a restart on the address workers already know).
 pub fn start_coordinator_at(dir: &Path, listen: &str) -> (Proc, String) {
+    start_coordinator_with_env(dir, listen, &[])
+}
+
+/// [`start_coordinator_at`] with extra environment variables (e.g. its own `AWS_ENDPOINT`).
+pub fn start_coordinator_with_env(
+    dir: &Path,
+    listen: &str,
+    env: &[(&str, &str)],
+) -> (Proc, String) {
     let log = dir.join("coordinator.log");
     let mut child = die_with_test(&mut Command::new(bin("xvlm-coord")))
         .args(["serve", "--listen", listen, "--state-dir"])
@@ -240,6 +250,7 @@ pub fn start_coordinator_at(dir: &Path, listen: &str) -> (Proc, String) {
         .arg("--storage")
         .arg(format!("file://{}", dir.join("runs").display()))
         .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(

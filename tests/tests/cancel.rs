@@ -66,13 +66,14 @@ fn cancel_stops_every_trainer() {
 }
 
 /// SIGKILL a worker mid-job: its trainers die with it (parent-death signal, no orphans), the
-/// coordinator notices the closed stream, stops the other worker's trainers and fails the job.
+/// coordinator notices the closed stream, stops the other worker's trainers and fails the job (no
+/// restarts: the default of 3 would wait for a second worker instead).
 #[test]
 fn killed_worker_leaves_no_orphans() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = Cluster::with_workers(dir.path(), &["w0", "w1"]);
     let job = c.submit_yaml(
-        "name: victim\ntask: smoke\nsteps: 100000\nworkers: {min: 2}\nsmoke: {step_delay_ms: 20}\n",
+        "name: victim\ntask: smoke\nsteps: 100000\nworkers: {min: 2}\nmax_restarts: 0\nsmoke: {step_delay_ms: 20}\n",
     );
     wait_until(Duration::from_secs(30), || {
         let s = c.status(&job);

@@ -20,6 +20,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
+use xvlm_proto::logging::strip_terminal_escapes;
 use xvlm_proto::spec::{Backend, JobSpec};
 use xvlm_proto::v1::workers_client::WorkersClient;
 use xvlm_proto::{v1, PROTOCOL_VERSION};
@@ -751,17 +752,19 @@ async fn supervise(
     }));
 }
 
-/// The last non-empty line of a trainer log, for the job's failure message.
+/// The last non-empty line of a trainer log, for the job's failure message: plain text (a log written
+/// with colours, by an older build or a library, would put escape codes into every status table) and
+/// at most 300 characters of it.
 fn last_error_line(path: &Path) -> String {
     std::fs::read_to_string(path)
         .ok()
         .and_then(|t| {
             t.lines()
                 .rev()
+                .map(strip_terminal_escapes)
                 .find(|l| !l.trim().is_empty())
-                .map(str::to_string)
         })
-        .map(|l| l.chars().take(300).collect())
+        .map(|l| l.trim().chars().take(300).collect())
         .unwrap_or_default()
 }
 
@@ -772,6 +775,23 @@ mod tests {
     fn line(json: &str) -> v1::RankProgress {
         let p: ProgressLine = serde_json::from_str(json).unwrap();
         rank_progress("job-0001", 2, 0, p)
+    }
+
+    /// The failure message quotes the log's last line as plain text: colour codes go, a line that is
+    /// only escape codes does not count, the quote is capped at 300 characters.
+    #[test]
+    fn last_error_line_is_plain_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rank0.log");
+        let coloured = "\u{1b}[2m2026-12-03T10:00:00Z\u{1b}[0m \u{1b}[31mERROR\u{1b}[0m task failed: out of memory";
+        std::fs::write(&path, format!("first\n{coloured}\n\u{1b}[0m\n\n")).unwrap();
+        assert_eq!(
+            last_error_line(&path),
+            "2026-12-03T10:00:00Z ERROR task failed: out of memory"
+        );
+        std::fs::write(&path, format!("\u{1b}[1m{}\n", "x".repeat(400))).unwrap();
+        assert_eq!(last_error_line(&path), "x".repeat(300));
+        assert_eq!(last_error_line(&dir.path().join("none.log")), "");
     }
 
     /// A progress line's metrics reach the report, and survive a later line without any that

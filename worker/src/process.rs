@@ -1,5 +1,6 @@
-//! Trainer processes: spawned in their own process group with the parent-death signal set, so a
-//! cancelled or orphaned trainer never outlives its worker; stopped by signalling the whole group.
+//! Trainer processes: spawned in their own process group with the parent-death signal set
+//! ([`xvlm_proto::process::die_with_parent`], shared with `xvlm-coord run`), so a cancelled or
+//! orphaned trainer never outlives its worker; stopped by signalling the whole group.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
@@ -8,6 +9,8 @@ use std::process::Stdio;
 use tokio::process::{Child, Command};
 
 use crate::error::WorkerError;
+
+pub use xvlm_proto::process::signal_group;
 
 /// The fd number the ring listener has in the trainer.
 pub const LISTEN_FD: i32 = 3;
@@ -36,13 +39,11 @@ pub fn spawn_trainer(
         .stderr(Stdio::from(log))
         .process_group(0)
         .kill_on_drop(true);
-    // SAFETY: only async-signal-safe calls (prctl, dup2, fcntl) between fork and exec.
+    // Die with the worker even if it is SIGKILLed (the daemon forks from its one runtime thread).
+    xvlm_proto::process::die_with_parent(cmd.as_std_mut(), libc::SIGKILL);
+    // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
-            // Die with the worker even if it is SIGKILLed.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
             if let Some(fd) = fd {
                 if fd == LISTEN_FD {
                     // dup2 onto itself keeps FD_CLOEXEC; clear it instead.
@@ -58,14 +59,6 @@ pub fn spawn_trainer(
     }
     cmd.spawn()
         .map_err(|e| WorkerError::Spawn(format!("{}: {e}", exe.display())))
-}
-
-/// Sends `signal` to the process group led by `pid`.
-pub fn signal_group(pid: u32, signal: i32) {
-    // SAFETY: kill(2) on a negative pid signals that process group; harmless if it is gone.
-    unsafe {
-        libc::kill(-(pid as libc::pid_t), signal);
-    }
 }
 
 /// The Linux state letter of a process (`R`, `S`, `D`, `T`, `Z`, ...) from `/proc/PID/stat`.

@@ -2,6 +2,7 @@
 //! (restart or failure) when a trainer fails, its worker is lost or a rank hangs. Worker events land
 //! here because a worker's loss is a job's event; the registry itself knows no job.
 
+use xvlm_proto::logging::strip_terminal_escapes;
 use xvlm_proto::spec::JobSpec;
 
 use super::hang::{self, RankClock};
@@ -48,6 +49,7 @@ impl Scheduler {
             output,
             files,
             checkpoint_step: 0,
+            last_commit: None,
             checkpoint_requests: 0,
             checkpoint_requests_served: 0,
             growing: 0,
@@ -388,6 +390,10 @@ impl Scheduler {
         let state = job.state;
         if state == JobState::Running || state == JobState::Rendezvous {
             if code != 0 {
+                // The worker quotes the trainer log's last line; a worker of an older build sends it
+                // with the log's colour codes, which would garble every status table and watch line.
+                let message = strip_terminal_escapes(message);
+                let message = message.trim();
                 let why = if message.is_empty() {
                     format!("rank {rank} exited with code {code}")
                 } else {
@@ -395,11 +401,9 @@ impl Scheduler {
                 };
                 let preempted = code == i32::from(xvlm_proto::EXIT_PREEMPTED);
                 self.end_generation(now, id, &why, !preempted, actions);
-            } else if job.ranks.iter().all(|r| r.exit == Some(0)) {
-                job.state = JobState::Succeeded;
-                job.updated_at_ms = now;
-                actions.push(Action::Persist(Box::new(job.clone())));
-                actions.push(Action::Notify(id.to_string()));
+            } else {
+                // Every rank exited 0: done once the job's last checkpoint commits resolved.
+                self.succeed_when_committed(now, id, actions);
             }
         }
     }
@@ -588,6 +592,35 @@ mod tests {
         ready_all(&mut s, &job);
         exit_all(&mut s, &job, 1);
         assert_eq!(s.job(&job).unwrap().state, JobState::Failed);
+    }
+
+    /// A trainer's coloured last log line is quoted in the failure message as plain text.
+    #[test]
+    fn failure_message_has_no_escape_codes() {
+        let mut s = Scheduler::new(10_000);
+        register(&mut s, "a", 1);
+        let job = submit(&mut s, spec(1, 1, 0));
+        ready_all(&mut s, &job);
+        s.apply(
+            3,
+            Event::Exited {
+                worker: "a".into(),
+                job: job.clone(),
+                generation: 1,
+                rank: 0,
+                code: 1,
+                message: "\u{1b}[2m2026-12-03T10:00:00Z\u{1b}[0m \u{1b}[31mERROR\u{1b}[0m \
+                          \u{1b}]0;t\u{7}cannot read config: no such file"
+                    .into(),
+            },
+        )
+        .unwrap();
+        let rec = s.job(&job).unwrap();
+        assert_eq!(rec.state, JobState::Failed);
+        assert_eq!(
+            rec.message,
+            "rank 0 exited with code 1: 2026-12-03T10:00:00Z ERROR cannot read config: no such file"
+        );
     }
 
     /// A lost heartbeat fails the generation that worker served.

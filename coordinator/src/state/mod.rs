@@ -16,7 +16,8 @@
 //!   one record per live job, dropped when the job ends.
 //! - `placement`: which free workers (that run the job's task) a waiting job's next generation runs on;
 //!   refusing what can never run; growing a shrunk job.
-//! - `checkpoints`: collecting checkpoint parts, commits, on-demand requests.
+//! - `checkpoints`: collecting checkpoint parts, commits in flight and their outcomes (what waits
+//!   for them), on-demand requests.
 //! - `lifecycle`: submit, cancel, rendezvous, progress and evaluation results, exits, worker loss and
 //!   hangs ending a generation, jobs no worker can run.
 //! - `mod.rs` (this file): the [`Scheduler`] itself, recovery, and [`Scheduler::apply`], which routes each
@@ -56,6 +57,9 @@ pub struct Scheduler {
     progress_persist_ms: Millis,
     /// Runtime state of live jobs, by id; no entry outlives its job's end.
     runtime: BTreeMap<String, JobRuntime>,
+    /// Checkpoint commits the driver runs and has not reported back, (generation, step) by job; an
+    /// entry lives until its job's last commit resolved, past the job's end too.
+    commits: BTreeMap<String, Vec<(u64, u64)>>,
 }
 
 impl Scheduler {
@@ -68,6 +72,7 @@ impl Scheduler {
             heartbeat_timeout_ms,
             progress_persist_ms: 5_000,
             runtime: BTreeMap::new(),
+            commits: BTreeMap::new(),
         }
     }
 
@@ -176,6 +181,9 @@ impl Scheduler {
             Event::Part { job, part } => self.part(&job, part, actions),
             Event::Committed { job, step, request } => {
                 self.committed(now, &job, step, request, actions)
+            }
+            Event::CommitFailed { job, step, reason } => {
+                self.commit_failed(now, &job, step, &reason, actions)
             }
             Event::Checkpoint { job } => {
                 out.checkpoint = Some(self.request_checkpoint(now, &job, actions)?);

@@ -114,8 +114,9 @@ impl Scheduler {
             return;
         };
         let job = &self.jobs[&id];
-        // A restarting job waits until its previous generation's trainers are all gone.
-        if job.ranks.iter().any(|r| r.exit.is_none()) {
+        // A restarting job waits until its previous generation's trainers are all gone, and until
+        // its checkpoint commits in flight resolved: the next generation resumes from them.
+        if job.ranks.iter().any(|r| r.exit.is_none()) || self.commits.contains_key(&id) {
             return;
         }
         let need = job.spec.workers.devices_per_worker;

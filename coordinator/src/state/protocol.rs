@@ -93,8 +93,10 @@ pub enum Action {
     },
     /// The job's status changed (watchers).
     Notify(String),
-    /// Write the checkpoint's manifest, move `latest`, apply retention; then feed back
-    /// [`Event::Committed`]. Later actions wait for it.
+    /// Write the checkpoint's manifest, move `latest`, apply retention, off the state lock (the
+    /// driver's commit task, `crate::commit`; a job's commits run one after another, in the order
+    /// issued); then feed back [`Event::Committed`] or [`Event::CommitFailed`]. Later actions do not
+    /// wait for it: the scheduler holds back what must (the job's next generation, its success).
     Commit {
         /// Job.
         job: String,
@@ -193,6 +195,16 @@ pub enum Event {
         step: u64,
         /// The on-demand request it served (0: none).
         request: u64,
+    },
+    /// The driver could not commit a checkpoint ([`Action::Commit`]) within its storage budget:
+    /// it is abandoned, and the job's previous commit stays its `latest`.
+    CommitFailed {
+        /// Job.
+        job: String,
+        /// Its step.
+        step: u64,
+        /// What failed.
+        reason: String,
     },
     /// A user asks for a checkpoint now.
     Checkpoint {

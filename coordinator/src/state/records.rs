@@ -127,9 +127,13 @@ pub struct JobRecord {
     pub output: String,
     /// Data shard files (listed at submit), partitioned across ranks per generation.
     pub files: Vec<String>,
-    /// Step of the newest committed checkpoint the trainers reported (0: none).
+    /// Step of the newest committed checkpoint (0: none); it only ever increases.
     #[serde(default)]
     pub checkpoint_step: u64,
+    /// The newest commit, (generation, step): parts of it or of an older step of that generation
+    /// that workers report again (after a coordinator restart too) are not committed again.
+    #[serde(default)]
+    pub last_commit: Option<(u64, u64)>,
     /// On-demand checkpoint requests issued so far (the last request id).
     #[serde(default)]
     pub checkpoint_requests: u64,

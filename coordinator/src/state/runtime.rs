@@ -17,7 +17,8 @@ pub(super) struct JobRuntime {
     pub(super) clocks: BTreeMap<u32, RankClock>,
     /// Checkpoint parts of the current generation by step, until every rank's is in.
     pub(super) parts: BTreeMap<u64, Vec<Part>>,
-    /// The last (generation, step) committed, so parts sent again are not committed twice.
+    /// The last (generation, step) issued for commit (committed or not), so parts sent again are
+    /// not committed twice; the job record keeps the last one committed across restarts.
     pub(super) last_commit: Option<(u64, u64)>,
     /// When rank 0's progress was last persisted (progress is persisted at most every few seconds).
     pub(super) last_progress_persist: Millis,
