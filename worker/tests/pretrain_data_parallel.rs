@@ -140,9 +140,9 @@ fn pretrain_task_reads_the_coordinators_shards() {
         r#"{"dropout":false}"#,
     );
     let assigned = task(&spec, &SingleProcess, &files[1..]);
-    assert_eq!(assigned.image_files(), vec![files[1].clone()]);
+    assert_eq!(assigned.streams().image_files(), vec![files[1].clone()]);
     let own = task(&spec, &SingleProcess, &[]);
-    let listed = own.image_files();
+    let listed = own.streams().image_files();
     assert_eq!(listed.len(), 2, "{listed:?}");
     assert!(
         listed

@@ -87,7 +87,10 @@ fn init_checkpoint_loads_from_file_and_s3() {
         output: "",
         comm: &SingleProcess,
     };
-    let err = xvlm_worker::trainer::pretrain::PretrainTask::new(&ctx)
+    let err =
+        xvlm_worker::trainer::runner::Runner::<xvlm_worker::trainer::pretrain::PretrainTask>::new(
+            &ctx,
+        )
         .err()
         .expect("missing init_checkpoint must fail");
     assert!(err.to_string().contains("missing.th"), "{err}");

@@ -65,15 +65,12 @@ fn int(state: &[(String, Tensor)], name: &str) -> i64 {
 /// The saved cursor of the stream `stream` a resumed rank whose meta is `meta` should continue from:
 /// that of the saved rank whose file order of the epoch starts with the resumed rank's first file.
 fn expected_cursor(saved: &[Saved], meta: &serde_json::Value, stream: &str) -> serde_json::Value {
-    let order = stream
-        .replace("images", "image_order")
-        .replace("regions", "region_order");
-    let first = &meta[&order][0];
+    let first = &meta["streams"][stream]["order"][0];
     let owner = saved
         .iter()
-        .find(|s| &s.meta[&order][0] == first)
+        .find(|s| &s.meta["streams"][stream]["order"][0] == first)
         .unwrap_or_else(|| panic!("no saved rank started its {stream} with {first}"));
-    owner.meta[stream]["cursor"].clone()
+    owner.meta["streams"][stream]["cursor"].clone()
 }
 
 #[test]
@@ -154,11 +151,11 @@ fn story(assigned: bool) {
     let why = refused(&bad, &mut one);
     assert!(why.contains("version 99"), "{why}");
     let mut bad = metas.clone();
-    bad[0]["image_order"] = serde_json::json!([]);
+    bad[0]["streams"]["images"]["order"] = serde_json::json!([]);
     let why = refused(&bad, &mut one);
     assert!(why.contains("file order"), "{why}");
     let mut bad = metas.clone();
-    bad[1]["image_plan"] = if assigned {
+    bad[1]["streams"]["images"]["plan"] = if assigned {
         "split 1/2: 2 files, sha256 0123456789abcdef".into()
     } else {
         "split 1/2: 3 files, sha256 0123456789abcdef".into()
@@ -187,7 +184,7 @@ fn story(assigned: bool) {
     // Both saved ranks are inside their first file of epoch 0; the single rank continues inside the
     // first file of its order, where the saved rank reading it stopped.
     for s in &saved {
-        let cursor = &s.meta["images"]["cursor"];
+        let cursor = &s.meta["streams"]["images"]["cursor"];
         assert!(
             cursor["epoch"] == 0 && cursor["file"] == 0 && cursor["line"].as_u64() > Some(0),
             "{cursor}"
@@ -195,7 +192,7 @@ fn story(assigned: bool) {
     }
     for stream in ["images", "regions"] {
         assert_eq!(
-            meta[stream]["cursor"],
+            meta["streams"][stream]["cursor"],
             expected_cursor(&saved, &meta, stream),
             "the {stream} stream does not continue where the saved rank stopped"
         );

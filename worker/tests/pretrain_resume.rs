@@ -47,7 +47,7 @@ fn story(spec: &JobSpec, storage: &Storage, comms: [&dyn Collective; 3]) -> (Has
     let meta = first.checkpoint_meta();
     assert_eq!(meta["iteration"], SAVE_AT);
     assert!(
-        meta["images"]["lines"].as_u64().unwrap_or(0) > 0,
+        meta["streams"]["images"]["lines"].as_u64().unwrap_or(0) > 0,
         "no data cursor in {meta}"
     );
     drop(first);

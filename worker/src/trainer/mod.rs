@@ -6,6 +6,7 @@ pub mod batch;
 pub mod finetune;
 pub mod harness;
 pub mod pretrain;
+pub mod runner;
 pub mod save_request;
 pub mod smoke;
 pub mod task;

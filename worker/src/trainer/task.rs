@@ -1,6 +1,6 @@
 //! The interface between the trainer process and what it trains. The trainer drives a [`TrainTask`]
 //! step by step; tasks are chosen by the job's `task:` field in [`build`]. `pretrain` and the
-//! fine-tuning tasks plug in here.
+//! fine-tuning tasks plug in here, each on the one task runner ([`Runner`]).
 
 use tch::{Device, Tensor};
 use xvlm_model::collective::{Collective, CollectiveError};
@@ -14,8 +14,8 @@ use super::finetune::nlvr::NlvrTask;
 use super::finetune::nlvr_pretrain::NlvrPretrainTask;
 use super::finetune::retrieval::RetrievalTask;
 use super::finetune::vqa::VqaTask;
-use super::finetune::FinetuneRunner;
 use super::pretrain::PretrainTask;
+use super::runner::Runner;
 use super::smoke::SmokeTask;
 use crate::checkpoint::{Checkpointable, RestoreError};
 
@@ -156,30 +156,28 @@ type Builder = fn(&TaskContext<'_>) -> Result<Box<dyn TrainTask>, TaskError>;
 const TASKS: &[(TaskKind, Builder)] = &[
     (TaskKind::Smoke, |ctx| Ok(Box::new(SmokeTask::new(ctx)?))),
     (TaskKind::Pretrain, |ctx| {
-        Ok(Box::new(PretrainTask::new(ctx)?))
+        Ok(Box::new(Runner::<PretrainTask>::new(ctx)?))
     }),
     (TaskKind::Retrieval, |ctx| {
-        Ok(Box::new(FinetuneRunner::<RetrievalTask>::new(ctx)?))
+        Ok(Box::new(Runner::<RetrievalTask>::new(ctx)?))
     }),
     (TaskKind::Nlvr, |ctx| {
-        Ok(Box::new(FinetuneRunner::<NlvrTask>::new(ctx)?))
+        Ok(Box::new(Runner::<NlvrTask>::new(ctx)?))
     }),
     (TaskKind::Vqa, |ctx| {
-        Ok(Box::new(FinetuneRunner::<VqaTask>::new(ctx)?))
+        Ok(Box::new(Runner::<VqaTask>::new(ctx)?))
     }),
     (TaskKind::Grounding, |ctx| {
-        Ok(Box::new(FinetuneRunner::<GroundingTask>::new(ctx)?))
+        Ok(Box::new(Runner::<GroundingTask>::new(ctx)?))
     }),
     (TaskKind::GroundingBbox, |ctx| {
-        Ok(Box::new(FinetuneRunner::<GroundingBboxTask>::new(ctx)?))
+        Ok(Box::new(Runner::<GroundingBboxTask>::new(ctx)?))
     }),
     (TaskKind::NlvrPretrain, |ctx| {
-        Ok(Box::new(FinetuneRunner::<NlvrPretrainTask>::new(ctx)?))
+        Ok(Box::new(Runner::<NlvrPretrainTask>::new(ctx)?))
     }),
     (TaskKind::GroundingBboxPretrain, |ctx| {
-        Ok(Box::new(FinetuneRunner::<GroundingBboxPretrainTask>::new(
-            ctx,
-        )?))
+        Ok(Box::new(Runner::<GroundingBboxPretrainTask>::new(ctx)?))
     }),
 ];
 

@@ -56,7 +56,7 @@ fn train_from_pretrained<T: FinetuneTask>(
     patch: &[(&str, &str)],
     steps: u64,
 ) -> (
-    xvlm_worker::trainer::finetune::FinetuneRunner<T>,
+    xvlm_worker::trainer::runner::Runner<T>,
     Vec<Vec<(String, f64)>>,
 ) {
     let (data, checkpoint, _) = shared_pretrained();

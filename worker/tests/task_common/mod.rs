@@ -11,8 +11,9 @@ use xvlm_model::config::configs_dir;
 use xvlm_model::data::synth::{generate, SynthConfig};
 use xvlm_proto::spec::JobSpec;
 use xvlm_worker::checkpoint::{sha256_hex, Checkpointer, Part, Storage};
-use xvlm_worker::trainer::finetune::{FinetuneRunner, FinetuneTask};
+use xvlm_worker::trainer::finetune::FinetuneTask;
 use xvlm_worker::trainer::pretrain::PretrainTask;
+use xvlm_worker::trainer::runner::Runner;
 use xvlm_worker::trainer::task::{TaskContext, TrainTask};
 
 /// The text encoder of the tests: the tiny BERT of reference §7 with the synthetic vocabulary's size.
@@ -93,7 +94,7 @@ pub fn spec(config: &Path, steps: u64, extra: &str) -> JobSpec {
 }
 
 /// A task for this rank of `comm` (1 libtorch thread), reading `shards` when given.
-pub fn task(spec: &JobSpec, comm: &dyn Collective, shards: &[String]) -> PretrainTask {
+pub fn task(spec: &JobSpec, comm: &dyn Collective, shards: &[String]) -> Runner<PretrainTask> {
     tch::set_num_threads(1);
     let ctx = TaskContext {
         spec,
@@ -104,7 +105,7 @@ pub fn task(spec: &JobSpec, comm: &dyn Collective, shards: &[String]) -> Pretrai
         output: "",
         comm,
     };
-    PretrainTask::new(&ctx).expect("pretrain task")
+    Runner::new(&ctx).expect("pretrain task")
 }
 
 /// Runs steps `from..to`, returning the reported losses of each.
@@ -282,7 +283,7 @@ pub fn finetune_task<T: FinetuneTask>(
     spec: &JobSpec,
     comm: &dyn Collective,
     output: &str,
-) -> FinetuneRunner<T> {
+) -> Runner<T> {
     tch::set_num_threads(1);
     let ctx = TaskContext {
         spec,
@@ -293,7 +294,7 @@ pub fn finetune_task<T: FinetuneTask>(
         output,
         comm,
     };
-    FinetuneRunner::new(&ctx).unwrap_or_else(|e| panic!("{} task: {e}", T::NAME))
+    Runner::new(&ctx).unwrap_or_else(|e| panic!("{} task: {e}", T::NAME))
 }
 
 /// The corpus `scripts/demo.sh` writes (400 images, large shapes on a plain background) under

@@ -1,5 +1,5 @@
 //! `task: grounding`: RefCOCO+ weakly supervised grounding (`Grounding.py`, configs/Grounding.yaml) on
-//! the fine-tune runner. Train: the retrieval model (models/model_retrieval.py) on (expression, image)
+//! the task runner. Train: the retrieval model (models/model_retrieval.py) on (expression, image)
 //! pairs, ITC + ITM with `idx` numbering image files, so every expression of an image is a positive.
 //! Evaluation: Grad-CAM on the cross-attention of text layer `block_num` (exact attention
 //! probabilities and their gradient), every `dets.json` proposal scored on the upsampled map, the best
@@ -32,10 +32,10 @@ use xvlm_model::tasks::retrieval::RetrievalModel;
 use xvlm_model::xvlm::ModelError;
 
 use super::init::task_tokenizer;
-use super::outputs::Outputs;
 use super::retrieval::{self, RetrievalTask};
 use super::{FinetuneTask, Split};
 use crate::trainer::harness::setup::other;
+use crate::trainer::runner::outputs::Outputs;
 use crate::trainer::task::{TaskContext, TaskError};
 
 /// The weak grounding task of one rank: its evaluation expressions and Grad-CAM settings.

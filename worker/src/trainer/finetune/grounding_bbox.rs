@@ -1,5 +1,5 @@
 //! `task: grounding_bbox`: RefCOCO+ grounding with box regression (`Grounding_bbox.py`,
-//! configs/Grounding_bbox.yaml) on the fine-tune runner. Train: models/model_bbox.py (vision, text,
+//! configs/Grounding_bbox.yaml) on the task runner. Train: models/model_bbox.py (vision, text,
 //! `bbox_head`) with L1 + GIoU against the REFER box after the official crop that keeps the box, the
 //! careful flip (`careful_hflip`, true when the config lacks it) and `box_transform`. Evaluation: the
 //! predicted (cx, cy, w, h) times the image's width and height from `instances.json`, top-left
@@ -27,9 +27,9 @@ use xvlm_model::xvlm::ModelError;
 
 use super::grounding::{load_eval_set, score_predictions};
 use super::init::{load_init_weights, read_finetune_checkpoint, task_tokenizer};
-use super::outputs::Outputs;
 use super::{FinetuneTask, Split};
 use crate::trainer::harness::setup::other;
+use crate::trainer::runner::outputs::Outputs;
 use crate::trainer::task::{TaskContext, TaskError};
 
 /// The box grounding task of one rank: its evaluation expressions.

@@ -1,5 +1,5 @@
 //! `task: grounding_bbox_pretrain`: the box-grounding domain pre-training (`Grounding_bbox_pretrain.py`,
-//! models/model_bbox_pretrain.py) on the fine-tune runner. Model: vision + text + `bbox_head`
+//! models/model_bbox_pretrain.py) on the task runner. Model: vision + text + `bbox_head`
 //! ([`BboxPretrainModel`], the layout of `task: grounding_bbox`); data: the region json lines of a
 //! pre-training-format config (`train_file_regions`, `regions:`; the job's `data.shards` replace
 //! `train_file_regions` when given) as a map-style dataset of image lines ([`RegionLines`]): a rank's

@@ -1,4 +1,4 @@
-//! `task: nlvr`: NLVR2 fine-tuning (`NLVR.py`) on the fine-tune runner. Train: CE of the two-class
+//! `task: nlvr`: NLVR2 fine-tuning (`NLVR.py`) on the task runner. Train: CE of the two-class
 //! head on (sentence, left image, right image); `init_checkpoint` a general pre-training checkpoint
 //! (its cross layers doubled into the 18-layer layout as `model_nlvr.py:load_pretrained` does) or one
 //! already in that layout. Evaluation: accuracy over dev (`val_file`) and test1 (`test_file`), each rank

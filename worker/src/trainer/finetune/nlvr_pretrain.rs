@@ -1,5 +1,5 @@
 //! `task: nlvr_pretrain`: the NLVR2 domain pre-training ("text-to-images alignment", `NLVR_pretrain.py`,
-//! models/model_nlvr_pretrain.py) on the fine-tune runner. Model: the 18-layer NLVR2 encoder plus
+//! models/model_nlvr_pretrain.py) on the task runner. Model: the 18-layer NLVR2 encoder plus
 //! `vision_proj` and a new `ta_head` ([`NlvrPretrainModel`]); data: the image-text json lines of a
 //! pre-training-format config (`train_file`, `images:`; the job's `data.shards` replace `train_file`
 //! when given) as a map-style dataset of lines ([`ImageTextLines`]), `images.batch_size` pairs per

@@ -1,5 +1,5 @@
 //! `task: retrieval`: image-text retrieval fine-tuning (`Retrieval.py`, COCO / Flickr30k) on the
-//! fine-tune runner. Train: `re_train_dataset` items (ITC with `idx` positives, ITM hard negatives),
+//! task runner. Train: `re_train_dataset` items (ITC with `idx` positives, ITM hard negatives),
 //! `init_checkpoint` loaded as the official fine-tune loader does (an official pre-training `.th`, or
 //! an xvlm run's `final/model.safetensors`). Evaluation: `Retrieval.py: evaluation` distributed over
 //! the ranks (each encodes its slice; ITM re-scoring split across ranks), `r_mean` picks the best.

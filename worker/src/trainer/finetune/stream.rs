@@ -6,8 +6,9 @@
 //! slices of the ranks it stands in for, as micro-batches of `local` items whose gradients the engine
 //! averages. Either way every item is loaded with the draws of (seed, epoch, item), so a micro-batch is
 //! bit-identical to the batch the reference world's rank reads, and the cursor means the same at every
-//! world size.
+//! world size: the runner's `train` stream, whose resharded position is the saved ranks' common cursor.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use xvlm_model::data::finetune::loader::{load_batch, MapDataset, MapLoader, MapLoaderConfig};
@@ -15,7 +16,12 @@ use xvlm_model::data::finetune::sampler::{TrainCursor, TrainSampler};
 
 use crate::trainer::batch::BatchPlan;
 use crate::trainer::harness::setup::other;
+use crate::trainer::runner::meta::required_state;
+use crate::trainer::runner::Streams;
 use crate::trainer::task::TaskError;
+
+/// The stream's name in the resume meta.
+pub const TRAIN_STREAM: &str = "train";
 
 /// How many items a loader prepares ahead of the step.
 const PREFETCH_BATCHES: usize = 2;
@@ -85,6 +91,11 @@ impl<D: MapDataset> StepBatches<D> {
         self.cursor
     }
 
+    /// Items per micro-batch.
+    pub fn local(&self) -> usize {
+        self.plan.local
+    }
+
     /// Micro-batches per step on this rank.
     pub fn accumulation(&self) -> usize {
         self.plan.micro_batches().len()
@@ -123,5 +134,61 @@ impl<D: MapDataset> StepBatches<D> {
         };
         self.cursor = self.global.next(self.cursor);
         Ok(batches)
+    }
+}
+
+impl<D: MapDataset> Streams for StepBatches<D> {
+    type Position = TrainCursor;
+
+    fn save(&self) -> BTreeMap<String, serde_json::Value> {
+        BTreeMap::from([(
+            TRAIN_STREAM.to_string(),
+            serde_json::to_value(self.cursor).unwrap_or_default(),
+        )])
+    }
+
+    fn resumed(
+        &self,
+        saved: &BTreeMap<String, serde_json::Value>,
+    ) -> Result<TrainCursor, TaskError> {
+        required_state(saved, TRAIN_STREAM)
+    }
+
+    /// Cursors count global batches, so the saved ranks agree; rank 0's is taken.
+    fn resharded(
+        &self,
+        saved: &[&BTreeMap<String, serde_json::Value>],
+    ) -> Result<TrainCursor, TaskError> {
+        let cursors = saved
+            .iter()
+            .enumerate()
+            .map(|(r, s)| {
+                required_state::<TrainCursor>(s, TRAIN_STREAM)
+                    .map_err(|e| other(format!("rank {r}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let first = cursors
+            .first()
+            .copied()
+            .ok_or_else(|| other("no saved rank"))?;
+        if let Some((r, c)) = cursors.iter().enumerate().find(|(_, c)| **c != first) {
+            return Err(other(format!(
+                "rank {r}: stream {TRAIN_STREAM} at {c:?}, rank 0 at {first:?}"
+            )));
+        }
+        Ok(first)
+    }
+
+    fn restart(&mut self, cursor: TrainCursor) -> Result<(), TaskError> {
+        // Drop the running loader (joins its threads) before starting the new one.
+        self.loader = None;
+        *self = Self::start(
+            self.data.clone(),
+            self.plan.clone(),
+            self.cfg.seed,
+            self.cfg.threads,
+            cursor,
+        )?;
+        Ok(())
     }
 }

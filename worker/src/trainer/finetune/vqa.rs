@@ -1,4 +1,4 @@
-//! `task: vqa`: VQA fine-tuning (`VQA.py`, models/model_vqa.py) on the fine-tune runner. Train: the
+//! `task: vqa`: VQA fine-tuning (`VQA.py`, models/model_vqa.py) on the task runner. Train: the
 //! weighted answer NLL of the decoder (`train_file`s, the dataset's careful flip); `init_checkpoint` a
 //! pre-training checkpoint (its text layers split between the encoder and the answer decoder as
 //! `model_vqa.py:load_pretrained` does) or a VQA checkpoint (any `text_decoder.*` key: loaded as is,
@@ -39,9 +39,9 @@ use xvlm_model::train::finetune::FinetuneModel;
 use xvlm_model::xvlm::{vision_config, ModelError};
 
 use super::init::{load_init_weights, task_tokenizer};
-use super::outputs::Outputs;
 use super::{FinetuneTask, Split};
 use crate::trainer::harness::setup::{other, read_init_checkpoint};
+use crate::trainer::runner::outputs::Outputs;
 use crate::trainer::task::{TaskContext, TaskError};
 
 /// `k_test` of configs/VQA.yaml, used when the config has none.

@@ -1,4 +1,4 @@
-//! What a fine-tune writes besides checkpoints, on the job output's storage (rank 0 only):
+//! What a task with an evaluation writes besides checkpoints, on the job output's storage (rank 0 only):
 //! evaluation results (`eval/epoch-E.json`, `eval/final.json`) and the best weights (`best/`).
 //!
 //! `best/` is a checkpoint of its own: `best/model.safetensors`, then `best/MANIFEST.json` last (size,
