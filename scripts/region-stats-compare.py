@@ -13,10 +13,23 @@ import numpy as np
 from scipy import stats
 
 
+def first_region_per_image(batches):
+    """One region text per image: an image's regions share its crop, and the collate's padding repeats
+    texts, so all of them together are not independent draws (a KS test on them is optimistic)."""
+    regions = []
+    for b in batches:
+        seen = set()
+        for t in b["texts"]:
+            if t["is_image"] == 0 and t["img"] not in seen:
+                seen.add(t["img"])
+                regions.append(t)
+    return regions
+
+
 def load(path):
     batches = [json.loads(line) for line in open(path)]
     texts = [t for b in batches for t in b["texts"]]
-    regions = [t for t in texts if t["is_image"] == 0]
+    regions = first_region_per_image(batches)
     images = [i for b in batches for i in b["images"]]
     per_image = []
     duplicates = 0

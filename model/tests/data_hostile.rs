@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use base64::Engine;
 use serde_json::json;
+use xvlm_model::data::augment::OpArithmetic;
 use xvlm_model::data::formats::RecordKeys;
 use xvlm_model::data::loader::{Loader, LoaderConfig, Processor, StreamState};
 use xvlm_model::data::masking::MaskConfig;
@@ -167,6 +168,7 @@ fn region_processor(dir: &Path, careful_hflip: bool) -> RegionProcessor {
             max_regions: 3,
             min_perc_in_image: 0.5,
             careful_hflip,
+            arithmetic: OpArithmetic::Official,
         },
     }
 }

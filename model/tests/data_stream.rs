@@ -4,6 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 
+use xvlm_model::data::augment::OpArithmetic;
 use xvlm_model::data::formats::RecordKeys;
 use xvlm_model::data::loader::{Loader, LoaderConfig, StreamState};
 use xvlm_model::data::masking::MaskConfig;
@@ -263,6 +264,7 @@ fn region_batches_have_model_shapes() {
             max_regions: 3,
             min_perc_in_image: 0.5,
             careful_hflip: false,
+            arithmetic: OpArithmetic::Official,
         },
     };
     let mut loader = Loader::start(

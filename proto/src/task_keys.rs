@@ -317,6 +317,7 @@ const IMAGES: &[ConfigKey] = &[
     key("crop_scale", CROP_SCALE, EVERY),
     key("hflip", ValueKind::Bool, EVERY),
     key("rand_augment", ValueKind::Bool, EVERY),
+    key("exact_ops", ValueKind::Bool, EVERY),
 ];
 
 /// `regions:` of the region stream.
@@ -332,6 +333,7 @@ const REGION_STREAM: &[ConfigKey] = &[
     key("min_perc_in_image", ValueKind::Number(PROBABILITY), EVERY),
     key("num_workers", ValueKind::Integer(NON_NEGATIVE), EVERY),
     key("careful_hflip", ValueKind::Bool, EVERY),
+    key("exact_ops", ValueKind::Bool, EVERY),
 ];
 
 /// `finetune_transform:` (xvlm-only softening of the fine-tune `train_transform`).
@@ -339,6 +341,7 @@ const FINETUNE_TRANSFORM: &[ConfigKey] = &[
     key("crop_scale", CROP_SCALE, EVERY),
     key("hflip", ValueKind::Bool, EVERY),
     key("rand_augment", ValueKind::Bool, EVERY),
+    key("exact_ops", ValueKind::Bool, EVERY),
 ];
 
 /// Every top-level key of the task configs, with the tasks that read it.

@@ -105,6 +105,31 @@ pub const COLOUR_OPS: [AugOp; 5] = [
     AugOp::Sharpness,
 ];
 
+/// How AutoContrast and Sharpness treat values the official numpy code lets wrap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OpArithmetic {
+    /// As the official `dataset/randaugment.py` computes, the default because the published runs
+    /// trained on that data: AutoContrast negates its minimum as a `np.uint8` scalar, so a channel
+    /// with `0 < min < max` turns all 255; Sharpness casts its float result to uint8 unclipped
+    /// (truncated, then modulo 256).
+    #[default]
+    Official,
+    /// The documented mappings (xvlm-only `exact_ops: True`): AutoContrast stretches `[min, max]`
+    /// onto `[0, 255]`, Sharpness clips to `[0, 255]`.
+    Exact,
+}
+
+impl OpArithmetic {
+    /// `Exact` when the config's xvlm-only `exact_ops` is set.
+    pub fn from_exact_ops(exact_ops: bool) -> Self {
+        if exact_ops {
+            Self::Exact
+        } else {
+            Self::Official
+        }
+    }
+}
+
 /// `RandomAugment(N, M, isPIL=True, augs=ops)`.
 #[derive(Debug, Clone)]
 pub struct RandAugment {
@@ -114,6 +139,8 @@ pub struct RandAugment {
     pub m: u32,
     /// The op set.
     pub ops: Vec<AugOp>,
+    /// The integer arithmetic of AutoContrast and Sharpness.
+    pub arithmetic: OpArithmetic,
 }
 
 const MAX_LEVEL: f64 = 10.0;
@@ -126,7 +153,14 @@ impl RandAugment {
             n: 2,
             m: 7,
             ops: ops.to_vec(),
+            arithmetic: OpArithmetic::Official,
         }
+    }
+
+    /// This augmentation with AutoContrast and Sharpness computed as `arithmetic` says.
+    pub fn with_arithmetic(mut self, arithmetic: OpArithmetic) -> Self {
+        self.arithmetic = arithmetic;
+        self
     }
 
     /// Draw N ops uniformly with replacement; apply each with probability 0.5.
@@ -151,10 +185,10 @@ impl RandAugment {
             };
             match op {
                 AugOp::Identity => {}
-                AugOp::AutoContrast => autocontrast(img),
+                AugOp::AutoContrast => autocontrast(img, self.arithmetic),
                 AugOp::Equalize => equalize(img),
                 AugOp::Brightness => brightness(img, (level * 1.8 + 0.1) as f32),
-                AugOp::Sharpness => sharpness(img, (level * 1.8 + 0.1) as f32),
+                AugOp::Sharpness => sharpness(img, (level * 1.8 + 0.1) as f32, self.arithmetic),
                 AugOp::ShearX => {
                     let f = level * 0.3 * sign(rng);
                     *img = warp_affine(img, [1.0, f, 0.0, 0.0, 1.0, 0.0]);
@@ -198,8 +232,9 @@ fn histograms(img: &RgbImage) -> [[u32; 256]; 3] {
     h
 }
 
-/// AutoContrast with cutoff 0: per channel, map [min, max] onto [0, 255]; identity if max <= min.
-pub fn autocontrast(img: &mut RgbImage) {
+/// AutoContrast with cutoff 0: per channel, map [min, max] onto [0, 255] (`Official`: all 255 when
+/// min > 0, the uint8 wrap of `-min`); identity if max <= min.
+pub fn autocontrast(img: &mut RgbImage, arithmetic: OpArithmetic) {
     let hist = histograms(img);
     let mut luts = [[0u8; 256]; 3];
     for c in 0..3 {
@@ -208,9 +243,16 @@ pub fn autocontrast(img: &mut RgbImage) {
         for (v, out) in luts[c].iter_mut().enumerate() {
             *out = if high <= low {
                 v as u8
-            } else {
+            } else if low > 0 && arithmetic == OpArithmetic::Official {
+                // offset = (256 - low) * scale > 255 for every v: the whole channel clips to 255.
+                255
+            } else if arithmetic == OpArithmetic::Official {
+                // The official table: arange * scale + offset (here low == 0, so offset == 0).
                 let scale = 255.0 / (high - low) as f64;
                 (v as f64 * scale - low as f64 * scale).clamp(0.0, 255.0) as u8
+            } else {
+                let scale = 255.0 / (high - low) as f64;
+                ((v as f64 - low as f64) * scale).clamp(0.0, 255.0) as u8
             };
         }
     }
@@ -257,8 +299,9 @@ pub fn brightness(img: &mut RgbImage, factor: f32) {
 }
 
 /// Sharpness: interior pixels = blur + f * (img - blur) with blur = round(filter [[1,1,1],[1,5,1],[1,1,1]]/13);
-/// border pixels unchanged; clipped to 0..255 (DESIGN fix 15: the official cast wraps).
-pub fn sharpness(img: &mut RgbImage, factor: f32) {
+/// border pixels unchanged; the float result cast as `arithmetic` says (`Official`: numpy's unclipped
+/// `astype(np.uint8)`, truncation then modulo 256; `Exact`: clipped to 0..255).
+pub fn sharpness(img: &mut RgbImage, factor: f32, arithmetic: OpArithmetic) {
     let (w, h) = (img.width, img.height);
     if w < 3 || h < 3 {
         return;
@@ -285,7 +328,12 @@ pub fn sharpness(img: &mut RgbImage, factor: f32) {
             // round(s / 13): 13 is odd, so there are no ties.
             let blur = ((2 * s + 13) / 26) as f32;
             let v = f32::from(mid[i]);
-            out[i] = (blur + factor * (v - blur)).clamp(0.0, 255.0) as u8;
+            let sharpened = blur + factor * (v - blur);
+            out[i] = match arithmetic {
+                // Truncation toward zero, then the low 8 bits, as numpy's float32 -> uint8 cast.
+                OpArithmetic::Official => sharpened as i32 as u8,
+                OpArithmetic::Exact => sharpened.clamp(0.0, 255.0) as u8,
+            };
         }
     }
 }
@@ -397,6 +445,94 @@ mod tests {
         let mut img = RgbImage::filled(3, 3, [7, 8, 9]);
         equalize(&mut img);
         assert_eq!(img.data[0..3], [7, 8, 9]);
+    }
+
+    /// The input of a `tests/fixtures/randaugment/cases.json` case: splitmix64 bytes, channel c mapped
+    /// onto `ranges[c]` (as `scripts/randaugment-cases.py`).
+    fn case_image(case: &serde_json::Value) -> RgbImage {
+        let (w, h) = (case["w"].as_u64().unwrap(), case["h"].as_u64().unwrap());
+        let (w, h) = (w as usize, h as usize);
+        let ranges: Vec<(u32, u32)> = case["ranges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| (r[0].as_u64().unwrap() as u32, r[1].as_u64().unwrap() as u32))
+            .collect();
+        let raw =
+            crate::data::pixels::tests::splitmix64_bytes(case["seed"].as_u64().unwrap(), w * h * 3);
+        let data = raw
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| {
+                let (lo, hi) = ranges[i % 3];
+                (lo + u32::from(b) % (hi - lo + 1)) as u8
+            })
+            .collect();
+        RgbImage::new(w, h, data).unwrap()
+    }
+
+    /// AutoContrast, Sharpness (both arithmetics), Equalize and Brightness are bit-exact against the
+    /// official `dataset/randaugment.py` (numpy + OpenCV) on 240 images that hit every wrap.
+    #[test]
+    fn colour_ops_match_the_official_functions_on_every_case() {
+        use sha2::{Digest, Sha256};
+        let doc: serde_json::Value =
+            serde_json::from_str(include_str!("../../tests/fixtures/randaugment/cases.json"))
+                .expect("cases.json parses");
+        let factor = doc["factor"].as_f64().unwrap() as f32;
+        let cases = doc["cases"].as_array().unwrap();
+        assert!(cases.len() >= 200, "only {} cases", cases.len());
+        type Op = Box<dyn Fn(&mut RgbImage)>;
+        let ops: [(&str, Op); 6] = [
+            (
+                "autocontrast",
+                Box::new(|i| autocontrast(i, OpArithmetic::Official)),
+            ),
+            (
+                "autocontrast_exact",
+                Box::new(|i| autocontrast(i, OpArithmetic::Exact)),
+            ),
+            (
+                "sharpness",
+                Box::new(move |i| sharpness(i, factor, OpArithmetic::Official)),
+            ),
+            (
+                "sharpness_exact",
+                Box::new(move |i| sharpness(i, factor, OpArithmetic::Exact)),
+            ),
+            ("equalize", Box::new(equalize)),
+            ("brightness", Box::new(move |i| brightness(i, factor))),
+        ];
+        let mut failed = Vec::new();
+        let mut wrapped = 0;
+        for case in cases {
+            let input = case_image(case);
+            for (name, op) in &ops {
+                let mut img = input.clone();
+                op(&mut img);
+                let got = format!("{:x}", Sha256::digest(&img.data));
+                if got != case[*name].as_str().unwrap() {
+                    failed.push(format!(
+                        "{name} {}x{} {}",
+                        input.width, input.height, case["kind"]
+                    ));
+                }
+            }
+            if case["autocontrast"] != case["autocontrast_exact"] {
+                wrapped += 1;
+            }
+        }
+        assert!(
+            failed.is_empty(),
+            "{} mismatches: {:?}",
+            failed.len(),
+            &failed[..failed.len().min(10)]
+        );
+        // The fixture exercises the wrap, or the test could not tell the arithmetics apart.
+        assert!(
+            wrapped > cases.len() / 3,
+            "only {wrapped} cases differ between the arithmetics"
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::augment::OpArithmetic;
 use super::batch::{ImageTextBatch, RegionBatch};
 use super::formats::RecordKeys;
 use super::loader::{Loader, LoaderConfig, StreamState};
@@ -39,18 +40,18 @@ pub struct ImagesSection {
     /// xvlm-only: RandAugment(2, 7) (official: on).
     #[serde(default = "default_true")]
     pub rand_augment: bool,
+    /// xvlm-only: AutoContrast and Sharpness without the official uint8 wraps (official: wraps).
+    #[serde(default)]
+    pub exact_ops: bool,
 }
 
 impl ImagesSection {
     /// The image-text training transform: the official `pretrain_transform` unless the xvlm-only keys
     /// soften it.
     pub fn transform(&self, res: usize) -> Result<TrainTransform, DataError> {
-        TrainTransform::pretrain(res).softened(
-            "images",
-            self.crop_scale,
-            self.hflip,
-            self.rand_augment,
-        )
+        TrainTransform::pretrain(res)
+            .softened("images", self.crop_scale, self.hflip, self.rand_augment)
+            .map(|t| t.with_arithmetic(OpArithmetic::from_exact_ops(self.exact_ops)))
     }
 }
 
@@ -77,6 +78,23 @@ pub struct RegionsSection {
     /// Loader threads.
     #[serde(default = "default_workers")]
     pub num_workers: usize,
+    /// xvlm-only: `box_transform` without the official uint8 wraps (official: wraps).
+    #[serde(default)]
+    pub exact_ops: bool,
+}
+
+impl RegionsSection {
+    /// The region sampling settings at side `image_res` with final stride `patch_size`.
+    pub fn region_config(&self, image_res: usize, patch_size: usize) -> RegionConfig {
+        RegionConfig {
+            image_res,
+            patch_size,
+            max_regions: self.max_regions,
+            min_perc_in_image: self.min_perc_in_image,
+            careful_hflip: self.careful_hflip,
+            arithmetic: OpArithmetic::from_exact_ops(self.exact_ops),
+        }
+    }
 }
 
 fn default_crop_scale() -> (f64, f64) {
@@ -221,13 +239,7 @@ impl RegionLoader {
         let processor = RegionProcessor {
             keys: rc.keys.clone(),
             text: cfg.text_pipeline(rc.keys.tokenized)?,
-            cfg: RegionConfig {
-                image_res: cfg.image_res,
-                patch_size: cfg.patch_size,
-                max_regions: rc.max_regions,
-                min_perc_in_image: rc.min_perc_in_image,
-                careful_hflip: rc.careful_hflip,
-            },
+            cfg: rc.region_config(cfg.image_res, cfg.patch_size),
         };
         let lc = LoaderConfig::new(rc.max_images, rc.num_workers, seed);
         Ok(Self {

@@ -495,13 +495,13 @@ pub fn to_normalized_chw(img: &RgbImage, mean: [f32; 3], std: [f32; 3]) -> Vec<f
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use sha2::{Digest, Sha256};
 
     /// `n` bytes from splitmix64 seeded with `seed`, each output little-endian (as
-    /// `scripts/pil-resize-cases.py`).
-    fn splitmix64_bytes(seed: u64, n: usize) -> Vec<u8> {
+    /// `scripts/pil-resize-cases.py` and `scripts/randaugment-cases.py`).
+    pub(crate) fn splitmix64_bytes(seed: u64, n: usize) -> Vec<u8> {
         let mut state = seed;
         let mut out = Vec::with_capacity(n + 8);
         while out.len() < n {

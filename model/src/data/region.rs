@@ -6,6 +6,7 @@ use rand::seq::SliceRandom;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
+use super::augment::OpArithmetic;
 use super::formats::{parse_region, RecordKeys, RegionElem};
 use super::loader::Processor;
 use super::pixels;
@@ -26,6 +27,8 @@ pub struct RegionConfig {
     pub min_perc_in_image: f64,
     /// `careful_hflip`: no flip when a caption mentions "left" or "right".
     pub careful_hflip: bool,
+    /// The integer arithmetic of `box_transform`'s AutoContrast and Sharpness.
+    pub arithmetic: OpArithmetic,
 }
 
 /// One image of a region batch with its texts.
@@ -126,7 +129,7 @@ impl Processor for RegionProcessor {
         if flip {
             crop.hflip();
         }
-        let image = box_transform(rng, crop);
+        let image = box_transform(rng, crop, self.cfg.arithmetic);
 
         let mut out = RegionSample {
             image,

@@ -3,7 +3,7 @@
 
 use rand::Rng;
 
-use super::augment::{self, AugOp, CropBox, RandAugment};
+use super::augment::{self, CropBox, OpArithmetic, RandAugment};
 use super::pixels::{self, RgbImage, CLIP_MEAN, CLIP_STD};
 use super::DataError;
 
@@ -92,6 +92,12 @@ impl TrainTransform {
         Ok(self)
     }
 
+    /// This transform with AutoContrast and Sharpness computed as `arithmetic` says.
+    pub fn with_arithmetic(mut self, arithmetic: OpArithmetic) -> Self {
+        self.rand_augment = self.rand_augment.with_arithmetic(arithmetic);
+        self
+    }
+
     fn crop_params(&self, rng: &mut impl Rng, w: usize, h: usize) -> CropBox {
         augment::random_resized_crop_params(rng, w, h, self.scale, (3.0 / 4.0, 4.0 / 3.0))
     }
@@ -171,14 +177,9 @@ impl TrainTransform {
 
 /// `box_transform`: RandAugment(2, 7) over the five colour ops, ToTensor, Normalize (geometry is done by
 /// the region sampler so the boxes follow it).
-pub fn box_transform(rng: &mut impl Rng, mut img: RgbImage) -> Vec<f32> {
-    RandAugment::new(&[
-        AugOp::Identity,
-        AugOp::AutoContrast,
-        AugOp::Equalize,
-        AugOp::Brightness,
-        AugOp::Sharpness,
-    ])
-    .apply(rng, &mut img);
+pub fn box_transform(rng: &mut impl Rng, mut img: RgbImage, arithmetic: OpArithmetic) -> Vec<f32> {
+    RandAugment::new(&augment::COLOUR_OPS)
+        .with_arithmetic(arithmetic)
+        .apply(rng, &mut img);
     pixels::to_normalized_chw(&img, CLIP_MEAN, CLIP_STD)
 }

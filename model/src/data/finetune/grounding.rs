@@ -19,6 +19,7 @@ use super::refer::Refer;
 use super::retrieval::RetrievalTrainBatch;
 use super::source::ImageRoot;
 use super::text::{encode_batch, Padding};
+use crate::data::augment::OpArithmetic;
 use crate::data::caption::pre_caption;
 use crate::data::pixels::{self, RgbImage};
 use crate::data::tokenizer::TextTokenizer;
@@ -398,7 +399,11 @@ impl MapDataset for GroundingBoxTrainData {
         let draws = draw_box(rng, bbox, img.width, img.height);
         let no_flip = self.careful_hflip && mentions_side(&e.text);
         let s = box_sample(&img, bbox, draws, no_flip, self.res).map_err(|why| e.image.err(why))?;
-        Ok((index, box_transform(rng, s.image), s.target))
+        Ok((
+            index,
+            box_transform(rng, s.image, OpArithmetic::Official),
+            s.target,
+        ))
     }
 
     fn collate(&self, items: Vec<Self::Item>) -> Result<GroundingBoxBatch, DataError> {

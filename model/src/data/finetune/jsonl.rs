@@ -40,7 +40,7 @@ use crate::data::batch::{ImageTextBatch, RegionBatch};
 use crate::data::loader::Processor;
 use crate::data::masking::MaskConfig;
 use crate::data::pipeline::{ImagesSection, RegionsSection};
-use crate::data::region::{RegionConfig, RegionProcessor, RegionSample};
+use crate::data::region::{RegionProcessor, RegionSample};
 use crate::data::rng::{derive_seed, Purpose};
 use crate::data::sample::{ImageTextProcessor, ImageTextSample, TextPipeline};
 use crate::data::store::{list_shards, open_at, ShardFile};
@@ -479,13 +479,7 @@ impl RegionLines {
         let processor = RegionProcessor {
             keys: regions.keys.clone(),
             text: cfg.text_pipeline(tokenizer, regions.keys.tokenized),
-            cfg: RegionConfig {
-                image_res: cfg.image_res,
-                patch_size: cfg.patch_size,
-                max_regions: regions.max_regions,
-                min_perc_in_image: regions.min_perc_in_image,
-                careful_hflip: regions.careful_hflip,
-            },
+            cfg: regions.region_config(cfg.image_res, cfg.patch_size),
         };
         Ok(Self {
             index: Arc::new(LineIndex::build(&cfg.train_file_regions)?),

@@ -19,6 +19,7 @@ use super::sampler::{TrainCursor, TrainSampler};
 use super::source::ImageRoot;
 use super::text::{encode_batch, Padding, TextBatch};
 use crate::config::TaskConfig;
+use crate::data::augment::OpArithmetic;
 use crate::data::caption::pre_caption;
 use crate::data::tokenizer::TextTokenizer;
 use crate::data::transform::TrainTransform;
@@ -66,6 +67,9 @@ pub struct FinetuneTransformSection {
     /// RandAugment(2, 7) (official: on).
     #[serde(default = "yes")]
     pub rand_augment: bool,
+    /// AutoContrast and Sharpness without the official uint8 wraps (official: wraps).
+    #[serde(default)]
+    pub exact_ops: bool,
 }
 
 impl Default for FinetuneTransformSection {
@@ -74,6 +78,7 @@ impl Default for FinetuneTransformSection {
             crop_scale: finetune_crop_scale(),
             hflip: true,
             rand_augment: true,
+            exact_ops: false,
         }
     }
 }
@@ -90,12 +95,14 @@ impl FinetuneTransformSection {
     /// The training transform at side `res`.
     pub fn transform(&self, res: usize) -> Result<ImageTransform, DataError> {
         Ok(ImageTransform::Train(
-            TrainTransform::finetune(res).softened(
-                "finetune_transform",
-                self.crop_scale,
-                self.hflip,
-                self.rand_augment,
-            )?,
+            TrainTransform::finetune(res)
+                .softened(
+                    "finetune_transform",
+                    self.crop_scale,
+                    self.hflip,
+                    self.rand_augment,
+                )?
+                .with_arithmetic(OpArithmetic::from_exact_ops(self.exact_ops)),
         ))
     }
 }
