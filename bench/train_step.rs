@@ -220,15 +220,16 @@ fn bench_config(label: &str, path: &Path, o: &Options) -> Result<()> {
     )?;
     adamw.set_lr_factor(0.5);
     let (mean, min) = time(o.iters, o.device, || {
-        let mut grads = Gradients::from_options(
+        let grads = Gradients::from_options(
             adamw
                 .params()
                 .iter()
                 .map(|p| Some(p.tensor.ones_like()))
                 .collect(),
         );
-        grads.clip_norm(1.0)?;
-        adamw.step(&grads)?;
+        // The engine's path: the clip factor is applied inside the (fused) AdamW pass.
+        let (_, coef) = grads.clip_coefficient(1.0)?;
+        adamw.step_scaled(&grads, Some(coef))?;
         Ok(())
     })?;
     println!("  of which clip + AdamW alone: mean {mean:.3} s, min {min:.3} s");

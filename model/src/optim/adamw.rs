@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use tch::{Kind, Tensor};
 
 use super::groups::{group_index, NamedParam, ParamGroup};
+use super::kernel::{FusedUpdate, UpdateScalars};
 use super::{Gradients, OptimError};
 use crate::config::OptimizerConfig;
 
@@ -143,6 +144,18 @@ impl AdamW {
     /// One update with `grads` (aligned with [`AdamW::params`]); parameters without a gradient are
     /// skipped entirely: no moment update, no weight decay, no step count.
     pub fn step(&mut self, grads: &Gradients) -> Result<(), OptimError> {
+        self.step_scaled(grads, None)
+    }
+
+    /// [`AdamW::step`] with every gradient first multiplied by `grad_scale` (the clip coefficient of
+    /// [`Gradients::clip_coefficient`]), as if `grads` had been scaled in place: the same numbers,
+    /// without a pass over the gradients. Float32 CPU parameters update in one fused pass on every
+    /// intra-op thread (kernel.rs), the others with tensor ops; the two agree to the last bit.
+    pub fn step_scaled(
+        &mut self,
+        grads: &Gradients,
+        grad_scale: Option<f32>,
+    ) -> Result<(), OptimError> {
         if grads.len() != self.params.len() {
             return Err(OptimError::GradientCount {
                 got: grads.len(),
@@ -151,23 +164,46 @@ impl AdamW {
         }
         let hyper = self.hyper;
         let _guard = tch::no_grad_guard();
-        for group in &self.groups {
+        let mut group_of = vec![0usize; self.params.len()];
+        for (gi, group) in self.groups.iter().enumerate() {
             for &i in &group.params {
-                let Some(grad) = grads.get(i) else {
-                    continue;
-                };
-                let param = &self.params[i].tensor;
-                let state = match &mut self.state[i] {
-                    Some(state) => state,
-                    slot => slot.insert(ParamState {
-                        step: 0,
-                        exp_avg: param.f_zeros_like()?,
-                        exp_avg_sq: param.f_zeros_like()?,
-                    }),
-                };
-                update_param(param, grad, state, group, hyper)?;
+                group_of[i] = gi;
             }
         }
+        let scale_tensor = grad_scale.map(Tensor::from);
+        let mut fused = FusedUpdate::new();
+        for (i, (param, slot)) in self.params.iter().zip(self.state.iter_mut()).enumerate() {
+            let Some(grad) = grads.get(i) else {
+                continue;
+            };
+            let param = &param.tensor;
+            let state = match slot {
+                Some(state) => state,
+                slot => slot.insert(ParamState {
+                    step: 0,
+                    exp_avg: param.f_zeros_like()?,
+                    exp_avg_sq: param.f_zeros_like()?,
+                }),
+            };
+            let group = &self.groups[group_of[i]];
+            state.step += 1;
+            let scalars = update_scalars(state.step, group, hyper, grad_scale);
+            if FusedUpdate::fits(param, grad, &state.exp_avg, &state.exp_avg_sq) {
+                let ParamState {
+                    exp_avg,
+                    exp_avg_sq,
+                    ..
+                } = state;
+                fused.push(param, grad, exp_avg, exp_avg_sq, scalars);
+            } else {
+                let grad = match &scale_tensor {
+                    Some(scale) => grad.f_mul(&scale.f_to_device(grad.device())?)?,
+                    None => grad.shallow_clone(),
+                };
+                update_param(param, &grad, state, &scalars)?;
+            }
+        }
+        fused.run(tch::get_num_threads().max(1) as usize);
         Ok(())
     }
 
@@ -248,44 +284,180 @@ impl AdamW {
     }
 }
 
-/// One transformers-4.12.5 AdamW update of `param` in place (under no_grad).
-fn update_param(
-    param: &Tensor,
-    grad: &Tensor,
-    state: &mut ParamState,
+/// The float32 scalars of one update of a parameter at its `step`-th update, rounded as libtorch
+/// rounds a double scalar for a float32 tensor.
+fn update_scalars(
+    step: i64,
     group: &ParamGroup,
     hyper: AdamWHyper,
-) -> Result<(), OptimError> {
+    grad_scale: Option<f32>,
+) -> UpdateScalars {
     let AdamWHyper {
         beta1,
         beta2,
         eps,
         correct_bias,
     } = hyper;
-    state.step += 1;
-    // exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-    let _ = state.exp_avg.f_mul_scalar_(beta1)?;
-    let _ = state.exp_avg.f_add_(&grad.f_mul_scalar(1.0 - beta1)?)?;
-    // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    let _ = state.exp_avg_sq.f_mul_scalar_(beta2)?;
-    let _ = state
-        .exp_avg_sq
-        .f_addcmul_(&grad.f_mul_scalar(1.0 - beta2)?, grad)?;
-    let mut denom = state.exp_avg_sq.f_sqrt()?;
-    let _ = denom.f_add_scalar_(eps)?;
     let mut step_size = group.lr;
     if correct_bias {
         // python `beta ** step` with an int step is C pow(), as powf is.
-        let t = state.step as f64;
+        let t = step as f64;
         step_size = step_size * (1.0 - beta2.powf(t)).sqrt() / (1.0 - beta1.powf(t));
     }
+    UpdateScalars {
+        grad_scale,
+        beta1: beta1 as f32,
+        one_minus_beta1: (1.0 - beta1) as f32,
+        beta2: beta2 as f32,
+        one_minus_beta2: (1.0 - beta2) as f32,
+        eps: eps as f32,
+        neg_step_size: -step_size as f32,
+        neg_decay: (group.weight_decay > 0.0).then(|| (-group.lr * group.weight_decay) as f32),
+    }
+}
+
+/// One transformers-4.12.5 AdamW update of `param` in place (under no_grad), with tensor ops; `grad`
+/// is already scaled. The step count is already advanced.
+fn update_param(
+    param: &Tensor,
+    grad: &Tensor,
+    state: &mut ParamState,
+    s: &UpdateScalars,
+) -> Result<(), OptimError> {
+    // exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+    let _ = state.exp_avg.f_mul_scalar_(s.beta1 as f64)?;
+    let _ = state
+        .exp_avg
+        .f_add_(&grad.f_mul_scalar(s.one_minus_beta1 as f64)?)?;
+    // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    let _ = state.exp_avg_sq.f_mul_scalar_(s.beta2 as f64)?;
+    let _ = state
+        .exp_avg_sq
+        .f_addcmul_(&grad.f_mul_scalar(s.one_minus_beta2 as f64)?, grad)?;
+    let mut denom = state.exp_avg_sq.f_sqrt()?;
+    let _ = denom.f_add_scalar_(s.eps as f64)?;
     // p.addcdiv_(exp_avg, denom, value=-step_size)
     let mut p = param.shallow_clone();
-    let _ = p.f_addcdiv_(&state.exp_avg.f_mul_scalar(-step_size)?, &denom)?;
-    if group.weight_decay > 0.0 {
+    let _ = p.f_addcdiv_(&state.exp_avg.f_mul_scalar(s.neg_step_size as f64)?, &denom)?;
+    if let Some(neg_decay) = s.neg_decay {
         // p.add_(p, alpha=-lr * wd): decay of the already updated weights.
-        let decay = p.f_mul_scalar(-group.lr * group.weight_decay)?;
+        let decay = p.f_mul_scalar(neg_decay as f64)?;
         let _ = p.f_add_(&decay)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random(n: i64, seed: i64, positive: bool) -> Tensor {
+        tch::manual_seed(seed);
+        let t = Tensor::randn([n], (Kind::Float, tch::Device::Cpu));
+        if positive {
+            t.abs() * 0.01
+        } else {
+            t
+        }
+    }
+
+    /// The fused pass and the tensor ops agree (moments bit for bit, weights to the last bit), over
+    /// lengths that are and are not
+    /// multiples of the vector width and the thread chunk, with and without decay and clip scale,
+    /// at several step counts, on one and on several threads.
+    #[test]
+    fn fused_update_matches_the_tensor_ops() {
+        let lens = [1i64, 7, 1000, 65_536 + 3, 1_200_001];
+        let group = |lr: f64, weight_decay: f64| ParamGroup {
+            weight_decay,
+            initial_lr: lr,
+            lr,
+            params: Vec::new(),
+        };
+        let cases = [
+            (group(1e-4, 0.01), Some(0.37f32), 1i64),
+            (group(3e-5, 0.0), None, 2),
+            (group(2e-4, 0.02), Some(1.0), 17),
+        ];
+        for threads in [1usize, 2] {
+            for (k, (group, scale, step)) in cases.iter().enumerate() {
+                let scalars = update_scalars(*step, group, AdamWHyper::default(), *scale);
+                let mut reference = Vec::new();
+                let mut fused_state = Vec::new();
+                for (j, &n) in lens.iter().enumerate() {
+                    let seed = (k * 10 + j) as i64 * 4;
+                    let p = random(n, seed, false);
+                    let g = random(n, seed + 1, false);
+                    let m = random(n, seed + 2, false) * 0.1;
+                    let v = random(n, seed + 3, true);
+                    let mut state = ParamState {
+                        step: *step,
+                        exp_avg: m.copy(),
+                        exp_avg_sq: v.copy(),
+                    };
+                    let p_ref = p.copy();
+                    let g_scaled = match scale {
+                        Some(s) => g.f_mul(&Tensor::from(*s)).unwrap(),
+                        None => g.shallow_clone(),
+                    };
+                    tch::no_grad(|| update_param(&p_ref, &g_scaled, &mut state, &scalars)).unwrap();
+                    reference.push((p_ref, state.exp_avg, state.exp_avg_sq, p.copy()));
+                    fused_state.push((p, g, m, v));
+                }
+                let mut fused = FusedUpdate::new();
+                for (p, g, m, v) in fused_state.iter_mut() {
+                    assert!(fused.push(p, g, m, v, scalars));
+                }
+                fused.run(threads);
+                for ((p_ref, m_ref, v_ref, p0), (p, _, m, v)) in reference.iter().zip(&fused_state)
+                {
+                    let n = p.numel();
+                    for (what, a, b) in [("exp_avg", m_ref, m), ("exp_avg_sq", v_ref, v)] {
+                        let differ = a.ne_tensor(b).sum(Kind::Int64).int64_value(&[]);
+                        assert_eq!(
+                            differ, 0,
+                            "{what} of {n} elements, case {k}, {threads} threads"
+                        );
+                    }
+                    // sqrt: MKL's (libtorch) against the correctly rounded one; the update may move
+                    // by its last bit, and the weight by one rounding more.
+                    let update = (p_ref - p0).abs();
+                    let bound = (p_ref.abs() + update) * (2.0 * f64::from(f32::EPSILON));
+                    let beyond = (p_ref - p)
+                        .abs()
+                        .gt_tensor(&bound)
+                        .sum(Kind::Int64)
+                        .int64_value(&[]);
+                    assert_eq!(
+                        beyond, 0,
+                        "param of {n} elements, case {k}, {threads} threads"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tensors_that_cannot_fuse_are_refused() {
+        let scalars = update_scalars(
+            1,
+            &ParamGroup {
+                weight_decay: 0.0,
+                initial_lr: 1e-3,
+                lr: 1e-3,
+                params: Vec::new(),
+            },
+            AdamWHyper::default(),
+            None,
+        );
+        let p = Tensor::zeros([4], (Kind::Double, tch::Device::Cpu));
+        let g = p.ones_like();
+        let (mut m, mut v) = (p.zeros_like(), p.zeros_like());
+        assert!(!FusedUpdate::new().push(&p, &g, &mut m, &mut v, scalars));
+        let p = Tensor::zeros([4, 4], (Kind::Float, tch::Device::Cpu));
+        let g = p.ones_like().transpose(0, 1);
+        let (mut m, mut v) = (p.zeros_like(), p.zeros_like());
+        assert!(FusedUpdate::new().push(&p, &p.ones_like(), &mut m, &mut v, scalars));
+        assert!(!FusedUpdate::new().push(&p, &g, &mut m, &mut v, scalars));
+    }
 }

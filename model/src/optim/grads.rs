@@ -77,6 +77,22 @@ impl Gradients {
     /// `clip_grad_norm_(params, max_norm)`: scales every gradient by `min(1, max_norm / (norm + 1e-6))`
     /// and returns the norm before clipping.
     pub fn clip_norm(&mut self, max_norm: f64) -> Result<f64, OptimError> {
+        let (norm, coef) = self.clip_coefficient(max_norm)?;
+        let _guard = tch::no_grad_guard();
+        for g in self.grads.iter_mut().flatten() {
+            let _ = g.f_mul_(
+                &Tensor::from(coef)
+                    .f_to_device(g.device())?
+                    .f_to_kind(g.kind())?,
+            )?;
+        }
+        Ok(norm)
+    }
+
+    /// The total norm and the float32 factor `min(1, max_norm / (norm + 1e-6))` that
+    /// [`Self::clip_norm`] would scale by, leaving the gradients as they are (the optimizer applies the
+    /// factor in its own pass: [`AdamW::step_scaled`](super::AdamW::step_scaled)).
+    pub fn clip_coefficient(&self, max_norm: f64) -> Result<(f64, f32), OptimError> {
         let total = self.total_norm()?;
         let _guard = tch::no_grad_guard();
         // torch: clip_coef = max_norm / (total_norm + 1e-6) evaluates as reciprocal() * max_norm.
@@ -84,11 +100,9 @@ impl Gradients {
             .f_add_scalar(1e-6)?
             .f_reciprocal()?
             .f_mul_scalar(max_norm)?
-            .f_clamp_max(1.0)?;
-        for g in self.grads.iter_mut().flatten() {
-            let _ = g.f_mul_(&coef.f_to_kind(g.kind())?)?;
-        }
-        Ok(total.f_double_value(&[])?)
+            .f_clamp_max(1.0)?
+            .f_to_kind(Kind::Float)?;
+        Ok((total.f_double_value(&[])?, coef.f_double_value(&[])? as f32))
     }
 
     /// Multiplies every gradient by `factor`.

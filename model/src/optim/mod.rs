@@ -9,6 +9,7 @@
 mod adamw;
 mod grads;
 mod groups;
+mod kernel;
 mod scaler;
 mod schedule;
 

@@ -182,13 +182,16 @@ impl OptimizerEngine {
             scaler.update(skipped);
         }
         observe(self.optimizer.params(), &grads);
-        let grad_norm = match self.settings.clip_grad_norm {
-            Some(max) => grads.clip_norm(max)?,
-            None => grads.total_norm()?.f_double_value(&[])?,
+        let (grad_norm, clip) = match self.settings.clip_grad_norm {
+            Some(max) => {
+                let (norm, coef) = grads.clip_coefficient(max)?;
+                (norm, Some(coef))
+            }
+            None => (grads.total_norm()?.f_double_value(&[])?, None),
         };
         let lrs = self.optimizer.lrs();
         if !skipped {
-            self.optimizer.step(&grads)?;
+            self.optimizer.step_scaled(&grads, clip)?;
         }
         Ok(UpdateLog {
             lrs,
