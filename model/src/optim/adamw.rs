@@ -77,6 +77,7 @@ impl AdamW {
                 return Err(OptimError::DuplicateParam(p.name.clone()));
             }
         }
+        check_disjoint(&params)?;
         // optim.py: lr_mult = getattr(args, 'lr_mult', 1)
         let lr_mult = cfg.lr_mult.unwrap_or(1.0);
         let settings = [
@@ -284,6 +285,30 @@ impl AdamW {
     }
 }
 
+/// Every parameter owns its memory: two that overlap (a tie listed under both names, or views of one
+/// buffer) would be updated twice, and the fused pass writes each through a raw pointer.
+fn check_disjoint(params: &[NamedParam]) -> Result<(), OptimError> {
+    let mut ranges: Vec<(usize, usize, &str)> = params
+        .iter()
+        .filter(|p| p.tensor.numel() > 0)
+        .map(|p| {
+            let start = p.tensor.data_ptr() as usize;
+            let bytes = p.tensor.numel() * p.tensor.kind().elt_size_in_bytes();
+            (start, start + bytes, p.name.as_str())
+        })
+        .collect();
+    ranges.sort_unstable();
+    for pair in ranges.windows(2) {
+        if pair[1].0 < pair[0].1 {
+            return Err(OptimError::SharedMemory {
+                first: pair[0].2.to_string(),
+                second: pair[1].2.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The float32 scalars of one update of a parameter at its `step`-th update, rounded as libtorch
 /// rounds a double scalar for a float32 tensor.
 fn update_scalars(
@@ -362,9 +387,8 @@ mod tests {
     }
 
     /// The fused pass and the tensor ops agree (moments bit for bit, weights to the last bit), over
-    /// lengths that are and are not
-    /// multiples of the vector width and the thread chunk, with and without decay and clip scale,
-    /// at several step counts, on one and on several threads.
+    /// lengths that are and are not multiples of the vector width and the thread chunk, with and
+    /// without decay and clip scale, at several step counts, on one and on several threads.
     #[test]
     fn fused_update_matches_the_tensor_ops() {
         let lens = [1i64, 7, 1000, 65_536 + 3, 1_200_001];
@@ -435,6 +459,34 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn parameters_sharing_memory_are_refused() {
+        let buffer = Tensor::zeros([8], (Kind::Float, tch::Device::Cpu));
+        let params = vec![
+            NamedParam {
+                name: "a".into(),
+                tensor: buffer.narrow(0, 0, 5),
+            },
+            NamedParam {
+                name: "b".into(),
+                tensor: buffer.narrow(0, 4, 4),
+            },
+        ];
+        let err = check_disjoint(&params).unwrap_err().to_string();
+        assert!(err.contains("a") && err.contains("b"), "{err}");
+        let apart = vec![
+            NamedParam {
+                name: "a".into(),
+                tensor: buffer.narrow(0, 0, 4),
+            },
+            NamedParam {
+                name: "b".into(),
+                tensor: buffer.narrow(0, 4, 4),
+            },
+        ];
+        assert!(check_disjoint(&apart).is_ok());
     }
 
     #[test]

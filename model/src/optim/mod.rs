@@ -58,6 +58,14 @@ pub enum OptimError {
     /// Two parameters share a name.
     #[error("parameter {0} is listed twice")]
     DuplicateParam(String),
+    /// Two parameters overlap in memory (each would be updated twice).
+    #[error("parameters {first} and {second} share memory; list a shared tensor once")]
+    SharedMemory {
+        /// The parameter at the lower address.
+        first: String,
+        /// The one overlapping it.
+        second: String,
+    },
     /// A libtorch operation failed.
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),
