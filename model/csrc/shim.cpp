@@ -39,6 +39,15 @@ void xvlm_set_allow_tf32(bool allow) {
   at::globalContext().setAllowTF32CuDNN(allow);
 }
 
+// oneDNN (mkldnn) convolutions on the CPU; returns the previous setting. Parity replays turn them off:
+// oneDNN's convolution backward is less accurate on some CPUs (AMD EPYC: 1.7e-5 relative in a gradient
+// norm, above the fixtures' 1e-5) while ATen's own kernels reproduce the fixtures on every machine.
+bool xvlm_set_mkldnn_enabled(bool enabled) {
+  bool prev = at::globalContext().userEnabledMkldnn();
+  at::globalContext().setUserEnabledMkldnn(enabled);
+  return prev;
+}
+
 // CUDA autocast through the per-device API: tch's autocast calls at::autocast::is_enabled/set_enabled,
 // which libtorch 2.11 deprecates with a warning on every call (three log lines per training step).
 // Enter returns the previous state for exit to restore; nesting and the cast cache as in torch.autocast.

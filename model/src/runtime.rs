@@ -188,6 +188,27 @@ pub fn set_allow_tf32(allow: bool) {
     unsafe { xvlm_set_allow_tf32(allow) }
 }
 
+/// Enables or disables oneDNN (mkldnn) CPU convolutions, returning the previous setting.
+pub fn set_mkldnn_enabled(enabled: bool) -> bool {
+    extern "C" {
+        fn xvlm_set_mkldnn_enabled(enabled: bool) -> bool;
+    }
+    // SAFETY: flips one flag on libtorch's global context.
+    unsafe { xvlm_set_mkldnn_enabled(enabled) }
+}
+
+/// Runs `f` with oneDNN CPU convolutions off (ATen's reference kernels), restoring the setting after.
+pub fn with_reference_cpu_kernels<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            set_mkldnn_enabled(self.0);
+        }
+    }
+    let _restore = Restore(set_mkldnn_enabled(false));
+    f()
+}
+
 /// Runs `f` with CUDA autocast (fp16 mixed precision) `enabled`, restoring the previous state after;
 /// a plain call where CUDA is absent. Unlike `tch::autocast` it uses libtorch's per-device API, which
 /// does not print a deprecation warning on every call.
