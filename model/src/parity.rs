@@ -270,7 +270,9 @@ pub fn run_case_on(
     weights: WeightsSource,
     device: Device,
 ) -> Result<CaseReport, ParityError> {
-    crate::runtime::with_reference_cpu_kernels(|| run_case_with_current_kernels(dir, weights, device))
+    crate::runtime::with_reference_cpu_kernels(|| {
+        run_case_with_current_kernels(dir, weights, device)
+    })
 }
 
 fn run_case_with_current_kernels(
