@@ -21,21 +21,8 @@ from pathlib import Path
 import PIL
 from PIL import Image
 
-MASK = (1 << 64) - 1
+from official_support import splitmix64_bytes
 OUT = Path(__file__).resolve().parent.parent / "model/tests/fixtures/pil_resize/cases.json"
-
-
-def splitmix64_bytes(seed: int, n: int) -> bytes:
-    state = seed & MASK
-    out = bytearray()
-    while len(out) < n:
-        state = (state + 0x9E3779B97F4A7C15) & MASK
-        z = state
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK
-        z ^= z >> 31
-        out += z.to_bytes(8, "little")
-    return bytes(out[:n])
 
 
 def cases(rng: random.Random):

@@ -29,22 +29,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-MASK = (1 << 64) - 1
+from official_support import autocontrast_intended, sharpness_intended, splitmix64_bytes
 OUT = Path(__file__).resolve().parent.parent / "model/tests/fixtures/randaugment/cases.json"
 FACTOR = (7 / 10) * 1.8 + 0.1
-
-
-def splitmix64_bytes(seed: int, n: int) -> bytes:
-    state = seed & MASK
-    out = bytearray()
-    while len(out) < n:
-        state = (state + 0x9E3779B97F4A7C15) & MASK
-        z = state
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK
-        z ^= z >> 31
-        out += z.to_bytes(8, "little")
-    return bytes(out[:n])
 
 
 def image(w, h, seed, ranges):
@@ -84,26 +71,6 @@ def import_randaugment(official):
     return module
 
 
-def autocontrast_exact(img):
-    def channel(ch):
-        high, low = int(ch.max()), int(ch.min())
-        if high <= low:
-            return ch
-        table = (np.arange(256) - low) * (255 / (high - low))
-        return table.clip(0, 255).astype(np.uint8)[ch]
-    return np.stack([channel(img[:, :, c]) for c in range(3)], axis=-1)
-
-
-def sharpness_exact(img, factor):
-    kernel = np.ones((3, 3), dtype=np.float32)
-    kernel[1][1] = 5
-    kernel /= 13
-    degenerate = cv2.filter2D(img, -1, kernel).astype(np.float32)[1:-1, 1:-1, :]
-    out = img.astype(np.float32)
-    out[1:-1, 1:-1, :] = degenerate + factor * (out[1:-1, 1:-1, :] - degenerate)
-    return out.clip(0, 255).astype(np.uint8)
-
-
 def digest(img):
     return hashlib.sha256(np.ascontiguousarray(img, dtype=np.uint8).tobytes()).hexdigest()
 
@@ -115,8 +82,8 @@ def main():
         "sharpness": lambda img: ra.sharpness_func(img, FACTOR),
         "equalize": ra.equalize_func,
         "brightness": lambda img: ra.brightness_func(img, FACTOR),
-        "autocontrast_exact": autocontrast_exact,
-        "sharpness_exact": lambda img: sharpness_exact(img, FACTOR),
+        "autocontrast_exact": autocontrast_intended,
+        "sharpness_exact": lambda img: sharpness_intended(img, FACTOR),
     }
     rng = random.Random(14)
     rows = []

@@ -13,52 +13,17 @@ import importlib
 import json
 import random
 import sys
-import types
 
-
-def empty_module(name, **attrs):
-    module = types.ModuleType(name)
-    module.__dict__.update(attrs)
-    sys.modules[name] = module
-    return module
-
-
-def namespace(name, path):
-    """A package whose __init__ is not run (its heavy imports are not needed here)."""
-    module = types.ModuleType(name)
-    module.__path__ = [path]
-    sys.modules[name] = module
+from official_support import (autocontrast_intended, import_transformers_tokenizers, namespace,
+                              sharpness_intended, stub_unused_imports)
 
 
 def import_official(root):
     sys.path.insert(0, root)
     namespace("dataset", f"{root}/dataset")
     namespace("utils", f"{root}/utils")
-    placeholder = type("Unused", (), {})
-    for name, attr in [
-        ("vqaTools.vqaEval", "VQAEval"),
-        ("refTools.evaluation.refEvaluation", "RefEvaluation"),
-        ("pycocotools.coco", "COCO"),
-        ("pycocoevalcap.eval", "COCOEvalCap"),
-    ]:
-        parent = name.rsplit(".", 1)[0]
-        if parent not in sys.modules:
-            empty_module(parent).__path__ = []
-        empty_module(name, **{attr: placeholder})
-    # transformers 4.12.5 (installed without its `tokenizers<0.11`, which has no Python 3.11 wheel)
-    # imports a few `tokenizers` names when a slow tokenizer loads; they are never used by it.
-    # Keep transformers' own "is it installed" checks answering no while the stub is in place.
-    importlib.import_module("transformers.file_utils").is_tokenizers_available = lambda: False
-    stub = empty_module("tokenizers", Encoding=placeholder, Tokenizer=placeholder, Regex=placeholder)
-    stub.__path__ = []
-    for sub in ["decoders", "normalizers", "pre_tokenizers", "processors"]:
-        setattr(stub, sub, empty_module(f"tokenizers.{sub}", Decoder=placeholder))
-    empty_module("tokenizers.trainers", BpeTrainer=placeholder, UnigramTrainer=placeholder,
-                 WordLevelTrainer=placeholder, WordPieceTrainer=placeholder)
-    empty_module("tokenizers.models", BPE=placeholder, Unigram=placeholder, WordPiece=placeholder)
-    importlib.import_module("transformers.models.auto.tokenization_auto")
-    for name in [n for n in sys.modules if n == "tokenizers" or n.startswith("tokenizers.")]:
-        del sys.modules[name]
+    stub_unused_imports()
+    import_transformers_tokenizers()
     pretrain = importlib.import_module("dataset.pretrain_dataset")
     randaugment = importlib.import_module("dataset.randaugment")
     return pretrain, randaugment
@@ -80,31 +45,14 @@ def box_transform(randaugment):
 def use_intended_ops(randaugment):
     """The ablation: AutoContrast and Sharpness with the arithmetic their authors meant (xvlm's), not
     the official uint8 wraps (`-low` of a numpy uint8 wraps to 256 - low; Sharpness casts unclipped)."""
-    import numpy as np
-
-    def autocontrast(img, cutoff=0):
-        def channel(ch):
-            high, low = int(ch.max()), int(ch.min())
-            if high <= low:
-                return ch
-            table = (np.arange(256) - low) * (255 / (high - low))
-            return table.clip(0, 255).astype(np.uint8)[ch]
-        return np.stack([channel(img[:, :, c]) for c in range(img.shape[2])], axis=-1)
-
     official_sharpness = randaugment.sharpness_func
 
     def sharpness(img, factor):
         if factor in (0.0, 1.0):
             return official_sharpness(img, factor)
-        kernel = np.ones((3, 3), dtype=np.float32)
-        kernel[1][1] = 5
-        kernel /= 13
-        degenerate = randaugment.cv2.filter2D(img, -1, kernel).astype(np.float32)[1:-1, 1:-1, :]
-        out = img.astype(np.float32)
-        out[1:-1, 1:-1, :] = degenerate + factor * (out[1:-1, 1:-1, :] - degenerate)
-        return out.clip(0, 255).astype(np.uint8)
+        return sharpness_intended(img, factor)
 
-    randaugment.func_dict["AutoContrast"] = autocontrast
+    randaugment.func_dict["AutoContrast"] = lambda img, cutoff=0: autocontrast_intended(img)
     randaugment.func_dict["Sharpness"] = sharpness
 
 
