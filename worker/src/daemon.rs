@@ -26,6 +26,7 @@ use xvlm_proto::v1::workers_client::WorkersClient;
 use xvlm_proto::{v1, PROTOCOL_VERSION};
 
 use crate::comm::nccl;
+use crate::cpu_share::CpuShare;
 use crate::error::WorkerError;
 use crate::process;
 use crate::trainer::{save_request, task, Assignment, ProgressLine};
@@ -59,6 +60,9 @@ pub struct DaemonConfig {
     pub grace: Duration,
     /// The binary trainers run (`xvlm-worker` itself).
     pub exe: PathBuf,
+    /// CPU threads this worker's trainers share (`--cpu-threads`); `None`: the host's cores divided
+    /// among the workers on it.
+    pub cpu_threads: Option<usize>,
 }
 
 type Key = (String, u64);
@@ -97,6 +101,7 @@ enum SessionEnd {
 pub struct Daemon {
     cfg: DaemonConfig,
     cuda: bool,
+    cpus: CpuShare,
     gens: BTreeMap<Key, Generation>,
     events_tx: mpsc::UnboundedSender<TrainerEvent>,
     events_rx: mpsc::UnboundedReceiver<TrainerEvent>,
@@ -124,6 +129,7 @@ pub async fn run(
         .iter()
         .all(|d| d.kind == v1::DeviceKind::Cuda as i32);
     let mut d = Daemon {
+        cpus: CpuShare::new(cfg.cpu_threads),
         cfg,
         cuda,
         gens: BTreeMap::new(),
@@ -452,10 +458,7 @@ impl Daemon {
         let key = (s.job_id.clone(), s.generation);
         let spec = JobSpec::from_json(&s.spec_json);
         let backend = Backend::parse(&s.backend).unwrap_or_default();
-        let threads = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-            / s.slots.len().max(1);
+        let threads = self.cpus.for_trainers(s.slots.len());
         let dir = self.generation_dir(&s.job_id, s.generation);
         for (i, slot) in s.slots.iter().enumerate() {
             let exit = |message: String| v1::TrainerExit {
@@ -493,17 +496,20 @@ impl Daemon {
                 output: s.output.clone(),
                 shards: s.shards.get(i).map(|l| l.files.clone()).unwrap_or_default(),
                 start_step: s.start_step,
-                threads: threads.max(1),
+                threads: threads.threads,
                 checkpoint_request_file: Some(save_request::request_file(&dir, slot.rank as usize)),
             };
             let listener = gen.listeners.remove(&slot.rank);
-            match spawn(&self.cfg.exe, &dir, &assignment, listener.as_ref()) {
+            let passive = threads.passive_wait;
+            match spawn(&self.cfg.exe, &dir, &assignment, listener.as_ref(), passive) {
                 Ok((child, pid)) => {
                     info!(
                         job = s.job_id,
                         generation = s.generation,
                         rank = slot.rank,
                         pid,
+                        threads = threads.threads,
+                        passive_wait = threads.passive_wait,
                         "trainer started"
                     );
                     gen.children.insert(slot.rank, pid);
@@ -634,6 +640,7 @@ fn spawn(
     dir: &Path,
     a: &Assignment,
     listener: Option<&OwnedFd>,
+    passive_wait: bool,
 ) -> Result<(tokio::process::Child, u32), WorkerError> {
     std::fs::create_dir_all(dir).map_err(|e| WorkerError::io(dir, e))?;
     let path = dir.join(format!("rank{}.json", a.rank));
@@ -642,7 +649,7 @@ fn spawn(
     std::fs::write(&path, json).map_err(|e| WorkerError::io(&path, e))?;
     let log_path = dir.join(format!("rank{}.log", a.rank));
     let log = std::fs::File::create(&log_path).map_err(|e| WorkerError::io(&log_path, e))?;
-    let child = process::spawn_trainer(exe, &path, listener, log)?;
+    let child = process::spawn_trainer(exe, &path, listener, log, passive_wait)?;
     let pid = child
         .id()
         .ok_or_else(|| WorkerError::Spawn("trainer exited at once".into()))?;

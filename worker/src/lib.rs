@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod comm;
+pub mod cpu_share;
 pub mod daemon;
 pub mod devices;
 pub mod error;

@@ -45,6 +45,10 @@ struct DaemonArgs {
     /// CPU slots to offer without CUDA.
     #[arg(long, default_value_t = 1)]
     cpu_slots: u32,
+    /// CPU threads this worker's trainers share (default: the host's cores divided among the xvlm
+    /// workers running on it).
+    #[arg(long, env = "XVLM_CPU_THREADS", value_parser = clap::value_parser!(u32).range(1..))]
+    cpu_threads: Option<u32>,
     /// Where assignments, pid files and trainer logs go.
     #[arg(long, default_value = "./xvlm-work")]
     work_dir: PathBuf,
@@ -142,6 +146,7 @@ fn run(cli: Cli) -> Result<()> {
                 work_dir: a.work_dir,
                 grace: Duration::from_secs(a.grace_secs),
                 exe: std::env::current_exe().context("cannot locate the xvlm-worker binary")?,
+                cpu_threads: a.cpu_threads.map(|n| n as usize),
             };
             // One thread: trainers get PR_SET_PDEATHSIG from the thread that forks them, so it must
             // live as long as the daemon.

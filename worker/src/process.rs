@@ -21,6 +21,7 @@ pub fn spawn_trainer(
     assignment: &Path,
     listener: Option<&OwnedFd>,
     log: std::fs::File,
+    passive_wait: bool,
 ) -> Result<Child, WorkerError> {
     let mut cmd = Command::new(exe);
     cmd.arg("train").arg("--assignment").arg(assignment);
@@ -28,10 +29,11 @@ pub fn spawn_trainer(
     if fd.is_some() {
         cmd.arg("--listen-fd").arg(LISTEN_FD.to_string());
     }
-    // A trainer blocks in collectives between libtorch's parallel regions; OpenMP's default spin-wait
-    // then burns the cores its peers need (measured: 8 s instead of 0.17 s per pre-training step with
-    // two CPU ranks on two cores). Passive waiting, unless the operator chose otherwise.
-    if std::env::var_os("OMP_WAIT_POLICY").is_none() {
+    // OpenMP's own bounded spin after each parallel region is what a trainer with its cores to itself
+    // wants (a futex wake-up per region costs more than half the tiny pre-training's time); when its
+    // threads exceed the host's cores (cpu_share.rs) the spin would starve its peers: wait passively,
+    // unless the operator chose a policy.
+    if passive_wait && std::env::var_os("OMP_WAIT_POLICY").is_none() {
         cmd.env("OMP_WAIT_POLICY", "PASSIVE");
     }
     cmd.stdin(Stdio::null())
