@@ -11,7 +11,7 @@ use std::sync::Mutex;
 
 use task_common::{
     checkpointer, corpus, demo_config, demo_corpus, finetune_spec, finetune_task, hashes, metric,
-    pretrained_checkpoint, retrieval_yaml, run, train_saving,
+    pretrained_checkpoint, retrieval_yaml, run, train_saving, weights_after_steps_at_world,
 };
 use xvlm_model::collective::{Collective, SingleProcess};
 use xvlm_proto::spec::JobSpec;
@@ -243,4 +243,25 @@ fn fine_tuning_a_pretrained_checkpoint_raises_held_out_recall() {
             "{what} retrieval's mean of R@1/5/10 went from {b:.1} to {a:.1} (needs 1.4x and +15)"
         );
     }
+}
+
+/// Retrieval gathers ITC features across ranks inside each forward: at 3 ranks of a job made for 4
+/// the ranks stand in for 2, 1 and 1 reference batches, and the two with fewer run a forward-only
+/// repeat so that every gather lines up. The steps complete and every rank ends with the same weights.
+#[test]
+fn retrieval_at_a_world_that_does_not_divide_the_reference_stays_in_lockstep() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = corpus(dir.path());
+    let config = retrieval_yaml(dir.path(), &data, 4, 2);
+    let spec = finetune_spec(
+        "retrieval",
+        &config,
+        r#","workers":{"min":1,"max":4},"overrides":{"xvlm":{"dropout":false}}"#,
+    );
+    let out = format!("file://{}", dir.path().join("w3").display());
+    let start = weights_after_steps_at_world::<RetrievalTask>(&spec, 1, 0, &out);
+    let three = weights_after_steps_at_world::<RetrievalTask>(&spec, 3, 2, &out);
+    let moved = start.iter().zip(&three).any(|((_, a), (_, b))| !a.equal(b));
+    assert!(moved, "two steps at world 3 changed no weight");
 }

@@ -5,7 +5,7 @@
 
 use crate::task_common::{
     self, demo_config, demo_corpus, finetune_spec, finetune_task, finish_at_world, metric,
-    pretrained_checkpoint, run,
+    pretrained_checkpoint, run, weights_after_steps_at_world,
 };
 use xvlm_model::collective::SingleProcess;
 use xvlm_worker::trainer::finetune::nlvr::NlvrTask;
@@ -97,4 +97,59 @@ fn nlvr_accuracy_is_identical_at_world_1_2_4() {
     assert_eq!(metric(&by_world[0], "val.examples"), 300.0);
     assert_eq!(by_world[1], by_world[0], "world 2 differs from world 1");
     assert_eq!(by_world[2], by_world[0], "world 4 differs from world 1");
+}
+
+/// The L2 distance between two weight lists of the same names, over all of them.
+fn distance(a: &[(String, tch::Tensor)], b: &[(String, tch::Tensor)]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|((na, ta), (nb, tb))| {
+            assert_eq!(na, nb);
+            (ta - tb).square().sum(tch::Kind::Double).double_value(&[])
+        })
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// An elastic fine-tune at a world that does not divide the reference world (3 ranks of a job made
+/// for 4) trains on the same global batches with every reference batch weighted 1/4: after 3 steps
+/// its weights are those of the reference world up to float summation order (NLVR2 has no
+/// cross-rank collective in its forward, so only the weighting could make them differ; a per-rank
+/// mean would weight the batches 1/6, 1/6, 1/3, 1/3). Distances are relative to how far the weights
+/// moved: AdamW's first steps move gradient components at the noise level by up to the lr, so the
+/// largest single difference says little.
+#[test]
+fn nlvr_at_a_world_that_does_not_divide_the_reference_trains_the_same_steps() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = task_common::corpus(dir.path());
+    let config = demo_config(dir.path(), "NLVR_demo.yaml", &data, &[]);
+    let spec = finetune_spec(
+        "nlvr",
+        &config,
+        r#","workers":{"min":1,"max":4},"overrides":{"xvlm":{"dropout":false}}"#,
+    );
+    let out = |name: &str| format!("file://{}", dir.path().join(name).display());
+    let steps = 3;
+    let start = weights_after_steps_at_world::<NlvrTask>(&spec, 1, 0, &out("w0"));
+    let reference = weights_after_steps_at_world::<NlvrTask>(&spec, 4, steps, &out("w4"));
+    let three = weights_after_steps_at_world::<NlvrTask>(&spec, 3, steps, &out("w3"));
+    let one = weights_after_steps_at_world::<NlvrTask>(&spec, 1, steps, &out("w1"));
+    let moved = distance(&reference, &start);
+    let (d3, d1) = (
+        distance(&three, &reference) / moved,
+        distance(&one, &reference) / moved,
+    );
+    println!(
+        "{steps} steps: the weights moved {moved:.4e} (L2); from world 4's, world 3's are {d3:.3e} \
+         of that away, world 1's {d1:.3e}"
+    );
+    assert!(moved > 1e-2, "training moved nothing ({moved:.3e})");
+    assert!(
+        d1 < 1e-3,
+        "world 1 left the reference trajectory ({d1:.3e})"
+    );
+    assert!(
+        d3 < 1e-3,
+        "world 3 left the reference trajectory ({d3:.3e})"
+    );
 }

@@ -406,3 +406,39 @@ pub fn shared_pretrained() -> &'static (PathBuf, PathBuf, f64) {
         (data, checkpoint, started.elapsed().as_secs_f64())
     })
 }
+
+/// Every weight of task `T` after `steps` training steps on a local TCP ring of `world` ranks;
+/// panics when the ranks' weights differ.
+pub fn weights_after_steps_at_world<T: FinetuneTask>(
+    spec: &JobSpec,
+    world: usize,
+    steps: u64,
+    output: &str,
+) -> Vec<(String, Tensor)> {
+    let ring = xvlm_worker::comm::ring::local_ring(world).expect("ring");
+    let by_rank: Vec<Vec<(String, Tensor)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = ring
+            .into_iter()
+            .map(|comm| {
+                s.spawn(move || {
+                    let mut task = finetune_task::<T>(spec, &comm, output);
+                    run(&mut task, &comm, 0, steps);
+                    weights(&task)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("rank"))
+            .collect()
+    });
+    for (r, w) in by_rank.iter().enumerate().skip(1) {
+        for ((name, a), (_, b)) in w.iter().zip(&by_rank[0]) {
+            assert!(
+                a.equal(b),
+                "rank {r} of world {world}: {name} differs from rank 0"
+            );
+        }
+    }
+    by_rank.into_iter().next().expect("a rank")
+}

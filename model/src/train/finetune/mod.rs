@@ -104,6 +104,25 @@ pub fn finetune_schedule(
     )?)
 }
 
+/// How one rank's micro-batches of a step stand for the reference world's batches.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepShape {
+    /// Weight of each micro-batch loss (1 unless the world does not divide the reference world).
+    pub loss_weight: f64,
+    /// Forward-only repeats of the last micro-batch after the others, so that every rank makes the
+    /// same collective calls.
+    pub padding: usize,
+}
+
+impl Default for StepShape {
+    fn default() -> Self {
+        StepShape {
+            loss_weight: 1.0,
+            padding: 0,
+        }
+    }
+}
+
 /// Runs fine-tuning steps of one task model.
 pub struct FinetuneTrainer<'m, M: FinetuneModel> {
     model: &'m M,
@@ -159,11 +178,13 @@ impl<'m, M: FinetuneModel> FinetuneTrainer<'m, M> {
         self.engine.schedule_step()
     }
 
-    /// One step on `micro_batches` (their mean gradient) with negatives from `sampler`; `observer` sees
-    /// each micro-batch's forward and the update's gradients (a parity replay records them).
+    /// One step on `micro_batches` (their mean gradient, each loss weighted and followed by forward-only
+    /// repeats as `shape` says) with negatives from `sampler`; `observer` sees each micro-batch's
+    /// forward and the update's gradients (a parity replay records them).
     pub fn step_with(
         &mut self,
         micro_batches: &[&M::Batch],
+        shape: StepShape,
         collective: &dyn Collective,
         sampler: &mut dyn NegativeSampler,
         observer: &mut dyn StepObserver,
@@ -196,7 +217,22 @@ impl<'m, M: FinetuneModel> FinetuneTrainer<'m, M> {
                 *sum += loss.f_double_value(&[])?;
             }
             observer.forward(&out);
-            self.engine.backward(&total)?;
+            if shape.loss_weight == 1.0 {
+                self.engine.backward(&total)?;
+            } else {
+                self.engine.backward(&(total * shape.loss_weight))?;
+            }
+        }
+        // The repeats only keep the collectives of a forward (ITC's all-gather) in step with the
+        // busiest rank: no gradient, no loss.
+        let last = micro_batches[micro_batches.len() - 1];
+        for _ in 0..shape.padding {
+            tch::no_grad(|| {
+                self.engine.forward(|| {
+                    self.model
+                        .forward_train(last, collective, &mut *sampler, self.dropout)
+                })
+            })?;
         }
         let update = self
             .engine
@@ -225,6 +261,7 @@ impl<'m, M: FinetuneModel> FinetuneTrainer<'m, M> {
     pub fn run_step(
         &mut self,
         micro_batches: &[&M::Batch],
+        shape: StepShape,
         collective: &dyn Collective,
     ) -> Result<FinetuneStepLog, TrainError> {
         let (step, rank) = (self.step_index(), collective.rank());
@@ -234,6 +271,12 @@ impl<'m, M: FinetuneModel> FinetuneTrainer<'m, M> {
         }
         let mut sampler =
             MultinomialSampler::new(derive_seed(self.seed, step, rank, Purpose::ItmGeneral));
-        self.step_with(micro_batches, collective, &mut sampler, &mut NoObserver)
+        self.step_with(
+            micro_batches,
+            shape,
+            collective,
+            &mut sampler,
+            &mut NoObserver,
+        )
     }
 }

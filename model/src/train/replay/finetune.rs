@@ -31,7 +31,8 @@ use crate::tasks::retrieval::RetrievalModel;
 use crate::tasks::vqa::VqaModel;
 use crate::tasks::NlvrModel;
 use crate::train::finetune::{
-    finetune_schedule, FinetuneModel, FinetuneStepLog, FinetuneTrainer, StepObserver, TaskForward,
+    finetune_schedule, FinetuneModel, FinetuneStepLog, FinetuneTrainer, StepObserver, StepShape,
+    TaskForward,
 };
 
 /// The case's `batch.safetensors`, looked up by name.
@@ -234,7 +235,13 @@ fn replay<M: FinetuneModel>(
             // A task that draws no negatives never calls the sampler.
             _ => Box::new(MultinomialSampler::new(0)),
         };
-        logs.push(trainer.step_with(&[&batch], &SingleProcess, &mut *sampler, &mut recorder)?);
+        logs.push(trainer.step_with(
+            &[&batch],
+            StepShape::default(),
+            &SingleProcess,
+            &mut *sampler,
+            &mut recorder,
+        )?);
     }
 
     let mut computed: HashMap<String, Tensor> = HashMap::new();

@@ -34,7 +34,7 @@ use xvlm_model::config::{FinetuneKeys, TaskConfig};
 use xvlm_model::data::finetune::loader::{load_batch, MapDataset};
 use xvlm_model::data::finetune::sampler::TrainCursor;
 use xvlm_model::optim::named_trainable_params;
-use xvlm_model::train::finetune::{finetune_schedule, FinetuneModel, FinetuneTrainer};
+use xvlm_model::train::finetune::{finetune_schedule, FinetuneModel, FinetuneTrainer, StepShape};
 use xvlm_model::train::{mixed_precision_of, EngineSettings, OptimizerEngine, TrainSettings};
 use xvlm_model::xvlm::ModelError;
 
@@ -199,7 +199,11 @@ impl<T: FinetuneTask> Task for T {
             .map(|b| T::to_device(b, device))
             .collect();
         let refs: Vec<&_> = batches.iter().collect();
-        let log = trainer.run_step(&refs, comm).map_err(other)?;
+        let shape = StepShape {
+            loss_weight: stream.loss_weight(),
+            padding: stream.padding(),
+        };
+        let log = trainer.run_step(&refs, shape, comm).map_err(other)?;
         Ok(Stepped {
             losses: log.losses.into_iter().map(|(k, v)| (k, Some(v))).collect(),
             lr: log.update.lrs.first().copied().unwrap_or(0.0),

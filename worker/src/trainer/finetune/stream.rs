@@ -3,8 +3,11 @@
 //! A step reads global batch `cursor.batch` of epoch `cursor.epoch`'s permutation (seeded by (seed,
 //! epoch), tail dropped) with `local x reference world` items. At the reference world each rank reads
 //! its slice as one batch from a prefetching loader; at a smaller world (an elastic restart) it reads the
-//! slices of the ranks it stands in for, as micro-batches of `local` items whose gradients the engine
-//! averages. Either way every item is loaded with the draws of (seed, epoch, item), so a micro-batch is
+//! whole batches of the reference ranks it stands in for ([`BatchPlan::reference_micro_batches`]), as
+//! micro-batches of `local` items whose gradients the engine averages. When the world does not divide
+//! the reference world the ranks stand in for different numbers of them: each loss is weighted so the
+//! update is the mean over every reference batch, and a rank with fewer runs forward-only repeats so
+//! that the collectives inside a forward line up. Either way every item is loaded with the draws of (seed, epoch, item), so a micro-batch is
 //! bit-identical to the batch the reference world's rank reads, and the cursor means the same at every
 //! world size: the runner's `train` stream, whose resharded position is the saved ranks' common cursor.
 
@@ -47,15 +50,6 @@ impl<D: MapDataset> StepBatches<D> {
         threads: usize,
         cursor: TrainCursor,
     ) -> Result<Self, TaskError> {
-        if !plan.global.is_multiple_of(plan.world)
-            || !(plan.global / plan.world).is_multiple_of(plan.local)
-        {
-            return Err(other(format!(
-                "a global batch of {} cannot be split evenly over {} ranks in micro-batches of {}: \
-                 run fine-tunes at a world size that divides workers.max x devices_per_worker",
-                plan.global, plan.world, plan.local
-            )));
-        }
         let global = TrainSampler::new(data.len(), plan.global, 0, 1, seed).map_err(other)?;
         global.check(cursor).map_err(other)?;
         let cfg = MapLoaderConfig {
@@ -63,8 +57,7 @@ impl<D: MapDataset> StepBatches<D> {
             prefetch_batches: PREFETCH_BATCHES,
             seed,
         };
-        let reference_world = plan.global / plan.local;
-        let loader = if plan.world == reference_world {
+        let loader = if plan.world == plan.reference_world() {
             let sampler = TrainSampler::new(data.len(), plan.local, plan.rank, plan.world, seed)
                 .map_err(other)?;
             Some(MapLoader::start(data.clone(), sampler, cursor, cfg).map_err(other)?)
@@ -98,7 +91,17 @@ impl<D: MapDataset> StepBatches<D> {
 
     /// Micro-batches per step on this rank.
     pub fn accumulation(&self) -> usize {
-        self.plan.micro_batches().len()
+        self.plan.reference_ranks().len()
+    }
+
+    /// Forward-only repeats per step that keep this rank in step with the busiest one.
+    pub fn padding(&self) -> usize {
+        self.plan.lockstep_forwards() - self.accumulation()
+    }
+
+    /// The weight of each micro-batch loss ([`BatchPlan::reference_loss_weight`]).
+    pub fn loss_weight(&self) -> f64 {
+        self.plan.reference_loss_weight()
     }
 
     /// This rank's micro-batches of the next step; advances the cursor.
@@ -117,7 +120,7 @@ impl<D: MapDataset> StepBatches<D> {
             None => {
                 let indices = self.global.batch_indices(self.cursor);
                 self.plan
-                    .micro_batches()
+                    .reference_micro_batches()
                     .into_iter()
                     .map(|range| {
                         load_batch(
