@@ -7,7 +7,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use xvlm_e2e::checkpoints::{
-    committed_checkpoints, gen_logs, resumed_step, tensor_hashes, trainer_pids,
+    committed_checkpoints, gen_logs, last_line, resumed_step, step_after, tensor_hashes,
+    trainer_pids,
 };
 use xvlm_e2e::{alive, text, wait_until, write, Cluster};
 use xvlm_model::config::configs_dir;
@@ -17,8 +18,8 @@ use xvlm_model::data::synth::{generate, SynthConfig};
 const STEPS: u64 = 18;
 const EVERY: u64 = 4;
 
-/// The tiny model on the retrieval split under `data`.
-fn task_yaml(data: &Path) -> String {
+/// The tiny model on the retrieval split under `data`, trained for `epochs`.
+fn task_yaml(data: &Path, epochs: u64) -> String {
     let configs = configs_dir();
     let configs = std::fs::canonicalize(&configs).unwrap_or(configs);
     let (d, c) = (data.display(), configs.display());
@@ -43,15 +44,14 @@ embed_dim: 16
 temp: 0.07
 k_test: 4
 optimizer: {{opt: adamW, lr: 1e-4, weight_decay: 0.01, lr_mult: 2}}
-schedular: {{sched: linear, lr: 1e-4, epochs: 3, num_warmup_steps: 0.1}}
+schedular: {{sched: linear, lr: 1e-4, epochs: {epochs}, num_warmup_steps: 0.1}}
 "
     )
 }
 
-#[test]
-fn killed_finetune_trainer_resumes_bit_identical() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
+/// A synthetic corpus of 30 images under `dir/data` (48 retrieval training pairs).
+fn retrieval_corpus(dir: &Path) -> std::path::PathBuf {
+    let data = dir.join("data");
     generate(
         &data,
         &SynthConfig {
@@ -63,7 +63,14 @@ fn killed_finetune_trainer_resumes_bit_identical() {
         },
     )
     .unwrap();
-    let config = write(dir.path(), "retrieval.yaml", &task_yaml(&data));
+    data
+}
+
+#[test]
+fn killed_finetune_trainer_resumes_bit_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = retrieval_corpus(dir.path());
+    let config = write(dir.path(), "retrieval.yaml", &task_yaml(&data, 3));
     let job_yaml = format!(
         "name: ft\ntask: retrieval\nconfig: {}\nseed: 11\nworkers: {{min: 2}}\nmax_restarts: 2\n\
 checkpoint: {{every_steps: {EVERY}, keep_last: 2}}\n",
@@ -131,6 +138,58 @@ checkpoint: {{every_steps: {EVERY}, keep_last: 2}}\n",
     );
 }
 
+/// Preemption of one of three workers shrinks a fine-tune to a world that does not divide its reference
+/// world: SIGTERM drains w2 (its trainer and the others commit the same step and exit), generation 2
+/// forms at world 2 of the job's 3 (ranks stand in for 2 and 1 reference batches), resumes that
+/// checkpoint and succeeds with its closing evaluation, no restart spent.
+#[test]
+fn preempted_finetune_worker_shrinks_to_a_non_dividing_world() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = retrieval_corpus(dir.path());
+    // 48 pairs in global batches of 3 x 4: 4 steps per epoch, 3 epochs.
+    let config = write(dir.path(), "retrieval.yaml", &task_yaml(&data, 3));
+    let job_yaml = format!(
+        "name: ft\ntask: retrieval\nconfig: {}\nseed: 11\nworkers: {{min: 2, max: 3}}\n\
+max_restarts: 0\ncheckpoint: {{every_steps: 0, keep_last: 2}}\n",
+        config.display()
+    );
+    let c = Cluster::with_workers(dir.path(), &["w0", "w1", "w2"]);
+    let job = c.submit(&write(dir.path(), "job.yaml", &job_yaml));
+    wait_until(Duration::from_secs(120), || c.step(&job) >= 2)
+        .unwrap_or_else(|| panic!("job did not reach step 2:\n{}", c.logs()));
+    let w2 = c
+        .workers
+        .iter()
+        .position(|w| w.log.ends_with("w2.log"))
+        .expect("w2 started");
+    // SAFETY: kill(2) of a daemon this test started.
+    unsafe { libc::kill(c.workers[w2].child.id() as i32, libc::SIGTERM) };
+    let watch = c.watch_succeeded(&job);
+    let last = last_line(&watch);
+    assert!(
+        last.contains("SUCCEEDED") && last.contains("gen=2") && last.contains("world=2"),
+        "expected success in generation 2 at world 2: {last}\n{watch}"
+    );
+    let g1 = gen_logs(dir.path(), &["w0", "w1", "w2"], &job, 1);
+    let saved = step_after(&g1, "preempted: checkpoint step-")
+        .unwrap_or_else(|| panic!("generation 1 did not checkpoint on the drain:\n{g1}"));
+    let g2 = gen_logs(dir.path(), &["w0", "w1"], &job, 2);
+    let resumed = resumed_step(&g2)
+        .unwrap_or_else(|| panic!("generation 2 did not resume:\n{g2}\n{}", c.logs()));
+    println!("drain committed step-{saved}; generation 2 at world 2 resumed from step-{resumed}");
+    assert_eq!(
+        resumed, saved,
+        "resumed another checkpoint than the drain's"
+    );
+    assert!(resumed >= 2 && resumed < 12, "drain step {resumed}");
+    let output = dir.path().join("runs").join(&job);
+    assert!(
+        output.join("eval/final.json").is_file()
+            && output.join("final/model.safetensors").is_file(),
+        "no closing evaluation or final weights in {output:?}"
+    );
+}
+
 /// `configs/jobs/demo-{name}.yaml` with its task config read from `data` (the demo's `demo-out/data`
 /// replaced, model files named absolutely), `steps` short, and `extra` job keys; written under `dir`.
 fn demo_job(dir: &Path, data: &Path, name: &str, steps: u64, extra: &str) -> std::path::PathBuf {
@@ -163,18 +222,7 @@ fn demo_job(dir: &Path, data: &Path, name: &str, steps: u64, extra: &str) -> std
 #[test]
 fn every_task_job_runs_through_the_coordinator() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    generate(
-        &data,
-        &SynthConfig {
-            images: 30,
-            width: 64,
-            height: 48,
-            shards: 2,
-            ..SynthConfig::default()
-        },
-    )
-    .unwrap();
+    let data = retrieval_corpus(dir.path());
     let c = Cluster::with_workers(dir.path(), &["w0", "w1"]);
     let run = |name: &str, extra: &str| {
         let job = c.submit(&demo_job(dir.path(), &data, name, 2, extra));
