@@ -4,18 +4,25 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use tokio_stream::StreamExt;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use xvlm_proto::security::{Bearer, ClientSecurity};
 use xvlm_proto::spec::JobSpec;
 use xvlm_proto::v1::jobs_client::JobsClient;
 use xvlm_proto::{v1, PROTOCOL_VERSION};
 
-/// A connected Jobs client.
-pub type Client = JobsClient<tonic::transport::Channel>;
+/// A connected Jobs client; every call carries the user token when one is set.
+pub type Client = JobsClient<InterceptedService<Channel, Bearer>>;
 
-/// Connects to the coordinator at `url` (`http://127.0.0.1:50051`).
+/// Connects to the coordinator at `url` (`http://127.0.0.1:50051`) without TLS or a token.
 pub async fn connect(url: &str) -> Result<Client> {
-    JobsClient::connect(url.to_string())
-        .await
-        .with_context(|| format!("cannot reach the coordinator at {url}"))
+    connect_with(url, &ClientSecurity::default()).await
+}
+
+/// Connects to the coordinator at `url` (`https://` with `security.ca`) with its token.
+pub async fn connect_with(url: &str, security: &ClientSecurity) -> Result<Client> {
+    let channel = security.connect(url).await?;
+    Ok(JobsClient::with_interceptor(channel, security.bearer()))
 }
 
 /// Turns a gRPC error into a message without the transport noise.

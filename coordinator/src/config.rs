@@ -3,6 +3,8 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use crate::security::Security;
+
 /// How `serve` runs; `Default` works on one machine.
 #[derive(Clone, Debug)]
 pub struct CoordConfig {
@@ -16,6 +18,8 @@ pub struct CoordConfig {
     pub heartbeat_timeout_ms: u64,
     /// How often workers report.
     pub heartbeat_interval_ms: u64,
+    /// TLS, tokens and the loopback rule.
+    pub security: Security,
 }
 
 impl Default for CoordConfig {
@@ -26,6 +30,7 @@ impl Default for CoordConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             heartbeat_timeout_ms: 10_000,
             heartbeat_interval_ms: 1_000,
+            security: Security::default(),
         }
     }
 }

@@ -162,6 +162,8 @@ pub fn command(c: Command) -> v1::CoordinatorCommand {
                 .collect(),
             backend: backend.as_str().into(),
             start_step: 0,
+            // Filled in per generation by the server (ring_secret.rs), outside the state machine.
+            ring_secret: Vec::new(),
         }),
         Command::Checkpoint {
             job,

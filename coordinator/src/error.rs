@@ -67,6 +67,20 @@ pub enum CoordError {
         /// What failed.
         reason: String,
     },
+    /// The TLS files could not be read or used.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// A non-loopback address would be served without TLS and tokens.
+    #[error(
+        "refusing to listen on {addr} without {missing}: set them up (README: Security) or pass \
+         --insecure on a network you trust"
+    )]
+    Insecure {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// What is missing, in words.
+        missing: String,
+    },
 }
 
 impl From<CoordError> for tonic::Status {
@@ -82,9 +96,11 @@ impl From<CoordError> for tonic::Status {
             CoordError::Protocol { .. } | CoordError::NotRunning { .. } => {
                 tonic::Status::failed_precondition(msg)
             }
-            CoordError::Store { .. } | CoordError::Server(_) | CoordError::Commit { .. } => {
-                tonic::Status::internal(msg)
-            }
+            CoordError::Store { .. }
+            | CoordError::Server(_)
+            | CoordError::Commit { .. }
+            | CoordError::Tls(_)
+            | CoordError::Insecure { .. } => tonic::Status::internal(msg),
         }
     }
 }

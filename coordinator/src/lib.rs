@@ -1,6 +1,7 @@
 //! The xvlm coordinator: job spec validation, the job state machine and its store, rank and generation
 //! assignment, shard plans, and the gRPC services. It never links libtorch.
 
+pub mod auth;
 pub mod client;
 pub mod commit;
 pub mod config;
@@ -8,9 +9,12 @@ pub mod convert;
 pub mod error;
 pub mod local;
 pub mod planner;
+pub mod ring_secret;
+pub mod security;
 pub mod server;
 pub mod state;
 pub mod store;
+pub mod tls;
 
 pub use config::CoordConfig;
 pub use error::CoordError;

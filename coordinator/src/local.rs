@@ -16,6 +16,7 @@ use tokio::process::{Child, Command};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing::{info, warn};
 use xvlm_proto::process::{die_with_parent, signal_process};
+use xvlm_proto::security::{ClientSecurity, WORKER_TOKEN_ENV};
 use xvlm_proto::spec::JobSpec;
 
 use crate::client;
@@ -81,6 +82,7 @@ pub async fn run(
     workers: usize,
     use_cuda: bool,
     config: CoordConfig,
+    client_security: &ClientSecurity,
     worker_bin: &Path,
 ) -> Result<xvlm_proto::v1::JobStatus> {
     let spec = JobSpec::load(job, sets).with_context(|| format!("{}", job.display()))?;
@@ -90,7 +92,8 @@ pub async fn run(
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
-    let url = format!("http://{addr}");
+    let url = local_url(addr, config.security.tls.is_some());
+    let worker_token = config.security.worker_token.clone();
     let state_dir = config.state_dir.clone();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(server::serve(listener, config, async {
@@ -112,6 +115,16 @@ pub async fn run(
             .process_group(0)
             .kill_on_drop(true);
         die_with_parent(cmd.as_std_mut(), libc::SIGKILL);
+        if let Some(ca) = &client_security.ca {
+            cmd.arg("--tls-ca").arg(ca);
+        }
+        if let Some(token) = &worker_token {
+            // In the environment, not on the command line other users can read in `ps`.
+            cmd.env(
+                WORKER_TOKEN_ENV,
+                String::from_utf8_lossy(token.expose()).as_ref(),
+            );
+        }
         if !use_cuda {
             cmd.arg("--devices").arg("cpu");
         }
@@ -127,7 +140,7 @@ pub async fn run(
     }
     let mut job_id = None;
     let outcome = tokio::select! {
-        result = submit_and_watch(&url, job, sets, &mut job_id) => Outcome::Ended(Box::new(result)),
+        result = submit_and_watch(&url, client_security, job, sets, &mut job_id) => Outcome::Ended(Box::new(result)),
         name = signals.next() => Outcome::Stopped(name),
     };
     if let Outcome::Stopped(name) = &outcome {
@@ -156,21 +169,36 @@ pub async fn run(
 /// Submits the job (its id goes to stdout and `job_id`) and watches it to its end.
 async fn submit_and_watch(
     url: &str,
+    security: &ClientSecurity,
     job: &Path,
     sets: &[String],
     job_id: &mut Option<String>,
 ) -> Result<xvlm_proto::v1::JobStatus> {
-    let mut c = connect_retry(url).await?;
+    let mut c = connect_retry(url, security).await?;
     let id = client::submit(&mut c, job, sets).await?;
     println!("{id}");
     *job_id = Some(id.clone());
     client::watch(&mut c, &id, std::io::stdout()).await
 }
 
-async fn connect_retry(url: &str) -> Result<client::Client> {
+/// The URL this machine's clients use: with TLS the host is `localhost` for a loopback or
+/// unspecified listen address, the name a local certificate carries (an IP address would have to be
+/// in the certificate as such).
+fn local_url(addr: std::net::SocketAddr, tls: bool) -> String {
+    if !tls {
+        return format!("http://{addr}");
+    }
+    if addr.ip().is_loopback() || addr.ip().is_unspecified() {
+        format!("https://localhost:{}", addr.port())
+    } else {
+        format!("https://{addr}")
+    }
+}
+
+async fn connect_retry(url: &str, security: &ClientSecurity) -> Result<client::Client> {
     let mut last = None;
     for _ in 0..50 {
-        match client::connect(url).await {
+        match client::connect_with(url, security).await {
             Ok(c) => return Ok(c),
             Err(e) => last = Some(e),
         }

@@ -1,13 +1,16 @@
 //! `xvlm-coord`: the coordinator server and its CLI.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use xvlm_coord::security::Security;
+use xvlm_coord::tls::ServerTls;
 use xvlm_coord::{client, local, server, CoordConfig};
 use xvlm_proto::logging::{self, LogFormat};
+use xvlm_proto::security::{load_token, ClientSecurity, USER_TOKEN_ENV, WORKER_TOKEN_ENV};
 
 /// xvlm coordinator: schedules distributed training jobs onto xvlm-worker nodes.
 #[derive(Parser)]
@@ -24,6 +27,14 @@ struct Cli {
     /// Log line format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// CA certificate (PEM) that signed the coordinator's certificate: clients trust it for
+    /// `https://` URLs (and `run` hands it to its local workers).
+    #[arg(long, global = true, env = "XVLM_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// File holding the user token (Jobs API); without it, `XVLM_USER_TOKEN`. Clients send it;
+    /// `serve` and `run` require it from every Jobs call.
+    #[arg(long, global = true, env = "XVLM_USER_TOKEN_FILE")]
+    user_token_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -42,18 +53,47 @@ struct ServeArgs {
     /// Workers silent this long (ms) are lost.
     #[arg(long, default_value_t = 10_000)]
     heartbeat_timeout_ms: u64,
+    /// Server certificate chain (PEM): serve both services over TLS.
+    #[arg(long, env = "XVLM_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "XVLM_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) that signs worker client certificates: the Workers API then requires one (mutual TLS).
+    #[arg(long, env = "XVLM_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// File holding the worker token (Workers API); without it, `XVLM_WORKER_TOKEN`.
+    #[arg(long, env = "XVLM_WORKER_TOKEN_FILE")]
+    worker_token_file: Option<PathBuf>,
+    /// Listen on a non-loopback address without TLS and both tokens anyway (logs a warning).
+    #[arg(long)]
+    insecure: bool,
 }
 
-impl From<&ServeArgs> for CoordConfig {
-    fn from(a: &ServeArgs) -> Self {
-        CoordConfig {
-            listen: a.listen,
-            heartbeat_timeout_ms: a.heartbeat_timeout_ms,
-            ..CoordConfig::default()
-                .with_state_dir(&a.state_dir)
-                .with_storage(&a.storage)
-        }
-    }
+/// The server configuration from the serve flags and the global user-token flag.
+fn coord_config(a: &ServeArgs, user_token_file: Option<&Path>) -> Result<CoordConfig> {
+    let tls = match (&a.tls_cert, &a.tls_key) {
+        (Some(cert), Some(key)) => Some(ServerTls {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: a.tls_client_ca.clone(),
+        }),
+        _ => None,
+    };
+    let security = Security {
+        tls,
+        user_token: load_token(user_token_file, USER_TOKEN_ENV)?,
+        worker_token: load_token(a.worker_token_file.as_deref(), WORKER_TOKEN_ENV)?,
+        insecure: a.insecure,
+    };
+    Ok(CoordConfig {
+        listen: a.listen,
+        heartbeat_timeout_ms: a.heartbeat_timeout_ms,
+        security,
+        ..CoordConfig::default()
+            .with_state_dir(&a.state_dir)
+            .with_storage(&a.storage)
+    })
 }
 
 #[derive(Subcommand)]
@@ -145,9 +185,16 @@ fn outcome(status: &xvlm_proto::v1::JobStatus) -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
+    let user_token_file = cli.user_token_file.as_deref();
+    let security = ClientSecurity {
+        ca: cli.tls_ca.clone(),
+        token: load_token(user_token_file, USER_TOKEN_ENV)?,
+        ..ClientSecurity::default()
+    };
+    let connect = || client::connect_with(&cli.coordinator, &security);
     match cli.command {
-        Cmd::Serve(args) => {
-            let config = CoordConfig::from(&args);
+        Cmd::Serve(ref args) => {
+            let config = coord_config(args, user_token_file)?;
             let listener = tokio::net::TcpListener::bind(config.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -168,12 +215,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Submit { job, sets } => {
-            let mut c = client::connect(&cli.coordinator).await?;
+            let mut c = connect().await?;
             println!("{}", client::submit(&mut c, &job, &sets).await?);
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status { job } => {
-            let mut c = client::connect(&cli.coordinator).await?;
+            let mut c = connect().await?;
             let jobs = match job {
                 Some(id) => vec![client::get(&mut c, &id).await?],
                 None => client::list(&mut c).await?,
@@ -182,25 +229,25 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Watch { job } => {
-            let mut c = client::connect(&cli.coordinator).await?;
+            let mut c = connect().await?;
             let last = client::watch(&mut c, &job, std::io::stdout()).await?;
             Ok(outcome(&last))
         }
         Cmd::List => {
-            let mut c = client::connect(&cli.coordinator).await?;
+            let mut c = connect().await?;
             for s in client::list(&mut c).await? {
                 println!("{}\t{}\t{}", s.job_id, client::state_name(&s), s.name);
             }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Cancel { job } => {
-            let mut c = client::connect(&cli.coordinator).await?;
+            let mut c = connect().await?;
             let s = client::cancel(&mut c, &job).await?;
             println!("{} {}", s.job_id, client::state_name(&s));
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Checkpoint { job, wait } => {
-            let mut c = client::connect(&cli.coordinator).await?;
+            let mut c = connect().await?;
             let ticket = client::checkpoint(&mut c, &job).await?;
             if wait {
                 let step = client::wait_checkpoint(&mut c, &ticket).await?;
@@ -214,19 +261,20 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Run {
-            job,
-            sets,
+            ref job,
+            ref sets,
             local_workers,
-            cuda,
-            serve,
+            ref cuda,
+            ref serve,
         } => {
-            let config = CoordConfig::from(&serve);
+            let config = coord_config(serve, user_token_file)?;
             let last = local::run(
-                &job,
-                &sets,
+                job,
+                sets,
                 local_workers,
-                cuda,
+                *cuda,
                 config,
+                &security,
                 &local::worker_binary(),
             )
             .await?;

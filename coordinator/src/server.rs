@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
@@ -17,13 +17,16 @@ use xvlm_proto::checkpoint::Part;
 use xvlm_proto::spec::{JobSpec, TaskKind};
 use xvlm_proto::{v1, PROTOCOL_VERSION};
 
+use crate::auth::Guard;
 use crate::commit::{CommitRequest, Committer};
 use crate::config::CoordConfig;
 use crate::convert;
 use crate::error::CoordError;
 use crate::planner;
+use crate::ring_secret::RingKey;
 use crate::state::{Action, Applied, Event, RunningGeneration, Scheduler};
 use crate::store::{JobStore, RedbStore};
+use crate::tls::ServerTls;
 
 type CommandSender = mpsc::UnboundedSender<Result<v1::CoordinatorCommand, Status>>;
 
@@ -47,6 +50,7 @@ pub struct Core {
     updates: broadcast::Sender<v1::JobStatus>,
     config: CoordConfig,
     committer: Committer,
+    ring_key: RingKey,
 }
 
 impl Core {
@@ -79,6 +83,7 @@ impl Core {
             updates,
             config,
             committer,
+            ring_key: RingKey::random()?,
         });
         let _ = me.set(Arc::downgrade(&core));
         {
@@ -114,7 +119,10 @@ impl Core {
                 Action::Persist(_) => {}
                 Action::Send { worker, command } => match inner.links.get(&worker) {
                     Some((_, tx)) => {
-                        if tx.send(Ok(convert::command(command))).is_err() {
+                        if tx
+                            .send(Ok(self.ring_key.seal(convert::command(command))))
+                            .is_err()
+                        {
                             warn!(worker, "worker link closed; command dropped");
                         }
                     }
@@ -500,6 +508,20 @@ pub async fn serve_core(
     core: Arc<Core>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), CoordError> {
+    let security = core.config.security.clone();
+    let addr = listener
+        .local_addr()
+        .map_err(|e| CoordError::Server(format!("listener address: {e}")))?;
+    security.check_listen(addr)?;
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &security.tls {
+        builder = builder
+            .tls_config(tls.load()?)
+            .map_err(|e| CoordError::Tls(error_chain(&e)))?;
+    }
+    let mutual = security.tls.as_ref().is_some_and(ServerTls::mutual);
+    let jobs = Guard::new("Jobs", security.user_token, false);
+    let workers = Guard::new("Workers", security.worker_token, mutual);
     let ticker = {
         let core = core.clone();
         tokio::spawn(async move {
@@ -512,11 +534,43 @@ pub async fn serve_core(
             }
         })
     };
-    let result = tonic::transport::Server::builder()
-        .add_service(v1::jobs_server::JobsServer::new(JobsService(core.clone())))
-        .add_service(v1::workers_server::WorkersServer::new(WorkersService(core)))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+    let result = builder
+        .add_service(v1::jobs_server::JobsServer::with_interceptor(
+            JobsService(core.clone()),
+            jobs,
+        ))
+        .add_service(v1::workers_server::WorkersServer::with_interceptor(
+            WorkersService(core),
+            workers,
+        ))
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await;
     ticker.abort();
     result.map_err(|e| CoordError::Server(e.to_string()))
+}
+
+/// Accepted connections with Nagle off: tonic's own `tcp_nodelay` does not apply to an incoming
+/// stream, and the TLS handshake's small writes then wait for delayed ACKs (measured: a TLS connect
+/// plus first call took 44 ms on loopback with Nagle on).
+fn incoming(listener: TcpListener) -> impl Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    TcpListenerStream::new(listener).map(|conn| {
+        if let Ok(stream) = &conn {
+            if let Err(e) = stream.set_nodelay(true) {
+                warn!(error = %e, "cannot turn Nagle off on a connection");
+            }
+        }
+        conn
+    })
+}
+
+/// An error with its causes (tonic's says only "transport error" at the top).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
 }

@@ -8,6 +8,8 @@ pub mod checkpoint;
 pub mod duplicate_keys;
 pub mod logging;
 pub mod process;
+#[cfg(feature = "grpc")]
+pub mod security;
 pub mod spec;
 #[cfg(feature = "storage")]
 pub mod storage;

@@ -111,6 +111,8 @@ pub struct Cluster {
     pub workers: Vec<Proc>,
     /// The test's directory.
     pub dir: PathBuf,
+    /// Environment of [`Cluster::cli`] commands (a TLS CA, a user token).
+    pub client_env: Vec<(String, String)>,
 }
 
 impl Cluster {
@@ -122,6 +124,7 @@ impl Cluster {
             url,
             workers: Vec::new(),
             dir: dir.to_path_buf(),
+            client_env: Vec::new(),
         }
     }
 
@@ -181,6 +184,7 @@ impl Cluster {
         cmd.arg("--coordinator")
             .arg(&self.url)
             .args(args)
+            .envs(self.client_env.iter().map(|(k, v)| (k, v)))
             .current_dir(&self.dir);
         output_within(&mut cmd, Duration::from_secs(60))
     }
@@ -243,9 +247,22 @@ pub fn start_coordinator_with_env(
     listen: &str,
     env: &[(&str, &str)],
 ) -> (Proc, String) {
+    start_coordinator_with_args(dir, listen, env, &[])
+}
+
+/// [`start_coordinator_with_env`] with extra `serve` flags (e.g. `--tls-cert`); the URL returned is
+/// `http://ADDR` whatever the flags.
+pub fn start_coordinator_with_args(
+    dir: &Path,
+    listen: &str,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> (Proc, String) {
     let log = dir.join("coordinator.log");
     let mut child = die_with_test(&mut Command::new(bin("xvlm-coord")))
-        .args(["serve", "--listen", listen, "--state-dir"])
+        .args(["serve", "--listen", listen])
+        .args(args)
+        .arg("--state-dir")
         .arg(dir.join("state"))
         .arg("--storage")
         .arg(format!("file://{}", dir.join("runs").display()))

@@ -39,6 +39,7 @@ fn stalled_commit_loses_no_worker() {
         url,
         workers: Vec::new(),
         dir: dir.path().to_path_buf(),
+        client_env: Vec::new(),
     };
     for i in 0..8 {
         c.add_worker(&format!("w{i}"), 1);

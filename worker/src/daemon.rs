@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
 use xvlm_proto::logging::strip_terminal_escapes;
+use xvlm_proto::security::ClientSecurity;
 use xvlm_proto::spec::{Backend, JobSpec};
 use xvlm_proto::v1::workers_client::WorkersClient;
 use xvlm_proto::{v1, PROTOCOL_VERSION};
@@ -63,6 +64,8 @@ pub struct DaemonConfig {
     /// CPU threads this worker's trainers share (`--cpu-threads`); `None`: the host's cores divided
     /// among the workers on it.
     pub cpu_threads: Option<usize>,
+    /// TLS trust, client certificate and worker token for the coordinator.
+    pub security: ClientSecurity,
 }
 
 type Key = (String, u64);
@@ -186,8 +189,9 @@ impl Daemon {
         backoff: &mut Duration,
         lost_since: &mut Option<Instant>,
     ) -> SessionEnd {
-        let mut client = match WorkersClient::connect(self.cfg.coordinator.clone()).await {
-            Ok(c) => c,
+        let security = &self.cfg.security;
+        let mut client = match security.connect(&self.cfg.coordinator).await {
+            Ok(channel) => WorkersClient::with_interceptor(channel, security.bearer()),
             Err(e) => return SessionEnd::Lost(e.to_string()),
         };
         let reply = match client
@@ -492,6 +496,7 @@ impl Daemon {
                 backend,
                 peers: s.peers.clone(),
                 nccl_id: s.nccl_unique_id.clone(),
+                ring_secret: s.ring_secret.clone(),
                 spec,
                 output: s.output.clone(),
                 shards: s.shards.get(i).map(|l| l.files.clone()).unwrap_or_default(),

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use xvlm_proto::logging::{self, LogFormat};
+use xvlm_proto::security::{load_token, ClientSecurity, WORKER_TOKEN_ENV};
 use xvlm_worker::devices::{self, DeviceChoice};
 use xvlm_worker::{bench, daemon, trainer};
 
@@ -55,6 +56,18 @@ struct DaemonArgs {
     /// Seconds trainers keep running while the coordinator is unreachable.
     #[arg(long, default_value_t = 600)]
     grace_secs: u64,
+    /// CA certificate (PEM) that signed the coordinator's certificate (for an `https://` URL).
+    #[arg(long, env = "XVLM_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) to present to a coordinator that requires mutual TLS.
+    #[arg(long, env = "XVLM_WORKER_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "XVLM_WORKER_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// File holding the worker token; without it, `XVLM_WORKER_TOKEN`.
+    #[arg(long, env = "XVLM_WORKER_TOKEN_FILE")]
+    worker_token_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -147,6 +160,12 @@ fn run(cli: Cli) -> Result<()> {
                 grace: Duration::from_secs(a.grace_secs),
                 exe: std::env::current_exe().context("cannot locate the xvlm-worker binary")?,
                 cpu_threads: a.cpu_threads.map(|n| n as usize),
+                security: ClientSecurity {
+                    ca: a.tls_ca,
+                    cert: a.tls_cert,
+                    key: a.tls_key,
+                    token: load_token(a.worker_token_file.as_deref(), WORKER_TOKEN_ENV)?,
+                },
             };
             // One thread: trainers get PR_SET_PDEATHSIG from the thread that forks them, so it must
             // live as long as the daemon.

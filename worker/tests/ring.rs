@@ -201,3 +201,51 @@ fn segment_back_to_back_calls() {
         }
     }
 }
+
+/// Ranks of one generation whose ring secrets differ (a stray or foreign process posing as a rank)
+/// do not connect: each refuses the other's hello and fails naming the wrong secret, while the same
+/// listeners with one secret connect.
+#[test]
+fn peer_with_wrong_ring_secret_is_refused() {
+    let connect = |secrets: [&'static [u8]; 2]| {
+        let listeners: Vec<std::net::TcpListener> = (0..2)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+            .collect();
+        let peers: Vec<String> = listeners
+            .iter()
+            .map(|l| l.local_addr().expect("addr").to_string())
+            .collect();
+        let handles: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(rank, l)| {
+                let peers = peers.clone();
+                std::thread::spawn(move || {
+                    RingCollective::connect_with(
+                        rank,
+                        Some(l),
+                        &peers,
+                        3,
+                        secrets[rank],
+                        std::time::Duration::from_secs(2),
+                        Transport::Tcp,
+                    )
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("rank thread"))
+            .collect::<Vec<_>>()
+    };
+    let refused = connect([b"generation-3", b"guessed"]);
+    for r in &refused {
+        let e = r.as_ref().expect_err("a wrong secret must not connect");
+        assert!(e.contains("wrong ring secret"), "{e}");
+    }
+    assert!(connect([b"generation-3", b"generation-3"])
+        .iter()
+        .all(Result::is_ok));
+}

@@ -6,6 +6,7 @@ mod element;
 mod local_group;
 pub mod nccl;
 pub mod ring;
+mod ring_hello;
 pub mod shm;
 
 use tch::Tensor;

@@ -15,11 +15,11 @@ use xvlm_model::collective::{Collective, CollectiveError};
 
 use super::element::Element;
 use super::local_group::LocalGroup;
+use super::ring_hello;
 use super::shm::{self, ShmReceiver, ShmSender};
 
 /// Received data is reduced in pieces of this size while the rest is still in flight.
 const CHUNK_BYTES: usize = 1 << 20;
-const MAGIC: u32 = 0x5856_4c4d; // "XVLM"
 
 /// Which transports ranks on the same host use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,17 +101,27 @@ fn fail(op: &'static str, rank: usize, reason: impl std::fmt::Display) -> Collec
 
 impl RingCollective {
     /// Connects rank `rank` of `peers.len()` ranks: accepts the previous rank on `listener` and
-    /// connects to the next rank's address, retrying until `timeout`. `tag` (e.g. the generation) must
-    /// agree on both ends, so a stale peer is refused. Neighbours on the same host switch to shared
+    /// connects to the next rank's address, retrying until `timeout`. `tag` (e.g. the generation) and
+    /// `secret` (the generation's ring secret) must agree on both ends, so a stale or foreign peer is
+    /// refused (`ring_hello`). Neighbours on the same host switch to shared
     /// memory, as [`Transport::from_env`] says.
     pub fn connect(
         rank: usize,
         listener: Option<TcpListener>,
         peers: &[String],
         tag: u64,
+        secret: &[u8],
         timeout: Duration,
     ) -> Result<Self, CollectiveError> {
-        Self::connect_with(rank, listener, peers, tag, timeout, Transport::from_env())
+        Self::connect_with(
+            rank,
+            listener,
+            peers,
+            tag,
+            secret,
+            timeout,
+            Transport::from_env(),
+        )
     }
 
     /// [`RingCollective::connect`] with the transport explicit.
@@ -120,6 +130,7 @@ impl RingCollective {
         listener: Option<TcpListener>,
         peers: &[String],
         tag: u64,
+        secret: &[u8],
         timeout: Duration,
         transport: Transport,
     ) -> Result<Self, CollectiveError> {
@@ -135,31 +146,38 @@ impl RingCollective {
         let listener = listener.ok_or_else(|| fail("connect", rank, "no listening socket"))?;
         let deadline = Instant::now() + timeout;
         let prev_rank = (rank + world - 1) % world;
+        let secret_owned = secret.to_vec();
         let accept = std::thread::spawn(move || -> Result<TcpStream, String> {
             listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+            // The last refused connection, for the error if the right peer never comes: a refused
+            // peer is dropped and accepting goes on, so a stray cannot take the ring down.
+            let mut refused: Option<String> = None;
             loop {
                 match listener.accept() {
-                    Ok((mut stream, _)) => {
+                    Ok((mut stream, from)) => {
                         stream.set_nonblocking(false).map_err(|e| e.to_string())?;
                         stream
                             .set_read_timeout(Some(Duration::from_secs(10)))
                             .map_err(|e| e.to_string())?;
-                        let mut hello = [0u8; 24];
+                        let mut hello = [0u8; ring_hello::HELLO_LEN];
                         if stream.read_exact(&mut hello).is_err() {
                             continue;
                         }
-                        let (magic, from, their_world, their_tag) = decode_hello(&hello);
-                        if magic == MAGIC
-                            && from == prev_rank
-                            && their_world == world
-                            && their_tag == tag
-                        {
-                            return Ok(stream);
+                        match ring_hello::check(&hello, prev_rank, world, tag, &secret_owned) {
+                            Ok(()) => return Ok(stream),
+                            Err(why) => {
+                                tracing::warn!(rank, %from, "ring: refused {why}");
+                                refused = Some(format!("refused {why} from {from}"));
+                            }
                         }
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         if Instant::now() > deadline {
-                            return Err(format!("rank {prev_rank} did not connect in time"));
+                            let mut msg = format!("rank {prev_rank} did not connect in time");
+                            if let Some(r) = &refused {
+                                msg.push_str(&format!(" (last: {r})"));
+                            }
+                            return Err(msg);
                         }
                         std::thread::sleep(Duration::from_millis(5));
                     }
@@ -177,7 +195,7 @@ impl RingCollective {
                 Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }
         };
-        next.write_all(&encode_hello(rank, world, tag))
+        next.write_all(&ring_hello::encode(rank, world, tag, secret))
             .map_err(|e| fail("connect", rank, e))?;
         let mut prev = accept
             .join()
@@ -486,31 +504,6 @@ fn negotiate(
     Ok((tx, rx))
 }
 
-fn encode_hello(rank: usize, world: usize, tag: u64) -> [u8; 24] {
-    let mut b = [0u8; 24];
-    b[..4].copy_from_slice(&MAGIC.to_le_bytes());
-    b[4..8].copy_from_slice(&(rank as u32).to_le_bytes());
-    b[8..16].copy_from_slice(&(world as u64).to_le_bytes());
-    b[16..24].copy_from_slice(&tag.to_le_bytes());
-    b
-}
-
-fn decode_hello(b: &[u8; 24]) -> (u32, usize, usize, u64) {
-    let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-    let u64_at = |i: usize| {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(&b[i..i + 8]);
-        u64::from_le_bytes(a)
-    };
-    (
-        u32_at(0),
-        u32_at(4) as usize,
-        u64_at(8) as usize,
-        u64_at(16),
-    )
-}
-
-/// A CPU contiguous copy (or the tensor itself when it already is one) in a kind the ring reduces.
 fn host_view(t: &Tensor, op: &'static str, rank: usize) -> Result<(Tensor, bool), CollectiveError> {
     if !t.defined() {
         return Err(fail(op, rank, "undefined tensor"));
@@ -665,6 +658,7 @@ pub fn local_ring_with(
                     Some(l),
                     &peers,
                     7,
+                    b"local ring",
                     Duration::from_secs(30),
                     transport,
                 )

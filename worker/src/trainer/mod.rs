@@ -51,6 +51,9 @@ pub struct Assignment {
     pub peers: Vec<String>,
     /// Rank 0's NCCL id.
     pub nccl_id: Vec<u8>,
+    /// The generation's ring secret (empty from a coordinator that sends none).
+    #[serde(default)]
+    pub ring_secret: Vec<u8>,
     /// The job spec.
     pub spec: JobSpec,
     /// Output URL.
@@ -121,6 +124,7 @@ fn collective(
             listener,
             &a.peers,
             a.generation,
+            &a.ring_secret,
             Duration::from_secs(120),
         )?),
     })
