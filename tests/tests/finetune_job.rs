@@ -181,7 +181,7 @@ max_restarts: 0\ncheckpoint: {{every_steps: 0, keep_last: 2}}\n",
         resumed, saved,
         "resumed another checkpoint than the drain's"
     );
-    assert!(resumed >= 2 && resumed < 12, "drain step {resumed}");
+    assert!((2..12).contains(&resumed), "drain step {resumed}");
     let output = dir.path().join("runs").join(&job);
     assert!(
         output.join("eval/final.json").is_file()
