@@ -105,6 +105,7 @@ pub fn progress_info(p: &v1::RankProgress) -> ProgressInfo {
         samples_per_sec: p.samples_per_sec,
         at_ms: 0,
         first: None,
+        total_steps: p.total_steps,
     }
 }
 

@@ -170,6 +170,13 @@ max_restarts: 0\ncheckpoint: {{every_steps: 0, keep_last: 2}}\n",
         last.contains("SUCCEEDED") && last.contains("gen=2") && last.contains("world=2"),
         "expected success in generation 2 at world 2: {last}\n{watch}"
     );
+    // The job has no `steps:`: the total comes from the trainers' schedule (3 epochs of 4 steps).
+    assert!(
+        watch
+            .lines()
+            .any(|l| l.contains("RUNNING") && l.contains("/12 ")),
+        "no total of 12 steps while running:\n{watch}"
+    );
     let g1 = gen_logs(dir.path(), &["w0", "w1", "w2"], &job, 1);
     let saved = step_after(&g1, "preempted: checkpoint step-")
         .unwrap_or_else(|| panic!("generation 1 did not checkpoint on the drain:\n{g1}"));

@@ -696,6 +696,7 @@ fn rank_progress(job: &str, generation: u64, rank: u32, p: ProgressLine) -> v1::
             .collect(),
         lr: p.lr,
         samples_per_sec: p.samples_per_sec,
+        total_steps: p.total_steps,
         metrics: p
             .metrics
             .into_iter()
@@ -835,7 +836,13 @@ mod tests {
             samples_per_sec: 0.0,
             parts: vec![],
             metrics: vec![],
+            total_steps: 40,
         };
         assert!(!serde_json::to_string(&plain).unwrap().contains("metrics"));
+        let sent = rank_progress("j", 1, 0, plain);
+        assert_eq!(
+            sent.total_steps, 40,
+            "the schedule's total reaches the coordinator"
+        );
     }
 }

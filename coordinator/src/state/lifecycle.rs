@@ -53,6 +53,7 @@ impl Scheduler {
             checkpoint_requests: 0,
             checkpoint_requests_served: 0,
             growing: 0,
+            reported_total_steps: 0,
             submitted_at_ms: now,
             updated_at_ms: now,
         };
@@ -208,6 +209,9 @@ impl Scheduler {
                 metrics,
                 at_ms: now,
             });
+        }
+        if progress.total_steps > 0 {
+            job.reported_total_steps = progress.total_steps;
         }
         job.progress = Some(progress);
         job.updated_at_ms = now;
@@ -498,6 +502,66 @@ mod tests {
     use super::super::test_support::*;
     use super::super::*;
     use xvlm_proto::spec::Backend;
+
+    /// A job without `steps:` takes its total from its trainers' reports (their schedule fixes it), keeps
+    /// it across generations, and gets an ETA; a spec's `steps` wins.
+    #[test]
+    fn total_steps_come_from_the_trainers_when_the_spec_has_none() {
+        let mut unbounded = spec(2, 1, 1);
+        unbounded.task = xvlm_proto::spec::TaskKind::Pretrain;
+        unbounded.config = Some("Pretrain_XVLM_base_4m.yaml".into());
+        unbounded.steps = None;
+        let (mut s, job) = running_on_a_and_b(unbounded);
+        assert_eq!(s.job(&job).unwrap().total_steps(), 0);
+        let report = |s: &mut Scheduler, step: u64, at: Millis, total_steps: u64| {
+            let generation = s.job(&job).unwrap().generation;
+            s.apply(
+                at,
+                Event::Progress {
+                    job: job.clone(),
+                    generation,
+                    rank: 0,
+                    progress: ProgressInfo {
+                        step,
+                        total_steps,
+                        ..Default::default()
+                    },
+                    metrics: vec![],
+                },
+            )
+            .unwrap();
+        };
+        report(&mut s, 1, 1_000, 40);
+        report(&mut s, 11, 11_000, 40);
+        let rec = s.job(&job).unwrap();
+        assert_eq!(rec.total_steps(), 40);
+        let eta = rec.eta_seconds().expect("an ETA");
+        assert!((eta - 29.0).abs() < 1e-9, "eta {eta}");
+        // A report without a total (an older trainer) keeps the known one.
+        report(&mut s, 12, 12_000, 0);
+        assert_eq!(s.job(&job).unwrap().total_steps(), 40);
+
+        let mut bounded = spec(2, 1, 1);
+        bounded.steps = Some(30);
+        let (mut s, job) = running_on_a_and_b(bounded);
+        let generation = s.job(&job).unwrap().generation;
+        s.apply(
+            1_000,
+            Event::Progress {
+                job: job.clone(),
+                generation,
+                rank: 0,
+                progress: ProgressInfo {
+                    step: 1,
+                    total_steps: 40,
+                    ..Default::default()
+                },
+                metrics: vec![],
+            },
+        )
+        .unwrap();
+        assert_eq!(s.job(&job).unwrap().total_steps(), 30);
+    }
 
     /// The happy path: pending until workers come, rendezvous with ranks, running, succeeded, and
     /// every transition is persisted before the command that acts on it.

@@ -81,6 +81,9 @@ pub struct ProgressInfo {
     pub at_ms: Millis,
     /// First report of this generation (step, time), for the ETA.
     pub first: Option<(u64, Millis)>,
+    /// Steps the job runs as the trainer reported them (0: not reported).
+    #[serde(default)]
+    pub total_steps: u64,
 }
 
 /// The latest evaluation results of a job, as rank 0 reported them.
@@ -143,6 +146,10 @@ pub struct JobRecord {
     /// The generation asked to checkpoint and leave so that the job grows (0: none).
     #[serde(default)]
     pub growing: u64,
+    /// Steps the job runs as its trainers' schedule fixes them (their progress reports; 0 until the
+    /// first), kept across generations.
+    #[serde(default)]
+    pub reported_total_steps: u64,
     /// Submission time.
     pub submitted_at_ms: Millis,
     /// Last change.
@@ -155,9 +162,10 @@ impl JobRecord {
         self.ranks.len() as u32
     }
 
-    /// Steps the job runs.
+    /// Steps the job runs: the spec's `steps`, else what its trainers' schedule fixes (0 until they
+    /// report it).
     pub fn total_steps(&self) -> u64 {
-        self.spec.steps.unwrap_or(0)
+        self.spec.steps.unwrap_or(self.reported_total_steps)
     }
 
     /// Seconds until the last step at the pace seen in this generation.

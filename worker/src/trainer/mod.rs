@@ -89,6 +89,9 @@ pub struct ProgressLine {
     /// and `watch`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub metrics: Vec<(String, f64)>,
+    /// Steps the job runs (the task's schedule), so `status` knows the total without `steps:`.
+    #[serde(default)]
+    pub total_steps: u64,
 }
 
 /// Runs an assignment read from `path`; `listen_fd` is the ring socket the worker bound for this rank.
@@ -180,6 +183,7 @@ pub fn run(a: &Assignment, listener: Option<TcpListener>) -> Result<(), WorkerEr
             samples_per_sec: (out.samples * a.world) as f64 / secs,
             parts: Vec::new(),
             metrics: out.metrics,
+            total_steps: total,
         };
         let done = step + 1;
         let request = requests.agree(comm.as_ref())?;
@@ -237,6 +241,7 @@ pub fn run(a: &Assignment, listener: Option<TcpListener>) -> Result<(), WorkerEr
             samples_per_sec: 0.0,
             parts: Vec::new(),
             metrics,
+            total_steps: total,
         };
         println!("{}", serde_json::to_string(&line).unwrap_or_default());
     }
