@@ -197,6 +197,52 @@ max_restarts: 0\ncheckpoint: {{every_steps: 0, keep_last: 2}}\n",
     );
 }
 
+/// A fine-tune shrunk below its reference world grows back: started on two of the three workers it may
+/// use (world 2 of 3: ranks stand in for 2 and 1 reference batches), it is asked to checkpoint and leave
+/// when a third registers, and generation 2 at world 3 resumes that checkpoint and succeeds, no restart
+/// spent.
+#[test]
+fn shrunk_finetune_grows_back_when_a_worker_joins() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = retrieval_corpus(dir.path());
+    // 48 pairs in global batches of 3 x 4: 4 steps per epoch, 6 epochs.
+    let config = write(dir.path(), "retrieval.yaml", &task_yaml(&data, 6));
+    let job_yaml = format!(
+        "name: ft\ntask: retrieval\nconfig: {}\nseed: 11\nworkers: {{min: 2, max: 3}}\n\
+max_restarts: 0\ncheckpoint: {{every_steps: 0, keep_last: 2}}\n",
+        config.display()
+    );
+    let mut c = Cluster::with_workers(dir.path(), &["w0", "w1"]);
+    let job = c.submit(&write(dir.path(), "job.yaml", &job_yaml));
+    wait_until(Duration::from_secs(120), || c.step(&job) >= 2)
+        .unwrap_or_else(|| panic!("job did not reach step 2:\n{}", c.logs()));
+    c.add_worker("w2", 1);
+    let watch = c.watch_succeeded(&job);
+    let last = last_line(&watch);
+    assert!(
+        last.contains("SUCCEEDED")
+            && last.contains("gen=2")
+            && last.contains("world=3")
+            && !last.contains("restarts="),
+        "expected success in generation 2 at world 3 without a restart: {last}\n{watch}"
+    );
+    let g2 = gen_logs(dir.path(), &["w0", "w1", "w2"], &job, 2);
+    let resumed = resumed_step(&g2)
+        .unwrap_or_else(|| panic!("generation 2 did not resume:\n{g2}\n{}", c.logs()));
+    let output = dir.path().join("runs").join(&job);
+    assert_eq!(
+        committed_checkpoints(&output),
+        vec![resumed],
+        "generation 2 resumed from the one checkpoint the growth took"
+    );
+    println!("grew from world 2 to 3 at step {resumed}");
+    assert!((2..24).contains(&resumed), "resumed from step {resumed}");
+    assert!(
+        output.join("eval/final.json").is_file(),
+        "no closing evaluation"
+    );
+}
+
 /// `configs/jobs/demo-{name}.yaml` with its task config read from `data` (the demo's `demo-out/data`
 /// replaced, model files named absolutely), `steps` short, and `extra` job keys; written under `dir`.
 fn demo_job(dir: &Path, data: &Path, name: &str, steps: u64, extra: &str) -> std::path::PathBuf {
