@@ -517,7 +517,7 @@ pub async fn serve_core(
     if let Some(tls) = &security.tls {
         builder = builder
             .tls_config(tls.load()?)
-            .map_err(|e| CoordError::Tls(error_chain(&e)))?;
+            .map_err(|e| CoordError::Tls(xvlm_proto::security::error_chain(&e)))?;
     }
     let mutual = security.tls.as_ref().is_some_and(ServerTls::mutual);
     let jobs = Guard::new("Jobs", security.user_token, false);
@@ -561,16 +561,4 @@ fn incoming(listener: TcpListener) -> impl Stream<Item = std::io::Result<tokio::
         }
         conn
     })
-}
-
-/// An error with its causes (tonic's says only "transport error" at the top).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cause = c.source();
-    }
-    s
 }

@@ -135,7 +135,7 @@ fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, SecurityError> {
 
 /// The error with its whole cause chain: tonic's top-level transport error says only "transport
 /// error", the TLS reason (unknown issuer, bad certificate) is further down.
-fn chain(e: &dyn std::error::Error) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {
@@ -154,7 +154,8 @@ impl ClientSecurity {
             url: url.to_string(),
             reason,
         };
-        let endpoint = Endpoint::from_shared(url.to_string()).map_err(|e| url_err(chain(&e)))?;
+        let endpoint =
+            Endpoint::from_shared(url.to_string()).map_err(|e| url_err(error_chain(&e)))?;
         let https = url.starts_with("https://");
         if !https {
             if self.ca.is_some() || self.cert.is_some() {
@@ -181,7 +182,9 @@ impl ClientSecurity {
             (None, None) => {}
             _ => return Err(url_err("--tls-cert and --tls-key go together".into())),
         }
-        endpoint.tls_config(tls).map_err(|e| url_err(chain(&e)))
+        endpoint
+            .tls_config(tls)
+            .map_err(|e| url_err(error_chain(&e)))
     }
 
     /// Connects to `url` (TLS handshake included).
@@ -191,7 +194,7 @@ impl ClientSecurity {
             .await
             .map_err(|e| SecurityError::Connect {
                 url: url.to_string(),
-                reason: chain(&e),
+                reason: error_chain(&e),
             })
     }
 

@@ -66,6 +66,20 @@ fn retrieval_corpus(dir: &Path) -> std::path::PathBuf {
     data
 }
 
+/// A retrieval fine-tune for up to 3 workers, at least 2, no periodic checkpoints and no restarts, on a
+/// corpus under `dir`: 48 pairs in global batches of 3 x 4 make 4 steps per epoch, 6 epochs (margin for
+/// a drain or a growth to land before the end). Returns the job file.
+fn elastic_job(dir: &Path) -> std::path::PathBuf {
+    let data = retrieval_corpus(dir);
+    let config = write(dir, "retrieval.yaml", &task_yaml(&data, 6));
+    let job_yaml = format!(
+        "name: ft\ntask: retrieval\nconfig: {}\nseed: 11\nworkers: {{min: 2, max: 3}}\n\
+max_restarts: 0\ncheckpoint: {{every_steps: 0, keep_last: 2}}\n",
+        config.display()
+    );
+    write(dir, "job.yaml", &job_yaml)
+}
+
 #[test]
 fn killed_finetune_trainer_resumes_bit_identical() {
     let dir = tempfile::tempdir().unwrap();
@@ -145,16 +159,9 @@ checkpoint: {{every_steps: {EVERY}, keep_last: 2}}\n",
 #[test]
 fn preempted_finetune_worker_shrinks_to_a_non_dividing_world() {
     let dir = tempfile::tempdir().unwrap();
-    let data = retrieval_corpus(dir.path());
-    // 48 pairs in global batches of 3 x 4: 4 steps per epoch, 6 epochs (margin for the drain).
-    let config = write(dir.path(), "retrieval.yaml", &task_yaml(&data, 6));
-    let job_yaml = format!(
-        "name: ft\ntask: retrieval\nconfig: {}\nseed: 11\nworkers: {{min: 2, max: 3}}\n\
-max_restarts: 0\ncheckpoint: {{every_steps: 0, keep_last: 2}}\n",
-        config.display()
-    );
+    let job_yaml = elastic_job(dir.path());
     let c = Cluster::with_workers(dir.path(), &["w0", "w1", "w2"]);
-    let job = c.submit(&write(dir.path(), "job.yaml", &job_yaml));
+    let job = c.submit(&job_yaml);
     wait_until(Duration::from_secs(120), || c.step(&job) >= 2)
         .unwrap_or_else(|| panic!("job did not reach step 2:\n{}", c.logs()));
     let w2 = c
@@ -204,16 +211,9 @@ max_restarts: 0\ncheckpoint: {{every_steps: 0, keep_last: 2}}\n",
 #[test]
 fn shrunk_finetune_grows_back_when_a_worker_joins() {
     let dir = tempfile::tempdir().unwrap();
-    let data = retrieval_corpus(dir.path());
-    // 48 pairs in global batches of 3 x 4: 4 steps per epoch, 6 epochs.
-    let config = write(dir.path(), "retrieval.yaml", &task_yaml(&data, 6));
-    let job_yaml = format!(
-        "name: ft\ntask: retrieval\nconfig: {}\nseed: 11\nworkers: {{min: 2, max: 3}}\n\
-max_restarts: 0\ncheckpoint: {{every_steps: 0, keep_last: 2}}\n",
-        config.display()
-    );
+    let job_yaml = elastic_job(dir.path());
     let mut c = Cluster::with_workers(dir.path(), &["w0", "w1"]);
-    let job = c.submit(&write(dir.path(), "job.yaml", &job_yaml));
+    let job = c.submit(&job_yaml);
     wait_until(Duration::from_secs(120), || c.step(&job) >= 2)
         .unwrap_or_else(|| panic!("job did not reach step 2:\n{}", c.logs()));
     c.add_worker("w2", 1);

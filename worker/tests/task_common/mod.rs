@@ -354,6 +354,26 @@ pub fn metric(metrics: &[(String, f64)], name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {name} in {metrics:?}"))
 }
 
+/// `rank_body` run by every rank of a local TCP ring of `world` ranks, one thread each; their results
+/// in rank order.
+fn on_local_ring<R: Send>(
+    world: usize,
+    rank_body: impl Fn(&xvlm_worker::comm::ring::RingCollective) -> R + Sync,
+) -> Vec<R> {
+    let ring = xvlm_worker::comm::ring::local_ring(world).expect("ring");
+    let body = &rank_body;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = ring
+            .into_iter()
+            .map(|comm| s.spawn(move || body(&comm)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("rank"))
+            .collect()
+    })
+}
+
 /// The closing metrics of a `finish` (an `evaluate: true` job scores its splits) of task `T` by every
 /// rank of a local TCP ring of `world` ranks writing to `output`; panics when the ranks disagree.
 pub fn finish_at_world<T: FinetuneTask>(
@@ -361,21 +381,9 @@ pub fn finish_at_world<T: FinetuneTask>(
     world: usize,
     output: &str,
 ) -> Vec<(String, f64)> {
-    let ring = xvlm_worker::comm::ring::local_ring(world).expect("ring");
-    let metrics: Vec<Vec<(String, f64)>> = std::thread::scope(|s| {
-        let handles: Vec<_> = ring
-            .into_iter()
-            .map(|comm| {
-                s.spawn(move || {
-                    let mut task = finetune_task::<T>(spec, &comm, output);
-                    task.finish(&comm).expect("evaluation")
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("rank"))
-            .collect()
+    let metrics = on_local_ring(world, |comm| {
+        let mut task = finetune_task::<T>(spec, comm, output);
+        task.finish(comm).expect("evaluation")
     });
     for m in &metrics {
         assert_eq!(m, &metrics[0], "ranks disagree at world {world}");
@@ -415,22 +423,10 @@ pub fn weights_after_steps_at_world<T: FinetuneTask>(
     steps: u64,
     output: &str,
 ) -> Vec<(String, Tensor)> {
-    let ring = xvlm_worker::comm::ring::local_ring(world).expect("ring");
-    let by_rank: Vec<Vec<(String, Tensor)>> = std::thread::scope(|s| {
-        let handles: Vec<_> = ring
-            .into_iter()
-            .map(|comm| {
-                s.spawn(move || {
-                    let mut task = finetune_task::<T>(spec, &comm, output);
-                    run(&mut task, &comm, 0, steps);
-                    weights(&task)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("rank"))
-            .collect()
+    let by_rank = on_local_ring(world, |comm| {
+        let mut task = finetune_task::<T>(spec, comm, output);
+        run(&mut task, comm, 0, steps);
+        weights(&task)
     });
     for (r, w) in by_rank.iter().enumerate().skip(1) {
         for ((name, a), (_, b)) in w.iter().zip(&by_rank[0]) {
