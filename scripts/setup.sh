@@ -53,6 +53,29 @@ if [ ! -x "$MOTO_VENV/bin/moto_server" ]; then
   "$PY" -m venv "$MOTO_VENV"
   "$MOTO_VENV/bin/pip" install -q --disable-pip-version-check 'moto[server]'
 fi
+# The servers and tools the operations tests start (Prometheus, headless Chromium, single-node Slurm) and
+# the Python readers they check against (TensorBoard's event reader, the Kubernetes schema validator).
+# Measured on the 2-core CI kind: apt 34 s, pip 17 s on the first run; no-ops after.
+TEST_PACKAGES="prometheus chromium slurm-wlm munge"
+missing_packages() { for p in $TEST_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done; }
+if command -v apt-get >/dev/null 2>&1 && [ -n "$(missing_packages)" ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "setup: installing test servers: $(missing_packages | tr '\n' ' ')"
+    # shellcheck disable=SC2046
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(missing_packages) >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null 2>&1 \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(missing_packages) >/dev/null 2>&1; } \
+      || echo "setup: WARNING: could not install $(missing_packages | tr '\n' ' '); the operations tests will fail"
+  else
+    echo "setup: WARNING: not root: apt-get install $(missing_packages | tr '\n' ' ') for the operations tests"
+  fi
+fi
+TOOLS_VENV=$ROOT/.venv-tools
+if [ ! -x "$TOOLS_VENV/bin/kubernetes-validate" ] || ! "$TOOLS_VENV/bin/python" -c 'import tensorboard' 2>/dev/null; then
+  echo "setup: installing tensorboard and kubernetes-validate into $TOOLS_VENV"
+  [ -x "$TOOLS_VENV/bin/python" ] || "$PY" -m venv "$TOOLS_VENV"
+  "$TOOLS_VENV/bin/pip" install -q --disable-pip-version-check tensorboard kubernetes-validate
+fi
 cat > "$ROOT/.env.build" <<ENV
 export LIBTORCH=$TORCH_DIR
 export XVLM_LIBS_DIR=$ROOT/.libs

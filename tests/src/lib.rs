@@ -525,3 +525,31 @@ impl Drop for WatchLog {
         let _ = self.child.wait();
     }
 }
+
+/// A program the operations tests need (a Debian package's binary, or a script in `.venv-tools`),
+/// found on `PATH`, in `/usr/sbin`, or in `.venv-tools/bin`. Panics naming the package and
+/// scripts/setup.sh when it is missing: these tests must run in CI, so a missing tool fails them
+/// rather than skipping them.
+pub fn tool(name: &str, package: &str) -> PathBuf {
+    let venv_tools = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv-tools/bin");
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin"), venv_tools])
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| {
+            panic!("{name} is missing: run scripts/setup.sh as root (it installs {package})")
+        })
+}
+
+/// The Python of `.venv-tools` (TensorBoard's event reader, kubernetes-validate), installed by
+/// scripts/setup.sh.
+pub fn tools_python() -> PathBuf {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv-tools/bin/python");
+    assert!(
+        python.is_file(),
+        "{} is missing: run scripts/setup.sh (it installs tensorboard and kubernetes-validate there)",
+        python.display()
+    );
+    python
+}
