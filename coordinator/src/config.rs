@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use crate::security::Security;
 
@@ -20,6 +21,8 @@ pub struct CoordConfig {
     pub heartbeat_interval_ms: u64,
     /// TLS, tokens and the loopback rule.
     pub security: Security,
+    /// How often jobs' TensorBoard events are written to their outputs.
+    pub tensorboard_flush: Duration,
 }
 
 impl Default for CoordConfig {
@@ -31,6 +34,7 @@ impl Default for CoordConfig {
             heartbeat_timeout_ms: 10_000,
             heartbeat_interval_ms: 1_000,
             security: Security::default(),
+            tensorboard_flush: crate::tensorboard::DEFAULT_FLUSH,
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod security;
 pub mod server;
 pub mod state;
 pub mod store;
+pub mod tensorboard;
 pub mod tls;
 
 pub use config::CoordConfig;

@@ -68,6 +68,10 @@ struct ServeArgs {
     /// Listen on a non-loopback address without TLS and both tokens anyway (logs a warning).
     #[arg(long)]
     insecure: bool,
+    /// Seconds between writes of the jobs' TensorBoard events to `{output}/tensorboard/` (each
+    /// write is one new event file; shutdown writes what is left).
+    #[arg(long, env = "XVLM_TENSORBOARD_FLUSH_SECS", default_value_t = 30.0)]
+    tensorboard_flush_secs: f64,
 }
 
 /// The server configuration from the serve flags and the global user-token flag.
@@ -90,10 +94,21 @@ fn coord_config(a: &ServeArgs, user_token_file: Option<&Path>) -> Result<CoordCo
         listen: a.listen,
         heartbeat_timeout_ms: a.heartbeat_timeout_ms,
         security,
+        tensorboard_flush: flush_interval(a.tensorboard_flush_secs)?,
         ..CoordConfig::default()
             .with_state_dir(&a.state_dir)
             .with_storage(&a.storage)
     })
+}
+
+/// `--tensorboard-flush-secs` as a duration: positive and finite.
+fn flush_interval(secs: f64) -> Result<std::time::Duration> {
+    std::time::Duration::try_from_secs_f64(secs)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .with_context(|| {
+            format!("--tensorboard-flush-secs {secs}: give a positive number of seconds")
+        })
 }
 
 #[derive(Subcommand)]

@@ -24,8 +24,9 @@ use crate::convert;
 use crate::error::CoordError;
 use crate::planner;
 use crate::ring_secret::RingKey;
-use crate::state::{Action, Applied, Event, RunningGeneration, Scheduler};
+use crate::state::{Action, Applied, Event, JobState, RunningGeneration, Scheduler};
 use crate::store::{JobStore, RedbStore};
+use crate::tensorboard::TensorBoard;
 use crate::tls::ServerTls;
 
 type CommandSender = mpsc::UnboundedSender<Result<v1::CoordinatorCommand, Status>>;
@@ -50,6 +51,7 @@ pub struct Core {
     updates: broadcast::Sender<v1::JobStatus>,
     config: CoordConfig,
     committer: Committer,
+    tensorboard: TensorBoard,
     ring_key: RingKey,
 }
 
@@ -81,6 +83,7 @@ impl Core {
                 next_link: 0,
             }),
             updates,
+            tensorboard: TensorBoard::spawn(config.tensorboard_flush)?,
             config,
             committer,
             ring_key: RingKey::random()?,
@@ -149,6 +152,18 @@ impl Core {
             }
         }
         Ok(())
+    }
+
+    /// The output of the job whose curve `p` continues: rank 0's report of the generation that runs
+    /// now (a late report of an older generation is no part of it).
+    fn curve_output(&self, p: &v1::RankProgress) -> Option<String> {
+        if p.rank != 0 {
+            return None;
+        }
+        let inner = self.lock();
+        let job = inner.sched.job(&p.job_id)?;
+        (job.generation == p.generation && job.state == JobState::Running)
+            .then(|| job.output.clone())
     }
 
     fn status(&self, job: &str) -> Result<v1::JobStatus, CoordError> {
@@ -230,6 +245,7 @@ impl Core {
             })?;
         }
         for p in r.progress {
+            let curve = self.curve_output(&p).map(|output| (output, p.clone()));
             self.dispatch(Event::Progress {
                 progress: convert::progress_info(&p),
                 metrics: convert::metrics(&p.metrics),
@@ -237,6 +253,9 @@ impl Core {
                 generation: p.generation,
                 rank: p.rank,
             })?;
+            if let Some((output, p)) = curve {
+                self.tensorboard.record(output, p);
+            }
         }
         // Before the exits: a trainer's last part precedes its exit, and its commit the job's end.
         self.parts(&r.parts)?;
@@ -540,14 +559,18 @@ pub async fn serve_core(
             jobs,
         ))
         .add_service(v1::workers_server::WorkersServer::with_interceptor(
-            WorkersService(core),
+            WorkersService(core.clone()),
             workers,
         ))
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await;
     ticker.abort();
+    core.tensorboard.flush(SHUTDOWN_FLUSH).await;
     result.map_err(|e| CoordError::Server(e.to_string()))
 }
+
+/// How long a stopping coordinator waits for its last TensorBoard events to be written.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(10);
 
 /// Accepted connections with Nagle off: tonic's own `tcp_nodelay` does not apply to an incoming
 /// stream, and the TLS handshake's small writes then wait for delayed ACKs (measured: a TLS connect

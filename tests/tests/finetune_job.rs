@@ -338,3 +338,166 @@ fn every_task_job_runs_through_the_coordinator() {
         }
     }
 }
+
+/// Reads a TensorBoard log directory with TensorBoard's own reader (which drops the steps a session
+/// START re-opens, as TensorBoard does) and prints `{tag: [[step, value], ...]}`.
+const READ_SCALARS: &str = r#"
+import json, sys
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+acc = EventAccumulator(sys.argv[1], size_guidance={"scalars": 0})
+acc.Reload()
+print(json.dumps({t: [[e.step, e.value] for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}))
+"#;
+
+type Curves = std::collections::BTreeMap<String, Vec<(u64, f64)>>;
+
+fn read_scalars(dir: &Path) -> Curves {
+    let out = std::process::Command::new(xvlm_e2e::tools_python())
+        .args(["-c", READ_SCALARS])
+        .arg(dir)
+        .output()
+        .expect("run the TensorBoard reader");
+    assert!(out.status.success(), "reader failed: {}", text(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("reader output")
+}
+
+/// One `watch` line's step, losses and lr.
+type Watched = (u64, Vec<(String, f64)>, f64);
+
+/// Every `watch` line with losses.
+fn watched_steps(watch: &str) -> Vec<Watched> {
+    watch
+        .lines()
+        .filter_map(|line| {
+            let step = line
+                .split("step=")
+                .nth(1)?
+                .split('/')
+                .next()?
+                .parse()
+                .ok()?;
+            let losses = line.split("losses: ").nth(1)?.split(" lr=").next()?;
+            let losses: Vec<(String, f64)> = losses
+                .split_whitespace()
+                .filter_map(|kv| {
+                    let (k, v) = kv.split_once('=')?;
+                    Some((k.to_string(), v.parse().ok()?))
+                })
+                .collect();
+            let lr = line.split(" lr=").nth(1)?.split(' ').next()?.parse().ok()?;
+            (!losses.is_empty()).then_some((step, losses, lr))
+        })
+        .collect()
+}
+
+/// A fine-tune's TensorBoard files, read back with TensorBoard's reader: every loss at every step
+/// once, equal to what `watch` showed; each param group's lr (the lr_mult groups at twice the lr);
+/// the grad norm and throughput; the per-epoch validation and the closing test metrics as the job's
+/// eval files hold them.
+#[test]
+fn tensorboard_files_hold_the_reported_curves() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = retrieval_corpus(dir.path());
+    let config = write(dir.path(), "retrieval.yaml", &task_yaml(&data, 2));
+    let job_file = write(
+        dir.path(),
+        "job.yaml",
+        &format!(
+            "name: tb\ntask: retrieval\nconfig: {}\nseed: 5\nworkers: {{min: 2, max: 2}}\n\
+max_restarts: 0\ncheckpoint: {{every_steps: 0, keep_last: 1}}\n",
+            config.display()
+        ),
+    );
+    let (coord, url) = xvlm_e2e::start_coordinator_with_args(
+        dir.path(),
+        "127.0.0.1:0",
+        &[],
+        &["--tensorboard-flush-secs", "0.5"],
+    );
+    let mut c = Cluster {
+        coord,
+        url,
+        workers: Vec::new(),
+        dir: dir.path().to_path_buf(),
+        client_env: Vec::new(),
+    };
+    c.add_worker("w0", 1);
+    c.add_worker("w1", 1);
+    let job = c.submit(&job_file);
+    let watch = c.watch_log(&job);
+    c.watch_succeeded(&job);
+    let output = dir.path().join("runs").join(&job);
+    let steps = 12; // 48 pairs in global batches of 2 x 4, 2 epochs.
+    let mut curves = Curves::new();
+    wait_until(Duration::from_secs(20), || {
+        curves = read_scalars(&output.join("tensorboard"));
+        curves.contains_key("eval/test.r_mean")
+    })
+    .unwrap_or_else(|| panic!("no closing test metrics in the event files: {curves:?}"));
+
+    let losses: Vec<&String> = curves.keys().filter(|t| t.starts_with("loss/")).collect();
+    assert!(!losses.is_empty(), "no losses: {curves:?}");
+    for tag in losses {
+        let at: Vec<u64> = curves[tag].iter().map(|(s, _)| *s).collect();
+        assert_eq!(
+            at,
+            (1..=steps).collect::<Vec<_>>(),
+            "{tag}: every step once"
+        );
+    }
+    for tag in ["grad_norm", "samples_per_sec", "lr/group0", "lr/group2"] {
+        let points = curves.get(tag).unwrap_or_else(|| panic!("no {tag}"));
+        assert_eq!(points.len() as u64, steps, "{tag}: {points:?}");
+        // The warm-up's first lr is 0.
+        let least = if tag.starts_with("lr/") {
+            0.0
+        } else {
+            f64::MIN_POSITIVE
+        };
+        assert!(
+            points.iter().all(|(_, v)| v.is_finite() && *v >= least),
+            "{tag}: {points:?}"
+        );
+    }
+    for ((_, base), (_, mult)) in curves["lr/group0"].iter().zip(&curves["lr/group2"]) {
+        assert!(
+            (mult - 2.0 * base).abs() <= 1e-4 * base,
+            "lr_mult 2: {base} and {mult}"
+        );
+    }
+
+    let watched = watched_steps(&watch.text());
+    assert!(!watched.is_empty(), "no watch lines:\n{}", watch.text());
+    for (step, losses, lr) in &watched {
+        for (name, value) in losses {
+            let logged = curves[&format!("loss/{name}")][(*step - 1) as usize].1;
+            assert!(
+                (logged - value).abs() <= 5.1e-5 + 1e-6 * value.abs(),
+                "step {step} {name}: watch {value}, TensorBoard {logged}"
+            );
+        }
+        let logged = curves["lr/group0"][(*step - 1) as usize].1;
+        assert!(
+            (logged - lr).abs() <= 5.1e-5,
+            "step {step} lr: watch {lr}, TensorBoard {logged}"
+        );
+    }
+
+    let val: Vec<u64> = curves["eval/val.r_mean"].iter().map(|(s, _)| *s).collect();
+    assert_eq!(val, vec![6, 12], "validation at each epoch end");
+    let final_json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(output.join("eval/final.json")).expect("eval/final.json"),
+    )
+    .expect("final.json");
+    let r_mean = final_json[0]["metrics"]["r_mean"]
+        .as_f64()
+        .expect("test r_mean");
+    let logged = curves["eval/test.r_mean"]
+        .last()
+        .map(|(_, v)| *v)
+        .unwrap_or(f64::NAN);
+    assert!(
+        (logged - r_mean).abs() < 1e-4 * r_mean.abs().max(1.0),
+        "test r_mean {r_mean}, TensorBoard {logged}"
+    );
+}

@@ -30,6 +30,7 @@ use crate::comm::nccl;
 use crate::cpu_share::CpuShare;
 use crate::error::WorkerError;
 use crate::process;
+use crate::progress_queue::ProgressQueue;
 use crate::trainer::{save_request, task, Assignment, ProgressLine};
 
 /// What the operator asked the daemon to do (from signals).
@@ -109,7 +110,7 @@ pub struct Daemon {
     events_tx: mpsc::UnboundedSender<TrainerEvent>,
     events_rx: mpsc::UnboundedReceiver<TrainerEvent>,
     ready: Vec<v1::RankReady>,
-    progress: BTreeMap<(String, u64, u32), v1::RankProgress>,
+    progress: ProgressQueue,
     exits: Vec<v1::TrainerExit>,
     /// Checkpoint parts not yet reported.
     parts: Vec<v1::CheckpointPart>,
@@ -139,7 +140,7 @@ pub async fn run(
         events_tx,
         events_rx,
         ready: Vec::new(),
-        progress: BTreeMap::new(),
+        progress: ProgressQueue::default(),
         exits: Vec::new(),
         parts: Vec::new(),
         parts_held: BTreeMap::new(),
@@ -290,7 +291,7 @@ impl Daemon {
                 })
                 .collect(),
             ready: std::mem::take(&mut self.ready),
-            progress: std::mem::take(&mut self.progress).into_values().collect(),
+            progress: self.progress.take(),
             exits: std::mem::take(&mut self.exits),
             parts: std::mem::take(&mut self.parts),
             draining: self.draining.is_some(),
@@ -299,12 +300,7 @@ impl Daemon {
 
     fn absorb(&mut self, ev: TrainerEvent) {
         match ev {
-            TrainerEvent::Progress(p) => {
-                // Only the newest line per rank is sent.
-                let key = (p.job_id.clone(), p.generation, p.rank);
-                let pending = self.progress.remove(&key);
-                self.progress.insert(key, newest_progress(pending, p));
-            }
+            TrainerEvent::Progress(p) => self.progress.push(p),
             TrainerEvent::Part(p) => self.hold_part(p),
             TrainerEvent::Exit(e) => {
                 let key = (e.job_id.clone(), e.generation);
@@ -695,6 +691,8 @@ fn rank_progress(job: &str, generation: u64, rank: u32, p: ProgressLine) -> v1::
             .map(|(name, value)| v1::Loss { name, value })
             .collect(),
         lr: p.lr,
+        lrs: p.lrs,
+        grad_norm: p.grad_norm,
         samples_per_sec: p.samples_per_sec,
         total_steps: p.total_steps,
         metrics: p
@@ -703,21 +701,6 @@ fn rank_progress(job: &str, generation: u64, rank: u32, p: ProgressLine) -> v1::
             .map(|(name, value)| v1::Metric { name, value })
             .collect(),
     }
-}
-
-/// What a report sends for a rank whose `pending` progress is replaced by `newest` before the
-/// report went out: the newest line, with the pending evaluation metrics if it has none (results
-/// come once an epoch and must not be lost to the next step's line).
-fn newest_progress(
-    pending: Option<v1::RankProgress>,
-    mut newest: v1::RankProgress,
-) -> v1::RankProgress {
-    if newest.metrics.is_empty() {
-        if let Some(pending) = pending {
-            newest.metrics = pending.metrics;
-        }
-    }
-    newest
 }
 
 /// Forwards the trainer's progress lines, then its exit; kills whatever is left of its group.
@@ -807,11 +790,10 @@ mod tests {
         assert_eq!(last_error_line(&dir.path().join("none.log")), "");
     }
 
-    /// A progress line's metrics reach the report, and survive a later line without any that
-    /// replaces it before the report goes out; a line without metrics still parses (older trainers)
-    /// and writes no `metrics` key.
+    /// A progress line's metrics, group lrs and grad norm reach the report; a line without them
+    /// still parses (older trainers) and writes no `metrics` key.
     #[test]
-    fn evaluation_metrics_are_forwarded_and_not_lost() {
+    fn progress_lines_reach_the_report() {
         let eval = line(
             r#"{"step":3,"losses":[["itc",0.5]],"lr":0.1,"samples_per_sec":8.0,"metrics":[["epoch",0.0],["val.r_mean",41.5]]}"#,
         );
@@ -822,17 +804,20 @@ mod tests {
             .collect();
         assert_eq!(names, vec![("epoch", 0.0), ("val.r_mean", 41.5)]);
         let next = line(r#"{"step":4,"losses":[["itc",0.4]],"lr":0.1,"samples_per_sec":8.0}"#);
-        assert!(next.metrics.is_empty());
-        let sent = newest_progress(Some(eval.clone()), next);
-        assert_eq!((sent.step, sent.metrics.clone()), (4, eval.metrics.clone()));
-        let later = line(
-            r#"{"step":5,"losses":[],"lr":0.1,"samples_per_sec":8.0,"metrics":[["val.r_mean",50.0]]}"#,
+        assert!(next.metrics.is_empty() && next.lrs.is_empty() && next.grad_norm.is_none());
+        let grouped = line(
+            r#"{"step":5,"losses":[],"lr":0.1,"lrs":[0.1,0.1,0.5,0.5],"grad_norm":2.5,"samples_per_sec":8.0}"#,
         );
-        assert_eq!(newest_progress(Some(sent), later.clone()), later);
+        assert_eq!(
+            (grouped.lrs.clone(), grouped.grad_norm),
+            (vec![0.1, 0.1, 0.5, 0.5], Some(2.5))
+        );
         let plain = ProgressLine {
             step: 1,
             losses: vec![],
             lr: 0.0,
+            lrs: vec![],
+            grad_norm: None,
             samples_per_sec: 0.0,
             parts: vec![],
             metrics: vec![],

@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod devices;
 pub mod error;
 pub mod process;
+pub mod progress_queue;
 pub mod trainer;
 
 pub use error::WorkerError;

@@ -78,6 +78,13 @@ pub struct ProgressLine {
     pub losses: Vec<(String, f64)>,
     /// Learning rate.
     pub lr: f64,
+    /// The lr of every param group, in the optimizer's group order (official: decay, no decay,
+    /// decay × lr_mult, no decay × lr_mult).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lrs: Vec<f64>,
+    /// The update's total gradient norm (cross-rank averaged, before clipping).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_norm: Option<f64>,
     /// Global samples per second over the last step.
     pub samples_per_sec: f64,
     /// This rank's checkpoint parts uploaded since the previous line (the coordinator commits a
@@ -180,6 +187,8 @@ pub fn run(a: &Assignment, listener: Option<TcpListener>) -> Result<(), WorkerEr
             step: step + 1,
             losses: out.losses,
             lr: task.lr(),
+            lrs: out.lrs,
+            grad_norm: out.grad_norm,
             samples_per_sec: (out.samples * a.world) as f64 / secs,
             parts: Vec::new(),
             metrics: out.metrics,
@@ -238,6 +247,8 @@ pub fn run(a: &Assignment, listener: Option<TcpListener>) -> Result<(), WorkerEr
             step: total,
             losses: Vec::new(),
             lr: task.lr(),
+            lrs: Vec::new(),
+            grad_norm: None,
             samples_per_sec: 0.0,
             parts: Vec::new(),
             metrics,

@@ -260,6 +260,9 @@ impl Task for PretrainTask {
         // ranks. Without a region step the box losses are not reported.
         let mut values = [None; 6];
         let mut lr = 0.0;
+        let mut lrs = Vec::new();
+        // The image-text update's norm: every iteration has one (a region update only some).
+        let mut grad_norm = None;
         for s in &log.steps {
             match s.kind {
                 StepKind::Region => {
@@ -272,6 +275,8 @@ impl Task for PretrainTask {
                     values[2] = Some(s.loss_mlm);
                     values[5] = Some(s.loss_total);
                     lr = s.lrs.first().copied().unwrap_or(0.0);
+                    lrs = s.lrs.clone();
+                    grad_norm = Some(s.grad_norm);
                 }
             }
         }
@@ -282,6 +287,8 @@ impl Task for PretrainTask {
                 .zip(values)
                 .collect(),
             lr,
+            lrs,
+            grad_norm,
             samples: self.batch_size * self.accumulation,
         })
     }

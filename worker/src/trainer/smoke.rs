@@ -161,6 +161,8 @@ impl TrainTask for SmokeTask {
         }
         Ok(StepOutput {
             losses: vec![("mse".into(), mse)],
+            lrs: vec![self.params.lr],
+            grad_norm: None,
             samples: self.batch.slice().len(),
             metrics: Vec::new(),
         })

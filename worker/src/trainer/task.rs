@@ -78,6 +78,10 @@ impl TaskContext<'_> {
 pub struct StepOutput {
     /// Named losses, averaged across ranks.
     pub losses: Vec<(String, f64)>,
+    /// The lr of every param group the step's update used (empty: the task has no groups).
+    pub lrs: Vec<f64>,
+    /// The update's total gradient norm, when the task measures it.
+    pub grad_norm: Option<f64>,
     /// Samples this rank consumed.
     pub samples: usize,
     /// Evaluation results of this step (an epoch end), `split.metric` names; usually empty.

@@ -207,6 +207,8 @@ impl<T: FinetuneTask> Task for T {
         Ok(Stepped {
             losses: log.losses.into_iter().map(|(k, v)| (k, Some(v))).collect(),
             lr: log.update.lrs.first().copied().unwrap_or(0.0),
+            lrs: log.update.lrs.clone(),
+            grad_norm: Some(log.update.grad_norm),
             samples: stream.local() * batches.len(),
         })
     }

@@ -90,6 +90,10 @@ pub struct Stepped {
     pub losses: Vec<(String, Option<f64>)>,
     /// The lr of the step.
     pub lr: f64,
+    /// The lr of every param group the step's update used, in the optimizer's group order.
+    pub lrs: Vec<f64>,
+    /// The update's total gradient norm (cross-rank averaged, before any clipping).
+    pub grad_norm: Option<f64>,
     /// Samples this rank consumed.
     pub samples: usize,
 }
@@ -431,6 +435,8 @@ impl<T: Task> TrainTask for Runner<T> {
         };
         Ok(StepOutput {
             losses,
+            lrs: out.lrs,
+            grad_norm: out.grad_norm,
             samples: out.samples,
             metrics,
         })
