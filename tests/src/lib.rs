@@ -267,6 +267,8 @@ pub fn start_coordinator_with_args(
         .arg("--storage")
         .arg(format!("file://{}", dir.join("runs").display()))
         .env("RUST_LOG", "info")
+        // Tests read jobs' TensorBoard files soon after the job ends.
+        .env("XVLM_TENSORBOARD_FLUSH_SECS", "0.5")
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

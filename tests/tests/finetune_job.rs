@@ -150,6 +150,18 @@ checkpoint: {{every_steps: {EVERY}, keep_last: 2}}\n",
         metrics(&reference),
         "the closing test evaluation differs"
     );
+    // TensorBoard drops what generation 1 logged past its checkpoint (generation 2 starts with a
+    // session START): the resumed job's loss curves are the uninterrupted job's, each step once.
+    let (resumed, uninterrupted) = (finished_curves(&output), finished_curves(&reference));
+    let losses: Vec<&String> = uninterrupted
+        .keys()
+        .filter(|t| t.starts_with("loss/"))
+        .collect();
+    assert!(!losses.is_empty());
+    for tag in losses {
+        assert_eq!(resumed.get(tag), Some(&uninterrupted[tag]), "{tag}");
+        assert_eq!(uninterrupted[tag].len() as u64, STEPS, "{tag}");
+    }
 }
 
 /// Preemption of one of three workers shrinks a fine-tune to a world that does not divide its reference
@@ -351,6 +363,17 @@ print(json.dumps({t: [[e.step, e.value] for e in acc.Scalars(t)] for t in acc.Ta
 
 type Curves = std::collections::BTreeMap<String, Vec<(u64, f64)>>;
 
+/// The curves of a finished job under `output`, once its closing test metrics are written.
+fn finished_curves(output: &Path) -> Curves {
+    let mut curves = Curves::new();
+    wait_until(Duration::from_secs(20), || {
+        curves = read_scalars(&output.join("tensorboard"));
+        curves.contains_key("eval/test.r_mean")
+    })
+    .unwrap_or_else(|| panic!("no closing test metrics in the event files: {curves:?}"));
+    curves
+}
+
 fn read_scalars(dir: &Path) -> Curves {
     let out = std::process::Command::new(xvlm_e2e::tools_python())
         .args(["-c", READ_SCALARS])
@@ -408,32 +431,13 @@ max_restarts: 0\ncheckpoint: {{every_steps: 0, keep_last: 1}}\n",
             config.display()
         ),
     );
-    let (coord, url) = xvlm_e2e::start_coordinator_with_args(
-        dir.path(),
-        "127.0.0.1:0",
-        &[],
-        &["--tensorboard-flush-secs", "0.5"],
-    );
-    let mut c = Cluster {
-        coord,
-        url,
-        workers: Vec::new(),
-        dir: dir.path().to_path_buf(),
-        client_env: Vec::new(),
-    };
-    c.add_worker("w0", 1);
-    c.add_worker("w1", 1);
+    let c = Cluster::with_workers(dir.path(), &["w0", "w1"]);
     let job = c.submit(&job_file);
     let watch = c.watch_log(&job);
     c.watch_succeeded(&job);
     let output = dir.path().join("runs").join(&job);
     let steps = 12; // 48 pairs in global batches of 2 x 4, 2 epochs.
-    let mut curves = Curves::new();
-    wait_until(Duration::from_secs(20), || {
-        curves = read_scalars(&output.join("tensorboard"));
-        curves.contains_key("eval/test.r_mean")
-    })
-    .unwrap_or_else(|| panic!("no closing test metrics in the event files: {curves:?}"));
+    let curves = finished_curves(&output);
 
     let losses: Vec<&String> = curves.keys().filter(|t| t.starts_with("loss/")).collect();
     assert!(!losses.is_empty(), "no losses: {curves:?}");
