@@ -13,9 +13,11 @@ pub mod ring_secret;
 pub mod security;
 pub mod server;
 pub mod state;
+pub mod status_text;
 pub mod store;
 pub mod tensorboard;
 pub mod tls;
+pub mod watch_view;
 
 pub use config::CoordConfig;
 pub use error::CoordError;

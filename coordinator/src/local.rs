@@ -22,6 +22,7 @@ use xvlm_proto::spec::JobSpec;
 use crate::client;
 use crate::config::CoordConfig;
 use crate::server;
+use crate::watch_view::WatchView;
 
 /// How long stopped local workers get to exit before they are killed: a draining worker waits for
 /// its trainers' checkpoint up to `xvlm-worker`'s drain timeout (120 s), then stops them (5 s).
@@ -178,7 +179,7 @@ async fn submit_and_watch(
     let id = client::submit(&mut c, job, sets).await?;
     println!("{id}");
     *job_id = Some(id.clone());
-    client::watch(&mut c, &id, std::io::stdout()).await
+    client::watch(&mut c, &id, std::io::stdout(), WatchView::for_stdout()).await
 }
 
 /// The URL this machine's clients use: with TLS the host is `localhost` for a loopback or

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use xvlm_coord::security::Security;
 use xvlm_coord::tls::ServerTls;
+use xvlm_coord::watch_view::WatchView;
 use xvlm_coord::{client, local, server, CoordConfig};
 use xvlm_proto::logging::{self, LogFormat};
 use xvlm_proto::security::{load_token, ClientSecurity, USER_TOKEN_ENV, WORKER_TOKEN_ENV};
@@ -245,7 +246,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Watch { job } => {
             let mut c = connect().await?;
-            let last = client::watch(&mut c, &job, std::io::stdout()).await?;
+            let last =
+                client::watch(&mut c, &job, std::io::stdout(), WatchView::for_stdout()).await?;
             Ok(outcome(&last))
         }
         Cmd::List => {

@@ -21,6 +21,7 @@ fn two_workers_run_a_job_to_completion() {
     let job = c.submit(&write(dir.path(), "job.yaml", JOB));
     assert_eq!(job, "job-0001");
     let out = c.watch_succeeded(&job);
+    assert!(!out.contains('\r'), "a pipe gets plain lines: {out:?}");
     let last = out.lines().last().unwrap_or_default();
     assert!(
         last.starts_with("job-0001 SUCCEEDED gen=1 world=2 step=40/40 losses: mse="),
@@ -46,6 +47,65 @@ fn two_workers_run_a_job_to_completion() {
     assert!(final_mse < first, "mse {first} -> {final_mse}\n{out}");
     let weights = dir.path().join("runs/job-0001/final/model.safetensors");
     assert!(weights.is_file(), "{} missing", weights.display());
+}
+
+/// `watch` on a terminal (a pseudo-terminal from util-linux `script`) draws one live bar, redrawn in
+/// place and never wider than the terminal, and leaves the state changes and the end as lines; in a
+/// pipe (the test above) it prints plain lines.
+#[test]
+fn watch_on_a_terminal_draws_a_live_bar() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cluster::with_workers(dir.path(), &["w0", "w1"]);
+    let job = c.submit(&write(
+        dir.path(),
+        "job.yaml",
+        "name: bar\ntask: smoke\nsteps: 30\nworkers: {min: 2}\nsmoke: {batch_size: 8, lr: 0.1, step_delay_ms: 40}\n",
+    ));
+    let watch = format!(
+        "{} --coordinator {} watch {job}",
+        xvlm_e2e::bin("xvlm-coord").display(),
+        c.url
+    );
+    let out = xvlm_e2e::output_within(
+        std::process::Command::new(xvlm_e2e::tool("script", "bsdutils"))
+            .args(["-qefc", &watch, "/dev/null"])
+            .env("COLUMNS", "80")
+            .env("TERM", "xterm"),
+        Duration::from_secs(60),
+    );
+    let screen = text(&out.stdout);
+    assert!(out.status.success(), "{screen}");
+    let redraws = screen.matches("\r\x1b[2K").count();
+    assert!(redraws >= 5, "{redraws} redraws:\n{screen:?}");
+    assert!(
+        screen.contains("] ") && screen.contains("% "),
+        "no bar:\n{screen:?}"
+    );
+    // What stays on the screen: each line's text after its last redraw.
+    let kept: Vec<&str> = screen
+        .split('\n')
+        .map(|l| {
+            l.trim_end_matches('\r')
+                .rsplit("\r\x1b[2K")
+                .next()
+                .unwrap_or("")
+        })
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert!(
+        kept.last()
+            .is_some_and(|l| l.starts_with(&format!("{job} SUCCEEDED"))),
+        "{kept:?}"
+    );
+    assert!(kept.len() < 10, "steps are redrawn, not printed: {kept:?}");
+    // A bar is what a redraw writes without ending the line (a line that stays may wrap).
+    for bar in screen
+        .split("\r\x1b[2K")
+        .skip(1)
+        .filter(|s| !s.contains('\n'))
+    {
+        assert!(bar.chars().count() < 80, "wider than the terminal: {bar:?}");
+    }
 }
 
 /// Two jobs wait in submission order: the second starts only after the first frees the workers.
