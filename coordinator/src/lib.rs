@@ -6,6 +6,8 @@ pub mod client;
 pub mod commit;
 pub mod config;
 pub mod convert;
+pub mod curves;
+pub mod dashboard;
 pub mod error;
 pub mod local;
 pub mod planner;

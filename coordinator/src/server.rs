@@ -21,6 +21,8 @@ use crate::auth::Guard;
 use crate::commit::{CommitRequest, Committer};
 use crate::config::CoordConfig;
 use crate::convert;
+use crate::curves::Curves;
+use crate::dashboard::{JobPage, Overview};
 use crate::error::CoordError;
 use crate::planner;
 use crate::ring_secret::RingKey;
@@ -52,6 +54,7 @@ pub struct Core {
     config: CoordConfig,
     committer: Committer,
     tensorboard: TensorBoard,
+    curves: Curves,
     ring_key: RingKey,
 }
 
@@ -84,6 +87,7 @@ impl Core {
             }),
             updates,
             tensorboard: TensorBoard::spawn(config.tensorboard_flush)?,
+            curves: Curves::default(),
             config,
             committer,
             ring_key: RingKey::random()?,
@@ -164,6 +168,17 @@ impl Core {
         let job = inner.sched.job(&p.job_id)?;
         (job.generation == p.generation && job.state == JobState::Running)
             .then(|| job.output.clone())
+    }
+
+    /// The dashboard's front page content.
+    pub fn overview(&self) -> Overview {
+        Overview::of(&self.lock().sched, now_ms())
+    }
+
+    /// The dashboard's page of `job` (its checkpoints not listed yet); `None` for an unknown job.
+    pub fn job_page(&self, job: &str) -> Option<JobPage> {
+        let curve = self.curves.of(job);
+        JobPage::of(&self.lock().sched, job, curve, now_ms())
     }
 
     fn status(&self, job: &str) -> Result<v1::JobStatus, CoordError> {
@@ -254,6 +269,7 @@ impl Core {
                 rank: p.rank,
             })?;
             if let Some((output, p)) = curve {
+                self.curves.add(&p);
                 self.tensorboard.record(output, p);
             }
         }

@@ -7,6 +7,21 @@ use xvlm_proto::spec::HangSpec;
 
 use super::records::{JobRecord, Millis};
 
+/// A running rank as hang detection sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RankHealth {
+    /// Global rank.
+    pub rank: u32,
+    /// Last reported step.
+    pub step: u64,
+    /// When that step was reached (or the generation started running).
+    pub since_ms: Millis,
+    /// p99 of its recent step times, ms (0 before enough steps).
+    pub p99_step_ms: u64,
+    /// Its process state letter in its worker's last heartbeat (`R`, `S`, `D`, `T`, ...).
+    pub process: Option<char>,
+}
+
 /// Step-progress clock of one rank of a running generation, for hang detection.
 #[derive(Clone, Debug)]
 pub(super) struct RankClock {
@@ -37,6 +52,17 @@ impl RankClock {
             step_ms: VecDeque::new(),
             p99_ms: 0,
             process: None,
+        }
+    }
+
+    /// What the clock says about its rank.
+    pub(super) fn health(&self, rank: u32) -> RankHealth {
+        RankHealth {
+            rank,
+            step: self.step,
+            since_ms: self.at_ms,
+            p99_step_ms: self.p99_ms,
+            process: self.process,
         }
     }
 

@@ -39,6 +39,7 @@ mod test_support;
 
 use std::collections::BTreeMap;
 
+pub use hang::RankHealth;
 pub use protocol::{Action, Applied, CheckpointTicket, Command, Event, RunningGeneration, Slot};
 pub use records::{Evaluation, JobRecord, JobState, Millis, ProgressInfo, RankAssignment};
 pub use registry::WorkerEntry;
@@ -107,6 +108,14 @@ impl Scheduler {
     /// One job.
     pub fn job(&self, id: &str) -> Option<&JobRecord> {
         self.jobs.get(id)
+    }
+
+    /// The running generation's ranks as hang detection sees them (empty unless RUNNING).
+    pub fn rank_health(&self, id: &str) -> Vec<RankHealth> {
+        self.runtime
+            .get(id)
+            .map(|r| r.clocks.iter().map(|(rank, c)| c.health(*rank)).collect())
+            .unwrap_or_default()
     }
 
     /// Registered workers.
