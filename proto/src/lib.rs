@@ -3,6 +3,7 @@
 //! child processes that die with their parent, object stores from URLs and the checkpoint commit
 //! protocol.
 
+pub mod backoff;
 #[cfg(feature = "storage")]
 pub mod checkpoint;
 pub mod duplicate_keys;

@@ -20,6 +20,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
+use xvlm_proto::backoff::Backoff;
 use xvlm_proto::logging::strip_terminal_escapes;
 use xvlm_proto::security::ClientSecurity;
 use xvlm_proto::spec::{Backend, JobSpec};
@@ -146,7 +147,7 @@ pub async fn run(
         parts_held: BTreeMap::new(),
         draining: None,
     };
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::reconnect();
     let mut lost_since: Option<Instant> = None;
     loop {
         match d.session(&mut signals, &mut backoff, &mut lost_since).await {
@@ -164,8 +165,7 @@ pub async fn run(
                 }
             }
         }
-        let wait = tokio::time::sleep(backoff);
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        let wait = tokio::time::sleep(backoff.next_delay());
         tokio::select! {
             _ = wait => {}
             sig = signals.recv() => match sig {
@@ -187,7 +187,7 @@ impl Daemon {
     async fn session(
         &mut self,
         signals: &mut mpsc::UnboundedReceiver<Signal>,
-        backoff: &mut Duration,
+        backoff: &mut Backoff,
         lost_since: &mut Option<Instant>,
     ) -> SessionEnd {
         let security = &self.cfg.security;
@@ -227,7 +227,7 @@ impl Daemon {
             Ok(r) => r.into_inner(),
             Err(e) => return SessionEnd::Lost(e.message().to_string()),
         };
-        *backoff = Duration::from_millis(200);
+        backoff.reset();
         *lost_since = None;
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         let mut last_beat = Instant::now();
