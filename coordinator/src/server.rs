@@ -511,13 +511,28 @@ impl v1::workers_server::Workers for WorkersService {
             .ok_or_else(|| Status::invalid_argument("heartbeat stream sent nothing"))?;
         let worker = first.worker_id.clone();
         let (tx, rx) = mpsc::unbounded_channel();
-        let link = self.0.attach(&worker, tx)?;
+        let link = self.0.attach(&worker, tx.clone())?;
         self.0.report(first)?;
         let core = self.0.clone();
+        let commands = tx;
         tokio::spawn(async move {
             while let Ok(Some(report)) = inbound.message().await {
-                if let Err(e) = core.report(report) {
-                    warn!(worker, error = %e, "bad worker report");
+                match core.report(report) {
+                    Ok(()) => {}
+                    // Declared lost (a partition its TCP connection outlived): the stream ends, and
+                    // the worker registers again, so its stray trainers are stopped and it can
+                    // rejoin, instead of reporting into a session that no longer exists.
+                    Err(e @ CoordError::UnknownWorker(_)) => {
+                        warn!(
+                            worker,
+                            "report from a worker no longer registered: ending its session"
+                        );
+                        let _ = commands.send(Err(Status::not_found(format!(
+                            "{e}: it was declared lost; register again"
+                        ))));
+                        break;
+                    }
+                    Err(e) => warn!(worker, error = %e, "bad worker report"),
                 }
             }
             core.detach(&worker, link);

@@ -2,6 +2,7 @@
 //! coordinator and workers on loopback with free ports and temporary directories, run CLI commands.
 
 pub mod checkpoints;
+pub mod netns;
 pub mod stall;
 
 use std::io::{BufRead, BufReader};
@@ -146,9 +147,31 @@ impl Cluster {
     /// [`Cluster::add_worker`] with extra environment variables (inherited by its trainers, e.g. the
     /// `XVLM_TEST_*` hooks).
     pub fn add_worker_with_env(&mut self, name: &str, slots: u32, env: &[(&str, &str)]) {
+        self.add_worker_via(name, slots, env, &[], &[]);
+    }
+
+    /// [`Cluster::add_worker_with_env`] run through `prefix` (e.g. `ip netns exec HOST`, a simulated
+    /// host of [`netns::Net`]) with extra worker flags (e.g. `--host`).
+    pub fn add_worker_via(
+        &mut self,
+        name: &str,
+        slots: u32,
+        env: &[(&str, &str)],
+        prefix: &[String],
+        flags: &[&str],
+    ) {
         let log = self.dir.join(format!("{name}.log"));
         let work = self.dir.join(format!("work-{name}"));
-        let child = die_with_test(&mut Command::new(bin("xvlm-worker")))
+        let mut cmd = match prefix.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(bin("xvlm-worker"));
+                cmd
+            }
+            None => Command::new(bin("xvlm-worker")),
+        };
+        let child = die_with_test(&mut cmd)
+            .args(flags)
             .args([
                 "--coordinator",
                 &self.url,
