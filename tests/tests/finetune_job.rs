@@ -505,3 +505,59 @@ max_restarts: 0\ncheckpoint: {{every_steps: 0, keep_last: 1}}\n",
         "test r_mean {r_mean}, TensorBoard {logged}"
     );
 }
+
+/// Checkpoints are O(model), not O(world x model): the same fine-tune at world 1, 2 and 4 (CPU slots
+/// of one worker) commits the weights and the optimizer state once (rank 0's `model.safetensors`
+/// and `state.safetensors`, the same bytes at every world), and one small JSON record per rank.
+#[test]
+fn checkpoint_bytes_do_not_grow_with_the_world() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = retrieval_corpus(dir.path());
+    let config = write(dir.path(), "retrieval.yaml", &task_yaml(&data, 2));
+    let mut rows = Vec::new();
+    for world in [1u32, 2, 4] {
+        let run = dir.path().join(format!("world-{world}"));
+        std::fs::create_dir_all(&run).unwrap();
+        let mut c = Cluster::start(&run);
+        c.add_worker("w0", world);
+        let job = c.submit(&write(
+            &run,
+            "job.yaml",
+            &format!(
+                "name: bytes\ntask: retrieval\nconfig: {}\nseed: 2\nworkers: {{min: 1, devices_per_worker: {world}}}\n\
+max_restarts: 0\ncheckpoint: {{every_steps: 3, keep_last: 50}}\n",
+                config.display()
+            ),
+        ));
+        c.watch_succeeded(&job);
+        let step = run.join("runs").join(&job).join("checkpoints/step-3");
+        assert!(
+            step.join("MANIFEST.json").is_file(),
+            "no commit at step 3 at world {world}"
+        );
+        let mut tensors = Vec::new();
+        let mut records = 0u64;
+        let mut record_files = 0;
+        for entry in std::fs::read_dir(&step).unwrap() {
+            let entry = entry.unwrap();
+            let name = entry.file_name().into_string().unwrap();
+            let size = entry.metadata().unwrap().len();
+            if name.ends_with(".safetensors") {
+                tensors.push((name, size));
+            } else if name.starts_with("rank-") && name.ends_with(".json") {
+                records += size;
+                record_files += 1;
+            }
+        }
+        tensors.sort();
+        println!("world {world}: tensor files {tensors:?}, {record_files} rank records of {records} bytes in all");
+        assert_eq!(record_files, world, "one record per rank");
+        rows.push(tensors);
+    }
+    let names: Vec<&str> = rows[0].iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["model.safetensors", "state.safetensors"]);
+    assert!(
+        rows.iter().all(|r| r == &rows[0]),
+        "the replicated state is written once at every world: {rows:?}"
+    );
+}

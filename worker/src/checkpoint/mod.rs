@@ -9,10 +9,17 @@
 //!
 //! Layout under `{output}/checkpoints/step-{S}/` ([`xvlm_proto::checkpoint`]): `model.safetensors`
 //! (rank 0, the task's named weights), `config.json` (rank 0: job spec and model config),
-//! `rank-{r}.state.safetensors` (optimizer, scheduler, scaler tensors of rank r, when the task has
-//! any), `rank-{r}.json` (rank r's part record: step, its files with sizes and sha256, and the task's
+//! `state.safetensors` (rank 0: optimizer, scheduler, scaler tensors, when the task has any),
+//! `rank-{r}.json` (rank r's part record: step, its files with sizes and sha256, and the task's
 //! JSON state such as data cursors and RNG), and last `MANIFEST.json`, which the coordinator writes
 //! once every rank has reported its [`Part`]. A step directory without a manifest is never resumed.
+//!
+//! Size: O(model), not O(world x model). Weights and optimizer state are identical on every
+//! data-parallel rank (each applies the same all-reduced gradients), so rank 0 alone writes them; the
+//! other ranks write only their small JSON record. A resume reads the weights, the state and every
+//! rank's record (each verified against the manifest), so all ranks agree on which checkpoint
+//! verifies. Checkpoints of the earlier layout (`rank-{r}.state.safetensors` on every rank) still
+//! resume.
 
 pub mod format;
 pub mod storage;
@@ -111,7 +118,8 @@ pub struct PartRecord {
 pub trait Checkpointable {
     /// Named tensors that make up the model state (`model.safetensors`, rank 0).
     fn state(&self) -> Vec<(String, Tensor)>;
-    /// This rank's other tensors: optimizer, scheduler, loss-scaler state.
+    /// The other tensors: optimizer, scheduler, loss-scaler state. Identical on every rank (rank 0
+    /// saves them for all).
     fn checkpoint_state(&self) -> Vec<(String, Tensor)>;
     /// This rank's JSON state: data cursors and the like.
     fn checkpoint_meta(&self) -> serde_json::Value;
@@ -311,8 +319,14 @@ impl Checkpointer {
             )?),
             _ => None,
         };
-        let extra_name = format!("rank-{}.state.safetensors", self.rank);
-        let extra = HostFile::copy_of(&task.checkpoint_state(), &extra_name, &self.buffers)?;
+        let extra = match self.rank {
+            0 => Some(HostFile::copy_of(
+                &task.checkpoint_state(),
+                STATE_FILE,
+                &self.buffers,
+            )?),
+            _ => None,
+        };
         let task_state = task.checkpoint_meta();
         let blocking = started.elapsed();
         let config = (self.rank == 0).then(|| self.config_json.clone());
@@ -484,10 +498,7 @@ impl Checkpointer {
             CheckpointError::Format(format!("{dir}: no model.safetensors in the manifest"))
         })?;
         let weights = from_safetensors(model, &format!("{dir}/model.safetensors"))?;
-        let extra = match file("rank-0.state.safetensors") {
-            Some(d) => from_safetensors(d, &format!("{dir}/rank-0.state.safetensors"))?,
-            None => Vec::new(),
-        };
+        let extra = replicated_state(dir, files, 0)?;
         let mut metas = Vec::with_capacity(saved_world);
         for r in 0..saved_world {
             let name = format!("rank-{r}.json");
@@ -515,11 +526,7 @@ impl Checkpointer {
             CheckpointError::Format(format!("{dir}: no model.safetensors in the manifest"))
         })?;
         let weights = from_safetensors(model, &format!("{dir}/model.safetensors"))?;
-        let state_name = format!("rank-{}.state.safetensors", self.rank);
-        let extra = match file(&state_name) {
-            Some(d) => from_safetensors(d, &format!("{dir}/{state_name}"))?,
-            None => Vec::new(),
-        };
+        let extra = replicated_state(dir, files, self.rank)?;
         let record_name = format!("rank-{}.json", self.rank);
         let record = file(&record_name)
             .ok_or_else(|| CheckpointError::Format(format!("{dir}: no {record_name}")))?;
@@ -530,13 +537,33 @@ impl Checkpointer {
     }
 }
 
+/// The file rank 0 writes the replicated tensor state to.
+pub const STATE_FILE: &str = "state.safetensors";
+
+/// The replicated tensor state of a checkpoint: [`STATE_FILE`], or in a checkpoint of the earlier
+/// layout rank `rank`'s own copy; empty when the task has none.
+fn replicated_state(
+    dir: &str,
+    files: &[(String, Bytes)],
+    rank: usize,
+) -> Result<Vec<(String, Tensor)>, CheckpointError> {
+    let legacy = format!("rank-{rank}.state.safetensors");
+    let found = [STATE_FILE, legacy.as_str()]
+        .into_iter()
+        .find_map(|name| Some((name, files.iter().find(|(p, _)| p == name)?)));
+    match found {
+        Some((name, (_, data))) => from_safetensors(data, &format!("{dir}/{name}")),
+        None => Ok(Vec::new()),
+    }
+}
+
 /// Uploads one rank's tensor files, then its part record (runs on the upload thread); returns the
 /// part with every file written, the record last.
 fn write_part(
     storage: &Storage,
     mut part: Part,
     model: Option<HostFile>,
-    extra: HostFile,
+    extra: Option<HostFile>,
     config: Option<serde_json::Value>,
     task_state: serde_json::Value,
 ) -> Result<Part, CheckpointError> {
@@ -565,9 +592,8 @@ fn write_part(
             .map_err(|e| CheckpointError::Format(e.to_string()))?;
         put("config.json", Bytes::from(json))?;
     }
-    if !extra.is_empty() {
-        let name = format!("rank-{}.state.safetensors", part.rank);
-        put(&name, extra.into_bytes())?;
+    if let Some(extra) = extra.filter(|e| !e.is_empty()) {
+        put(STATE_FILE, extra.into_bytes())?;
     }
     let record = PartRecord {
         step: part.step,
