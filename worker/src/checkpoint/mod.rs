@@ -611,3 +611,33 @@ fn write_part(
     part.files.push(file_entry(&name, &json));
     Ok(part)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file_of(name: &str, value: f64) -> (String, Bytes) {
+        let tensors = vec![("optimizer.m".to_string(), Tensor::from_slice(&[value]))];
+        let host = HostFile::copy_of(&tensors, name, &BufferPool::default()).unwrap();
+        (name.to_string(), host.into_bytes())
+    }
+
+    fn value(state: &[(String, Tensor)]) -> f64 {
+        state[0].1.double_value(&[0])
+    }
+
+    /// The replicated state comes from `state.safetensors`; a checkpoint of the earlier layout gives
+    /// each rank its own `rank-{r}.state.safetensors`; a task without tensor state gets none.
+    #[test]
+    fn replicated_state_reads_both_layouts() {
+        let now = [file_of(STATE_FILE, 1.0), file_of("rank-0.json", 0.0)];
+        assert_eq!(value(&replicated_state("d", &now, 3).unwrap()), 1.0);
+        let legacy = [
+            file_of("rank-0.state.safetensors", 2.0),
+            file_of("rank-1.state.safetensors", 3.0),
+        ];
+        assert_eq!(value(&replicated_state("d", &legacy, 1).unwrap()), 3.0);
+        assert_eq!(value(&replicated_state("d", &legacy, 0).unwrap()), 2.0);
+        assert!(replicated_state("d", &[], 0).unwrap().is_empty());
+    }
+}
