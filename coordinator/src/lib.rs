@@ -7,6 +7,7 @@ pub mod commit;
 pub mod config;
 pub mod convert;
 pub mod error;
+pub mod http;
 pub mod local;
 pub mod planner;
 pub mod ring_secret;
