@@ -10,10 +10,11 @@
 //! step the drain committed.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::os::fd::OwnedFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -29,6 +30,7 @@ use xvlm_proto::{v1, PROTOCOL_VERSION};
 use crate::comm::nccl;
 use crate::cpu_share::CpuShare;
 use crate::error::WorkerError;
+use crate::metrics::WorkerMetrics;
 use crate::process;
 use crate::trainer::{save_request, task, Assignment, ProgressLine};
 
@@ -66,6 +68,8 @@ pub struct DaemonConfig {
     pub cpu_threads: Option<usize>,
     /// TLS trust, client certificate and worker token for the coordinator.
     pub security: ClientSecurity,
+    /// Address of the Prometheus `/metrics` listener ([`crate::metrics`]); none: not served.
+    pub http_listen: Option<SocketAddr>,
 }
 
 type Key = (String, u64);
@@ -118,6 +122,8 @@ pub struct Daemon {
     parts_held: BTreeMap<(String, u64, u64, u32), v1::CheckpointPart>,
     /// When a drain began.
     draining: Option<Instant>,
+    /// What `/metrics` serves: trainer states and what their progress lines report.
+    metrics: Arc<WorkerMetrics>,
 }
 
 /// Runs the daemon until [`Signal::Stop`] arrives (or a drain ends); then stops every trainer.
@@ -126,6 +132,32 @@ pub async fn run(
     mut signals: mpsc::UnboundedReceiver<Signal>,
 ) -> Result<(), WorkerError> {
     std::fs::create_dir_all(&cfg.work_dir).map_err(|e| WorkerError::io(&cfg.work_dir, e))?;
+    let metrics = Arc::new(WorkerMetrics::new());
+    let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics_server = match cfg.http_listen {
+        Some(addr) => {
+            let listener =
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| WorkerError::Metrics {
+                        addr: addr.to_string(),
+                        reason: e.to_string(),
+                    })?;
+            if let Ok(bound) = listener.local_addr() {
+                info!(addr = %bound, "metrics listening (/metrics)");
+            }
+            let token = cfg.security.token.clone();
+            Some(tokio::spawn(crate::metrics::serve(
+                listener,
+                metrics.clone(),
+                token,
+                async {
+                    let _ = metrics_stopped.await;
+                },
+            )))
+        }
+        None => None,
+    };
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let cuda = cfg
         .devices
@@ -144,6 +176,7 @@ pub async fn run(
         parts: Vec::new(),
         parts_held: BTreeMap::new(),
         draining: None,
+        metrics,
     };
     let mut backoff = Duration::from_millis(200);
     let mut lost_since: Option<Instant> = None;
@@ -179,6 +212,14 @@ pub async fn run(
     }
     info!("shutting down: stopping trainers");
     d.stop_all().await;
+    let _ = metrics_stop.send(());
+    if let Some(server) = metrics_server {
+        match server.await {
+            Ok(Err(e)) => warn!(error = %e, "metrics listener failed"),
+            Err(e) => warn!(error = %e, "metrics listener task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
     Ok(())
 }
 
@@ -307,6 +348,7 @@ impl Daemon {
             }
             TrainerEvent::Part(p) => self.hold_part(p),
             TrainerEvent::Exit(e) => {
+                self.metrics.trainer_exited(&e.job_id, e.generation, e.rank);
                 let key = (e.job_id.clone(), e.generation);
                 if let Some(g) = self.gens.get_mut(&key) {
                     g.children.remove(&e.rank);
@@ -518,12 +560,15 @@ impl Daemon {
                         "trainer started"
                     );
                     gen.children.insert(slot.rank, pid);
+                    self.metrics
+                        .trainer_started(&s.job_id, s.generation, slot.rank, pid);
                     tokio::spawn(supervise(
                         child,
                         pid,
                         assignment,
                         dir.clone(),
                         self.events_tx.clone(),
+                        self.metrics.clone(),
                     ));
                 }
                 Err(e) => {
@@ -727,12 +772,14 @@ async fn supervise(
     a: Assignment,
     dir: PathBuf,
     tx: mpsc::UnboundedSender<TrainerEvent>,
+    metrics: Arc<WorkerMetrics>,
 ) {
     if let Some(stdout) = child.stdout.take() {
         let mut lines = BufReader::new(stdout).lines();
         while let Ok(Some(line)) = lines.next_line().await {
             match serde_json::from_str::<ProgressLine>(&line) {
                 Ok(mut p) => {
+                    metrics.observe(&a.job_id, a.rank as u32, &p);
                     let parts = std::mem::take(&mut p.parts);
                     let progress = rank_progress(&a.job_id, a.generation, a.rank as u32, p);
                     let _ = tx.send(TrainerEvent::Progress(progress));
@@ -837,6 +884,10 @@ mod tests {
             parts: vec![],
             metrics: vec![],
             total_steps: 40,
+            step_time_s: 0.0,
+            allreduce_s: 0.0,
+            loader_queue_depth: None,
+            uploads: vec![],
         };
         assert!(!serde_json::to_string(&plain).unwrap().contains("metrics"));
         let sent = rank_progress("j", 1, 0, plain);
