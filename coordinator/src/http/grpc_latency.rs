@@ -45,13 +45,19 @@ pub struct GrpcLatency<S> {
     metrics: Arc<Metrics>,
 }
 
-/// `/xvlm.v1.Jobs/Submit` as (`xvlm.v1.Jobs`, `Submit`); any other path is one `unknown` pair, so a
-/// client cannot grow the label set.
+/// `/xvlm.v1.Jobs/Submit` as (`xvlm.v1.Jobs`, `Submit`); any other path, or a method name that is
+/// not a short identifier, is one `unknown` pair, so a client sending odd paths cannot grow the label
+/// set much (tonic answers those UNIMPLEMENTED).
 pub fn service_and_method(path: &str) -> (&str, &str) {
+    let identifier = |s: &str| {
+        !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.')
+    };
     let parsed = path
         .strip_prefix('/')
         .and_then(|p| p.split_once('/'))
-        .filter(|(service, _)| service.starts_with("xvlm.v1."));
+        .filter(|(service, method)| {
+            service.starts_with("xvlm.v1.") && identifier(service) && identifier(method)
+        });
     parsed.unwrap_or(("unknown", "unknown"))
 }
 
@@ -98,7 +104,16 @@ mod tests {
             service_and_method("/xvlm.v1.Workers/Heartbeat"),
             ("xvlm.v1.Workers", "Heartbeat")
         );
-        for odd in ["/", "", "/grpc.health.v1.Health/Check", "/xvlm.v1.Jobs"] {
+        let long = format!("/xvlm.v1.Jobs/{}", "A".repeat(65));
+        for odd in [
+            "/",
+            "",
+            "/grpc.health.v1.Health/Check",
+            "/xvlm.v1.Jobs",
+            "/xvlm.v1.Jobs/Sub mit",
+            "/xvlm.v1.Jobs/",
+            &long,
+        ] {
             assert_eq!(service_and_method(odd), ("unknown", "unknown"), "{odd}");
         }
     }

@@ -577,6 +577,66 @@ mod tests {
         assert!(text.ends_with("# EOF\n"), "{text}");
     }
 
+    /// The snapshot of a real scheduler: a running job's progress and both workers' heartbeat ages;
+    /// an ended job stays for [`ENDED_JOB_RETENTION_MS`], then only counts in `jobs_by_state`.
+    #[test]
+    fn snapshot_reads_the_scheduler() {
+        use crate::state::test_support::{exit_all, ready_all, register, spec, submit};
+        use crate::state::{Event, ProgressInfo};
+        let mut s = Scheduler::new(1_000_000);
+        register(&mut s, "a", 1);
+        register(&mut s, "b", 1);
+        let job = submit(&mut s, spec(2, 1, 0));
+        ready_all(&mut s, &job);
+        let generation = s.job(&job).unwrap().generation;
+        s.apply(
+            500,
+            Event::Progress {
+                job: job.clone(),
+                generation,
+                rank: 0,
+                progress: ProgressInfo {
+                    step: 3,
+                    losses: vec![("mse".into(), 0.5)],
+                    lr: 0.1,
+                    samples_per_sec: 8.0,
+                    ..Default::default()
+                },
+                metrics: vec![],
+            },
+        )
+        .unwrap();
+        let snap = Snapshot::of(&s, 2_001);
+        let count = |snap: &Snapshot, state: &str| {
+            snap.jobs_by_state
+                .iter()
+                .find(|(s, _)| *s == state)
+                .map(|(_, n)| *n)
+        };
+        assert_eq!(count(&snap, "RUNNING"), Some(1));
+        assert_eq!(snap.jobs_by_state.len(), STATES.len());
+        let j = &snap.jobs[0];
+        assert_eq!(
+            (j.id.as_str(), j.state, j.step, j.total_steps, j.world_size),
+            (job.as_str(), "RUNNING", 3, 10, 2)
+        );
+        assert_eq!((j.lr, j.samples_per_sec), (0.1, 8.0));
+        assert_eq!(j.losses, vec![("mse".to_string(), 0.5)]);
+        let ages: Vec<(&str, f64)> = snap
+            .workers
+            .iter()
+            .map(|w| (w.name.as_str(), w.heartbeat_age_s))
+            .collect();
+        // The ready reports at t=1 are the workers' last contact.
+        assert_eq!(ages, vec![("a", 2.0), ("b", 2.0)]);
+        exit_all(&mut s, &job, 0);
+        let ended = Snapshot::of(&s, 1_000);
+        assert_eq!(ended.jobs[0].state, "SUCCEEDED");
+        let later = Snapshot::of(&s, 2 + ENDED_JOB_RETENTION_MS + 1);
+        assert!(later.jobs.is_empty(), "{:?}", later.jobs);
+        assert_eq!(count(&later, "SUCCEEDED"), Some(1));
+    }
+
     /// Commits and gRPC requests count where they happen: counters by job, histograms by service
     /// and method with their count and sum.
     #[test]
