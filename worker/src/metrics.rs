@@ -17,6 +17,7 @@ use std::fmt;
 use std::future::Future;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
@@ -38,6 +39,10 @@ use xvlm_proto::security::Token;
 use crate::error::WorkerError;
 use crate::process;
 use crate::trainer::ProgressLine;
+
+/// How long a rank's series stay after its trainer exited: long enough for its last values to be
+/// scraped, short enough that a long-lived worker's scrape does not grow with every job it ran.
+pub const ENDED_RETENTION: Duration = Duration::from_secs(10 * 60);
 
 /// The OpenMetrics text format's content type.
 pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -78,8 +83,9 @@ fn upload_seconds() -> Histogram {
 enum Trainer {
     /// Running as this pid (process group).
     Running { pid: u32 },
-    /// Exited (kept until a newer generation of the job uses the rank).
-    Exited,
+    /// Exited at this time (kept for [`ENDED_RETENTION`], or until a newer generation of the job
+    /// uses the rank).
+    Exited { at: Instant },
 }
 
 /// The trainers of this daemon by (job, rank): the newest generation's of each.
@@ -121,7 +127,7 @@ impl Collector for TrainerStates {
             let state = match trainer {
                 // A pid without a /proc entry has just exited; its exit event is on its way.
                 Trainer::Running { pid } => process::state(pid).map_or("exited", state_name),
-                Trainer::Exited => "exited",
+                Trainer::Exited { .. } => "exited",
             };
             let labels = StateLabels {
                 job,
@@ -239,7 +245,7 @@ impl WorkerMetrics {
         let mut table = self.table();
         if let Some(entry) = table.by_rank.get_mut(&(job.to_string(), rank)) {
             if entry.0 <= generation {
-                *entry = (generation, Trainer::Exited);
+                *entry = (generation, Trainer::Exited { at: Instant::now() });
             }
         }
     }
@@ -275,8 +281,40 @@ impl WorkerMetrics {
         }
     }
 
-    /// The OpenMetrics text of every series.
+    /// Drops every series of ranks whose trainer exited more than [`ENDED_RETENTION`] before `now`.
+    fn prune(&self, now: Instant) {
+        let gone: Vec<(String, u32)> = {
+            let mut table = self.table();
+            let gone: Vec<(String, u32)> = table
+                .by_rank
+                .iter()
+                .filter(|(_, (_, t))| {
+                    matches!(t, Trainer::Exited { at } if now.saturating_duration_since(*at) > ENDED_RETENTION)
+                })
+                .map(|(key, _)| key.clone())
+                .collect();
+            for key in &gone {
+                table.by_rank.remove(key);
+            }
+            gone
+        };
+        for (job, rank) in gone {
+            let labels = RankLabels {
+                job,
+                rank: rank.to_string(),
+            };
+            self.step.remove(&labels);
+            self.step_seconds.remove(&labels);
+            self.allreduce_seconds.remove(&labels);
+            self.loader_queue_depth.remove(&labels);
+            self.upload_bytes.remove(&labels);
+            self.upload_seconds.remove(&labels);
+        }
+    }
+
+    /// The OpenMetrics text of every series (after dropping those of long-ended ranks).
     pub fn encode(&self) -> Result<String, fmt::Error> {
+        self.prune(Instant::now());
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)
@@ -446,6 +484,28 @@ mod tests {
                 r#"xvlm_worker_trainer_state{job="job-0001",rank="0",state="exited"}"#
             ),
             Some(1.0),
+            "{text}"
+        );
+    }
+
+    /// A rank's series go once its trainer ended more than [`ENDED_RETENTION`] ago; a running
+    /// rank's stay however old.
+    #[test]
+    fn ended_ranks_are_pruned() {
+        let m = WorkerMetrics::new();
+        m.trainer_started("job-0001", 1, 0, std::process::id());
+        m.observe("job-0001", 0, &line(1, 0.2));
+        m.trainer_started("job-0002", 1, 0, std::process::id());
+        m.observe("job-0002", 0, &line(1, 0.2));
+        m.trainer_exited("job-0001", 1, 0);
+        let later = Instant::now() + ENDED_RETENTION + Duration::from_secs(1);
+        m.prune(Instant::now());
+        assert!(m.encode().unwrap().contains(r#"job="job-0001""#));
+        m.prune(later);
+        let text = m.encode().unwrap();
+        assert!(!text.contains(r#"job="job-0001""#), "{text}");
+        assert!(
+            text.contains(r#"xvlm_worker_trainer_step{job="job-0002",rank="0"}"#),
             "{text}"
         );
     }
