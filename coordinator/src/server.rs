@@ -546,8 +546,16 @@ pub async fn serve_with_http(
     let security = core.config.security.clone();
     let http_server = crate::http::serve(http, core.metrics(), &security, shutdown.clone());
     let grpc_server = serve_core(listener, core, shutdown);
-    let (grpc, http) = futures::join!(grpc_server, http_server);
-    grpc.and(http)
+    tokio::pin!(http_server, grpc_server);
+    tokio::select! {
+        // At shutdown both end; wait for the other one's graceful end too.
+        grpc = &mut grpc_server => grpc.and(http_server.await),
+        http = &mut http_server => match http {
+            // Refused (the loopback rule) or failed: stop serving gRPC too (module docs).
+            Err(e) => Err(e),
+            Ok(()) => grpc_server.await,
+        },
+    }
 }
 
 /// Serves an already opened core (tests use an in-memory store).

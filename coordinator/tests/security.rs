@@ -419,3 +419,23 @@ async fn metrics_listener_serves_tls_with_the_coordinator_certificate() {
     let _ = stop.send(());
     server.await.unwrap().unwrap();
 }
+
+/// An HTTP listener on a non-loopback address without TLS and tokens is refused, and the refusal
+/// ends the coordinator at once (gRPC on loopback included) rather than leaving it without metrics.
+#[tokio::test]
+async fn an_unprotected_http_listener_stops_the_coordinator() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = CoordConfig::default()
+        .with_state_dir(dir.path().join("state"))
+        .with_storage(format!("file://{}", dir.path().join("runs").display()));
+    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let served = server::serve_with_http(grpc, Some(http), config, std::future::pending());
+    let result = tokio::time::timeout(Duration::from_secs(10), served)
+        .await
+        .expect("refused at once");
+    let e = result
+        .expect_err("0.0.0.0 without TLS and tokens")
+        .to_string();
+    assert!(e.contains("refusing to listen on 0.0.0.0:"), "{e}");
+}

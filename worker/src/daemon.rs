@@ -147,14 +147,15 @@ pub async fn run(
                 info!(addr = %bound, "metrics listening (/metrics)");
             }
             let token = cfg.security.token.clone();
-            Some(tokio::spawn(crate::metrics::serve(
-                listener,
-                metrics.clone(),
-                token,
-                async {
-                    let _ = metrics_stopped.await;
-                },
-            )))
+            let served = crate::metrics::serve(listener, metrics.clone(), token, async {
+                let _ = metrics_stopped.await;
+            });
+            // A failing metrics listener is logged when it fails; training goes on without it.
+            Some(tokio::spawn(async move {
+                if let Err(e) = served.await {
+                    warn!(error = %e, "metrics listener failed");
+                }
+            }))
         }
         None => None,
     };
@@ -214,11 +215,7 @@ pub async fn run(
     d.stop_all().await;
     let _ = metrics_stop.send(());
     if let Some(server) = metrics_server {
-        match server.await {
-            Ok(Err(e)) => warn!(error = %e, "metrics listener failed"),
-            Err(e) => warn!(error = %e, "metrics listener task failed"),
-            Ok(Ok(())) => {}
-        }
+        let _ = server.await;
     }
     Ok(())
 }
