@@ -1,11 +1,11 @@
 //! Who may call: a tonic interceptor in front of each service that checks the caller's
-//! `authorization: Bearer <token>` against the service's token (constant time) and, on the Workers
+//! `authorization: Bearer <token>` against the service's token (constant time,
+//! [`Token::check_bearer`]) and, on the Workers
 //! service under mutual TLS, that the connection presented a client certificate. It sits outside the
 //! state machine: a refused call never reaches the services.
 
 use std::sync::Arc;
 
-use subtle::ConstantTimeEq;
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 use tracing::warn;
@@ -34,7 +34,7 @@ impl Guard {
     }
 
     /// Logs the refusal (peer and reason, never a token) and builds the status.
-    fn refuse<T>(&self, req: &Request<T>, reason: &'static str) -> Status {
+    fn refuse<T>(&self, req: &Request<T>, reason: String) -> Status {
         warn!(
             service = self.service,
             peer = ?req.remote_addr(),
@@ -48,24 +48,18 @@ impl Guard {
 impl Interceptor for Guard {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
         if self.client_cert && req.peer_certs().is_none_or(|certs| certs.is_empty()) {
-            return Err(self.refuse(&req, "a client certificate is required (mutual TLS)"));
+            return Err(self.refuse(&req, "a client certificate is required (mutual TLS)".into()));
         }
         let Some(expected) = &self.token else {
             return Ok(req);
         };
-        let presented = req
+        let authorization = req
             .metadata()
             .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        match presented {
-            None => Err(self.refuse(&req, "missing bearer token")),
-            // Constant time in the token's bytes: a timing side channel cannot guess it byte by
-            // byte (only its length can leak, which says little about a random token).
-            Some(p) if !bool::from(p.as_bytes().ct_eq(expected.expose())) => {
-                Err(self.refuse(&req, "wrong token"))
-            }
-            Some(_) => Ok(req),
-        }
+            .and_then(|v| v.to_str().ok());
+        expected
+            .check_bearer(authorization)
+            .map_err(|reason| self.refuse(&req, reason.to_string()))?;
+        Ok(req)
     }
 }

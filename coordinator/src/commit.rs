@@ -26,6 +26,7 @@ use xvlm_proto::checkpoint::{CheckpointDir, Manifest};
 use xvlm_proto::storage::{self, Located};
 
 use crate::error::CoordError;
+use crate::http::metrics::Metrics;
 use crate::state::Event;
 
 /// Storage time of one commit (manifest, `latest`, listing and retention), from its start.
@@ -55,8 +56,12 @@ pub struct Committer {
 }
 
 impl Committer {
-    /// Starts the commit thread; `report` gets each commit's outcome, on that thread.
-    pub fn spawn(report: impl Fn(Event) + Send + Sync + 'static) -> Result<Committer, CoordError> {
+    /// Starts the commit thread; `report` gets each commit's outcome, on that thread, and `metrics`
+    /// counts it (`xvlm_checkpoint_commit*`).
+    pub fn spawn(
+        metrics: Arc<Metrics>,
+        report: impl Fn(Event) + Send + Sync + 'static,
+    ) -> Result<Committer, CoordError> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -70,9 +75,9 @@ impl Committer {
                     let mut lanes: HashMap<String, mpsc::UnboundedSender<CommitRequest>> =
                         HashMap::new();
                     while let Some(req) = rx.recv().await {
-                        let lane = lanes
-                            .entry(req.output.clone())
-                            .or_insert_with(|| lane(req.output.clone(), report.clone()));
+                        let lane = lanes.entry(req.output.clone()).or_insert_with(|| {
+                            lane(req.output.clone(), report.clone(), metrics.clone())
+                        });
                         if let Err(mpsc::error::SendError(req)) = lane.send(req) {
                             report(failed(&req, "the commit lane is gone".into()));
                         }
@@ -96,7 +101,11 @@ impl Committer {
 }
 
 /// The lane of one job output: runs its commits one at a time, in order.
-fn lane(output: String, report: Report) -> mpsc::UnboundedSender<CommitRequest> {
+fn lane(
+    output: String,
+    report: Report,
+    metrics: Arc<Metrics>,
+) -> mpsc::UnboundedSender<CommitRequest> {
     let (tx, mut rx) = mpsc::unbounded_channel::<CommitRequest>();
     tokio::spawn(async move {
         let mut store: Option<Located> = None;
@@ -113,7 +122,16 @@ fn lane(output: String, report: Report) -> mpsc::UnboundedSender<CommitRequest> 
             let Some(located) = store.as_ref() else {
                 continue;
             };
-            report(commit(located, &req).await);
+            let started = Instant::now();
+            let outcome = commit(located, &req).await;
+            match &outcome {
+                Event::Committed { .. } => {
+                    let bytes = req.manifest.files.iter().map(|f| f.size).sum();
+                    metrics.committed(&req.job, bytes, started.elapsed());
+                }
+                _ => metrics.commit_failed(&req.job, started.elapsed()),
+            }
+            report(outcome);
         }
     });
     tx

@@ -15,6 +15,8 @@ pub struct CoordConfig {
     pub storage: String,
     /// Address to listen on.
     pub listen: SocketAddr,
+    /// Address of the HTTP listener (`/metrics`); none: no HTTP listener.
+    pub http_listen: Option<SocketAddr>,
     /// Workers silent this long are lost.
     pub heartbeat_timeout_ms: u64,
     /// How often workers report.
@@ -31,6 +33,7 @@ impl Default for CoordConfig {
             state_dir: PathBuf::from("./xvlm-state"),
             storage: "file://./runs".into(),
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            http_listen: None,
             heartbeat_timeout_ms: 10_000,
             heartbeat_interval_ms: 1_000,
             security: Security::default(),

@@ -9,6 +9,7 @@ pub mod convert;
 pub mod curves;
 pub mod dashboard;
 pub mod error;
+pub mod http;
 pub mod local;
 pub mod planner;
 pub mod ring_secret;

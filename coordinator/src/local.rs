@@ -93,11 +93,20 @@ pub async fn run(
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
+    let http = match config.http_listen {
+        Some(http_addr) => {
+            let http = TcpListener::bind(http_addr)
+                .await
+                .with_context(|| format!("cannot listen on {http_addr} (--http-listen)"))?;
+            Some(http)
+        }
+        None => None,
+    };
     let url = local_url(addr, config.security.tls.is_some());
     let worker_token = config.security.worker_token.clone();
     let state_dir = config.state_dir.clone();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(server::serve(listener, config, async {
+    let server = tokio::spawn(server::serve_with_http(listener, http, config, async {
         let _ = stop_rx.await;
     }));
     info!(%url, workers, "coordinator up; starting local workers");

@@ -45,6 +45,11 @@ struct ServeArgs {
     /// Address to listen on (port 0 picks a free one; the bound address is printed).
     #[arg(long, env = "XVLM_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
+    /// Address of the HTTP listener serving Prometheus `/metrics` (off unless given; port 0 picks a
+    /// free one, printed as `http listening on ADDR`). Protected as the Jobs API: TLS with
+    /// --tls-cert, the user token when one is set, and the same loopback rule.
+    #[arg(long, env = "XVLM_HTTP_LISTEN")]
+    http_listen: Option<SocketAddr>,
     /// Directory of the job store.
     #[arg(long, env = "XVLM_STATE_DIR", default_value = "./xvlm-state")]
     state_dir: PathBuf,
@@ -93,6 +98,7 @@ fn coord_config(a: &ServeArgs, user_token_file: Option<&Path>) -> Result<CoordCo
     };
     Ok(CoordConfig {
         listen: a.listen,
+        http_listen: a.http_listen,
         heartbeat_timeout_ms: a.heartbeat_timeout_ms,
         security,
         tensorboard_flush: flush_interval(a.tensorboard_flush_secs)?,
@@ -214,8 +220,26 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let listener = tokio::net::TcpListener::bind(config.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", config.listen))?;
-            // The bound address on stdout (port 0 picks one), for scripts and tests.
-            println!("listening on {}", listener.local_addr()?);
+            let http = match config.http_listen {
+                Some(addr) => Some(
+                    tokio::net::TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("cannot listen on {addr} (--http-listen)"))?,
+                ),
+                None => None,
+            };
+            // The bound addresses on stdout (port 0 picks one), for scripts and tests; in one write,
+            // so a reader that stops after the first line never makes a later print fail.
+            let mut bound = format!("listening on {}\n", listener.local_addr()?);
+            if let Some(http) = &http {
+                bound.push_str(&format!("http listening on {}\n", http.local_addr()?));
+            }
+            {
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
+                out.write_all(bound.as_bytes())?;
+                out.flush()?;
+            }
             let shutdown = async {
                 let _ = tokio::signal::ctrl_c().await;
             };
@@ -227,7 +251,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     _ = term.recv() => {},
                 }
             };
-            server::serve(listener, config, stop).await?;
+            server::serve_with_http(listener, http, config, stop).await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Submit { job, sets } => {

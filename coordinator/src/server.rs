@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
@@ -24,6 +24,8 @@ use crate::convert;
 use crate::curves::Curves;
 use crate::dashboard::{JobPage, Overview};
 use crate::error::CoordError;
+use crate::http::grpc_latency::GrpcLatencyLayer;
+use crate::http::metrics::{Metrics, Snapshot};
 use crate::planner;
 use crate::ring_secret::RingKey;
 use crate::state::{Action, Applied, Event, JobState, RunningGeneration, Scheduler};
@@ -56,6 +58,7 @@ pub struct Core {
     tensorboard: TensorBoard,
     curves: Curves,
     ring_key: RingKey,
+    metrics: Arc<Metrics>,
 }
 
 impl Core {
@@ -68,7 +71,17 @@ impl Core {
         let (updates, _) = broadcast::channel(1024);
         // Commit outcomes come back as events, from the commit thread.
         let me: Arc<OnceLock<Weak<Core>>> = Arc::default();
-        let committer = Committer::spawn({
+        // A scrape reads the state through the same weak handle (no metrics before the core exists).
+        let metrics = Arc::new(Metrics::new({
+            let me = me.clone();
+            move || {
+                me.get()
+                    .and_then(Weak::upgrade)
+                    .map(|core| core.snapshot())
+                    .unwrap_or_default()
+            }
+        }));
+        let committer = Committer::spawn(metrics.clone(), {
             let me = me.clone();
             move |event| {
                 if let Some(core) = me.get().and_then(Weak::upgrade) {
@@ -91,6 +104,7 @@ impl Core {
             config,
             committer,
             ring_key: RingKey::random()?,
+            metrics,
         });
         let _ = me.set(Arc::downgrade(&core));
         {
@@ -102,6 +116,17 @@ impl Core {
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What a scrape reports from the state, copied under the lock (encoded after it is released).
+    fn snapshot(&self) -> Snapshot {
+        let inner = self.lock();
+        Snapshot::of(&inner.sched, now_ms())
+    }
+
+    /// The metrics this core records into; `/metrics` encodes them.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
     }
 
     /// Applies an event: persist first, then send and notify.
@@ -547,9 +572,40 @@ pub async fn serve(
     config: CoordConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), CoordError> {
+    serve_with_http(listener, None, config, shutdown).await
+}
+
+/// [`serve`], and the HTTP listener (`/metrics`, [`crate::http`]) on `http` when given; both stop
+/// at `shutdown`. The HTTP listener's failure ends the coordinator too: one asked for but not
+/// served would leave its scrapers blind without anyone noticing.
+pub async fn serve_with_http(
+    listener: TcpListener,
+    http: Option<TcpListener>,
+    config: CoordConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), CoordError> {
     let store = RedbStore::open(&config.state_dir)?;
     let core = Core::open(config, Box::new(store))?;
-    serve_core(listener, core, shutdown).await
+    let Some(http) = http else {
+        return serve_core(listener, core, shutdown).await;
+    };
+    if let Ok(addr) = http.local_addr() {
+        info!(%addr, "http listening (/metrics)");
+    }
+    let shutdown = shutdown.boxed().shared();
+    let security = core.config.security.clone();
+    let http_server = crate::http::serve(http, core.metrics(), &security, shutdown.clone());
+    let grpc_server = serve_core(listener, core, shutdown);
+    tokio::pin!(http_server, grpc_server);
+    tokio::select! {
+        // At shutdown both end; wait for the other one's graceful end too.
+        grpc = &mut grpc_server => grpc.and(http_server.await),
+        http = &mut http_server => match http {
+            // Refused (the loopback rule) or failed: stop serving gRPC too (module docs).
+            Err(e) => Err(e),
+            Ok(()) => grpc_server.await,
+        },
+    }
 }
 
 /// Serves an already opened core (tests use an in-memory store).
@@ -569,6 +625,7 @@ pub async fn serve_core(
             .tls_config(tls.load()?)
             .map_err(|e| CoordError::Tls(xvlm_proto::security::error_chain(&e)))?;
     }
+    let mut builder = builder.layer(GrpcLatencyLayer::new(core.metrics()));
     let mutual = security.tls.as_ref().is_some_and(ServerTls::mutual);
     let jobs = Guard::new("Jobs", security.user_token, false);
     let workers = Guard::new("Workers", security.worker_token, mutual);

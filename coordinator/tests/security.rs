@@ -328,3 +328,114 @@ async fn status_latency_tls_vs_plaintext() {
         );
     }
 }
+
+/// One HTTP/1.0 GET of `/metrics` over TLS trusting `ca`; the reply, or the handshake's error.
+async fn https_metrics(
+    addr: std::net::SocketAddr,
+    ca: &Path,
+    token: &str,
+) -> Result<String, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let req = format!("GET /metrics HTTP/1.0\r\nAuthorization: Bearer {token}\r\n\r\n");
+    tls.write_all(req.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    let _ = tls.read_to_string(&mut out).await;
+    Ok(out)
+}
+
+/// With a certificate, the HTTP listener serves `/metrics` over TLS only (with the user token), and
+/// a client that does not trust the coordinator's CA fails the handshake.
+#[tokio::test]
+async fn metrics_listener_serves_tls_with_the_coordinator_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "server");
+    let other = Ca::new(dir.path(), "other");
+    let (cert, key) = ca.leaf("coord", ExtendedKeyUsagePurpose::ServerAuth);
+    let security = Security {
+        tls: Some(ServerTls {
+            cert,
+            key,
+            client_ca: None,
+        }),
+        user_token: Some(token("u")),
+        ..Security::default()
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let metrics = std::sync::Arc::new(xvlm_coord::http::metrics::Metrics::new(
+        xvlm_coord::http::metrics::Snapshot::default,
+    ));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        xvlm_coord::http::serve(listener, metrics, &security, async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    let reply = https_metrics(addr, &ca.pem(), "u").await.unwrap();
+    assert!(
+        reply.starts_with("HTTP/1.0 200") || reply.starts_with("HTTP/1.1 200"),
+        "{reply}"
+    );
+    assert!(reply.contains("xvlm_jobs"), "{reply}");
+    let refused = https_metrics(addr, &ca.pem(), "x").await.unwrap();
+    assert!(refused.contains(" 401 "), "{refused}");
+    let untrusted = https_metrics(addr, &other.pem(), "u").await;
+    assert!(untrusted.is_err(), "{untrusted:?}");
+    // Plaintext HTTP gets no metrics out of a TLS listener.
+    let plain = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\nAuthorization: Bearer u\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    assert!(!plain.contains("xvlm_jobs"), "{plain}");
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}
+
+/// An HTTP listener on a non-loopback address without TLS and tokens is refused, and the refusal
+/// ends the coordinator at once (gRPC on loopback included) rather than leaving it without metrics.
+#[tokio::test]
+async fn an_unprotected_http_listener_stops_the_coordinator() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = CoordConfig::default()
+        .with_state_dir(dir.path().join("state"))
+        .with_storage(format!("file://{}", dir.path().join("runs").display()));
+    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let served = server::serve_with_http(grpc, Some(http), config, std::future::pending());
+    let result = tokio::time::timeout(Duration::from_secs(10), served)
+        .await
+        .expect("refused at once");
+    let e = result
+        .expect_err("0.0.0.0 without TLS and tokens")
+        .to_string();
+    assert!(e.contains("refusing to listen on 0.0.0.0:"), "{e}");
+}

@@ -5,6 +5,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use subtle::ConstantTimeEq;
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -54,6 +55,17 @@ pub enum SecurityError {
     },
 }
 
+/// Why a bearer token was refused ([`Token::check_bearer`]); its text never holds a token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BearerRefusal {
+    /// No `authorization: Bearer ...` was sent.
+    #[error("missing bearer token")]
+    Missing,
+    /// A token was sent and it is not the expected one.
+    #[error("wrong token")]
+    Wrong,
+}
+
 /// A bearer token. Its `Debug` never shows the value, so it can sit in logged configs.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Token(String);
@@ -85,6 +97,22 @@ impl Token {
     /// The token's bytes, for the server's constant-time comparison.
     pub fn expose(&self) -> &[u8] {
         self.0.as_bytes()
+    }
+
+    /// Checks an `authorization` header value (`Bearer <token>`) against this token, in constant time
+    /// in the token's bytes: a timing side channel cannot guess it byte by byte (only its length can
+    /// leak, which says little about a random token). The error is the refusal's reason, in words.
+    /// Every server that takes a bearer token (the gRPC services, the `/metrics` listeners) checks it
+    /// here.
+    pub fn check_bearer(&self, authorization: Option<&str>) -> Result<(), BearerRefusal> {
+        let presented = authorization
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or(BearerRefusal::Missing)?;
+        if bool::from(presented.as_bytes().ct_eq(self.expose())) {
+            Ok(())
+        } else {
+            Err(BearerRefusal::Wrong)
+        }
     }
 
     /// `Bearer <token>` as gRPC metadata.
@@ -236,6 +264,26 @@ mod tests {
             e.starts_with("XVLM_USER_TOKEN:") && !e.contains("a b"),
             "{e}"
         );
+    }
+
+    /// A bearer header passes only with exactly the token; a missing header, another scheme, a
+    /// prefix or an extension of the token is refused with its reason.
+    #[test]
+    fn bearer_headers_are_checked() {
+        let t = Token::new("s3cret", "f").unwrap();
+        assert_eq!(t.check_bearer(Some("Bearer s3cret")), Ok(()));
+        assert_eq!(t.check_bearer(None), Err(BearerRefusal::Missing));
+        assert_eq!(
+            t.check_bearer(Some("Basic s3cret")),
+            Err(BearerRefusal::Missing)
+        );
+        for wrong in ["Bearer s3cre", "Bearer s3cret2", "Bearer ", "Bearer S3CRET"] {
+            assert_eq!(
+                t.check_bearer(Some(wrong)),
+                Err(BearerRefusal::Wrong),
+                "{wrong}"
+            );
+        }
     }
 
     /// TLS settings on an http:// URL, or https:// without a CA, are errors, not silent plaintext.

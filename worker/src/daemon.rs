@@ -10,10 +10,11 @@
 //! step the drain committed.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::os::fd::OwnedFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -30,6 +31,7 @@ use xvlm_proto::{v1, PROTOCOL_VERSION};
 use crate::comm::nccl;
 use crate::cpu_share::CpuShare;
 use crate::error::WorkerError;
+use crate::metrics::WorkerMetrics;
 use crate::process;
 use crate::progress_queue::ProgressQueue;
 use crate::trainer::{save_request, task, Assignment, ProgressLine};
@@ -68,6 +70,8 @@ pub struct DaemonConfig {
     pub cpu_threads: Option<usize>,
     /// TLS trust, client certificate and worker token for the coordinator.
     pub security: ClientSecurity,
+    /// Address of the Prometheus `/metrics` listener ([`crate::metrics`]); none: not served.
+    pub http_listen: Option<SocketAddr>,
 }
 
 type Key = (String, u64);
@@ -120,6 +124,8 @@ pub struct Daemon {
     parts_held: BTreeMap<(String, u64, u64, u32), v1::CheckpointPart>,
     /// When a drain began.
     draining: Option<Instant>,
+    /// What `/metrics` serves: trainer states and what their progress lines report.
+    metrics: Arc<WorkerMetrics>,
 }
 
 /// Runs the daemon until [`Signal::Stop`] arrives (or a drain ends); then stops every trainer.
@@ -128,6 +134,33 @@ pub async fn run(
     mut signals: mpsc::UnboundedReceiver<Signal>,
 ) -> Result<(), WorkerError> {
     std::fs::create_dir_all(&cfg.work_dir).map_err(|e| WorkerError::io(&cfg.work_dir, e))?;
+    let metrics = Arc::new(WorkerMetrics::new());
+    let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics_server = match cfg.http_listen {
+        Some(addr) => {
+            let listener =
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| WorkerError::Metrics {
+                        addr: addr.to_string(),
+                        reason: e.to_string(),
+                    })?;
+            if let Ok(bound) = listener.local_addr() {
+                info!(addr = %bound, "metrics listening (/metrics)");
+            }
+            let token = cfg.security.token.clone();
+            let served = crate::metrics::serve(listener, metrics.clone(), token, async {
+                let _ = metrics_stopped.await;
+            });
+            // A failing metrics listener is logged when it fails; training goes on without it.
+            Some(tokio::spawn(async move {
+                if let Err(e) = served.await {
+                    warn!(error = %e, "metrics listener failed");
+                }
+            }))
+        }
+        None => None,
+    };
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let cuda = cfg
         .devices
@@ -146,6 +179,7 @@ pub async fn run(
         parts: Vec::new(),
         parts_held: BTreeMap::new(),
         draining: None,
+        metrics,
     };
     let mut backoff = Backoff::reconnect();
     let mut lost_since: Option<Instant> = None;
@@ -180,6 +214,10 @@ pub async fn run(
     }
     info!("shutting down: stopping trainers");
     d.stop_all().await;
+    let _ = metrics_stop.send(());
+    if let Some(server) = metrics_server {
+        let _ = server.await;
+    }
     Ok(())
 }
 
@@ -303,6 +341,7 @@ impl Daemon {
             TrainerEvent::Progress(p) => self.progress.push(p),
             TrainerEvent::Part(p) => self.hold_part(p),
             TrainerEvent::Exit(e) => {
+                self.metrics.trainer_exited(&e.job_id, e.generation, e.rank);
                 let key = (e.job_id.clone(), e.generation);
                 if let Some(g) = self.gens.get_mut(&key) {
                     g.children.remove(&e.rank);
@@ -514,12 +553,15 @@ impl Daemon {
                         "trainer started"
                     );
                     gen.children.insert(slot.rank, pid);
+                    self.metrics
+                        .trainer_started(&s.job_id, s.generation, slot.rank, pid);
                     tokio::spawn(supervise(
                         child,
                         pid,
                         assignment,
                         dir.clone(),
                         self.events_tx.clone(),
+                        self.metrics.clone(),
                     ));
                 }
                 Err(e) => {
@@ -710,12 +752,14 @@ async fn supervise(
     a: Assignment,
     dir: PathBuf,
     tx: mpsc::UnboundedSender<TrainerEvent>,
+    metrics: Arc<WorkerMetrics>,
 ) {
     if let Some(stdout) = child.stdout.take() {
         let mut lines = BufReader::new(stdout).lines();
         while let Ok(Some(line)) = lines.next_line().await {
             match serde_json::from_str::<ProgressLine>(&line) {
                 Ok(mut p) => {
+                    metrics.observe(&a.job_id, a.rank as u32, &p);
                     let parts = std::mem::take(&mut p.parts);
                     let progress = rank_progress(&a.job_id, a.generation, a.rank as u32, p);
                     let _ = tx.send(TrainerEvent::Progress(progress));
@@ -822,6 +866,10 @@ mod tests {
             parts: vec![],
             metrics: vec![],
             total_steps: 40,
+            step_time_s: 0.0,
+            allreduce_s: 0.0,
+            loader_queue_depth: None,
+            uploads: vec![],
         };
         assert!(!serde_json::to_string(&plain).unwrap().contains("metrics"));
         let sent = rank_progress("j", 1, 0, plain);

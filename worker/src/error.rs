@@ -38,6 +38,14 @@ pub enum WorkerError {
         /// The committed step.
         step: u64,
     },
+    /// The metrics listener (`--http-listen`) failed.
+    #[error("metrics listener {addr}: {reason}")]
+    Metrics {
+        /// Its address.
+        addr: String,
+        /// What failed.
+        reason: String,
+    },
     /// A trainer process could not be started.
     #[error("cannot start trainer: {0}")]
     Spawn(String),

@@ -8,6 +8,7 @@ pub mod cpu_share;
 pub mod daemon;
 pub mod devices;
 pub mod error;
+pub mod metrics;
 pub mod process;
 pub mod progress_queue;
 pub mod trainer;

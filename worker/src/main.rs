@@ -65,9 +65,14 @@ struct DaemonArgs {
     /// Private key (PEM) of --tls-cert.
     #[arg(long, env = "XVLM_WORKER_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// File holding the worker token; without it, `XVLM_WORKER_TOKEN`.
+    /// File holding the worker token; without it, `XVLM_WORKER_TOKEN`. Also required from
+    /// `/metrics` scrapers when set.
     #[arg(long, env = "XVLM_WORKER_TOKEN_FILE")]
     worker_token_file: Option<PathBuf>,
+    /// Address of the Prometheus `/metrics` listener (off unless given; port 0 picks a free one,
+    /// logged as `metrics listening`). Keep it on loopback or set a worker token: it has no TLS.
+    #[arg(long, env = "XVLM_WORKER_HTTP_LISTEN")]
+    http_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Subcommand)]
@@ -166,6 +171,7 @@ fn run(cli: Cli) -> Result<()> {
                     key: a.tls_key,
                     token: load_token(a.worker_token_file.as_deref(), WORKER_TOKEN_ENV)?,
                 },
+                http_listen: a.http_listen,
             };
             // One thread: trainers get PR_SET_PDEATHSIG from the thread that forks them, so it must
             // live as long as the daemon.

@@ -35,7 +35,7 @@ mod records;
 mod registry;
 mod runtime;
 #[cfg(test)]
-mod test_support;
+pub(crate) mod test_support;
 
 use std::collections::BTreeMap;
 

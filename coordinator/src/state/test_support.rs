@@ -7,7 +7,7 @@ use xvlm_proto::spec::{Backend, JobSpec, TaskKind, WorkersSpec};
 use super::{Action, Command, Event, Millis, ProgressInfo, Scheduler};
 
 /// A smoke job needing `min` workers with `devices` devices each.
-pub(super) fn spec(min: u32, devices: u32, max_restarts: u32) -> JobSpec {
+pub(crate) fn spec(min: u32, devices: u32, max_restarts: u32) -> JobSpec {
     JobSpec {
         name: "t".into(),
         task: TaskKind::Smoke,
@@ -33,7 +33,7 @@ pub(super) fn spec(min: u32, devices: u32, max_restarts: u32) -> JobSpec {
 }
 
 /// Submits `spec` at time 0; returns its id.
-pub(super) fn submit(s: &mut Scheduler, spec: JobSpec) -> String {
+pub(crate) fn submit(s: &mut Scheduler, spec: JobSpec) -> String {
     s.apply(
         0,
         Event::Submit {
@@ -48,12 +48,12 @@ pub(super) fn submit(s: &mut Scheduler, spec: JobSpec) -> String {
 }
 
 /// Registers a worker that runs smoke and pretrain jobs and opens its heartbeat stream.
-pub(super) fn register(s: &mut Scheduler, name: &str, slots: u32) -> Vec<Action> {
+pub(crate) fn register(s: &mut Scheduler, name: &str, slots: u32) -> Vec<Action> {
     register_with_tasks(s, name, slots, &[TaskKind::Smoke, TaskKind::Pretrain], 0)
 }
 
 /// Registers a worker whose build runs `tasks` at time `at` and opens its heartbeat stream.
-pub(super) fn register_with_tasks(
+pub(crate) fn register_with_tasks(
     s: &mut Scheduler,
     name: &str,
     slots: u32,
@@ -90,7 +90,7 @@ pub(super) fn register_with_tasks(
 }
 
 /// Every rank of the current generation reports ready.
-pub(super) fn ready_all(s: &mut Scheduler, job: &str) -> Vec<Action> {
+pub(crate) fn ready_all(s: &mut Scheduler, job: &str) -> Vec<Action> {
     let rec = s.job(job).unwrap().clone();
     let mut actions = vec![];
     for r in &rec.ranks {
@@ -115,7 +115,7 @@ pub(super) fn ready_all(s: &mut Scheduler, job: &str) -> Vec<Action> {
 }
 
 /// Every rank of the current generation exits with `code`.
-pub(super) fn exit_all(s: &mut Scheduler, job: &str, code: i32) {
+pub(crate) fn exit_all(s: &mut Scheduler, job: &str, code: i32) {
     let rec = s.job(job).unwrap().clone();
     for r in &rec.ranks {
         s.apply(
@@ -134,7 +134,7 @@ pub(super) fn exit_all(s: &mut Scheduler, job: &str, code: i32) {
 }
 
 /// The commands among `actions`, with their workers.
-pub(super) fn sends(actions: &[Action]) -> Vec<(&str, &Command)> {
+pub(crate) fn sends(actions: &[Action]) -> Vec<(&str, &Command)> {
     actions
         .iter()
         .filter_map(|a| match a {
@@ -145,7 +145,7 @@ pub(super) fn sends(actions: &[Action]) -> Vec<(&str, &Command)> {
 }
 
 /// Rank `rank` of the current generation reports `step` at `at`.
-pub(super) fn progress(
+pub(crate) fn progress(
     s: &mut Scheduler,
     job: &str,
     rank: u32,
@@ -171,7 +171,7 @@ pub(super) fn progress(
 }
 
 /// A scheduler with workers `a` and `b` running generation 1 of a job of `spec`.
-pub(super) fn running_on_a_and_b(spec: JobSpec) -> (Scheduler, String) {
+pub(crate) fn running_on_a_and_b(spec: JobSpec) -> (Scheduler, String) {
     let mut s = Scheduler::new(1_000_000);
     register(&mut s, "a", 1);
     register(&mut s, "b", 1);
@@ -181,7 +181,7 @@ pub(super) fn running_on_a_and_b(spec: JobSpec) -> (Scheduler, String) {
 }
 
 /// A two-worker job of 1000 steps with these hang bounds (20 s to start).
-pub(super) fn hang_spec(min_secs: f64, p99_factor: f64) -> JobSpec {
+pub(crate) fn hang_spec(min_secs: f64, p99_factor: f64) -> JobSpec {
     let mut sp = spec(2, 1, 1);
     sp.steps = Some(1000);
     sp.hang.min_secs = min_secs;
@@ -191,7 +191,7 @@ pub(super) fn hang_spec(min_secs: f64, p99_factor: f64) -> JobSpec {
 }
 
 /// Rank `rank` uploads its part of `step`; returns the actions.
-pub(super) fn part(
+pub(crate) fn part(
     s: &mut Scheduler,
     job: &str,
     generation: u64,
@@ -223,7 +223,7 @@ pub(super) fn part(
 }
 
 /// The commits among `actions`.
-pub(super) fn commits(actions: &[Action]) -> Vec<&Action> {
+pub(crate) fn commits(actions: &[Action]) -> Vec<&Action> {
     actions
         .iter()
         .filter(|a| matches!(a, Action::Commit { .. }))

@@ -262,6 +262,12 @@ impl<S: Send + 'static> Loader<S> {
         }
     }
 
+    /// Finished batches waiting in the prefetch queue (0 once stopped): near the prefetch depth the
+    /// loader keeps ahead of training, at 0 training waits for data.
+    pub fn queue_depth(&self) -> usize {
+        self.out.as_ref().map_or(0, Receiver::len)
+    }
+
     /// The next batch (blocks until ready). Errors are fatal for the stream.
     pub fn next_batch(&mut self) -> Result<LoadedBatch<S>, DataError> {
         let rx = self

@@ -207,6 +207,11 @@ impl ImageTextLoader {
         })
     }
 
+    /// Finished batches waiting in the loader's prefetch queue.
+    pub fn queue_depth(&self) -> usize {
+        self.inner.queue_depth()
+    }
+
     /// The next batch and the state after it.
     pub fn next_batch(&mut self) -> Result<(ImageTextBatch, StreamState), DataError> {
         let b = self.inner.next_batch()?;
@@ -248,6 +253,11 @@ impl RegionLoader {
             seed,
             rank: rank as u64,
         })
+    }
+
+    /// Finished batches waiting in the loader's prefetch queue.
+    pub fn queue_depth(&self) -> usize {
+        self.inner.queue_depth()
     }
 
     /// The next batch (exactly `batch_size` texts) and the state after it.

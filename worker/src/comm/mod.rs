@@ -1,6 +1,7 @@
 //! Collective backends for `xvlm_model::collective::Collective`: the CPU ring (TCP, shared-memory
 //! channels, a shared segment when every rank is on one host) and NCCL (CUDA),
-//! and the bucketed gradient all-reduce data-parallel training uses on top of either.
+//! the bucketed gradient all-reduce data-parallel training uses on top of either, and a wrapper
+//! timing the all-reduces (`timed`).
 
 mod element;
 mod local_group;
@@ -8,6 +9,7 @@ pub mod nccl;
 pub mod ring;
 mod ring_hello;
 pub mod shm;
+pub mod timed;
 
 use tch::Tensor;
 use xvlm_model::collective::{Collective, CollectiveError};

@@ -25,6 +25,7 @@ use crate::checkpoint::format::{BufferPool, HostFile};
 use crate::checkpoint::{Checkpointer, Part, Storage};
 use crate::comm::nccl::NcclCollective;
 use crate::comm::ring::RingCollective;
+use crate::comm::timed::TimedCollective;
 use crate::error::WorkerError;
 use task::{TaskContext, TrainTask};
 
@@ -99,6 +100,46 @@ pub struct ProgressLine {
     /// Steps the job runs (the task's schedule), so `status` knows the total without `steps:`.
     #[serde(default)]
     pub total_steps: u64,
+    /// Wall seconds of this step on this rank (forward, backward, all-reduce, update); 0 on lines
+    /// that are not a step's (the closing evaluation).
+    #[serde(default)]
+    pub step_time_s: f64,
+    /// Seconds of this step spent in all-reduce calls ([`crate::comm::timed`]).
+    #[serde(default)]
+    pub allreduce_s: f64,
+    /// Batches waiting in this rank's data-loader prefetch queue after the step; none for a task
+    /// without a prefetching loader.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loader_queue_depth: Option<u64>,
+    /// How the upload of each of `parts` went, in the same order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uploads: Vec<PartUpload>,
+}
+
+/// The upload of one checkpoint part, as the rank measured it ([`crate::checkpoint::SaveTiming`]).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PartUpload {
+    /// The step of the part.
+    pub step: u64,
+    /// Bytes this rank uploaded.
+    pub bytes: u64,
+    /// Background seconds: serialise, hash and upload.
+    pub seconds: f64,
+}
+
+/// The uploads of `parts`, the newest saves of `c`: each part comes with the timing its save
+/// recorded last ([`Checkpointer::timings`] grows by one per part returned).
+fn uploads_of(c: &Checkpointer, parts: &[Part]) -> Vec<PartUpload> {
+    let timings = &c.timings[c.timings.len().saturating_sub(parts.len())..];
+    parts
+        .iter()
+        .zip(timings)
+        .map(|(p, t)| PartUpload {
+            step: p.step,
+            bytes: t.bytes,
+            seconds: t.upload.as_secs_f64(),
+        })
+        .collect()
 }
 
 /// Runs an assignment read from `path`; `listen_fd` is the ring socket the worker bound for this rank.
@@ -151,7 +192,8 @@ pub fn run(a: &Assignment, listener: Option<TcpListener>) -> Result<(), WorkerEr
     } else {
         Device::Cpu
     };
-    let comm = collective(a, listener)?;
+    // Timed, so each progress line says how long its step spent in all-reduces.
+    let comm = TimedCollective::new(collective(a, listener)?);
     info!(
         job = a.job_id,
         generation = a.generation,
@@ -167,7 +209,7 @@ pub fn run(a: &Assignment, listener: Option<TcpListener>) -> Result<(), WorkerEr
         device,
         shards: &a.shards,
         output: &a.output,
-        comm: comm.as_ref(),
+        comm: &comm,
     };
     let mut task = task::build(&ctx)?;
     let total = task.total_steps();
@@ -180,9 +222,12 @@ pub fn run(a: &Assignment, listener: Option<TcpListener>) -> Result<(), WorkerEr
         save_request::StepRequests::new(a.checkpoint_request_file.clone(), a.rank, device);
     let mut last: Option<ProgressLine> = None;
     for step in start..total {
+        // Whatever ran since the last step (the request agreement, a save) is not this step's.
+        comm.take_all_reduce();
         let started = Instant::now();
-        let out = task.step(step, comm.as_ref())?;
+        let out = task.step(step, &comm)?;
         let secs = started.elapsed().as_secs_f64().max(1e-9);
+        let allreduce = comm.take_all_reduce();
         let mut line = ProgressLine {
             step: step + 1,
             losses: out.losses,
@@ -193,9 +238,13 @@ pub fn run(a: &Assignment, listener: Option<TcpListener>) -> Result<(), WorkerEr
             parts: Vec::new(),
             metrics: out.metrics,
             total_steps: total,
+            step_time_s: secs,
+            allreduce_s: allreduce.as_secs_f64(),
+            loader_queue_depth: task.loader_queue_depth().map(|d| d as u64),
+            uploads: Vec::new(),
         };
         let done = step + 1;
-        let request = requests.agree(comm.as_ref())?;
+        let request = requests.agree(&comm)?;
         match ckpt.as_mut() {
             Some(c) if request.leave && done < total => {
                 info!(
@@ -217,6 +266,9 @@ pub fn run(a: &Assignment, listener: Option<TcpListener>) -> Result<(), WorkerEr
             ),
             None => {}
         }
+        if let Some(c) = ckpt.as_ref() {
+            line.uploads = uploads_of(c, &line.parts);
+        }
         println!("{}", serde_json::to_string(&line).unwrap_or_default());
         if request.leave && done < total {
             if let Some(c) = ckpt.as_ref() {
@@ -231,7 +283,11 @@ pub fn run(a: &Assignment, listener: Option<TcpListener>) -> Result<(), WorkerEr
         let parts = c.finish()?;
         // The last save's part is news for the coordinator too.
         if let (false, Some(mut line)) = (parts.is_empty(), last.take()) {
+            line.uploads = uploads_of(c, &parts);
             line.parts = parts;
+            // The step was reported already: its time must not count twice.
+            line.step_time_s = 0.0;
+            line.allreduce_s = 0.0;
             println!("{}", serde_json::to_string(&line).unwrap_or_default());
         }
     }
@@ -241,7 +297,7 @@ pub fn run(a: &Assignment, listener: Option<TcpListener>) -> Result<(), WorkerEr
     }
     // The closing evaluation (a fine-tune's test split with its best weights) runs after the final
     // weights are safe; a restart that finds every step done runs only this.
-    let metrics = task.finish(comm.as_ref())?;
+    let metrics = task.finish(&comm)?;
     if !metrics.is_empty() {
         let line = ProgressLine {
             step: total,
@@ -253,6 +309,10 @@ pub fn run(a: &Assignment, listener: Option<TcpListener>) -> Result<(), WorkerEr
             parts: Vec::new(),
             metrics,
             total_steps: total,
+            step_time_s: 0.0,
+            allreduce_s: 0.0,
+            loader_queue_depth: None,
+            uploads: Vec::new(),
         };
         println!("{}", serde_json::to_string(&line).unwrap_or_default());
     }

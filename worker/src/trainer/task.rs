@@ -101,6 +101,10 @@ pub trait TrainTask {
     }
     /// Learning rate used by the last step.
     fn lr(&self) -> f64;
+    /// Batches waiting in this rank's data-loader prefetch queue now; none for a task without one.
+    fn loader_queue_depth(&self) -> Option<usize> {
+        None
+    }
     /// Named tensors that make up the model state (what a checkpoint saves).
     fn state(&self) -> Vec<(String, Tensor)>;
     /// This rank's other checkpointed tensors: optimizer, scheduler, loss-scaler state.

@@ -177,6 +177,11 @@ impl<B: Send + 'static> MapLoader<B> {
         })
     }
 
+    /// Finished batches waiting in the prefetch queue (0 once stopped).
+    pub fn queue_depth(&self) -> usize {
+        self.rx.as_ref().map_or(0, Receiver::len)
+    }
+
     /// The next batch (blocks until ready); an error is fatal for the stream.
     pub fn next_batch(&mut self) -> Result<Loaded<B>, DataError> {
         let rx = self

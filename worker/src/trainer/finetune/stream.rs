@@ -143,6 +143,12 @@ impl<D: MapDataset> StepBatches<D> {
 impl<D: MapDataset> Streams for StepBatches<D> {
     type Position = TrainCursor;
 
+    /// The prefetching loader's queue; none at a smaller world, where each step loads its batches
+    /// itself (there is no queue).
+    fn queue_depth(&self) -> Option<usize> {
+        self.loader.as_ref().map(MapLoader::queue_depth)
+    }
+
     fn save(&self) -> BTreeMap<String, serde_json::Value> {
         BTreeMap::from([(
             TRAIN_STREAM.to_string(),

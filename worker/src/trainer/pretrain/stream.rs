@@ -56,6 +56,8 @@ pub trait ShardLoader: Sized {
     ) -> Result<Self, TaskError>;
     /// The next batch and the state after it.
     fn next(&mut self) -> Result<(Self::Batch, StreamState), TaskError>;
+    /// Finished batches waiting in its prefetch queue.
+    fn queue_depth(&self) -> usize;
 }
 
 impl ShardLoader for ImageTextLoader {
@@ -74,6 +76,10 @@ impl ShardLoader for ImageTextLoader {
 
     fn next(&mut self) -> Result<(ImageTextBatch, StreamState), TaskError> {
         self.next_batch().map_err(other)
+    }
+
+    fn queue_depth(&self) -> usize {
+        ImageTextLoader::queue_depth(self)
     }
 }
 
@@ -94,6 +100,10 @@ impl ShardLoader for RegionLoader {
 
     fn next(&mut self) -> Result<(RegionBatch, StreamState), TaskError> {
         self.next_batch().map_err(other)
+    }
+
+    fn queue_depth(&self) -> usize {
+        RegionLoader::queue_depth(self)
     }
 }
 
@@ -191,6 +201,11 @@ impl<L: ShardLoader> ShardStream<L> {
         let (batch, state) = loader.next()?;
         self.state = state;
         Ok(batch)
+    }
+
+    /// Finished batches waiting in its loader's prefetch queue (0 while restarting).
+    pub fn queue_depth(&self) -> usize {
+        self.loader.as_ref().map_or(0, L::queue_depth)
     }
 
     /// Names of the files this rank's plan reads.
@@ -358,6 +373,11 @@ impl PretrainStreams {
 
 impl Streams for PretrainStreams {
     type Position = PretrainPosition;
+
+    /// The image-text stream's queue: the one every step reads (region steps interleave).
+    fn queue_depth(&self) -> Option<usize> {
+        Some(self.images.queue_depth())
+    }
 
     fn save(&self) -> BTreeMap<String, serde_json::Value> {
         let mut out = BTreeMap::new();

@@ -80,6 +80,10 @@ pub trait Streams {
     ) -> Result<Self::Position, TaskError>;
     /// Restarts every stream at `position`.
     fn restart(&mut self, position: Self::Position) -> Result<(), TaskError>;
+    /// Batches waiting in the prefetch queue of the stream each step reads; none without one.
+    fn queue_depth(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// What a task's step produced on this rank.
@@ -480,6 +484,10 @@ impl<T: Task> TrainTask for Runner<T> {
 
     fn lr(&self) -> f64 {
         self.lr
+    }
+
+    fn loader_queue_depth(&self) -> Option<usize> {
+        self.streams.queue_depth()
     }
 
     fn state(&self) -> Vec<(String, Tensor)> {
