@@ -20,6 +20,8 @@ pub struct CoordConfig {
     pub heartbeat_interval_ms: u64,
     /// TLS, tokens and the loopback rule.
     pub security: Security,
+    /// Bytes of trainer log lines kept per job (`{state_dir}/logs`); the oldest go first.
+    pub log_retention_bytes: u64,
 }
 
 impl Default for CoordConfig {
@@ -31,6 +33,7 @@ impl Default for CoordConfig {
             heartbeat_timeout_ms: 10_000,
             heartbeat_interval_ms: 1_000,
             security: Security::default(),
+            log_retention_bytes: crate::logs::DEFAULT_RETENTION_BYTES,
         }
     }
 }
@@ -45,6 +48,12 @@ impl CoordConfig {
     /// Uses this default storage root.
     pub fn with_storage(mut self, url: impl Into<String>) -> Self {
         self.storage = url.into();
+        self
+    }
+
+    /// Keeps this many bytes of trainer logs per job.
+    pub fn with_log_retention_bytes(mut self, bytes: u64) -> Self {
+        self.log_retention_bytes = bytes;
         self
     }
 

@@ -8,6 +8,7 @@ pub mod config;
 pub mod convert;
 pub mod error;
 pub mod local;
+pub mod logs;
 pub mod planner;
 pub mod ring_secret;
 pub mod security;

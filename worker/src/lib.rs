@@ -10,5 +10,6 @@ pub mod devices;
 pub mod error;
 pub mod process;
 pub mod trainer;
+pub mod trainer_logs;
 
 pub use error::WorkerError;
