@@ -534,11 +534,7 @@ pub fn tool(name: &str, package: &str) -> PathBuf {
     let venv_tools = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv-tools/bin");
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
-        .chain([
-            PathBuf::from("/usr/sbin"),
-            PathBuf::from("/sbin"),
-            venv_tools,
-        ])
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin"), venv_tools])
         .map(|dir| dir.join(name))
         .find(|candidate| candidate.is_file())
         .unwrap_or_else(|| {
