@@ -170,3 +170,44 @@ async fn follow(
     }
     Ok(last)
 }
+
+/// One `logs` line: `[rank R gen G err] text` (`out` for stdout lines).
+pub fn log_line(l: &v1::LogLine) -> String {
+    let stream = if l.stream == v1::LogStream::Stdout as i32 {
+        "out"
+    } else {
+        "err"
+    };
+    format!("[rank {} gen {} {stream}] {}", l.rank, l.generation, l.text)
+}
+
+/// Prints the job's kept trainer log lines (of `rank` when given); with `follow`, then new ones
+/// until the job has ended. A closed stdout (`| head`) ends it quietly.
+pub async fn logs(
+    client: &mut Client,
+    job: &str,
+    rank: Option<u32>,
+    follow: bool,
+    mut out: impl std::io::Write,
+) -> Result<()> {
+    let mut stream = client
+        .logs(v1::LogsRequest {
+            job_id: job.to_string(),
+            rank,
+            follow,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    while let Some(line) = stream.next().await {
+        let line = line.map_err(status_error)?;
+        let written = writeln!(out, "{}", log_line(&line)).and_then(|_| out.flush());
+        match written {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+

@@ -25,6 +25,8 @@ pub struct CoordConfig {
     pub security: Security,
     /// How often jobs' TensorBoard events are written to their outputs.
     pub tensorboard_flush: Duration,
+    /// Bytes of trainer log lines kept per job (`{state_dir}/logs`); the oldest go first.
+    pub log_retention_bytes: u64,
 }
 
 impl Default for CoordConfig {
@@ -38,6 +40,7 @@ impl Default for CoordConfig {
             heartbeat_interval_ms: 1_000,
             security: Security::default(),
             tensorboard_flush: crate::tensorboard::DEFAULT_FLUSH,
+            log_retention_bytes: crate::logs::DEFAULT_RETENTION_BYTES,
         }
     }
 }
@@ -52,6 +55,12 @@ impl CoordConfig {
     /// Uses this default storage root.
     pub fn with_storage(mut self, url: impl Into<String>) -> Self {
         self.storage = url.into();
+        self
+    }
+
+    /// Keeps this many bytes of trainer logs per job.
+    pub fn with_log_retention_bytes(mut self, bytes: u64) -> Self {
+        self.log_retention_bytes = bytes;
         self
     }
 

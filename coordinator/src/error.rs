@@ -67,6 +67,14 @@ pub enum CoordError {
         /// What failed.
         reason: String,
     },
+    /// Trainer logs could not be read or written.
+    #[error("trainer logs {path}: {reason}")]
+    Logs {
+        /// The file or directory.
+        path: String,
+        /// What failed.
+        reason: String,
+    },
     /// The TLS files could not be read or used.
     #[error("TLS: {0}")]
     Tls(String),
@@ -99,6 +107,7 @@ impl From<CoordError> for tonic::Status {
             CoordError::Store { .. }
             | CoordError::Server(_)
             | CoordError::Commit { .. }
+            | CoordError::Logs { .. }
             | CoordError::Tls(_)
             | CoordError::Insecure { .. } => tonic::Status::internal(msg),
         }

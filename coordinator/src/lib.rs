@@ -11,6 +11,7 @@ pub mod dashboard;
 pub mod error;
 pub mod http;
 pub mod local;
+pub mod logs;
 pub mod planner;
 pub mod ring_secret;
 pub mod security;

@@ -78,6 +78,9 @@ struct ServeArgs {
     /// write is one new event file; shutdown writes what is left).
     #[arg(long, env = "XVLM_TENSORBOARD_FLUSH_SECS", default_value_t = 30.0)]
     tensorboard_flush_secs: f64,
+    /// Bytes of trainer log lines kept per job under `{state-dir}/logs` (oldest dropped first).
+    #[arg(long, env = "XVLM_LOG_RETENTION_BYTES", default_value_t = xvlm_coord::logs::DEFAULT_RETENTION_BYTES)]
+    log_retention_bytes: u64,
 }
 
 /// The server configuration from the serve flags and the global user-token flag.
@@ -105,6 +108,7 @@ fn coord_config(a: &ServeArgs, user_token_file: Option<&Path>) -> Result<CoordCo
         ..CoordConfig::default()
             .with_state_dir(&a.state_dir)
             .with_storage(&a.storage)
+            .with_log_retention_bytes(a.log_retention_bytes)
     })
 }
 
@@ -139,6 +143,18 @@ enum Cmd {
     Watch {
         /// Job id.
         job: String,
+    },
+    /// The trainers' log lines (stderr, and stdout that is not progress), `[rank R gen G err|out]`
+    /// first; kept by the coordinator, so a finished job's too.
+    Logs {
+        /// Job id.
+        job: String,
+        /// Only this rank's lines.
+        #[arg(long)]
+        rank: Option<u32>,
+        /// Then print new lines as they come, until the job ends.
+        #[arg(long, short)]
+        follow: bool,
     },
     /// Job ids, states and names.
     List,
@@ -273,6 +289,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let last =
                 client::watch(&mut c, &job, std::io::stdout(), WatchView::for_stdout()).await?;
             Ok(outcome(&last))
+        }
+        Cmd::Logs { job, rank, follow } => {
+            let mut c = connect().await?;
+            tokio::select! {
+                done = client::logs(&mut c, &job, rank, follow, std::io::stdout().lock()) => done?,
+                // Ctrl-C: stop reading, without an error.
+                _ = tokio::signal::ctrl_c() => return Ok(ExitCode::from(130)),
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::List => {
             let mut c = connect().await?;

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures::{FutureExt, Stream, StreamExt};
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc};
-use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream, UnboundedReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 use xvlm_proto::checkpoint::Part;
@@ -26,6 +26,7 @@ use crate::dashboard::{JobPage, Overview};
 use crate::error::CoordError;
 use crate::http::grpc_latency::GrpcLatencyLayer;
 use crate::http::metrics::{Metrics, Snapshot};
+use crate::logs::LogStore;
 use crate::planner;
 use crate::ring_secret::RingKey;
 use crate::state::{Action, Applied, Event, JobState, RunningGeneration, Scheduler};
@@ -59,6 +60,8 @@ pub struct Core {
     curves: Curves,
     ring_key: RingKey,
     metrics: Arc<Metrics>,
+    /// Trainer logs, written off the lock.
+    logs: LogStore,
 }
 
 impl Core {
@@ -69,6 +72,7 @@ impl Core {
         info!(jobs = records.len(), "recovered job store");
         let actions = sched.recover(records, now_ms());
         let (updates, _) = broadcast::channel(1024);
+        let logs = LogStore::open(&config.state_dir.join("logs"), config.log_retention_bytes)?;
         // Commit outcomes come back as events, from the commit thread.
         let me: Arc<OnceLock<Weak<Core>>> = Arc::default();
         // A scrape reads the state through the same weak handle (no metrics before the core exists).
@@ -105,6 +109,7 @@ impl Core {
             committer,
             ring_key: RingKey::random()?,
             metrics,
+            logs,
         });
         let _ = me.set(Arc::downgrade(&core));
         {
@@ -254,8 +259,11 @@ impl Core {
         Ok(())
     }
 
-    fn report(&self, r: v1::WorkerReport) -> Result<(), CoordError> {
+    fn report(&self, mut r: v1::WorkerReport) -> Result<(), CoordError> {
         let worker = r.worker_id.clone();
+        // Queued before the exits are applied, so a job ends after its last lines are in the queue
+        // (a `logs --follow` reader flushes it before it stops).
+        self.logs.submit(std::mem::take(&mut r.logs));
         self.dispatch(Event::Heartbeat {
             worker: worker.clone(),
             draining: r.draining,
@@ -411,6 +419,29 @@ impl v1::jobs_server::Jobs for JobsService {
         }))
     }
 
+    type LogsStream = BoxStream<v1::LogLine>;
+
+    async fn logs(
+        &self,
+        req: Request<v1::LogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
+        let req = req.into_inner();
+        // Subscribe before reading the status so the job's end cannot fall in between.
+        let updates = self.0.updates.subscribe();
+        let done = terminal(&self.0.status(&req.job_id)?);
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(stream_logs(
+            self.0.clone(),
+            req.job_id,
+            req.rank,
+            req.follow,
+            updates,
+            done,
+            tx,
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
     type WatchStream = BoxStream<v1::JobEvent>;
 
     async fn watch(
@@ -464,6 +495,116 @@ impl v1::jobs_server::Jobs for JobsService {
             }
         });
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+    }
+}
+
+fn terminal(s: &v1::JobStatus) -> bool {
+    matches!(
+        v1::JobState::try_from(s.state),
+        Ok(v1::JobState::Succeeded | v1::JobState::Failed | v1::JobState::Cancelled)
+    )
+}
+
+/// Streams a job's kept log lines and, with `follow`, the new ones until the job has ended and its
+/// last lines are written.
+async fn stream_logs(
+    core: Arc<Core>,
+    job: String,
+    rank: Option<u32>,
+    follow: bool,
+    mut updates: broadcast::Receiver<v1::JobStatus>,
+    mut done: bool,
+    tx: mpsc::Sender<Result<v1::LogLine, Status>>,
+) {
+    let send_all = |lines: Vec<crate::logs::Stored>, next: &mut u64| {
+        let tx = tx.clone();
+        let start = *next;
+        let mut out = Vec::new();
+        for s in lines {
+            if s.index >= start {
+                *next = s.index + 1;
+                if rank.is_none_or(|r| r == s.line.rank) {
+                    out.push(s.line);
+                }
+            }
+        }
+        async move {
+            for line in out {
+                if tx.send(Ok(line)).await.is_err() {
+                    return false;
+                }
+            }
+            true
+        }
+    };
+    let snapshot = |from: u64| core.logs.snapshot(&job, from, rank);
+    // Lines still queued for the writer are part of what is kept.
+    core.logs.flush().await;
+    let (lines, mut next, mut rx) = match snapshot(0) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = tx.send(Err(e.into())).await;
+            return;
+        }
+    };
+    let from = next;
+    next = 0;
+    if !send_all(lines, &mut next).await || !follow {
+        return;
+    }
+    next = next.max(from);
+    let mut flushed = false;
+    loop {
+        if done && !flushed {
+            // Everything reported before the job ended is written once the queue is flushed.
+            core.logs.flush().await;
+            flushed = true;
+        }
+        let batch = if done {
+            match rx.try_recv() {
+                Ok(b) => Ok(b),
+                Err(broadcast::error::TryRecvError::Lagged(_)) => Err(true),
+                Err(_) => return,
+            }
+        } else {
+            tokio::select! {
+                got = rx.recv() => match got {
+                    Ok(b) => Ok(b),
+                    Err(broadcast::error::RecvError::Lagged(_)) => Err(true),
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+                update = updates.recv() => {
+                    match update {
+                        Ok(s) if s.job_id == job => done = terminal(&s),
+                        Ok(_) => {}
+                        Err(broadcast::error::RecvError::Lagged(_)) => {
+                            done = core.status(&job).map(|s| terminal(&s)).unwrap_or(true);
+                        }
+                        Err(broadcast::error::RecvError::Closed) => done = true,
+                    }
+                    Err(false)
+                }
+                _ = tx.closed() => return,
+            }
+        };
+        match batch {
+            Ok(b) => {
+                if !send_all(b.to_vec(), &mut next).await {
+                    return;
+                }
+            }
+            // This reader fell behind the broadcast: the lines are on disk.
+            Err(true) => match snapshot(next) {
+                Ok((lines, _, fresh)) => {
+                    rx = fresh;
+                    if !send_all(lines, &mut next).await {
+                        return;
+                    }
+                }
+                Err(_) => return,
+            },
+            Err(false) => {}
+        }
     }
 }
 

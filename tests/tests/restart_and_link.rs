@@ -127,3 +127,71 @@ fn coordinator_restart_mid_job_recovers() {
         "{out}"
     );
 }
+
+/// `logs`: both ranks' trainer stderr lines, `--rank 1` only rank 1's, `--follow` started while the
+/// job runs prints lines and exits 0 when it succeeds, and a restarted coordinator still has them.
+#[test]
+fn trainer_logs_are_kept_and_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::with_workers(dir.path(), &["w0", "w1"]);
+    let job = c.submit_yaml(
+        "name: logged\ntask: smoke\nsteps: 40\nworkers: {min: 2}\nsmoke: {step_delay_ms: 25}\n",
+    );
+    wait_until(Duration::from_secs(30), || {
+        c.status(&job).contains("RUNNING")
+    })
+    .unwrap_or_else(|| panic!("job never ran:\n{}", c.logs()));
+    let mut follow_cmd = Command::new(bin("xvlm-coord"));
+    follow_cmd
+        .arg("--coordinator")
+        .arg(&c.url)
+        .args(["logs", &job, "--follow"]);
+    let follow =
+        std::thread::spawn(move || output_within(&mut follow_cmd, Duration::from_secs(60)));
+    c.watch_succeeded(&job);
+    let followed = follow.join().unwrap();
+    let out = text(&followed.stdout);
+    assert!(
+        followed.status.success(),
+        "{out}\n{}",
+        text(&followed.stderr)
+    );
+    for rank in 0..2 {
+        assert!(
+            out.contains(&format!("[rank {rank} gen 1 err]")) && out.contains("trainer finished"),
+            "follow lacks rank {rank}:\n{out}"
+        );
+    }
+    let all = |c: &Cluster, args: &[&str]| {
+        let o = c.cli(args);
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        text(&o.stdout)
+    };
+    let both = all(&c, &["logs", &job]);
+    assert!(
+        both.contains("[rank 0 gen 1 err]") && both.contains("[rank 1 gen 1 err]"),
+        "{both}"
+    );
+    assert!(both.contains("trainer connected"), "{both}");
+    let one = all(&c, &["logs", &job, "--rank", "1"]);
+    assert!(
+        !one.is_empty() && one.lines().all(|l| l.starts_with("[rank 1 ")),
+        "{one}"
+    );
+    let unknown = c.cli(&["logs", "job-0099"]);
+    assert!(!unknown.status.success());
+    assert!(
+        text(&unknown.stderr).contains("job-0099"),
+        "{}",
+        text(&unknown.stderr)
+    );
+    c.coord.kill();
+    let (coord, url) = start_coordinator(dir.path());
+    c.coord = coord;
+    c.url = url;
+    assert_eq!(
+        all(&c, &["logs", &job]),
+        both,
+        "logs differ after a restart"
+    );
+}

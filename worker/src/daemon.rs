@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
@@ -35,6 +35,7 @@ use crate::metrics::WorkerMetrics;
 use crate::process;
 use crate::progress_queue::ProgressQueue;
 use crate::trainer::{save_request, task, Assignment, ProgressLine};
+use crate::trainer_logs::{self, LineSplitter, LogKey, TrainerLogs};
 
 /// What the operator asked the daemon to do (from signals).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,6 +127,8 @@ pub struct Daemon {
     draining: Option<Instant>,
     /// What `/metrics` serves: trainer states and what their progress lines report.
     metrics: Arc<WorkerMetrics>,
+    /// Trainer log lines not yet reported.
+    logs: TrainerLogs,
 }
 
 /// Runs the daemon until [`Signal::Stop`] arrives (or a drain ends); then stops every trainer.
@@ -180,6 +183,7 @@ pub async fn run(
         parts_held: BTreeMap::new(),
         draining: None,
         metrics,
+        logs: TrainerLogs::default(),
     };
     let mut backoff = Backoff::reconnect();
     let mut lost_since: Option<Instant> = None;
@@ -291,8 +295,10 @@ impl Daemon {
                 info!("drain complete: leaving the coordinator");
                 return SessionEnd::Shutdown;
             }
-            let has_news =
-                !self.ready.is_empty() || !self.exits.is_empty() || !self.parts.is_empty();
+            let has_news = !self.ready.is_empty()
+                || !self.exits.is_empty()
+                || !self.parts.is_empty()
+                || !self.logs.lock().is_empty();
             let due = last_beat.elapsed() >= beat || (!self.progress.is_empty() && !urgent);
             if has_news || due {
                 last_beat = Instant::now();
@@ -308,6 +314,18 @@ impl Daemon {
     }
 
     fn take_report(&mut self, worker: &str) -> v1::WorkerReport {
+        let gens = &self.gens;
+        let mut buffer = self.logs.lock();
+        let logs = buffer.take(trainer_logs::REPORT_BYTES, |k| {
+            gens.get(&(k.job.clone(), k.generation))
+                .is_some_and(|g| g.children.contains_key(&k.rank))
+        });
+        // A trainer's exit waits for its last lines, so a job ends after its logs are in.
+        let (exits, held) = std::mem::take(&mut self.exits)
+            .into_iter()
+            .partition(|e| !buffer.pending(&e.job_id, e.generation, e.rank));
+        drop(buffer);
+        self.exits = held;
         v1::WorkerReport {
             worker_id: worker.to_string(),
             running: self
@@ -330,9 +348,10 @@ impl Daemon {
                 .collect(),
             ready: std::mem::take(&mut self.ready),
             progress: self.progress.take(),
-            exits: std::mem::take(&mut self.exits),
+            exits,
             parts: std::mem::take(&mut self.parts),
             draining: self.draining.is_some(),
+            logs,
         }
     }
 
@@ -542,7 +561,7 @@ impl Daemon {
             let listener = gen.listeners.remove(&slot.rank);
             let passive = threads.passive_wait;
             match spawn(&self.cfg.exe, &dir, &assignment, listener.as_ref(), passive) {
-                Ok((child, pid)) => {
+                Ok((mut child, pid)) => {
                     info!(
                         job = s.job_id,
                         generation = s.generation,
@@ -555,6 +574,21 @@ impl Daemon {
                     gen.children.insert(slot.rank, pid);
                     self.metrics
                         .trainer_started(&s.job_id, s.generation, slot.rank, pid);
+                    let key = |stream| LogKey {
+                        job: s.job_id.clone(),
+                        generation: s.generation,
+                        rank: slot.rank,
+                        stream,
+                    };
+                    // The per-trainer log file stays as it was: the stderr copy writes it.
+                    let stderr = child.stderr.take().map(|stderr| {
+                        tokio::spawn(trainer_logs::capture_stderr(
+                            stderr,
+                            dir.join(format!("rank{}.log", slot.rank)),
+                            self.logs.clone(),
+                            key(v1::LogStream::Stderr),
+                        ))
+                    });
                     tokio::spawn(supervise(
                         child,
                         pid,
@@ -562,6 +596,11 @@ impl Daemon {
                         dir.clone(),
                         self.events_tx.clone(),
                         self.metrics.clone(),
+                        Capture {
+                            logs: self.logs.clone(),
+                            stdout: key(v1::LogStream::Stdout),
+                            stderr,
+                        },
                     ));
                 }
                 Err(e) => {
@@ -690,9 +729,7 @@ fn spawn(
     let json =
         serde_json::to_string_pretty(a).map_err(|e| WorkerError::Assignment(e.to_string()))?;
     std::fs::write(&path, json).map_err(|e| WorkerError::io(&path, e))?;
-    let log_path = dir.join(format!("rank{}.log", a.rank));
-    let log = std::fs::File::create(&log_path).map_err(|e| WorkerError::io(&log_path, e))?;
-    let child = process::spawn_trainer(exe, &path, listener, log, passive_wait)?;
+    let child = process::spawn_trainer(exe, &path, listener, passive_wait)?;
     let pid = child
         .id()
         .ok_or_else(|| WorkerError::Spawn("trainer exited at once".into()))?;
@@ -745,7 +782,20 @@ fn rank_progress(job: &str, generation: u64, rank: u32, p: ProgressLine) -> v1::
     }
 }
 
-/// Forwards the trainer's progress lines, then its exit; kills whatever is left of its group.
+/// Longest stdout line read whole: progress lines carry checkpoint file lists.
+const MAX_STDOUT_LINE: usize = 4 << 20;
+
+/// Where a trainer's log lines go.
+struct Capture {
+    logs: TrainerLogs,
+    /// The key of its stdout lines.
+    stdout: LogKey,
+    /// The task copying its stderr, which ends when the trainer closed it.
+    stderr: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Forwards the trainer's progress lines (its other stdout lines go to the log buffer), then its
+/// exit, once its stderr is read to the end; kills whatever is left of its group.
 async fn supervise(
     mut child: tokio::process::Child,
     pid: u32,
@@ -753,21 +803,36 @@ async fn supervise(
     dir: PathBuf,
     tx: mpsc::UnboundedSender<TrainerEvent>,
     metrics: Arc<WorkerMetrics>,
+    capture: Capture,
 ) {
-    if let Some(stdout) = child.stdout.take() {
-        let mut lines = BufReader::new(stdout).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            match serde_json::from_str::<ProgressLine>(&line) {
-                Ok(mut p) => {
-                    metrics.observe(&a.job_id, a.rank as u32, &p);
-                    let parts = std::mem::take(&mut p.parts);
-                    let progress = rank_progress(&a.job_id, a.generation, a.rank as u32, p);
-                    let _ = tx.send(TrainerEvent::Progress(progress));
-                    for part in &parts {
-                        let _ = tx.send(TrainerEvent::Part(part.to_wire(&a.job_id)));
+    if let Some(mut stdout) = child.stdout.take() {
+        let mut split = LineSplitter::new(MAX_STDOUT_LINE);
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let (lines, end) = match stdout.read(&mut buf).await {
+                Ok(0) | Err(_) => (split.finish().into_iter().collect(), true),
+                Ok(n) => (split.push(&buf[..n]), false),
+            };
+            for line in lines {
+                match serde_json::from_str::<ProgressLine>(&line) {
+                    Ok(mut p) => {
+                        metrics.observe(&a.job_id, a.rank as u32, &p);
+                        let parts = std::mem::take(&mut p.parts);
+                        let progress = rank_progress(&a.job_id, a.generation, a.rank as u32, p);
+                        let _ = tx.send(TrainerEvent::Progress(progress));
+                        for part in &parts {
+                            let _ = tx.send(TrainerEvent::Part(part.to_wire(&a.job_id)));
+                        }
+                    }
+                    Err(_) => {
+                        info!(rank = a.rank, "trainer: {line}");
+                        let line = trainer_logs::stdout_line(&line);
+                        capture.logs.lock().push(&capture.stdout, line);
                     }
                 }
-                Err(_) => info!(rank = a.rank, "trainer: {line}"),
+            }
+            if end {
+                break;
             }
         }
     }
@@ -778,6 +843,10 @@ async fn supervise(
         Err(_) => -1,
     };
     process::signal_group(pid, libc::SIGKILL);
+    if let Some(stderr) = capture.stderr {
+        // The log file is complete (for the failure message) and every line buffered.
+        let _ = stderr.await;
+    }
     let message = if code == 0 {
         String::new()
     } else {

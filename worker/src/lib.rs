@@ -12,5 +12,6 @@ pub mod metrics;
 pub mod process;
 pub mod progress_queue;
 pub mod trainer;
+pub mod trainer_logs;
 
 pub use error::WorkerError;

@@ -15,12 +15,12 @@ pub use xvlm_proto::process::signal_group;
 /// The fd number the ring listener has in the trainer.
 pub const LISTEN_FD: i32 = 3;
 
-/// Starts `xvlm-worker train --assignment FILE [--listen-fd 3]`, stdout piped for progress lines.
+/// Starts `xvlm-worker train --assignment FILE [--listen-fd 3]`, stdout piped for progress lines and
+/// stderr piped for its log (`trainer_logs`).
 pub fn spawn_trainer(
     exe: &Path,
     assignment: &Path,
     listener: Option<&OwnedFd>,
-    log: std::fs::File,
     passive_wait: bool,
 ) -> Result<Child, WorkerError> {
     let mut cmd = Command::new(exe);
@@ -38,7 +38,7 @@ pub fn spawn_trainer(
     }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::from(log))
+        .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
     // Die with the worker even if it is SIGKILLed (the daemon forks from its one runtime thread).
