@@ -60,7 +60,7 @@ pub fn bin(name: &str) -> PathBuf {
 }
 
 /// Makes a spawned server die with the test thread that started it, even if the test process is killed.
-fn die_with_test(cmd: &mut Command) -> &mut Command {
+pub fn die_with_test(cmd: &mut Command) -> &mut Command {
     // SAFETY: prctl is async-signal-safe.
     unsafe {
         cmd.pre_exec(|| {
@@ -534,7 +534,11 @@ pub fn tool(name: &str, package: &str) -> PathBuf {
     let venv_tools = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv-tools/bin");
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin"), venv_tools])
+        .chain([
+            PathBuf::from("/usr/sbin"),
+            PathBuf::from("/sbin"),
+            venv_tools,
+        ])
         .map(|dir| dir.join(name))
         .find(|candidate| candidate.is_file())
         .unwrap_or_else(|| {
