@@ -61,7 +61,7 @@ pub fn bin(name: &str) -> PathBuf {
 }
 
 /// Makes a spawned server die with the test thread that started it, even if the test process is killed.
-fn die_with_test(cmd: &mut Command) -> &mut Command {
+pub fn die_with_test(cmd: &mut Command) -> &mut Command {
     // SAFETY: prctl is async-signal-safe.
     unsafe {
         cmd.pre_exec(|| {
