@@ -210,4 +210,3 @@ pub async fn logs(
     }
     Ok(())
 }
-

@@ -22,7 +22,7 @@ use crate::commit::{CommitRequest, Committer};
 use crate::config::CoordConfig;
 use crate::convert;
 use crate::curves::Curves;
-use crate::dashboard::{JobPage, Overview};
+use crate::dashboard::{JobPage, Overview, PageSource};
 use crate::error::CoordError;
 use crate::http::grpc_latency::GrpcLatencyLayer;
 use crate::http::metrics::{Metrics, Snapshot};
@@ -200,17 +200,6 @@ impl Core {
             .then(|| job.output.clone())
     }
 
-    /// The dashboard's front page content.
-    pub fn overview(&self) -> Overview {
-        Overview::of(&self.lock().sched, now_ms())
-    }
-
-    /// The dashboard's page of `job` (its checkpoints not listed yet); `None` for an unknown job.
-    pub fn job_page(&self, job: &str) -> Option<JobPage> {
-        let curve = self.curves.of(job);
-        JobPage::of(&self.lock().sched, job, curve, now_ms())
-    }
-
     fn status(&self, job: &str) -> Result<v1::JobStatus, CoordError> {
         let inner = self.lock();
         inner
@@ -319,6 +308,17 @@ impl Core {
             })?;
         }
         Ok(())
+    }
+}
+
+impl PageSource for Core {
+    fn overview(&self) -> Overview {
+        Overview::of(&self.lock().sched, now_ms())
+    }
+
+    fn job_page(&self, job: &str) -> Option<JobPage> {
+        let curve = self.curves.of(job);
+        JobPage::of(&self.lock().sched, job, curve, now_ms())
     }
 }
 
@@ -731,11 +731,12 @@ pub async fn serve_with_http(
         return serve_core(listener, core, shutdown).await;
     };
     if let Ok(addr) = http.local_addr() {
-        info!(%addr, "http listening (/metrics)");
+        info!(%addr, "http listening (/metrics, dashboard at /)");
     }
     let shutdown = shutdown.boxed().shared();
     let security = core.config.security.clone();
-    let http_server = crate::http::serve(http, core.metrics(), &security, shutdown.clone());
+    let pages: Arc<dyn PageSource> = core.clone();
+    let http_server = crate::http::serve(http, core.metrics(), pages, &security, shutdown.clone());
     let grpc_server = serve_core(listener, core, shutdown);
     tokio::pin!(http_server, grpc_server);
     tokio::select! {

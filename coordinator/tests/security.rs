@@ -389,7 +389,8 @@ async fn metrics_listener_serves_tls_with_the_coordinator_certificate() {
     ));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
-        xvlm_coord::http::serve(listener, metrics, &security, async {
+        let pages = std::sync::Arc::new(xvlm_coord::dashboard::Overview::default());
+        xvlm_coord::http::serve(listener, metrics, pages, &security, async {
             let _ = stopped.await;
         })
         .await

@@ -1,7 +1,8 @@
 //! Operations, observed from outside: a real Prometheus server (Debian package `prometheus`) scrapes
 //! the coordinator's and the workers' `/metrics` over loopback, with the bearer tokens, while a
 //! pre-training job runs; its HTTP API then has the series with the values `status` shows. Also:
-//! `/metrics` refuses a request without the token.
+//! `/metrics` refuses a request without the token; the dashboard, driven by headless Chromium,
+//! shows a running job's reported steps and losses.
 //!
 //! One cluster per test binary; [`start_prometheus`] is meant for other tests of this file too.
 
@@ -9,7 +10,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use xvlm_e2e::{http, start_coordinator_with_args, tool, wait_until, write, Cluster};
+use xvlm_e2e::{http, start_coordinator_with_args, text, tool, wait_until, write, Cluster};
 use xvlm_model::config::configs_dir;
 use xvlm_model::data::synth::{generate, SynthConfig};
 
@@ -480,4 +481,153 @@ fn metrics_refuse_requests_without_the_token() {
         Some(0.0),
         "{reply}"
     );
+}
+
+/// The page at `url` as headless Chromium (Debian package) renders it: its DOM after load.
+fn chromium_dom(dir: &Path, url: &str) -> String {
+    let out = std::process::Command::new(tool("chromium", "chromium"))
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--dump-dom"])
+        .arg(format!(
+            "--user-data-dir={}",
+            dir.join("chromium").display()
+        ))
+        .arg(url)
+        .output()
+        .expect("run chromium");
+    assert!(out.status.success(), "chromium: {}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+/// `(step, value)` of every chart point of series `name` in a dumped DOM.
+fn chart_points(dom: &str, name: &str) -> Vec<(u64, f64)> {
+    let marker = format!("data-series=\"{name}\" data-step=\"");
+    dom.split(&marker)
+        .skip(1)
+        .filter_map(|rest| {
+            let (step, rest) = rest.split_once('"')?;
+            let value = rest.split("data-value=\"").nth(1)?.split('"').next()?;
+            Some((step.parse().ok()?, value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The dashboard in headless Chromium against a running job: the front page lists the job and the
+/// workers; the job's page charts exactly the steps and losses the job reported (every step once,
+/// the values `watch` printed), shows later steps as the job goes on, and a screenshot is taken.
+#[test]
+fn dashboard_shows_a_running_job_in_a_browser() {
+    let dir = tempfile::tempdir().unwrap();
+    let (coord, url) = start_coordinator_with_args(
+        dir.path(),
+        "127.0.0.1:0",
+        &[],
+        &["--http-listen", "127.0.0.1:0"],
+    );
+    let page = format!("http://{}", logged_addr(&coord.log, "http listening"));
+    let mut c = Cluster {
+        coord,
+        url,
+        workers: Vec::new(),
+        dir: dir.path().to_path_buf(),
+        client_env: Vec::new(),
+    };
+    c.add_worker("w0", 1);
+    c.add_worker("w1", 1);
+    let job = c.submit(&write(
+        dir.path(),
+        "job.yaml",
+        "name: dash\ntask: smoke\nsteps: 150\nworkers: {min: 2}\nsmoke: {batch_size: 8, lr: 0.1, step_delay_ms: 60}\n",
+    ));
+    let watch = c.watch_log(&job);
+    watch
+        .wait_for("step=15/150", Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("the job did not run:\n{}", c.logs()));
+
+    let front = chromium_dom(dir.path(), &page);
+    let link = format!("href=\"/jobs/{job}\"");
+    for want in [
+        link.as_str(),
+        "RUNNING",
+        "data-worker=\"w0\"",
+        "data-worker=\"w1\"",
+    ] {
+        assert!(
+            front.contains(want),
+            "no {want} on the front page:\n{front}"
+        );
+    }
+    let first = chromium_dom(dir.path(), &format!("{page}/jobs/{job}"));
+    assert!(first.contains(&format!("data-job=\"{job}\"")), "{first}");
+    let points = chart_points(&first, "mse");
+    let last = points.last().map_or(0, |p| p.0);
+    assert!(last >= 15, "{points:?}");
+    let steps: Vec<u64> = points.iter().map(|p| p.0).collect();
+    assert_eq!(
+        steps,
+        (1..=last).collect::<Vec<_>>(),
+        "every reported step once"
+    );
+    // The chart's values are the reported losses (watch prints them to 4 decimals).
+    let mut compared = 0;
+    for line in watch.text().lines() {
+        let step: Option<u64> = line
+            .split("step=")
+            .nth(1)
+            .and_then(|s| s.split('/').next()?.parse().ok());
+        let mse: Option<f64> = line
+            .split("mse=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next()?.parse().ok());
+        let (Some(step), Some(mse)) = (step, mse) else {
+            continue;
+        };
+        if let Some((_, charted)) = points.iter().find(|p| p.0 == step) {
+            assert!(
+                (charted - mse).abs() <= 5.1e-5,
+                "step {step}: watch {mse}, chart {charted}"
+            );
+            compared += 1;
+        }
+    }
+    assert!(compared >= 10, "only {compared} steps compared");
+    assert!(first.contains("data-rank=\"1\""), "ranks table: {first}");
+
+    wait_until(Duration::from_secs(30), || c.step(&job) >= last + 20)
+        .unwrap_or_else(|| panic!("the job stopped:\n{}", c.logs()));
+    let later = chart_points(
+        &chromium_dom(dir.path(), &format!("{page}/jobs/{job}")),
+        "mse",
+    );
+    assert!(
+        later.last().map_or(0, |p| p.0) >= last + 20,
+        "the page did not show later steps: {} then {:?}",
+        last,
+        later.last()
+    );
+    let shot = dir.path().join("dashboard.png");
+    let out = std::process::Command::new(tool("chromium", "chromium"))
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--window-size=1280,1400",
+        ])
+        .arg(format!(
+            "--user-data-dir={}",
+            dir.path().join("chromium").display()
+        ))
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg(format!("{page}/jobs/{job}"))
+        .output()
+        .expect("run chromium");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let png = std::fs::read(&shot).expect("screenshot");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "{} bytes",
+        png.len()
+    );
+    if let Some(keep) = std::env::var_os("XVLM_DASHBOARD_SCREENSHOT") {
+        std::fs::copy(&shot, keep).expect("keep the screenshot");
+    }
 }

@@ -127,6 +127,45 @@ impl JobPage {
     }
 }
 
+/// Where the pages' content comes from: the coordinator's core (copied under its lock).
+pub trait PageSource: Send + Sync {
+    /// The front page's content.
+    fn overview(&self) -> Overview;
+    /// Job `id`'s page content without its checkpoints; `None` for an unknown job.
+    fn job_page(&self, id: &str) -> Option<JobPage>;
+}
+
+/// Fixed content: this overview and no job pages (a listener without a coordinator behind it).
+impl PageSource for Overview {
+    fn overview(&self) -> Overview {
+        self.clone()
+    }
+
+    fn job_page(&self, _: &str) -> Option<JobPage> {
+        None
+    }
+}
+
+/// How long a page waits for its job's checkpoint listing.
+const LISTING_BUDGET: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// The committed checkpoint steps of the job output `output`, listed from its storage (within
+/// [`LISTING_BUDGET`], so a stalled store does not hang the page).
+pub async fn committed_steps(output: &str) -> Result<Vec<u64>, String> {
+    let located = xvlm_proto::storage::open(output, &[]).map_err(|e| e.to_string())?;
+    let dir = xvlm_proto::checkpoint::CheckpointDir {
+        store: located.store.as_ref(),
+        root: &located.path,
+    };
+    match tokio::time::timeout(LISTING_BUDGET, dir.steps()).await {
+        Ok(Ok((committed, _))) => Ok(committed),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!(
+            "the store did not answer within {LISTING_BUDGET:?}"
+        )),
+    }
+}
+
 /// `s` safe inside HTML text and attribute values.
 pub fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());

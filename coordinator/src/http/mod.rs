@@ -18,10 +18,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::connect_info::Connected;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::serve::IncomingStream;
 use axum::Router;
@@ -29,6 +29,7 @@ use tokio::net::TcpListener;
 use tracing::warn;
 use xvlm_proto::security::Token;
 
+use crate::dashboard::{committed_steps, render_job, render_overview, PageSource};
 use crate::error::CoordError;
 use crate::security::Security;
 use metrics::Metrics;
@@ -39,6 +40,8 @@ pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; char
 #[derive(Clone)]
 struct App {
     metrics: Arc<Metrics>,
+    /// The dashboard's content.
+    pages: Arc<dyn PageSource>,
     /// The user token every request must carry; none: open (loopback, or `--insecure`).
     token: Option<Arc<Token>>,
 }
@@ -84,6 +87,20 @@ async fn require_token(
     next.run(req).await
 }
 
+/// The dashboard's front page.
+async fn get_overview(State(app): State<App>) -> Response {
+    Html(render_overview(&app.pages.overview())).into_response()
+}
+
+/// A job's dashboard page; 404 naming an unknown job.
+async fn get_job(State(app): State<App>, Path(id): Path<String>) -> Response {
+    let Some(mut page) = app.pages.job_page(&id) else {
+        return (StatusCode::NOT_FOUND, format!("no job {id:?}\n")).into_response();
+    };
+    page.checkpoints = committed_steps(&page.status.output).await;
+    Html(render_job(&page)).into_response()
+}
+
 async fn get_metrics(State(app): State<App>) -> Response {
     match app.metrics.encode() {
         Ok(text) => ([(header::CONTENT_TYPE, OPENMETRICS)], text).into_response(),
@@ -92,12 +109,15 @@ async fn get_metrics(State(app): State<App>) -> Response {
 }
 
 /// The routes with the token check in front of every one of them.
-fn router(metrics: Arc<Metrics>, token: Option<Token>) -> Router {
+fn router(metrics: Arc<Metrics>, pages: Arc<dyn PageSource>, token: Option<Token>) -> Router {
     let app = App {
         metrics,
+        pages,
         token: token.map(Arc::new),
     };
     Router::new()
+        .route("/", get(get_overview))
+        .route("/jobs/{id}", get(get_job))
         .route("/metrics", get(get_metrics))
         .layer(middleware::from_fn_with_state(app.clone(), require_token))
         .with_state(app)
@@ -108,6 +128,7 @@ fn router(metrics: Arc<Metrics>, token: Option<Token>) -> Router {
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
+    pages: Arc<dyn PageSource>,
     security: &Security,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), CoordError> {
@@ -115,8 +136,8 @@ pub async fn serve(
         .local_addr()
         .map_err(|e| CoordError::Server(format!("HTTP listener address: {e}")))?;
     security.check_listen(addr)?;
-    let app =
-        router(metrics, security.user_token.clone()).into_make_service_with_connect_info::<Peer>();
+    let app = router(metrics, pages, security.user_token.clone())
+        .into_make_service_with_connect_info::<Peer>();
     let result = match &security.tls {
         Some(server_tls) => {
             let tls_listener = tls::TlsListener::new(listener, server_tls)?;
@@ -137,6 +158,8 @@ pub async fn serve(
 mod tests {
     use super::*;
     use metrics::Snapshot;
+
+    use crate::dashboard::Overview;
 
     /// A request to the running server; returns the status line and body.
     async fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> (String, String) {
@@ -163,9 +186,15 @@ mod tests {
         metrics.grpc_request("xvlm.v1.Jobs", "Get", std::time::Duration::from_millis(1));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
-            serve(listener, metrics, &security, async {
-                let _ = rx.await;
-            })
+            serve(
+                listener,
+                metrics,
+                Arc::new(Overview::default()),
+                &security,
+                async {
+                    let _ = rx.await;
+                },
+            )
             .await
             .unwrap();
         });
@@ -209,9 +238,15 @@ mod tests {
     async fn non_loopback_needs_protection() {
         let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
         let metrics = Arc::new(Metrics::new(Snapshot::default));
-        let err = serve(listener, metrics, &Security::default(), async {})
-            .await
-            .unwrap_err();
+        let err = serve(
+            listener,
+            metrics,
+            Arc::new(Overview::default()),
+            &Security::default(),
+            async {},
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, CoordError::Insecure { .. }), "{err}");
     }
 }
