@@ -831,6 +831,22 @@ fn every_shipped_config_is_covered_and_the_cluster_ones_validate() {
     let started = Instant::now();
     let dir = tempfile::tempdir().expect("temp dir");
     let plan = coverage(dir.path());
+    // The cluster jobs' S3 locations: a moto server stands in (the coordinator inherits its
+    // `AWS_*` settings), holding their buckets and a shard where `data.shards` points.
+    let moto = xvlm_e2e::start_moto_for_children();
+    for (path, body) in [
+        ("/bucket", ""),
+        ("/my-bucket", ""),
+        ("/bucket/data/4m/shard-00000.tar", "{}"),
+    ] {
+        let put = format!(
+            "PUT {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            moto.addr,
+            body.len()
+        );
+        let reply = xvlm_e2e::http(&moto.addr, &put).expect("moto");
+        assert!(reply.starts_with("HTTP/1.1 200"), "PUT {path}: {reply}");
+    }
     let c = Cluster::start(dir.path());
     let configs = std::fs::canonicalize(repo().join("configs")).expect("configs/");
     for (file, how) in &plan {

@@ -33,7 +33,16 @@ fn stalled_commit_loses_no_worker() {
     proxy.stall(true);
     let dir = tempfile::tempdir().unwrap();
     let (coord, url) =
-        start_coordinator_with_env(dir.path(), "127.0.0.1:0", &[("AWS_ENDPOINT", &proxy.url)]);
+        // TensorBoard events go to the same store: written only at shutdown here, so the PUT the
+        // proxy holds is the commit's.
+        start_coordinator_with_env(
+            dir.path(),
+            "127.0.0.1:0",
+            &[
+                ("AWS_ENDPOINT", &proxy.url),
+                ("XVLM_TENSORBOARD_FLUSH_SECS", "600"),
+            ],
+        );
     let mut c = Cluster {
         coord,
         url,
