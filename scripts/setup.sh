@@ -55,8 +55,9 @@ if [ ! -x "$MOTO_VENV/bin/moto_server" ]; then
 fi
 # The servers and tools the operations tests start (Prometheus, headless Chromium, single-node Slurm) and
 # the Python readers they check against (TensorBoard's event reader, the Kubernetes schema validator).
-# Measured on the 2-core CI kind: apt 34 s, pip 17 s on the first run; no-ops after.
-TEST_PACKAGES="prometheus chromium slurm-wlm munge"
+# (iproute2: `ip netns` and `tc` for the multi-host tests; bsdutils: `script`, the pseudo-terminal of
+# the progress-bar test.) Measured on the 2-core CI kind: apt 34 s, pip 17 s on the first run; no-ops after.
+TEST_PACKAGES="prometheus chromium slurm-wlm munge iproute2 bsdutils"
 missing_packages() { for p in $TEST_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done; }
 if command -v apt-get >/dev/null 2>&1 && [ -n "$(missing_packages)" ]; then
   if [ "$(id -u)" = 0 ]; then

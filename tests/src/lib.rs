@@ -129,6 +129,17 @@ impl Cluster {
         }
     }
 
+    /// A cluster around a coordinator started otherwise (other flags, another address).
+    pub fn around(dir: &Path, (coord, url): (Proc, String)) -> Cluster {
+        Cluster {
+            coord,
+            url,
+            workers: Vec::new(),
+            dir: dir.to_path_buf(),
+            client_env: Vec::new(),
+        }
+    }
+
     /// [`Cluster::start`] plus one worker with one CPU slot per name.
     pub fn with_workers(dir: &Path, names: &[&str]) -> Cluster {
         let mut c = Cluster::start(dir);

@@ -16,19 +16,15 @@ use xvlm_e2e::{start_coordinator_with_args, write, Cluster};
 /// A coordinator on the bridge of `net` (heartbeat timeout `timeout_ms`) and one worker per host.
 fn cluster_on(net: &Net, dir: &std::path::Path, hosts: usize, timeout_ms: &str) -> Cluster {
     let listen = format!("{}:0", net.bridge_ip());
-    let (coord, url) = start_coordinator_with_args(
+    let mut c = Cluster::around(
         dir,
-        &listen,
-        &[],
-        &["--insecure", "--heartbeat-timeout-ms", timeout_ms],
+        start_coordinator_with_args(
+            dir,
+            &listen,
+            &[],
+            &["--insecure", "--heartbeat-timeout-ms", timeout_ms],
+        ),
     );
-    let mut c = Cluster {
-        coord,
-        url,
-        workers: Vec::new(),
-        dir: dir.to_path_buf(),
-        client_env: Vec::new(),
-    };
     for i in 0..hosts {
         let host = net.host_ip(i);
         c.add_worker_via(

@@ -524,13 +524,7 @@ fn dashboard_shows_a_running_job_in_a_browser() {
         &["--http-listen", "127.0.0.1:0"],
     );
     let page = format!("http://{}", logged_addr(&coord.log, "http listening"));
-    let mut c = Cluster {
-        coord,
-        url,
-        workers: Vec::new(),
-        dir: dir.path().to_path_buf(),
-        client_env: Vec::new(),
-    };
+    let mut c = Cluster::around(dir.path(), (coord, url));
     c.add_worker("w0", 1);
     c.add_worker("w1", 1);
     let job = c.submit(&write(

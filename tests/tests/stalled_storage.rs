@@ -43,13 +43,7 @@ fn stalled_commit_loses_no_worker() {
                 ("XVLM_TENSORBOARD_FLUSH_SECS", "600"),
             ],
         );
-    let mut c = Cluster {
-        coord,
-        url,
-        workers: Vec::new(),
-        dir: dir.path().to_path_buf(),
-        client_env: Vec::new(),
-    };
+    let mut c = Cluster::around(dir.path(), (coord, url));
     for i in 0..8 {
         c.add_worker(&format!("w{i}"), 1);
     }

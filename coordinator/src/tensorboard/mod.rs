@@ -26,7 +26,7 @@ use xvlm_proto::storage::{self, Located};
 use xvlm_proto::v1;
 
 use crate::error::CoordError;
-pub use event::{append_record, Event};
+use event::{append_record, Event};
 
 /// How often pending events are written when `serve` is not told otherwise.
 pub const DEFAULT_FLUSH: Duration = Duration::from_secs(30);
