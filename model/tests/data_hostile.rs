@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use base64::Engine;
 use serde_json::json;
+use xvlm_model::config::RecordKeys;
 use xvlm_model::data::augment::OpArithmetic;
-use xvlm_model::data::formats::RecordKeys;
 use xvlm_model::data::loader::{Loader, LoaderConfig, Processor, StreamState};
 use xvlm_model::data::masking::MaskConfig;
 use xvlm_model::data::pixels::{self, RgbImage};

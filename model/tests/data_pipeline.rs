@@ -1,10 +1,9 @@
 //! The pipeline from an official-format config: YAML keys parse, both loaders yield the tensors the
 //! pre-training model takes, and `file://` object-store URLs read the same lines as local paths.
 
+use xvlm_model::config::ImagesSection;
 use xvlm_model::data::loader::StreamState;
-use xvlm_model::data::pipeline::{
-    ImageTextLoader, ImagesSection, PretrainDataConfig, RegionLoader,
-};
+use xvlm_model::data::pipeline::{ImageTextLoader, PretrainDataConfig, RegionLoader};
 use xvlm_model::data::shard::{Cursor, LineStream, ShardPlan, DEFAULT_MAX_LINE_BYTES};
 use xvlm_model::data::store::list_shards;
 use xvlm_model::data::synth::{generate, SynthConfig};
@@ -224,7 +223,7 @@ fn file_urls_read_like_local_paths() {
 #[test]
 fn image_paths_resolve_under_the_root() {
     use std::sync::Arc;
-    use xvlm_model::data::formats::RecordKeys;
+    use xvlm_model::config::RecordKeys;
     use xvlm_model::data::loader::Processor;
     use xvlm_model::data::masking::MaskConfig;
     use xvlm_model::data::rng::{rng_for, Purpose};

@@ -4,8 +4,8 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 
+use xvlm_model::config::RecordKeys;
 use xvlm_model::data::augment::OpArithmetic;
-use xvlm_model::data::formats::RecordKeys;
 use xvlm_model::data::loader::{Loader, LoaderConfig, StreamState};
 use xvlm_model::data::masking::MaskConfig;
 use xvlm_model::data::region::{RegionConfig, RegionProcessor};

@@ -2,51 +2,11 @@
 
 use std::path::{Component, Path, PathBuf};
 
+use crate::config::RecordKeys;
 use base64::Engine;
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::DataError;
-
-/// How a record names its image (the `images:` / `regions:` keys of the official task config).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RecordKeys {
-    /// Key of the image: base64 bytes, or a path when `is_image_rpath`.
-    #[serde(default = "default_image_key")]
-    pub image_key: String,
-    /// Key of the caption(s).
-    #[serde(default = "default_caption_key")]
-    pub caption_key: String,
-    /// Whether `image_key` holds a path under `image_root` instead of base64 bytes.
-    #[serde(default)]
-    pub is_image_rpath: bool,
-    /// Whether captions are already space-separated word pieces.
-    #[serde(default)]
-    pub tokenized: bool,
-    /// Root folder for image paths (not an official key; the official code uses paths as given).
-    #[serde(default)]
-    pub image_root: Option<PathBuf>,
-}
-
-fn default_image_key() -> String {
-    "binary".into()
-}
-
-fn default_caption_key() -> String {
-    "caption".into()
-}
-
-impl Default for RecordKeys {
-    fn default() -> Self {
-        Self {
-            image_key: default_image_key(),
-            caption_key: default_caption_key(),
-            is_image_rpath: false,
-            tokenized: false,
-            image_root: None,
-        }
-    }
-}
 
 /// An image named by a record, not yet loaded.
 #[derive(Debug, Clone, PartialEq, Eq)]

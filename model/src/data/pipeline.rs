@@ -8,7 +8,6 @@ use serde::{Deserialize, Serialize};
 
 use super::augment::OpArithmetic;
 use super::batch::{ImageTextBatch, RegionBatch};
-use super::formats::RecordKeys;
 use super::loader::{Loader, LoaderConfig, StreamState};
 use super::masking::MaskConfig;
 use super::region::{RegionConfig, RegionProcessor, RegionSample};
@@ -19,31 +18,7 @@ use super::store::list_shards;
 use super::tokenizer::TextTokenizer;
 use super::transform::TrainTransform;
 use super::DataError;
-
-/// `images:` section of the official pre-training config.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ImagesSection {
-    /// Record keys.
-    #[serde(flatten)]
-    pub keys: RecordKeys,
-    /// Pairs per batch.
-    pub batch_size: usize,
-    /// Loader threads.
-    #[serde(default = "default_workers")]
-    pub num_workers: usize,
-    /// xvlm-only: RandomResizedCrop area range (official: 0.2-1).
-    #[serde(default = "default_crop_scale")]
-    pub crop_scale: (f64, f64),
-    /// xvlm-only: random horizontal flip (official: on).
-    #[serde(default = "default_true")]
-    pub hflip: bool,
-    /// xvlm-only: RandAugment(2, 7) (official: on).
-    #[serde(default = "default_true")]
-    pub rand_augment: bool,
-    /// xvlm-only: AutoContrast and Sharpness without the official uint8 wraps (official: wraps).
-    #[serde(default)]
-    pub exact_ops: bool,
-}
+use crate::config::{ImagesSection, RegionsSection};
 
 impl ImagesSection {
     /// The image-text training transform: the official `pretrain_transform` unless the xvlm-only keys
@@ -53,34 +28,6 @@ impl ImagesSection {
             .softened("images", self.crop_scale, self.hflip, self.rand_augment)
             .map(|t| t.with_arithmetic(OpArithmetic::from_exact_ops(self.exact_ops)))
     }
-}
-
-/// `regions:` section of the official pre-training config.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RegionsSection {
-    /// Record keys.
-    #[serde(flatten)]
-    pub keys: RecordKeys,
-    /// Texts per region batch.
-    pub batch_size: usize,
-    /// Images per region batch.
-    pub max_images: usize,
-    /// Texts per image.
-    pub max_regions: usize,
-    /// Minimum fraction of a box inside the crop.
-    pub min_perc_in_image: f64,
-    /// Probability of a region step per iteration.
-    #[serde(default)]
-    pub iter_perc: f64,
-    /// Skip flips for captions with "left"/"right".
-    #[serde(default)]
-    pub careful_hflip: bool,
-    /// Loader threads.
-    #[serde(default = "default_workers")]
-    pub num_workers: usize,
-    /// xvlm-only: `box_transform` without the official uint8 wraps (official: wraps).
-    #[serde(default)]
-    pub exact_ops: bool,
 }
 
 impl RegionsSection {
@@ -95,18 +42,6 @@ impl RegionsSection {
             arithmetic: OpArithmetic::from_exact_ops(self.exact_ops),
         }
     }
-}
-
-fn default_crop_scale() -> (f64, f64) {
-    (0.2, 1.0)
-}
-
-fn default_true() -> bool {
-    true
-}
-
-fn default_workers() -> usize {
-    4
 }
 
 fn default_patch() -> usize {

@@ -7,12 +7,13 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use super::augment::OpArithmetic;
-use super::formats::{parse_region, RecordKeys, RegionElem};
+use super::formats::{parse_region, RegionElem};
 use super::loader::Processor;
 use super::pixels;
 use super::sample::{TextPipeline, TextSample};
 use super::transform::box_transform;
 use super::DataError;
+use crate::config::RecordKeys;
 
 /// Region sampling settings (official `regions:` keys plus the image geometry).
 #[derive(Debug, Clone, PartialEq)]

@@ -7,12 +7,13 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use super::caption::pre_caption;
-use super::formats::{parse_image_text, RecordKeys};
+use super::formats::parse_image_text;
 use super::loader::Processor;
 use super::masking::{mask_text, MaskConfig};
 use super::tokenizer::TextTokenizer;
 use super::transform::TrainTransform;
 use super::DataError;
+use crate::config::RecordKeys;
 
 /// A text ready for the model: padded ids, mask, masked ids and MLM targets.
 #[derive(Debug, Clone, PartialEq, Eq)]

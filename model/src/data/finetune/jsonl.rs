@@ -36,10 +36,10 @@ use serde::Deserialize;
 
 use super::config::{self, one_or_many, Resolver};
 use super::loader::MapDataset;
+use crate::config::{ImagesSection, RegionsSection};
 use crate::data::batch::{ImageTextBatch, RegionBatch};
 use crate::data::loader::Processor;
 use crate::data::masking::MaskConfig;
-use crate::data::pipeline::{ImagesSection, RegionsSection};
 use crate::data::region::{RegionProcessor, RegionSample};
 use crate::data::rng::{derive_seed, Purpose};
 use crate::data::sample::{ImageTextProcessor, ImageTextSample, TextPipeline};

@@ -9,9 +9,19 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 
 use crate::text::TextFlavor;
+use de::{one_or_many, opt_number};
+
+mod de;
+mod streams;
+mod text;
+mod training;
+
+pub use streams::{ImagesSection, RecordKeys, RegionsSection};
+pub use text::TextConfig;
+pub use training::{AcceleratorConfig, OptimizerConfig, SchedulerConfig, XvlmOptions};
 
 /// A config file that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -59,365 +69,6 @@ fn read(path: &Path) -> Result<String, ConfigError> {
     })
 }
 
-/// Accepts a number or a numeric string: PyYAML reads `1e-4` as a string, and official files contain it.
-fn number<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Num {
-        F(f64),
-        S(String),
-    }
-    match Num::deserialize(d)? {
-        Num::F(f) => Ok(f),
-        Num::S(s) => s
-            .trim()
-            .parse()
-            .map_err(|_| serde::de::Error::custom(format!("expected a number, got {s:?}"))),
-    }
-}
-
-fn opt_number<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
-    #[derive(Deserialize)]
-    struct W(#[serde(deserialize_with = "number")] f64);
-    Ok(Option::<W>::deserialize(d)?.map(|w| w.0))
-}
-
-/// A file list that official configs write either as one string or as a list.
-fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMany {
-        One(String),
-        Many(Vec<String>),
-    }
-    Ok(match Option::<OneOrMany>::deserialize(d)? {
-        None => vec![],
-        Some(OneOrMany::One(s)) => vec![s],
-        Some(OneOrMany::Many(v)) => v,
-    })
-}
-
-/// The BERT/RoBERTa text JSON (`configs/config_bert.json`, `config_roberta.json`): transformers' BertConfig
-/// keys plus X-VLM's `fusion_layer` and `encoder_width`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TextConfig {
-    /// Vocabulary size (30522 BERT, 50265 RoBERTa).
-    pub vocab_size: i64,
-    /// Hidden size D.
-    pub hidden_size: i64,
-    /// Total layers (text + cross).
-    pub num_hidden_layers: i64,
-    /// Attention heads.
-    pub num_attention_heads: i64,
-    /// Feed-forward width.
-    pub intermediate_size: i64,
-    /// Activation name (`gelu` = exact erf GELU).
-    #[serde(default = "default_hidden_act")]
-    pub hidden_act: String,
-    /// Dropout after dense layers and embeddings.
-    #[serde(default = "default_dropout")]
-    pub hidden_dropout_prob: f64,
-    /// Dropout on attention probabilities.
-    #[serde(default = "default_dropout")]
-    pub attention_probs_dropout_prob: f64,
-    /// Position-embedding rows.
-    #[serde(default = "default_max_position")]
-    pub max_position_embeddings: i64,
-    /// Token-type rows (2 BERT, 1 RoBERTa).
-    #[serde(default = "default_type_vocab")]
-    pub type_vocab_size: i64,
-    /// LayerNorm eps (1e-12 BERT, 1e-5 RoBERTa).
-    #[serde(default = "default_ln_eps")]
-    pub layer_norm_eps: f64,
-    /// Padding id (0 BERT, 1 RoBERTa); RoBERTa positions count from it.
-    #[serde(default)]
-    pub pad_token_id: i64,
-    /// Std of the normal init of Linear/Embedding weights.
-    #[serde(default = "default_init_range")]
-    pub initializer_range: f64,
-    /// First layer with cross-attention: layers `[0, fusion_layer)` are text-only.
-    pub fusion_layer: i64,
-    /// Width of the vision tokens the cross-attention keys/values read; overwritten with the vision
-    /// encoder's width when a model is built (`build_text_encoder`).
-    #[serde(default = "default_encoder_width")]
-    pub encoder_width: i64,
-    /// `bert` or `roberta`.
-    #[serde(default)]
-    pub model_type: Option<String>,
-    /// Set at build time when pre-training with apex O1/O2 (`build_text_encoder`): attention divides the
-    /// query by √head_dim before `QKᵀ` instead of the scores after it (an fp16 overflow guard).
-    #[serde(default)]
-    pub fp16: bool,
-    /// Other transformers keys (`architectures`, `bos_token_id`, …), kept for round trips.
-    #[serde(flatten)]
-    pub extra: BTreeMap<String, serde_json::Value>,
-}
-
-fn default_hidden_act() -> String {
-    "gelu".into()
-}
-fn default_dropout() -> f64 {
-    0.1
-}
-fn default_max_position() -> i64 {
-    512
-}
-fn default_type_vocab() -> i64 {
-    2
-}
-fn default_ln_eps() -> f64 {
-    1e-12
-}
-fn default_init_range() -> f64 {
-    0.02
-}
-fn default_encoder_width() -> i64 {
-    768
-}
-
-impl TextConfig {
-    /// Reads and validates a text JSON.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let cfg: TextConfig =
-            serde_json::from_str(&read(path)?).map_err(|e| ConfigError::Parse {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            })?;
-        cfg.validate(path)?;
-        Ok(cfg)
-    }
-
-    /// Checks the values a model build relies on.
-    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
-        let invalid = |key, reason: String| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            key,
-            reason,
-        };
-        if self.num_attention_heads <= 0 || self.hidden_size % self.num_attention_heads != 0 {
-            return Err(invalid(
-                "num_attention_heads",
-                format!(
-                    "hidden_size {} is not a multiple of {} heads",
-                    self.hidden_size, self.num_attention_heads
-                ),
-            ));
-        }
-        if !(0..=self.num_hidden_layers).contains(&self.fusion_layer) {
-            return Err(invalid(
-                "fusion_layer",
-                format!(
-                    "{} is outside 0..={} (num_hidden_layers)",
-                    self.fusion_layer, self.num_hidden_layers
-                ),
-            ));
-        }
-        if !matches!(
-            self.hidden_act.as_str(),
-            "gelu" | "gelu_new" | "relu" | "quick_gelu"
-        ) {
-            return Err(invalid(
-                "hidden_act",
-                format!("unsupported activation {:?}", self.hidden_act),
-            ));
-        }
-        Ok(())
-    }
-
-    /// BERT or RoBERTa, from `model_type` (or the `architectures` list).
-    pub fn flavor(&self) -> TextFlavor {
-        let roberta_arch = self
-            .extra
-            .get("architectures")
-            .and_then(|a| a.as_array())
-            .is_some_and(|a| {
-                a.iter()
-                    .any(|s| s.as_str().is_some_and(|s| s.starts_with("Roberta")))
-            });
-        if self.model_type.as_deref() == Some("roberta") || roberta_arch {
-            TextFlavor::Roberta
-        } else {
-            TextFlavor::Bert
-        }
-    }
-}
-
-/// `images:` of a pre-training config (the image-text stream).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ImagesConfig {
-    /// JSON key holding the image (base64 or path).
-    #[serde(default = "default_image_key")]
-    pub image_key: String,
-    /// True: the image key holds a path; False: base64 bytes.
-    #[serde(default)]
-    pub is_image_rpath: bool,
-    /// JSON key holding the caption(s).
-    #[serde(default = "default_caption_key")]
-    pub caption_key: String,
-    /// Captions are already space-separated word pieces.
-    #[serde(default)]
-    pub tokenized: bool,
-    /// Pairs per GPU.
-    pub batch_size: usize,
-    /// Loader workers.
-    #[serde(default)]
-    pub num_workers: usize,
-    /// xvlm-only: RandomResizedCrop area range (official `pretrain_transform`: [0.2, 1.0]).
-    #[serde(default = "default_crop_scale")]
-    pub crop_scale: (f64, f64),
-    /// xvlm-only: RandomHorizontalFlip (official: True).
-    #[serde(default = "default_true")]
-    pub hflip: bool,
-    /// xvlm-only: RandomAugment(2, 7) over the ten ops (official: True).
-    #[serde(default = "default_true")]
-    pub rand_augment: bool,
-}
-
-/// `regions:` of a pre-training config (the region-text stream).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RegionsConfig {
-    /// JSON key holding the image.
-    #[serde(default = "default_image_key")]
-    pub image_key: String,
-    /// True: the image key holds a path.
-    #[serde(default)]
-    pub is_image_rpath: bool,
-    /// JSON key holding captions (must be "caption").
-    #[serde(default = "default_caption_key")]
-    pub caption_key: String,
-    /// Captions are already word pieces.
-    #[serde(default)]
-    pub tokenized: bool,
-    /// Probability that an iteration also runs a region step.
-    #[serde(deserialize_with = "number")]
-    pub iter_perc: f64,
-    /// Texts per region batch.
-    pub batch_size: usize,
-    /// Images per region batch at most.
-    pub max_images: usize,
-    /// Texts per image at most.
-    pub max_regions: usize,
-    /// A cropped box is kept if more than this fraction of it stays in the crop.
-    #[serde(deserialize_with = "number")]
-    pub min_perc_in_image: f64,
-    /// Loader workers.
-    #[serde(default)]
-    pub num_workers: usize,
-    /// Skip the flip when a caption says "left"/"right" (absent in the pre-training configs → False).
-    #[serde(default)]
-    pub careful_hflip: bool,
-}
-
-fn default_crop_scale() -> (f64, f64) {
-    (0.2, 1.0)
-}
-fn default_true() -> bool {
-    true
-}
-fn default_image_key() -> String {
-    "binary".into()
-}
-fn default_caption_key() -> String {
-    "caption".into()
-}
-
-/// `optimizer:`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct OptimizerConfig {
-    /// Always `adamW` in the official configs.
-    pub opt: String,
-    /// Base learning rate.
-    #[serde(deserialize_with = "number")]
-    pub lr: f64,
-    /// Decoupled weight decay.
-    #[serde(deserialize_with = "number")]
-    pub weight_decay: f64,
-    /// Learning-rate multiplier of the freshly initialised parameters.
-    #[serde(default, deserialize_with = "opt_number")]
-    pub lr_mult: Option<f64>,
-}
-
-/// `schedular:` (sic, the official key).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SchedulerConfig {
-    /// Always `linear`.
-    pub sched: String,
-    /// Base learning rate.
-    #[serde(deserialize_with = "number")]
-    pub lr: f64,
-    /// Epochs.
-    #[serde(deserialize_with = "number")]
-    pub epochs: f64,
-    /// An integer is absolute; a float in [0, 1) a fraction of the total steps.
-    #[serde(deserialize_with = "number")]
-    pub num_warmup_steps: f64,
-    /// Total steps when given (else epochs x steps per epoch).
-    #[serde(default, deserialize_with = "opt_number")]
-    pub num_training_steps: Option<f64>,
-}
-
-/// `accelerator:` (upper-case official keys).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[allow(non_snake_case)]
-pub struct AcceleratorConfig {
-    /// Unused by the official code.
-    #[serde(default)]
-    pub SYNCBN: bool,
-    /// apex level: O0 (fp32), O1 (autocast), O2.
-    #[serde(default = "default_opt_level")]
-    pub FP16_OPT_LEVEL: String,
-    /// `dynamic` or a number.
-    #[serde(default)]
-    pub FP16_LOSS_SCALE: Option<serde_yaml::Value>,
-    /// Seed the accelerator re-seeds with.
-    #[serde(default)]
-    pub RNG_SEED: Option<u64>,
-    /// Gradient accumulation (1 in every official config).
-    #[serde(default = "default_accumulate")]
-    pub GRAD_ACCUMULATE_STEPS: usize,
-    /// Max global grad norm.
-    #[serde(default, deserialize_with = "opt_number")]
-    pub CLIP_GRAD_NORM: Option<f64>,
-}
-
-/// `xvlm:` — switches that are not in the official configs (every default is the official behaviour).
-/// A job sets them through `overrides: {xvlm: {...}}`, e.g. for the data-parallel check with
-/// per-sample losses only.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct XvlmOptions {
-    /// Pre-training computes and back-propagates the ITC loss (its ranks exchange features).
-    #[serde(default = "yes")]
-    pub itc: bool,
-    /// Pre-training computes and back-propagates the ITM loss (its negatives depend on the batch).
-    #[serde(default = "yes")]
-    pub itm: bool,
-    /// Train-mode forward (dropout, drop-path); off makes a step a pure function of weights and data.
-    #[serde(default = "yes")]
-    pub dropout: bool,
-}
-
-impl Default for XvlmOptions {
-    fn default() -> Self {
-        XvlmOptions {
-            itc: true,
-            itm: true,
-            dropout: true,
-        }
-    }
-}
-
-fn yes() -> bool {
-    true
-}
-
-fn default_opt_level() -> String {
-    "O0".into()
-}
-fn default_accumulate() -> usize {
-    1
-}
-
 /// An official task YAML (`Pretrain_XVLM_base_4m.yaml`, `Retrieval_coco.yaml`, …): the model-building keys
 /// typed, everything else in `extra`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -430,13 +81,13 @@ pub struct TaskConfig {
     pub train_dataset_size: Option<u64>,
     /// Image-text stream settings (pre-training).
     #[serde(default)]
-    pub images: Option<ImagesConfig>,
+    pub images: Option<ImagesSection>,
     /// Region-text training files/folders.
     #[serde(default, deserialize_with = "one_or_many")]
     pub train_file_regions: Vec<String>,
     /// Region stream settings (pre-training).
     #[serde(default)]
-    pub regions: Option<RegionsConfig>,
+    pub regions: Option<RegionsSection>,
 
     /// CLIP ViT backbone.
     #[serde(default)]
