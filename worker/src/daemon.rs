@@ -12,17 +12,14 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::OwnedFd;
-use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
 use xvlm_proto::backoff::Backoff;
-use xvlm_proto::logging::strip_terminal_escapes;
 use xvlm_proto::security::ClientSecurity;
 use xvlm_proto::spec::{Backend, JobSpec};
 use xvlm_proto::v1::workers_client::WorkersClient;
@@ -34,8 +31,9 @@ use crate::error::WorkerError;
 use crate::metrics::WorkerMetrics;
 use crate::process;
 use crate::progress_queue::ProgressQueue;
-use crate::trainer::{save_request, task, Assignment, ProgressLine};
-use crate::trainer_logs::{self, LineSplitter, LogKey, TrainerLogs};
+use crate::supervision::{self, TrainerEvent, TrainerSinks};
+use crate::trainer::{save_request, task, Assignment};
+use crate::trainer_logs::{self, TrainerLogs};
 
 /// What the operator asked the daemon to do (from signals).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,12 +74,6 @@ pub struct DaemonConfig {
 }
 
 type Key = (String, u64);
-
-enum TrainerEvent {
-    Progress(v1::RankProgress),
-    Part(v1::CheckpointPart),
-    Exit(v1::TrainerExit),
-}
 
 /// Parts a worker holds per job until a newer generation of it is prepared here.
 const PARTS_HELD_PER_JOB: usize = 16;
@@ -559,49 +551,14 @@ impl Daemon {
                 checkpoint_request_file: Some(save_request::request_file(&dir, slot.rank as usize)),
             };
             let listener = gen.listeners.remove(&slot.rank);
-            let passive = threads.passive_wait;
-            match spawn(&self.cfg.exe, &dir, &assignment, listener.as_ref(), passive) {
-                Ok((mut child, pid)) => {
-                    info!(
-                        job = s.job_id,
-                        generation = s.generation,
-                        rank = slot.rank,
-                        pid,
-                        threads = threads.threads,
-                        passive_wait = threads.passive_wait,
-                        "trainer started"
-                    );
+            let sinks = TrainerSinks {
+                events: self.events_tx.clone(),
+                metrics: self.metrics.clone(),
+                logs: self.logs.clone(),
+            };
+            match supervision::launch(&self.cfg.exe, &dir, assignment, listener, threads, sinks) {
+                Ok(pid) => {
                     gen.children.insert(slot.rank, pid);
-                    self.metrics
-                        .trainer_started(&s.job_id, s.generation, slot.rank, pid);
-                    let key = |stream| LogKey {
-                        job: s.job_id.clone(),
-                        generation: s.generation,
-                        rank: slot.rank,
-                        stream,
-                    };
-                    // The per-trainer log file stays as it was: the stderr copy writes it.
-                    let stderr = child.stderr.take().map(|stderr| {
-                        tokio::spawn(trainer_logs::capture_stderr(
-                            stderr,
-                            dir.join(format!("rank{}.log", slot.rank)),
-                            self.logs.clone(),
-                            key(v1::LogStream::Stderr),
-                        ))
-                    });
-                    tokio::spawn(supervise(
-                        child,
-                        pid,
-                        assignment,
-                        dir.clone(),
-                        self.events_tx.clone(),
-                        self.metrics.clone(),
-                        Capture {
-                            logs: self.logs.clone(),
-                            stdout: key(v1::LogStream::Stdout),
-                            stderr,
-                        },
-                    ));
                 }
                 Err(e) => {
                     gen.exited.push(slot.rank);
@@ -717,27 +674,6 @@ impl Daemon {
     }
 }
 
-fn spawn(
-    exe: &Path,
-    dir: &Path,
-    a: &Assignment,
-    listener: Option<&OwnedFd>,
-    passive_wait: bool,
-) -> Result<(tokio::process::Child, u32), WorkerError> {
-    std::fs::create_dir_all(dir).map_err(|e| WorkerError::io(dir, e))?;
-    let path = dir.join(format!("rank{}.json", a.rank));
-    let json =
-        serde_json::to_string_pretty(a).map_err(|e| WorkerError::Assignment(e.to_string()))?;
-    std::fs::write(&path, json).map_err(|e| WorkerError::io(&path, e))?;
-    let child = process::spawn_trainer(exe, &path, listener, passive_wait)?;
-    let pid = child
-        .id()
-        .ok_or_else(|| WorkerError::Spawn("trainer exited at once".into()))?;
-    let pid_path = dir.join(format!("rank{}.pid", a.rank));
-    std::fs::write(&pid_path, pid.to_string()).map_err(|e| WorkerError::io(&pid_path, e))?;
-    Ok((child, pid))
-}
-
 /// Test hook: `XVLM_TEST_WORKER_TASKS=smoke,pretrain` makes the worker advertise these task names
 /// instead of its build's (to test a cluster whose workers cannot run a task).
 const TASKS_HOOK: &str = "XVLM_TEST_WORKER_TASKS";
@@ -755,196 +691,4 @@ fn advertised_tasks() -> Vec<String> {
         .into_iter()
         .map(|t| t.as_str().to_string())
         .collect()
-}
-
-/// The report of a progress line of `rank` of generation `generation` of `job`.
-fn rank_progress(job: &str, generation: u64, rank: u32, p: ProgressLine) -> v1::RankProgress {
-    v1::RankProgress {
-        job_id: job.to_string(),
-        generation,
-        rank,
-        step: p.step,
-        losses: p
-            .losses
-            .into_iter()
-            .map(|(name, value)| v1::Loss { name, value })
-            .collect(),
-        lr: p.lr,
-        lrs: p.lrs,
-        grad_norm: p.grad_norm,
-        samples_per_sec: p.samples_per_sec,
-        total_steps: p.total_steps,
-        metrics: p
-            .metrics
-            .into_iter()
-            .map(|(name, value)| v1::Metric { name, value })
-            .collect(),
-    }
-}
-
-/// Longest stdout line read whole: progress lines carry checkpoint file lists.
-const MAX_STDOUT_LINE: usize = 4 << 20;
-
-/// Where a trainer's log lines go.
-struct Capture {
-    logs: TrainerLogs,
-    /// The key of its stdout lines.
-    stdout: LogKey,
-    /// The task copying its stderr, which ends when the trainer closed it.
-    stderr: Option<tokio::task::JoinHandle<()>>,
-}
-
-/// Forwards the trainer's progress lines (its other stdout lines go to the log buffer), then its
-/// exit, once its stderr is read to the end; kills whatever is left of its group.
-async fn supervise(
-    mut child: tokio::process::Child,
-    pid: u32,
-    a: Assignment,
-    dir: PathBuf,
-    tx: mpsc::UnboundedSender<TrainerEvent>,
-    metrics: Arc<WorkerMetrics>,
-    capture: Capture,
-) {
-    if let Some(mut stdout) = child.stdout.take() {
-        let mut split = LineSplitter::new(MAX_STDOUT_LINE);
-        let mut buf = vec![0u8; 64 << 10];
-        loop {
-            let (lines, end) = match stdout.read(&mut buf).await {
-                Ok(0) | Err(_) => (split.finish().into_iter().collect(), true),
-                Ok(n) => (split.push(&buf[..n]), false),
-            };
-            for line in lines {
-                match serde_json::from_str::<ProgressLine>(&line) {
-                    Ok(mut p) => {
-                        metrics.observe(&a.job_id, a.rank as u32, &p);
-                        let parts = std::mem::take(&mut p.parts);
-                        let progress = rank_progress(&a.job_id, a.generation, a.rank as u32, p);
-                        let _ = tx.send(TrainerEvent::Progress(progress));
-                        for part in &parts {
-                            let _ = tx.send(TrainerEvent::Part(part.to_wire(&a.job_id)));
-                        }
-                    }
-                    Err(_) => {
-                        info!(rank = a.rank, "trainer: {line}");
-                        let line = trainer_logs::stdout_line(&line);
-                        capture.logs.lock().push(&capture.stdout, line);
-                    }
-                }
-            }
-            if end {
-                break;
-            }
-        }
-    }
-    let code = match child.wait().await {
-        Ok(status) => status
-            .code()
-            .unwrap_or_else(|| -status.signal().unwrap_or(0)),
-        Err(_) => -1,
-    };
-    process::signal_group(pid, libc::SIGKILL);
-    if let Some(stderr) = capture.stderr {
-        // The log file is complete (for the failure message) and every line buffered.
-        let _ = stderr.await;
-    }
-    let message = if code == 0 {
-        String::new()
-    } else {
-        last_error_line(&dir.join(format!("rank{}.log", a.rank)))
-    };
-    let _ = tx.send(TrainerEvent::Exit(v1::TrainerExit {
-        job_id: a.job_id,
-        generation: a.generation,
-        rank: a.rank as u32,
-        code,
-        message,
-    }));
-}
-
-/// The last non-empty line of a trainer log, for the job's failure message: plain text (a log written
-/// with colours, by an older build or a library, would put escape codes into every status table) and
-/// at most 300 characters of it.
-fn last_error_line(path: &Path) -> String {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .rev()
-                .map(strip_terminal_escapes)
-                .find(|l| !l.trim().is_empty())
-        })
-        .map(|l| l.trim().chars().take(300).collect())
-        .unwrap_or_default()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn line(json: &str) -> v1::RankProgress {
-        let p: ProgressLine = serde_json::from_str(json).unwrap();
-        rank_progress("job-0001", 2, 0, p)
-    }
-
-    /// The failure message quotes the log's last line as plain text: colour codes go, a line that is
-    /// only escape codes does not count, the quote is capped at 300 characters.
-    #[test]
-    fn last_error_line_is_plain_text() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("rank0.log");
-        let coloured = "\u{1b}[2m2026-12-03T10:00:00Z\u{1b}[0m \u{1b}[31mERROR\u{1b}[0m task failed: out of memory";
-        std::fs::write(&path, format!("first\n{coloured}\n\u{1b}[0m\n\n")).unwrap();
-        assert_eq!(
-            last_error_line(&path),
-            "2026-12-03T10:00:00Z ERROR task failed: out of memory"
-        );
-        std::fs::write(&path, format!("\u{1b}[1m{}\n", "x".repeat(400))).unwrap();
-        assert_eq!(last_error_line(&path), "x".repeat(300));
-        assert_eq!(last_error_line(&dir.path().join("none.log")), "");
-    }
-
-    /// A progress line's metrics, group lrs and grad norm reach the report; a line without them
-    /// still parses (older trainers) and writes no `metrics` key.
-    #[test]
-    fn progress_lines_reach_the_report() {
-        let eval = line(
-            r#"{"step":3,"losses":[["itc",0.5]],"lr":0.1,"samples_per_sec":8.0,"metrics":[["epoch",0.0],["val.r_mean",41.5]]}"#,
-        );
-        let names: Vec<(&str, f64)> = eval
-            .metrics
-            .iter()
-            .map(|m| (m.name.as_str(), m.value))
-            .collect();
-        assert_eq!(names, vec![("epoch", 0.0), ("val.r_mean", 41.5)]);
-        let next = line(r#"{"step":4,"losses":[["itc",0.4]],"lr":0.1,"samples_per_sec":8.0}"#);
-        assert!(next.metrics.is_empty() && next.lrs.is_empty() && next.grad_norm.is_none());
-        let grouped = line(
-            r#"{"step":5,"losses":[],"lr":0.1,"lrs":[0.1,0.1,0.5,0.5],"grad_norm":2.5,"samples_per_sec":8.0}"#,
-        );
-        assert_eq!(
-            (grouped.lrs.clone(), grouped.grad_norm),
-            (vec![0.1, 0.1, 0.5, 0.5], Some(2.5))
-        );
-        let plain = ProgressLine {
-            step: 1,
-            losses: vec![],
-            lr: 0.0,
-            lrs: vec![],
-            grad_norm: None,
-            samples_per_sec: 0.0,
-            parts: vec![],
-            metrics: vec![],
-            total_steps: 40,
-            step_time_s: 0.0,
-            allreduce_s: 0.0,
-            loader_queue_depth: None,
-            uploads: vec![],
-        };
-        assert!(!serde_json::to_string(&plain).unwrap().contains("metrics"));
-        let sent = rank_progress("j", 1, 0, plain);
-        assert_eq!(
-            sent.total_steps, 40,
-            "the schedule's total reaches the coordinator"
-        );
-    }
 }

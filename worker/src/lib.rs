@@ -11,6 +11,7 @@ pub mod error;
 pub mod metrics;
 pub mod process;
 pub mod progress_queue;
+mod supervision;
 pub mod trainer;
 pub mod trainer_logs;
 
