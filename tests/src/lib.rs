@@ -2,6 +2,7 @@
 //! coordinator and workers on loopback with free ports and temporary directories, run CLI commands.
 
 pub mod checkpoints;
+pub mod fault_proxy;
 pub mod netns;
 pub mod stall;
 
