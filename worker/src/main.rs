@@ -124,6 +124,13 @@ enum Cmd {
         /// `auto`: same-host neighbours use shared memory; `tcp`: loopback TCP only.
         #[arg(long, default_value = "auto", value_parser = ["auto", "tcp"])]
         transport: String,
+        /// Run only this rank of a TCP ring across `--peers` (one process per rank, started
+        /// together, e.g. one per host); rank 0 prints the result. `--world` is ignored.
+        #[arg(long, requires = "peers")]
+        rank: Option<usize>,
+        /// Every rank's `host:port`, comma-separated, in rank order; this rank listens on its own.
+        #[arg(long, value_delimiter = ',', requires = "rank")]
+        peers: Vec<String>,
     },
 }
 
@@ -168,12 +175,26 @@ fn run(cli: Cli) -> Result<()> {
             mb,
             iters,
             transport,
+            rank,
+            peers,
         }) => {
             anyhow::ensure!(
                 world >= 1 && iters >= 1,
                 "--world and --iters must be at least 1"
             );
             tch::set_num_threads(1);
+            if let Some(rank) = rank {
+                anyhow::ensure!(
+                    rank < peers.len(),
+                    "--rank {rank} is not one of the {} --peers",
+                    peers.len()
+                );
+                let result = bench::run_rank(rank, &peers, mb, iters, Duration::from_secs(60))?;
+                if rank == 0 {
+                    println!("{result}");
+                }
+                return Ok(());
+            }
             let result = bench::run(world, mb, iters, transport != "tcp")?;
             println!("{result}");
             Ok(())
