@@ -4,6 +4,10 @@ rank's time, each iteration after a barrier; algbw = bytes / median; busbw = alg
 
     python scripts/bench_gloo_allreduce.py --world 4 --mb 64 --iters 10
 
+With `--rank R --master HOST:PORT` it runs only rank R of the world, in this process, with rank 0
+listening at HOST:PORT (start one per host or network namespace, as scripts/bench_allreduce_netns.sh
+does; set GLOO_SOCKET_IFNAME to the interface the ranks reach each other on); rank 0 prints the line.
+
 Needs a torch that imports. The project's .venv holds the PyPI torch 2.11 wheel for its libtorch only
 (installed without its pip dependencies and without the CUDA libraries torch._C links), so to use it add
 typing_extensions, filelock, fsspec, sympy, networkx and jinja2 on PYTHONPATH and make the missing
@@ -27,10 +31,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def rank_main(rank, world, mib, iters, port, queue):
+def rank_main(rank, world, mib, iters, master, queue):
     torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = master
     dist.init_process_group("gloo", rank=rank, world_size=world)
     n = (mib << 20) // 4
     t = torch.full((n,), float(rank + 1), dtype=torch.float32)
@@ -51,16 +54,36 @@ def rank_main(rank, world, mib, iters, port, queue):
     dist.destroy_process_group()
 
 
+class Result:
+    """Where rank 0 leaves the slowest times when it runs in this process (`--rank`)."""
+
+    def put(self, slowest):
+        self.slowest = slowest
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--mb", type=int, default=64)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--rank", type=int, help="run only this rank (needs --master)")
+    p.add_argument("--master", help="HOST:PORT where rank 0 listens (with --rank)")
     a = p.parse_args()
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    mp.spawn(rank_main, args=(a.world, a.mb, a.iters, free_port(), queue), nprocs=a.world)
-    slowest = queue.get()
+    if a.rank is not None:
+        if a.master is None or not 0 <= a.rank < a.world:
+            p.error("--rank needs --master and must be below --world")
+        host, port = a.master.rsplit(":", 1)
+        result = Result()
+        rank_main(a.rank, a.world, a.mb, a.iters, (host, port), result)
+        if a.rank != 0:
+            return
+        slowest = result.slowest
+    else:
+        ctx = mp.get_context("spawn")
+        queue = ctx.SimpleQueue()
+        master = ("127.0.0.1", str(free_port()))
+        mp.spawn(rank_main, args=(a.world, a.mb, a.iters, master, queue), nprocs=a.world)
+        slowest = queue.get()
     median = statistics.median_high(slowest)  # sorted[iters // 2], as the Rust bench
     nbytes = (a.mb << 20) // 4 * 4
     algbw = nbytes / median / 1e9

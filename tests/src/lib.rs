@@ -2,6 +2,7 @@
 //! coordinator and workers on loopback with free ports and temporary directories, run CLI commands.
 
 pub mod checkpoints;
+pub mod fault_proxy;
 pub mod netns;
 pub mod stall;
 
@@ -171,6 +172,21 @@ impl Cluster {
         prefix: &[String],
         flags: &[&str],
     ) {
+        let url = self.url.clone();
+        self.add_worker_through(&url, name, slots, env, prefix, flags);
+    }
+
+    /// [`Cluster::add_worker_via`] with the coordinator reached at `coordinator` (e.g. a proxy in
+    /// front of it) instead of [`Cluster::url`].
+    pub fn add_worker_through(
+        &mut self,
+        coordinator: &str,
+        name: &str,
+        slots: u32,
+        env: &[(&str, &str)],
+        prefix: &[String],
+        flags: &[&str],
+    ) {
         let log = self.dir.join(format!("{name}.log"));
         let work = self.dir.join(format!("work-{name}"));
         let mut cmd = match prefix.split_first() {
@@ -185,7 +201,7 @@ impl Cluster {
             .args(flags)
             .args([
                 "--coordinator",
-                &self.url,
+                coordinator,
                 "--name",
                 name,
                 "--devices",

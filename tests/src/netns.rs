@@ -89,6 +89,18 @@ impl Net {
         format!("10.{}.0.1", self.subnet)
     }
 
+    /// Adds another address of the test's namespace on the bridge, `10.{subnet}.0.{101 + i}`, and
+    /// returns it: where a proxy standing in for host `i` listens, reached by the hosts like a host
+    /// of its own (a distinct address, so the ring does not take its peers for one host).
+    pub fn add_stand_in(&self, i: usize) -> String {
+        let ip = format!("10.{}.0.{}", self.subnet, 101 + i);
+        run(
+            "ip",
+            &["addr", "add", &format!("{ip}/32"), "dev", &self.bridge],
+        );
+        ip
+    }
+
     /// Host `i`'s address.
     pub fn host_ip(&self, i: usize) -> String {
         format!("10.{}.0.{}", self.subnet, 11 + i)

@@ -71,6 +71,19 @@ pub struct DaemonConfig {
     pub security: ClientSecurity,
     /// Address of the Prometheus `/metrics` listener ([`crate::metrics`]); none: not served.
     pub http_listen: Option<SocketAddr>,
+    /// Ring address announced instead of `host` and an ephemeral port (`--ring-advertise`).
+    pub ring_advertise: Option<RingAdvertise>,
+}
+
+/// A ring address a node announces in place of its own, for a forwarder in front of it that keeps
+/// the port (a NAT, or the fault-injecting proxy of the multi-host tests): slot `i` of a generation
+/// listens on `host`'s port `first_port + i` and is announced as `self.host:first_port + i`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RingAdvertise {
+    /// Host or IP announced to the ring peers.
+    pub host: String,
+    /// Port of the first slot; the next slots take the ports after it.
+    pub first_port: u16,
 }
 
 type Key = (String, u64);
@@ -479,7 +492,7 @@ impl Daemon {
             Ok(ip) => ip,
             Err(_) => std::net::IpAddr::from([0, 0, 0, 0]),
         };
-        for slot in &p.slots {
+        for (i, slot) in p.slots.iter().enumerate() {
             gen.slots.push(slot.rank);
             let mut ready = v1::RankReady {
                 job_id: p.job_id.clone(),
@@ -487,9 +500,21 @@ impl Daemon {
                 rank: slot.rank,
                 ..Default::default()
             };
-            match TcpListener::bind((bind_ip, 0)).and_then(|l| l.local_addr().map(|a| (l, a))) {
+            let (announced, port) = match &self.cfg.ring_advertise {
+                // A fixed port: one an earlier generation's trainer still holds fails this bind.
+                Some(a) => (
+                    a.host.as_str(),
+                    u16::try_from(usize::from(a.first_port) + i).ok(),
+                ),
+                None => (self.cfg.host.as_str(), Some(0)),
+            };
+            let bound = port
+                .ok_or_else(|| std::io::Error::other("past port 65535 (--ring-advertise)"))
+                .and_then(|port| TcpListener::bind((bind_ip, port)))
+                .and_then(|l| l.local_addr().map(|a| (l, a)));
+            match bound {
                 Ok((listener, addr)) => {
-                    ready.ring_address = format!("{}:{}", self.cfg.host, addr.port());
+                    ready.ring_address = format!("{announced}:{}", addr.port());
                     gen.listeners.insert(slot.rank, OwnedFd::from(listener));
                 }
                 Err(e) => ready.error = format!("cannot bind a ring socket: {e}"),

@@ -73,6 +73,30 @@ struct DaemonArgs {
     /// logged as `metrics listening`). Keep it on loopback or set a worker token: it has no TLS.
     #[arg(long, env = "XVLM_WORKER_HTTP_LISTEN")]
     http_listen: Option<std::net::SocketAddr>,
+    /// Announce the ring sockets as HOST:PORT instead of `--host` and an ephemeral port: slot i
+    /// listens on `--host` port PORT+i and is announced as HOST:PORT+i. For a forwarder in front of
+    /// this node that keeps the port (a NAT; the multi-host tests' fault-injecting proxy).
+    #[arg(long, env = "XVLM_RING_ADVERTISE", value_parser = parse_ring_advertise)]
+    ring_advertise: Option<daemon::RingAdvertise>,
+}
+
+/// `HOST:PORT` of `--ring-advertise`.
+fn parse_ring_advertise(s: &str) -> Result<daemon::RingAdvertise, String> {
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s:?} is not HOST:PORT"))?;
+    let first_port = port
+        .parse::<u16>()
+        .ok()
+        .filter(|&p| p != 0)
+        .ok_or_else(|| format!("{port:?} is not a port (1-65535)"))?;
+    if host.is_empty() {
+        return Err(format!("{s:?} has no host"));
+    }
+    Ok(daemon::RingAdvertise {
+        host: host.to_string(),
+        first_port,
+    })
 }
 
 #[derive(Subcommand)]
@@ -100,6 +124,13 @@ enum Cmd {
         /// `auto`: same-host neighbours use shared memory; `tcp`: loopback TCP only.
         #[arg(long, default_value = "auto", value_parser = ["auto", "tcp"])]
         transport: String,
+        /// Run only this rank of a TCP ring across `--peers` (one process per rank, started
+        /// together, e.g. one per host); rank 0 prints the result. `--world` is ignored.
+        #[arg(long, requires = "peers")]
+        rank: Option<usize>,
+        /// Every rank's `host:port`, comma-separated, in rank order; this rank listens on its own.
+        #[arg(long, value_delimiter = ',', requires = "rank")]
+        peers: Vec<String>,
     },
 }
 
@@ -144,12 +175,26 @@ fn run(cli: Cli) -> Result<()> {
             mb,
             iters,
             transport,
+            rank,
+            peers,
         }) => {
             anyhow::ensure!(
                 world >= 1 && iters >= 1,
                 "--world and --iters must be at least 1"
             );
             tch::set_num_threads(1);
+            if let Some(rank) = rank {
+                anyhow::ensure!(
+                    rank < peers.len(),
+                    "--rank {rank} is not one of the {} --peers",
+                    peers.len()
+                );
+                let result = bench::run_rank(rank, &peers, mb, iters, Duration::from_secs(60))?;
+                if rank == 0 {
+                    println!("{result}");
+                }
+                return Ok(());
+            }
             let result = bench::run(world, mb, iters, transport != "tcp")?;
             println!("{result}");
             Ok(())
@@ -172,6 +217,7 @@ fn run(cli: Cli) -> Result<()> {
                     token: load_token(a.worker_token_file.as_deref(), WORKER_TOKEN_ENV)?,
                 },
                 http_listen: a.http_listen,
+                ring_advertise: a.ring_advertise,
             };
             // One thread: trainers get PR_SET_PDEATHSIG from the thread that forks them, so it must
             // live as long as the daemon.
