@@ -39,6 +39,13 @@ What is patched for single-process offline CPU running, and nothing else:
 7. Recording, observers only: forward hooks on the model and a step post-hook on the optimizer read the
    losses the official step computed (.item(), as Pretrain.train does) and the lr the step used
    (param_groups[0]). The official prints go to stderr; stdout has the summary line only.
+
+Recorded options (off by default; scripts/learn-compare.sh uses both):
+- --rng-seed N replaces the config's accelerator RNG_SEED, with which set_up reseeds random / numpy / torch
+  after the model is built: --seed alone changes only the initial weights, the data order, augmentation
+  and region-step coins follow RNG_SEED (as in Pretrain.py). xvlm's job `seed` replaces RNG_SEED too.
+- --save PATH writes `model.state_dict()` after the last iteration (torch.save, as the official
+  checkpoints' 'model' entry, without the wrapping dict): the weights scripts/learn-eval.py evaluates.
 """
 import argparse
 import importlib
@@ -49,7 +56,7 @@ import tempfile
 import time
 import warnings
 
-from official_support import Unused, import_transformers_tokenizers, stub_unused_imports
+from official_support import Unused, build_without_weights, import_transformers_tokenizers, stub_unused_imports
 
 LOSSES = {3: ["loss_itc", "loss_itm", "loss_mlm"],
           5: ["loss_itc", "loss_itm", "loss_mlm", "loss_bbox", "loss_giou"]}
@@ -78,32 +85,6 @@ def single_process_group():
     store.close()
     os.unlink(store.name)
     dist.init_process_group("gloo", init_method="file://" + store.name, rank=0, world_size=1)
-
-
-def build_without_weights(config):
-    """Patch 3: `models.model_pretrain.XVLM(config)` with the two pretrained-weight loaders bypassed."""
-    import models.xvlm as X
-    from models.model_pretrain import XVLM
-
-    orig_bve = X.build_vision_encoder
-    orig_fp = X.BertForMaskedLM.__dict__.get("from_pretrained")
-
-    def from_pretrained(cls, name_or_path, *args, config=None, output_loading_info=False, **kwargs):
-        model = cls(config)
-        missing = [k for k, _ in model.named_parameters() if "crossattention" in k]
-        info = {"missing_keys": missing, "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
-        return (model, info) if output_loading_info else model
-
-    X.build_vision_encoder = lambda cfg, load_params=False: orig_bve(cfg, load_params=False)
-    X.BertForMaskedLM.from_pretrained = classmethod(from_pretrained)
-    try:
-        return XVLM(config=config)
-    finally:
-        X.build_vision_encoder = orig_bve
-        if orig_fp is None:
-            del X.BertForMaskedLM.from_pretrained
-        else:
-            X.BertForMaskedLM.from_pretrained = orig_fp
 
 
 class CpuO0Accelerator:
@@ -198,6 +179,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=10, help="iterations left out of the it/s")
     ap.add_argument("--out", required=True, help="json lines, one per optimizer step")
     ap.add_argument("--workdir", help="where the official loop writes log.txt (default: a new temp dir)")
+    ap.add_argument("--rng-seed", type=int, help="replaces the config's accelerator RNG_SEED")
+    ap.add_argument("--save", help="write the final model.state_dict() here (torch.save)")
     args = ap.parse_args()
     if args.iters <= args.warmup:
         ap.error("--iters must exceed --warmup")
@@ -208,6 +191,9 @@ def main():
     import ruamel.yaml as yaml
     config = yaml.load(open(args.config, "r"), Loader=yaml.Loader)  # as Pretrain.py
     absolute_paths(config, os.path.dirname(os.path.abspath(args.config)))
+    if args.rng_seed is not None:
+        config["accelerator"]["RNG_SEED"] = args.rng_seed
+    save = os.path.abspath(args.save) if args.save else None
     out = open(os.path.abspath(args.out), "w")
     workdir = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="official-pretrain-"))
     os.makedirs(workdir, exist_ok=True)
@@ -215,10 +201,12 @@ def main():
     pretrain = import_official(os.path.abspath(args.official))
     single_process_group()
     recorder = Recorder(out)
+    built = []
     official_train, official_create_optimizer = pretrain.train, pretrain.create_optimizer
 
     def model_factory(config):
         model = build_without_weights(config)
+        built.append(model)
         model.register_forward_pre_hook(recorder.forward_start)
         model.register_forward_hook(recorder.forward_end)
         return model
@@ -246,6 +234,8 @@ def main():
     finally:
         sys.stdout = stdout
         out.close()
+    if save:
+        torch.save(built[0].state_dict(), save)
 
     ends, w = recorder.ends, args.warmup
     timed = ends[-1] - ends[w - 1]

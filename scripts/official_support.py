@@ -109,3 +109,32 @@ def sharpness_intended(img, factor):
     out = img.astype(np.float32)
     out[1:-1, 1:-1, :] = degenerate + factor * (out[1:-1, 1:-1, :] - degenerate)
     return out.clip(0, 255).astype(np.uint8)
+
+
+def build_without_weights(config):
+    """`models.model_pretrain.XVLM(config)` with the two pretrained-weight loaders bypassed (no weights exist
+    offline): `build_vision_encoder` runs with load_params=False and `BertForMaskedLM.from_pretrained`
+    returns `cls(config)`, reporting the cross-attention keys missing. Needs the official checkout on
+    sys.path and import_transformers_tokenizers() done."""
+    import models.xvlm as X
+    from models.model_pretrain import XVLM
+
+    orig_bve = X.build_vision_encoder
+    orig_fp = X.BertForMaskedLM.__dict__.get("from_pretrained")
+
+    def from_pretrained(cls, name_or_path, *args, config=None, output_loading_info=False, **kwargs):
+        model = cls(config)
+        missing = [k for k, _ in model.named_parameters() if "crossattention" in k]
+        info = {"missing_keys": missing, "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+        return (model, info) if output_loading_info else model
+
+    X.build_vision_encoder = lambda cfg, load_params=False: orig_bve(cfg, load_params=False)
+    X.BertForMaskedLM.from_pretrained = classmethod(from_pretrained)
+    try:
+        return XVLM(config=config)
+    finally:
+        X.build_vision_encoder = orig_bve
+        if orig_fp is None:
+            del X.BertForMaskedLM.from_pretrained
+        else:
+            X.BertForMaskedLM.from_pretrained = orig_fp

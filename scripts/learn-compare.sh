@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Learning comparison against the official code (issue 14): the official X-VLM Pretrain.py loop
+# (scripts/official-pretrain-loop.py, PyTorch) and xvlm's pre-training (`xvlm-coord run`, world 1) train the
+# tiny model of bench/tiny-learn/task.yaml from scratch on the same synthetic corpus, SEEDS each; xvlm also
+# runs the ablation bench/tiny-learn/task-exact-ops.yaml (exact_ops: True in images and regions, the
+# intended RandAugment arithmetic instead of the official uint8 wraps) for ABLATION_SEEDS. Then
+# scripts/learn-eval.py evaluates every run's final weights with the official model code on a held-out
+# synthetic corpus, and scripts/learn-compare.py prints the table: loss windows and held-out metrics,
+# official min / max / band against xvlm's seed mean. A benchmark-style tool, not a test.
+#
+#   XVLM_OFFICIAL=/work/official/X-VLM OFFICIAL_PY=/work/official/venv/bin/python scripts/learn-compare.sh
+#
+# XVLM_OFFICIAL: the official checkout (cb4fff1), OFFICIAL_PY: its venv python (shared/bench/OFFICIAL-ENV.md).
+# SEEDS ("1 2 3"), ABLATION_SEEDS ("1 2"; "" skips the ablation), OUT (/tmp/learn-compare),
+# BIN (target/debug), HELDOUT (/tmp/tinyheld: `xvlm synth-data --images 250 --seed 1`, made if missing),
+# LANES (2): with 2, the runs go in two lanes side by side, each pinned to one core (taskset -c 0 / -c 1)
+# at one libtorch thread (an xvlm trainer takes its affinity's cores as threads): lane 0 the official
+# seeds then the 1st, 3rd ... ablation seed, lane 1 the xvlm seeds then the 2nd, 4th ... (the lanes
+# take about as long: an official iteration and an xvlm one cost about the same at one thread on a loaded
+# machine); with 1, everything runs one after another on 2 threads. STAGES ("train eval compare"): a later stage
+# reads what an earlier call left in OUT. The iteration count is the config's schedule (1,200).
+# Seed S: official --seed S --rng-seed S (initial weights, and RNG_SEED for data order, augmentation and
+# region coins); xvlm job seed S (replaces RNG_SEED; initial weights derive from it). The RNG streams
+# differ between the two programs; the comparison is of distributions over seeds.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+: "${XVLM_OFFICIAL:?set XVLM_OFFICIAL to the official X-VLM checkout}"
+: "${OFFICIAL_PY:?set OFFICIAL_PY to the python of its venv}"
+SEEDS=${SEEDS:-1 2 3}
+ABLATION_SEEDS=${ABLATION_SEEDS-1 2}
+OUT=${OUT:-/tmp/learn-compare}
+BIN=${BIN:-$ROOT/target/debug}
+HELDOUT=${HELDOUT:-/tmp/tinyheld}
+LANES=${LANES:-2}
+STAGES=${STAGES:-train eval compare}
+BENCH=$ROOT/bench/tiny-learn
+CORPUS=/tmp/tinycorpus # the paths task.yaml names
+[ -f "$CORPUS/vocab.txt" ] || "$BIN/xvlm" synth-data --out "$CORPUS" --images 1000 --seed 0 >/dev/null
+[ -f "$HELDOUT/vocab.txt" ] || "$BIN/xvlm" synth-data --out "$HELDOUT" --images 250 --seed 1 >/dev/null
+cmp -s "$CORPUS/vocab.txt" "$HELDOUT/vocab.txt" ||
+  echo "note: the held-out corpus has its own vocab.txt; it is read with the training one" >&2
+mkdir -p "$OUT"
+if [ "$LANES" = 2 ]; then PIN0="taskset -c 0" PIN1="taskset -c 1" THREADS=1
+else PIN0="" PIN1="" THREADS=2; fi
+
+official() { # $1: seed
+  local t0=$SECONDS
+  $PIN0 "$OFFICIAL_PY" "$ROOT/scripts/official-pretrain-loop.py" --official "$XVLM_OFFICIAL" \
+    --config "$BENCH/task.yaml" --iters 1200 --threads "$THREADS" --seed "$1" --rng-seed "$1" \
+    --out "$OUT/official-$1.jsonl" --save "$OUT/official-$1.pth" --workdir "$OUT/official-$1" \
+    2>"$OUT/official-$1.log" >"$OUT/official-$1.txt"
+  echo "official seed $1: $((SECONDS - t0)) s; $(cat "$OUT/official-$1.txt")"
+}
+
+xvlm() { # $1: run name (xvlm-S, exact-S), $2: seed, $3: task config, $4: taskset prefix; in its own
+  # folder (the worker writes xvlm-work/ into the working directory)
+  local dir=$OUT/$1 t0=$SECONDS
+  rm -rf "$dir"
+  mkdir -p "$dir"
+  (cd "$dir" && $4 "$BIN/xvlm-coord" run "$BENCH/job.yaml" --local-workers 1 --set "seed=$2" \
+    --set "config=$3" --listen 127.0.0.1:0 --state-dir "$dir/state" --storage "file://$dir/runs" \
+    >"$dir/progress.txt" 2>"$dir/coord.log")
+  ln -sf "$(ls "$dir"/xvlm-work/*/g1/rank0.log)" "$dir/rank0.log"
+  ln -sf "$(ls "$dir"/runs/*/final/model.safetensors)" "$dir/model.safetensors"
+  echo "$1 (seed $2): $((SECONDS - t0)) s; $(grep -c 'optimizer step.*kind=General' "$dir/rank0.log") iterations"
+}
+
+if [[ " $STAGES " == *" train "* ]]; then
+  echo "train: seeds $SEEDS, ablation seeds ${ABLATION_SEEDS:-none}, $LANES lane(s), load $(cut -d' ' -f1-3 /proc/loadavg)"
+  ablation() { # $1: lane (0, 1); with 1 lane, every ablation seed
+    local i=0 pin
+    [ "$1" = 0 ] && pin=$PIN0 || pin=$PIN1
+    for s in $ABLATION_SEEDS; do
+      if [ "$LANES" != 2 ] || [ $((i % 2)) != "$1" ]; then xvlm "exact-$s" "$s" task-exact-ops.yaml "$pin"; fi
+      i=$((i + 1))
+    done
+  }
+  lane0() { for s in $SEEDS; do official "$s"; done; ablation 0; }
+  lane1() { for s in $SEEDS; do xvlm "xvlm-$s" "$s" task.yaml "$PIN1"; done; ablation 1; }
+  if [ "$LANES" = 2 ]; then
+    lane0 & pid=$!
+    lane1
+    wait "$pid"
+  else
+    lane0
+    lane1
+  fi
+fi
+
+if [[ " $STAGES " == *" eval "* ]]; then
+  args=()
+  for s in $SEEDS; do args+=(--weights "$OUT/official-$s.pth" --label "official-$s"); done
+  for s in $SEEDS; do args+=(--weights "$OUT/xvlm-$s/model.safetensors" --label "xvlm-$s"); done
+  for s in $ABLATION_SEEDS; do args+=(--weights "$OUT/exact-$s/model.safetensors" --label "exact-$s"); done
+  (cd "$ROOT/scripts" && "$OFFICIAL_PY" learn-eval.py --official "$XVLM_OFFICIAL" --config "$BENCH/task.yaml" \
+    --heldout "$HELDOUT" "${args[@]}" --out "$OUT/metrics.jsonl" 2>"$OUT/eval.log")
+fi
+
+if [[ " $STAGES " == *" compare "* ]]; then
+  python3 "$ROOT/scripts/learn-compare.py" --dir "$OUT" --seeds $SEEDS --ablation-seeds $ABLATION_SEEDS |
+    tee "$OUT/table.md"
+fi
