@@ -2,8 +2,8 @@
 //! from the same progress reports as the TensorBoard files. Held in memory and bounded: past
 //! [`MAX_POINTS`] points the curve keeps every other one and records only every `stride`-th step
 //! from then on (the newest step is always shown). A generation that resumed from an older
-//! checkpoint drops the points of the steps it runs again. A restarted coordinator starts the
-//! curves afresh (the TensorBoard files keep the whole history).
+//! checkpoint drops the points of the steps it runs again. A restarted coordinator restores each
+//! job's curve from its TensorBoard files ([`Curves::restore`]), which keep the whole history.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -79,7 +79,12 @@ impl JobCurve {
             }
         }
         self.points.push(point);
-        if self.points.len() > MAX_POINTS {
+        self.thin();
+    }
+
+    /// Past [`MAX_POINTS`], doubles the stride and keeps the points on it (and the first and newest).
+    fn thin(&mut self) {
+        while self.points.len() > MAX_POINTS {
             self.stride *= 2;
             let stride = self.stride;
             let newest = self.points.len() - 1;
@@ -103,6 +108,31 @@ impl Curves {
     /// Adds rank 0's report of the job's running generation.
     pub fn add(&self, p: &v1::RankProgress) {
         self.lock().entry(p.job_id.clone()).or_default().add(p);
+    }
+
+    /// Puts the curve read from the job's files (its reports in order) before what was reported
+    /// since this coordinator started: the history's points from the first live step on are
+    /// replaced by the live ones.
+    pub fn restore(&self, job: &str, history: Vec<v1::RankProgress>) {
+        let mut restored = JobCurve::default();
+        for p in &history {
+            restored.add(p);
+        }
+        let mut jobs = self.lock();
+        let live = jobs.remove(job).unwrap_or_default();
+        if let Some(first) = live.points.first().map(|p| p.step) {
+            restored.points.retain(|p| p.step < first);
+            restored.evaluations.retain(|e| e.step < first);
+        }
+        restored.points.extend(live.points);
+        restored.evaluations.extend(live.evaluations);
+        restored.evaluations.sort_by_key(|e| e.step);
+        restored.stride = restored.stride.max(live.stride).max(1);
+        // The live generation carries on; with no live report yet, the next one's generation (they
+        // start at 1) differs from 0 and drops the restored steps it runs again.
+        restored.generation = live.generation;
+        restored.thin();
+        jobs.insert(job.to_string(), restored);
     }
 
     /// A copy of one job's curve (empty when it reported nothing yet).

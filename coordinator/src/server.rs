@@ -116,7 +116,31 @@ impl Core {
             let mut inner = core.lock();
             core.act(&mut inner, actions)?;
         }
+        core.restore_curves();
         Ok(core)
+    }
+
+    /// Every recovered job's dashboard curve, read back from its TensorBoard files off the lock.
+    fn restore_curves(self: &Arc<Self>) {
+        let jobs: Vec<(String, String)> = self
+            .lock()
+            .sched
+            .jobs()
+            .filter(|j| !j.output.is_empty())
+            .map(|j| (j.id.clone(), j.output.clone()))
+            .collect();
+        if jobs.is_empty() {
+            return;
+        }
+        let me = Arc::downgrade(self);
+        self.tensorboard.load_histories(
+            jobs,
+            Box::new(move |job, reports| {
+                if let Some(core) = me.upgrade() {
+                    core.curves.restore(job, reports);
+                }
+            }),
+        );
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {

@@ -1,7 +1,8 @@
 //! TensorBoard's event file format: TFRecord framing around `tensorflow.Event` protobufs (the public
 //! `event.proto` / `summary.proto` schema, field numbers as TensorBoard reads them). Only what the
 //! coordinator writes is modelled: the file version, scalar summaries and the session start that
-//! makes TensorBoard drop the steps a resumed generation runs again.
+//! makes TensorBoard drop the steps a resumed generation runs again. Records are read back, CRCs
+//! checked, to restore the dashboard's curves after a coordinator restart.
 
 use crc::{Crc, CRC_32_ISCSI};
 use prost::Message;
@@ -142,6 +143,70 @@ pub fn append_record(out: &mut Vec<u8>, event: &Event) {
     out.extend_from_slice(&masked_crc(&data).to_le_bytes());
 }
 
+/// Why a file's records could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// The file ends inside a record.
+    #[error("record at byte {offset} is cut off")]
+    Truncated {
+        /// Where the record starts.
+        offset: usize,
+    },
+    /// A length or payload does not match its CRC.
+    #[error("record at byte {offset}: {what} CRC mismatch")]
+    Crc {
+        /// Where the record starts.
+        offset: usize,
+        /// `length` or `data`.
+        what: &'static str,
+    },
+    /// The payload is not an `Event`.
+    #[error("record at byte {offset}: not an event")]
+    Decode {
+        /// Where the record starts.
+        offset: usize,
+        /// The protobuf error.
+        #[source]
+        source: prost::DecodeError,
+    },
+}
+
+/// Every event of a file of TFRecords, each checked against its CRCs.
+pub fn read_records(bytes: &[u8]) -> Result<Vec<Event>, RecordError> {
+    let mut events = Vec::new();
+    let mut offset = 0;
+    while offset < bytes.len() {
+        let rest = &bytes[offset..];
+        let truncated = RecordError::Truncated { offset };
+        let (len_bytes, len_crc) = match (rest.get(..8), rest.get(8..12)) {
+            (Some(l), Some(c)) => (l, c),
+            _ => return Err(truncated),
+        };
+        if masked_crc(len_bytes).to_le_bytes() != len_crc {
+            return Err(RecordError::Crc {
+                offset,
+                what: "length",
+            });
+        }
+        let len = u64::from_le_bytes(len_bytes.try_into().unwrap_or_default());
+        let end = usize::try_from(len)
+            .ok()
+            .and_then(|len| len.checked_add(16))
+            .filter(|&end| end <= rest.len())
+            .ok_or(truncated)?;
+        let data = &rest[12..end - 4];
+        if masked_crc(data).to_le_bytes() != rest[end - 4..end] {
+            return Err(RecordError::Crc {
+                offset,
+                what: "data",
+            });
+        }
+        events.push(Event::decode(data).map_err(|source| RecordError::Decode { offset, source })?);
+        offset += end;
+    }
+    Ok(events)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,5 +229,39 @@ mod tests {
         // The zero is on the wire: tag 2 (fixed32) of the second value.
         let zero = [0x15, 0, 0, 0, 0];
         assert!(data.windows(zero.len()).any(|w| w == zero), "{data:?}");
+    }
+
+    /// What append_record writes reads back; a cut file or a flipped byte is an error, not a
+    /// shorter history.
+    #[test]
+    fn records_read_back_and_damage_is_caught() {
+        let events = vec![
+            Event::file_version(1.0),
+            Event::session_start(2.0, 3, "generation 2 from step 3".into()),
+            Event::scalars(3.0, 3, vec![("loss/itc".into(), 0.5)]),
+        ];
+        let mut out = Vec::new();
+        for e in &events {
+            append_record(&mut out, e);
+        }
+        assert_eq!(read_records(&out).unwrap(), events);
+        assert!(read_records(&[]).unwrap().is_empty());
+        let cut = read_records(&out[..out.len() - 1]).unwrap_err();
+        assert!(matches!(cut, RecordError::Truncated { .. }), "{cut}");
+        let mut flipped = out.clone();
+        let last = flipped.len() - 6;
+        flipped[last] ^= 1;
+        let err = read_records(&flipped).unwrap_err();
+        assert!(
+            matches!(err, RecordError::Crc { what: "data", .. }),
+            "{err}"
+        );
+        let mut long = out.clone();
+        long[0] = 0xff;
+        let err = read_records(&long).unwrap_err();
+        assert!(
+            matches!(err, RecordError::Crc { what: "length", .. }),
+            "{err}"
+        );
     }
 }

@@ -11,9 +11,11 @@
 //!
 //! The files are written on their own thread and runtime: a slow store never holds up heartbeats.
 //! Events not yet flushed when the coordinator is killed are lost (at most one flush interval);
-//! `serve` flushes on shutdown.
+//! `serve` flushes on shutdown. A restarted coordinator reads the files back ([`history`]) to
+//! restore the dashboard's curves.
 
 mod event;
+mod history;
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -43,7 +45,14 @@ enum Msg {
         progress: Box<v1::RankProgress>,
     },
     Flush(oneshot::Sender<()>),
+    Load {
+        jobs: Vec<(String, String)>,
+        done: HistorySink,
+    },
 }
+
+/// Receives a job's reports read back from its files: (job, reports in order).
+pub type HistorySink = Box<dyn Fn(&str, Vec<v1::RankProgress>) + Send>;
 
 /// A handle to the event-file thread.
 pub struct TensorBoard {
@@ -75,6 +84,13 @@ impl TensorBoard {
         });
     }
 
+    /// Reads the event files of each (job, output) in the background, one job after another, and
+    /// hands each job's reports to `done`; a job with no files is skipped, one whose files cannot be
+    /// read is warned about and skipped.
+    pub fn load_histories(&self, jobs: Vec<(String, String)>, done: HistorySink) {
+        let _ = self.tx.send(Msg::Load { jobs, done });
+    }
+
     /// Writes every pending event now; returns when done or after `limit`.
     pub async fn flush(&self, limit: Duration) {
         let (done, wait) = oneshot::channel();
@@ -99,12 +115,36 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Msg>, flush_every: Duration) {
                     flush_all(&mut outputs).await;
                     let _ = done.send(());
                 }
+                Some(Msg::Load { jobs, done }) => {
+                    tokio::spawn(load_histories(jobs, done));
+                }
                 None => {
                     flush_all(&mut outputs).await;
                     return;
                 }
             },
             _ = tick.tick() => flush_all(&mut outputs).await,
+        }
+    }
+}
+
+async fn load_histories(jobs: Vec<(String, String)>, done: HistorySink) {
+    for (job, output) in jobs {
+        let read = match storage::open(&output, &[]) {
+            Ok(store) => history::read_history(&store, &job).await,
+            Err(e) => Err(CoordError::Server(e.to_string())),
+        };
+        match read {
+            Ok(reports) if reports.is_empty() => {}
+            Ok(reports) => {
+                info!(
+                    job,
+                    reports = reports.len(),
+                    "dashboard curve restored from the TensorBoard files"
+                );
+                done(&job, reports);
+            }
+            Err(e) => warn!(job, error = %e, "dashboard curve not restored"),
         }
     }
 }
@@ -240,6 +280,18 @@ fn wall_time() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// A temporary `file://` job output (`{dir}/job`) and a runtime to write it with.
+#[cfg(test)]
+fn temp_output() -> (tempfile::TempDir, String, tokio::runtime::Runtime) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let output = format!("file://{}/job", dir.path().display());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    (dir, output, runtime)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -296,12 +348,7 @@ mod tests {
     /// generation starts with a session START at its first step.
     #[test]
     fn segments_are_written_in_order_with_a_start_per_generation() {
-        let dir = tempfile::tempdir().unwrap();
-        let output = format!("file://{}/job", dir.path().display());
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let (dir, output, runtime) = temp_output();
         let mut events = JobEvents::open(&output);
         runtime.block_on(async {
             events.add(&progress(1, 1));
