@@ -5,6 +5,7 @@ pub mod checkpoints;
 pub mod fault_proxy;
 pub mod netns;
 pub mod stall;
+pub mod tiny_pretrain;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;

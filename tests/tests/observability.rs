@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use xvlm_e2e::tiny_pretrain::TinyPretrain;
 use xvlm_e2e::{http, start_coordinator_with_args, text, tool, wait_until, write, Cluster};
 use xvlm_model::config::configs_dir;
 use xvlm_model::data::synth::{generate, SynthConfig};
@@ -162,51 +163,21 @@ impl Prometheus {
 
 /// The address a process logged as `addr=HOST:PORT` on its first line containing `marker`.
 fn logged_addr(log: &Path, marker: &str) -> String {
+    nth_logged_addr(log, marker, 0)
+}
+
+/// [`logged_addr`] of the `n`-th line with `marker` (0-based): a restarted server appends its own.
+fn nth_logged_addr(log: &Path, marker: &str, n: usize) -> String {
     let mut found = None;
     wait_until(Duration::from_secs(20), || {
         found = std::fs::read_to_string(log).ok().and_then(|t| {
-            let line = t.lines().find(|l| l.contains(marker))?.to_string();
+            let line = t.lines().filter(|l| l.contains(marker)).nth(n)?.to_string();
             let addr = line.split("addr=").nth(1)?.split_whitespace().next()?;
             Some(addr.to_string())
         });
         found.is_some()
     });
     found.unwrap_or_else(|| panic!("{} never logged {marker:?}", log.display()))
-}
-
-/// The tiny pre-training model (as in pretrain_job.rs) on the corpus under `data`.
-fn task_yaml(data: &Path) -> String {
-    let configs = configs_dir();
-    let configs = std::fs::canonicalize(&configs).unwrap_or(configs);
-    let (d, c) = (data.display(), configs.display());
-    format!(
-        "train_file: ['{d}/pretrain/image_text']
-train_dataset_size: 16
-images: {{image_key: binary, is_image_rpath: False, caption_key: caption, tokenized: False, batch_size: 4, num_workers: 1}}
-use_clip_vit: False
-use_swin: True
-vision_config: '{c}/config_swin_tiny_128.json'
-image_res: 128
-patch_size: 32
-use_roberta: False
-text_config: '{c}/config_bert_demo.json'
-text_encoder: '{d}'
-load_bertL_by_sep: False
-calc_image_bbox_loss: False
-embed_dim: 16
-temp: 0.07
-max_words: 12
-max_tokens: 16
-mask_prob: 0.25
-max_masks: 3
-mask_whole_word: True
-skipgram_prb: 0.2
-skipgram_size: 3
-optimizer: {{opt: adamW, lr: 1e-4, weight_decay: 0.01, lr_mult: 2}}
-schedular: {{sched: linear, lr: 1e-4, epochs: 60, num_warmup_steps: 2}}
-accelerator: {{SYNCBN: false, FP16_OPT_LEVEL: O0, FP16_LOSS_SCALE: dynamic, RNG_SEED: 42, GRAD_ACCUMULATE_STEPS: 1, CLIP_GRAD_NORM: 5.0}}
-"
-    )
 }
 
 /// Waits up to `timeout` for `query` to have a value satisfying `ok`; returns the last value seen.
@@ -307,7 +278,15 @@ fn prometheus_scrapes_a_running_job() {
         },
     )
     .unwrap();
-    let config = write(dir.path(), "task.yaml", &task_yaml(&data));
+    let config = write(
+        dir.path(),
+        "task.yaml",
+        &TinyPretrain {
+            regions: false,
+            epochs: 60,
+        }
+        .yaml(&data, &configs_dir()),
+    );
     let job = format!(
         "name: e2e-metrics\ntask: pretrain\nconfig: {}\nsteps: {STEPS}\nseed: 7\nworkers: {{min: 2}}\n\
          checkpoint: {{every_steps: 50}}\n",
@@ -513,7 +492,8 @@ fn chart_points(dom: &str, name: &str) -> Vec<(u64, f64)> {
 
 /// The dashboard in headless Chromium against a running job: the front page lists the job and the
 /// workers; the job's page charts exactly the steps and losses the job reported (every step once,
-/// the values `watch` printed), shows later steps as the job goes on, and a screenshot is taken.
+/// the values `watch` printed), shows later steps as the job goes on, and a screenshot is taken;
+/// after a kill -9 and restart of the coordinator it still charts every step.
 #[test]
 fn dashboard_shows_a_running_job_in_a_browser() {
     let dir = tempfile::tempdir().unwrap();
@@ -623,5 +603,44 @@ fn dashboard_shows_a_running_job_in_a_browser() {
     );
     if let Some(keep) = std::env::var_os("XVLM_DASHBOARD_SCREENSHOT") {
         std::fs::copy(&shot, keep).expect("keep the screenshot");
+    }
+
+    // After a kill -9 and a restart the chart still holds every step, read back from the job's
+    // TensorBoard files (the tests flush them every 0.5 s).
+    wait_until(Duration::from_secs(60), || {
+        c.status(&job).contains("SUCCEEDED")
+    })
+    .unwrap_or_else(|| panic!("the job did not succeed:\n{}", c.logs()));
+    let get = |page: &str| {
+        let addr = page.trim_start_matches("http://");
+        let request = format!("GET /jobs/{job} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+        http(addr, &request).unwrap_or_default()
+    };
+    let finished = chart_points(&get(&page), "mse");
+    assert_eq!(finished.len(), 150, "{finished:?}");
+    std::thread::sleep(Duration::from_millis(1500));
+    c.coord.kill();
+    let addr = c.url.trim_start_matches("http://").to_string();
+    let (coord, url) =
+        start_coordinator_with_args(dir.path(), &addr, &[], &["--http-listen", "127.0.0.1:0"]);
+    let restarted = format!(
+        "http://{}",
+        nth_logged_addr(&coord.log, "http listening", 1)
+    );
+    c.coord = coord;
+    c.url = url;
+    let mut restored = Vec::new();
+    wait_until(Duration::from_secs(20), || {
+        restored = chart_points(&get(&restarted), "mse");
+        restored.len() == finished.len()
+    })
+    .unwrap_or_else(|| panic!("restored {} of 150 points:\n{}", restored.len(), c.logs()));
+    for ((step, value), (want_step, want)) in restored.iter().zip(&finished) {
+        assert_eq!(step, want_step);
+        // TensorBoard keeps f32.
+        assert!(
+            (value - want).abs() <= 1e-6 * want.abs().max(1e-6),
+            "step {step}: {value} restored, {want} before"
+        );
     }
 }

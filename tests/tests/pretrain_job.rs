@@ -2,6 +2,7 @@
 //! data-parallel on a small synthetic corpus to SUCCEEDED, every reported loss is finite, and the final
 //! checkpoint rank 0 wrote loads strictly into the pre-training model under the official key names.
 
+use xvlm_e2e::tiny_pretrain::TinyPretrain;
 use xvlm_e2e::{write, Cluster};
 use xvlm_model::checkpoint::{load_state_dict, read_state_dict, LoadOptions};
 use xvlm_model::config::{configs_dir, TaskConfig};
@@ -9,44 +10,6 @@ use xvlm_model::data::synth::{generate, SynthConfig};
 use xvlm_model::tasks::PretrainModel;
 
 const STEPS: u64 = 6;
-
-/// The tiny model on the corpus under `data`: region steps every iteration, so both optimizer steps of
-/// the official iteration run.
-fn task_yaml(data: &std::path::Path) -> String {
-    let configs = configs_dir();
-    let configs = std::fs::canonicalize(&configs).unwrap_or(configs);
-    let (d, c) = (data.display(), configs.display());
-    format!(
-        "train_file: ['{d}/pretrain/image_text']
-train_dataset_size: 16
-images: {{image_key: binary, is_image_rpath: False, caption_key: caption, tokenized: False, batch_size: 4, num_workers: 1}}
-train_file_regions: ['{d}/pretrain/regions']
-regions: {{image_key: binary, is_image_rpath: False, caption_key: caption, tokenized: False, iter_perc: 1.0, batch_size: 6, max_images: 2, max_regions: 3, min_perc_in_image: 0.5, num_workers: 1}}
-use_clip_vit: False
-use_swin: True
-vision_config: '{c}/config_swin_tiny_128.json'
-image_res: 128
-patch_size: 32
-use_roberta: False
-text_config: '{c}/config_bert_demo.json'
-text_encoder: '{d}'
-load_bertL_by_sep: False
-calc_image_bbox_loss: False
-embed_dim: 16
-temp: 0.07
-max_words: 12
-max_tokens: 16
-mask_prob: 0.25
-max_masks: 3
-mask_whole_word: True
-skipgram_prb: 0.2
-skipgram_size: 3
-optimizer: {{opt: adamW, lr: 1e-4, weight_decay: 0.01, lr_mult: 2}}
-schedular: {{sched: linear, lr: 1e-4, epochs: 3, num_warmup_steps: 2}}
-accelerator: {{SYNCBN: false, FP16_OPT_LEVEL: O0, FP16_LOSS_SCALE: dynamic, RNG_SEED: 42, GRAD_ACCUMULATE_STEPS: 1, CLIP_GRAD_NORM: 5.0}}
-"
-    )
-}
 
 /// Losses `name=value` of a `watch` line.
 fn losses(line: &str) -> Vec<(String, f64)> {
@@ -78,7 +41,15 @@ fn pretrain_job_trains_and_saves_an_official_checkpoint() {
         },
     )
     .unwrap();
-    let config = write(dir.path(), "task.yaml", &task_yaml(&data));
+    let config = write(
+        dir.path(),
+        "task.yaml",
+        &TinyPretrain {
+            regions: true,
+            epochs: 3,
+        }
+        .yaml(&data, &configs_dir()),
+    );
     let job = format!(
         "name: e2e-pretrain\ntask: pretrain\nconfig: {}\nsteps: {STEPS}\nseed: 7\nworkers: {{min: 2}}\n",
         config.display()

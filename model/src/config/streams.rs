@@ -118,7 +118,8 @@ fn default_true() -> bool {
 mod tests {
     use super::*;
 
-    const REGIONS: &str = "{batch_size: 6, max_images: 2, max_regions: 3, min_perc_in_image: '0.5', \
+    const REGIONS: &str =
+        "{batch_size: 6, max_images: 2, max_regions: 3, min_perc_in_image: '0.5', \
                            iter_perc: '1e-1'}";
 
     /// Numbers written as strings (PyYAML reads `1e-1` as one) parse; the defaults are the official
@@ -131,7 +132,10 @@ mod tests {
         assert_eq!(r.num_workers, 4);
         assert!(!r.exact_ops && !r.careful_hflip);
         let i: ImagesSection = serde_yaml::from_str("{batch_size: 8}").unwrap();
-        assert_eq!((i.num_workers, i.crop_scale, i.hflip), (4, (0.2, 1.0), true));
+        assert_eq!(
+            (i.num_workers, i.crop_scale, i.hflip),
+            (4, (0.2, 1.0), true)
+        );
     }
 
     /// `Pretrain.py` reads `regions.iter_perc` unconditionally, so a section without it is refused
