@@ -13,12 +13,16 @@
 # XVLM_OFFICIAL: the official checkout (cb4fff1), OFFICIAL_PY: its venv python (shared/bench/OFFICIAL-ENV.md).
 # SEEDS ("1 2 3"), ABLATION_SEEDS ("1 2"; "" skips the ablation), OUT (/tmp/learn-compare),
 # BIN (target/debug), HELDOUT (/tmp/tinyheld: `xvlm synth-data --images 250 --seed 1`, made if missing),
-# LANES (2): with 2, the runs go in two lanes side by side, each pinned to one core (taskset -c 0 / -c 1)
-# at one libtorch thread (an xvlm trainer takes its affinity's cores as threads): lane 0 the official
-# seeds then the 1st, 3rd ... ablation seed, lane 1 the xvlm seeds then the 2nd, 4th ... (the lanes
-# take about as long: an official iteration and an xvlm one cost about the same at one thread on a loaded
-# machine); with 1, everything runs one after another on 2 threads. STAGES ("train eval compare"): a later stage
-# reads what an earlier call left in OUT. The iteration count is the config's schedule (1,200).
+# LANES (2): with 2, two lanes side by side, each pinned to one core (taskset -c 0 / -c 1) at one
+# libtorch thread (an xvlm trainer takes its affinity's cores as threads), each taking the next run not
+# yet claimed (an official run costs about four xvlm runs at one thread: fixed lanes would leave one
+# idle); with 1, everything runs one after another on 2 threads. RUNS (default: official-S and xvlm-S
+# for SEEDS, exact-S for ABLATION_SEEDS, in that order): the runs the train stage makes, e.g.
+# RUNS="official-2 exact-1" to redo two. STAGES ("train eval compare"): a later stage reads what an
+# earlier call left in OUT. The iteration count is the config's schedule: EPOCHS (48) x 25 iterations
+# (800 training images, batch 32); another EPOCHS trains copies of the two configs under OUT/configs
+# with only `epochs` changed (their json paths made absolute). Loss windows end at a third, two thirds
+# and all of the iterations.
 # Seed S: official --seed S --rng-seed S (initial weights, and RNG_SEED for data order, augmentation and
 # region coins); xvlm job seed S (replaces RNG_SEED; initial weights derive from it). The RNG streams
 # differ between the two programs; the comparison is of distributions over seeds.
@@ -34,6 +38,18 @@ HELDOUT=${HELDOUT:-/tmp/tinyheld}
 LANES=${LANES:-2}
 STAGES=${STAGES:-train eval compare}
 BENCH=$ROOT/bench/tiny-learn
+EPOCHS=${EPOCHS:-48}
+ITERS=$((EPOCHS * 25))
+CONF=$BENCH # where task.yaml and task-exact-ops.yaml are read
+if [ "$EPOCHS" != 48 ]; then
+  CONF=$OUT/configs
+  mkdir -p "$CONF"
+  for f in task.yaml task-exact-ops.yaml; do
+    grep -q 'epochs: 48,' "$BENCH/$f" || { echo "$BENCH/$f: no 'epochs: 48,' to change" >&2; exit 2; }
+    sed -e "s/epochs: 48,/epochs: $EPOCHS,/" -e "s#'\.\./tiny-pretrain/#'$ROOT/bench/tiny-pretrain/#g" \
+      "$BENCH/$f" >"$CONF/$f"
+  done
+fi
 CORPUS=/tmp/tinycorpus # the paths task.yaml names
 [ -f "$CORPUS/vocab.txt" ] || "$BIN/xvlm" synth-data --out "$CORPUS" --images 1000 --seed 0 >/dev/null
 [ -f "$HELDOUT/vocab.txt" ] || "$BIN/xvlm" synth-data --out "$HELDOUT" --images 250 --seed 1 >/dev/null
@@ -43,10 +59,10 @@ mkdir -p "$OUT"
 if [ "$LANES" = 2 ]; then PIN0="taskset -c 0" PIN1="taskset -c 1" THREADS=1
 else PIN0="" PIN1="" THREADS=2; fi
 
-official() { # $1: seed
+official() { # $1: seed, $2: taskset prefix
   local t0=$SECONDS
-  $PIN0 "$OFFICIAL_PY" "$ROOT/scripts/official-pretrain-loop.py" --official "$XVLM_OFFICIAL" \
-    --config "$BENCH/task.yaml" --iters 1200 --threads "$THREADS" --seed "$1" --rng-seed "$1" \
+  $2 "$OFFICIAL_PY" "$ROOT/scripts/official-pretrain-loop.py" --official "$XVLM_OFFICIAL" \
+    --config "$CONF/task.yaml" --iters "$ITERS" --threads "$THREADS" --seed "$1" --rng-seed "$1" \
     --out "$OUT/official-$1.jsonl" --save "$OUT/official-$1.pth" --workdir "$OUT/official-$1" \
     2>"$OUT/official-$1.log" >"$OUT/official-$1.txt"
   echo "official seed $1: $((SECONDS - t0)) s; $(cat "$OUT/official-$1.txt")"
@@ -58,7 +74,7 @@ xvlm() { # $1: run name (xvlm-S, exact-S), $2: seed, $3: task config, $4: taskse
   rm -rf "$dir"
   mkdir -p "$dir"
   (cd "$dir" && $4 "$BIN/xvlm-coord" run "$BENCH/job.yaml" --local-workers 1 --set "seed=$2" \
-    --set "config=$3" --listen 127.0.0.1:0 --state-dir "$dir/state" --storage "file://$dir/runs" \
+    --set "config=$CONF/$3" --set "steps=$ITERS" --listen 127.0.0.1:0 --state-dir "$dir/state" --storage "file://$dir/runs" \
     >"$dir/progress.txt" 2>"$dir/coord.log")
   ln -sf "$(ls "$dir"/xvlm-work/*/g1/rank0.log)" "$dir/rank0.log"
   ln -sf "$(ls "$dir"/runs/*/final/model.safetensors)" "$dir/model.safetensors"
@@ -66,25 +82,37 @@ xvlm() { # $1: run name (xvlm-S, exact-S), $2: seed, $3: task config, $4: taskse
 }
 
 if [[ " $STAGES " == *" train "* ]]; then
-  echo "train: seeds $SEEDS, ablation seeds ${ABLATION_SEEDS:-none}, $LANES lane(s), load $(cut -d' ' -f1-3 /proc/loadavg)"
-  ablation() { # $1: lane (0, 1); with 1 lane, every ablation seed
-    local i=0 pin
-    [ "$1" = 0 ] && pin=$PIN0 || pin=$PIN1
-    for s in $ABLATION_SEEDS; do
-      if [ "$LANES" != 2 ] || [ $((i % 2)) != "$1" ]; then xvlm "exact-$s" "$s" task-exact-ops.yaml "$pin"; fi
-      i=$((i + 1))
+  if [ -z "${RUNS:-}" ]; then
+    RUNS=""
+    for s in $SEEDS; do RUNS+=" official-$s"; done
+    for s in $SEEDS; do RUNS+=" xvlm-$s"; done
+    for s in $ABLATION_SEEDS; do RUNS+=" exact-$s"; done
+  fi
+  echo "train:$RUNS; $LANES lane(s), load $(cut -d' ' -f1-3 /proc/loadavg)"
+  one_run() { # $1: run name, $2: taskset prefix
+    local seed=${1#*-}
+    case $1 in
+      official-*) official "$seed" "$2" ;;
+      xvlm-*) xvlm "$1" "$seed" task.yaml "$2" ;;
+      exact-*) xvlm "$1" "$seed" task-exact-ops.yaml "$2" ;;
+      *) echo "unknown run $1 (official-S, xvlm-S, exact-S)" >&2; return 2 ;;
+    esac
+  }
+  CLAIMS=$(mktemp -d "$OUT/.claims.XXXXXX")
+  lane() { # $1: taskset prefix; claims runs (an atomic mkdir each) until none is left
+    local r
+    for r in $RUNS; do
+      if mkdir "$CLAIMS/$r" 2>/dev/null; then one_run "$r" "$1"; fi
     done
   }
-  lane0() { for s in $SEEDS; do official "$s"; done; ablation 0; }
-  lane1() { for s in $SEEDS; do xvlm "xvlm-$s" "$s" task.yaml "$PIN1"; done; ablation 1; }
   if [ "$LANES" = 2 ]; then
-    lane0 & pid=$!
-    lane1
+    lane "$PIN0" & pid=$!
+    lane "$PIN1"
     wait "$pid"
   else
-    lane0
-    lane1
+    lane ""
   fi
+  rm -rf "$CLAIMS"
 fi
 
 if [[ " $STAGES " == *" eval "* ]]; then
@@ -92,11 +120,12 @@ if [[ " $STAGES " == *" eval "* ]]; then
   for s in $SEEDS; do args+=(--weights "$OUT/official-$s.pth" --label "official-$s"); done
   for s in $SEEDS; do args+=(--weights "$OUT/xvlm-$s/model.safetensors" --label "xvlm-$s"); done
   for s in $ABLATION_SEEDS; do args+=(--weights "$OUT/exact-$s/model.safetensors" --label "exact-$s"); done
-  (cd "$ROOT/scripts" && "$OFFICIAL_PY" learn-eval.py --official "$XVLM_OFFICIAL" --config "$BENCH/task.yaml" \
+  (cd "$ROOT/scripts" && "$OFFICIAL_PY" learn-eval.py --official "$XVLM_OFFICIAL" --config "$CONF/task.yaml" \
     --heldout "$HELDOUT" "${args[@]}" --out "$OUT/metrics.jsonl" 2>"$OUT/eval.log")
 fi
 
 if [[ " $STAGES " == *" compare "* ]]; then
-  python3 "$ROOT/scripts/learn-compare.py" --dir "$OUT" --seeds $SEEDS --ablation-seeds $ABLATION_SEEDS |
+  python3 "$ROOT/scripts/learn-compare.py" --dir "$OUT" --seeds $SEEDS --ablation-seeds $ABLATION_SEEDS \
+    --windows $((ITERS / 3)) $((2 * ITERS / 3)) "$ITERS" |
     tee "$OUT/table.md"
 fi

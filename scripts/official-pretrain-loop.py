@@ -35,8 +35,12 @@ What is patched for single-process offline CPU running, and nothing else:
 6. Files: relative paths in the config (vision_config, text_config, text_encoder, train_file[_regions]) are
    made absolute: against the config's folder when the file is there (xvlm's first rule), else against the
    starting directory (Pretrain.py's). Then the process works in --workdir, where the official loop writes
-   log.txt (and checkpoints, if ckpt_frequent is reached).
-7. Recording, observers only: forward hooks on the model and a step post-hook on the optimizer read the
+   log.txt; its output_dir is --workdir/output (checkpoints if ckpt_frequent is reached, and the copy of
+   log.txt that Pretrain.main makes after a whole schedule: a different folder, as when Pretrain.py runs).
+8. The end of a whole schedule: Pretrain.train's closing metric_logger.synchronize_between_processes
+   all-reduces each meter's (count, total) in a CUDA tensor; here the same tensor is on the CPU (gloo).
+   Only a run that trains the config's whole schedule (learn-compare.sh) gets there.
+9. Recording, observers only: forward hooks on the model and a step post-hook on the optimizer read the
    losses the official step computed (.item(), as Pretrain.train does) and the lr the step used
    (param_groups[0]). The official prints go to stderr; stdout has the summary line only.
 
@@ -73,7 +77,27 @@ def import_official(root):
     sys.modules["apex"].amp = Unused
     sys.modules["apex.parallel"].convert_syncbn_model = Unused
     import_transformers_tokenizers()
-    return importlib.import_module("Pretrain")
+    pretrain = importlib.import_module("Pretrain")
+    cpu_meter_sync(importlib.import_module("utils"))
+    return pretrain
+
+
+def cpu_meter_sync(utils):
+    """Patch 8: SmoothedValue.synchronize_between_processes with its tensor on the CPU."""
+    import torch
+    import torch.distributed as dist
+
+    def synchronize_between_processes(self):
+        if not utils.is_dist_avail_and_initialized():
+            return
+        t = torch.tensor([self.count, self.total], dtype=torch.float64)
+        dist.barrier()
+        dist.all_reduce(t)
+        t = t.tolist()
+        self.count = int(t[0])
+        self.total = t[1]
+
+    utils.SmoothedValue.synchronize_between_processes = synchronize_between_processes
 
 
 def single_process_group():
@@ -114,7 +138,7 @@ class CpuO0Accelerator:
 
 
 class Recorder:
-    """Patch 7: one json line per optimizer step; the end time of each iteration (its image-text step)."""
+    """Patch 9: one json line per optimizer step; the end time of each iteration (its image-text step)."""
 
     def __init__(self, out):
         self.out = out
@@ -223,8 +247,9 @@ def main():
     pretrain.ApexDDPAccelerator = CpuO0Accelerator
     pretrain.create_optimizer = create_optimizer
     pretrain.train = train
-    main_args = argparse.Namespace(config=args.config, output_dir=workdir, seed=args.seed, device="cpu",
+    main_args = argparse.Namespace(config=args.config, output_dir=os.path.join(workdir, "output"), seed=args.seed, device="cpu",
                                    distributed=True, world_size=1, dist_url="env://")
+    os.makedirs(main_args.output_dir, exist_ok=True)
     os.chdir(workdir)
     stdout, sys.stdout = sys.stdout, sys.stderr
     try:
