@@ -15,7 +15,7 @@
 # BIN (target/debug), HELDOUT (/tmp/tinyheld: `xvlm synth-data --images 250 --seed 1`, made if missing),
 # LANES (2): with 2, two lanes side by side, each pinned to one core (taskset -c 0 / -c 1) at one
 # libtorch thread (an xvlm trainer takes its affinity's cores as threads), each taking the next run not
-# yet claimed (an official run costs about four xvlm runs at one thread: fixed lanes would leave one
+# yet claimed (an official run takes about 1.3 xvlm runs at one thread, more under load: fixed lanes leave one
 # idle); with 1, everything runs one after another on 2 threads. RUNS (default: official-S and xvlm-S
 # for SEEDS, exact-S for ABLATION_SEEDS, in that order): the runs the train stage makes, e.g.
 # RUNS="official-2 exact-1" to redo two. STAGES ("train eval compare"): a later stage reads what an
