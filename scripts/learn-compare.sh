@@ -39,6 +39,7 @@ LANES=${LANES:-2}
 STAGES=${STAGES:-train eval compare}
 BENCH=$ROOT/bench/tiny-learn
 EPOCHS=${EPOCHS:-48}
+[[ "$EPOCHS" =~ ^[1-9][0-9]*$ ]] || { echo "EPOCHS=$EPOCHS: give a whole number of epochs (25 iterations each)" >&2; exit 2; }
 ITERS=$((EPOCHS * 25))
 CONF=$BENCH # where task.yaml and task-exact-ops.yaml are read
 if [ "$EPOCHS" != 48 ]; then
