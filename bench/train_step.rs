@@ -3,8 +3,10 @@
 //! (Swin-B 224 + BERT-base), fp32, random weights and inputs.
 //!
 //! Run: `cargo bench -p xvlm-model --bench train_step --profile dev -- [--iters N] [--batch B]
-//! [--threads T] [--only tiny|base] [--device cpu|cuda] [--configs DIR]` (defaults: 3 timed
-//! iterations after 1 warm-up, batch 2, 2 threads, CPU, the repository's `configs/`). On CUDA a config
+//! [--threads T] [--only tiny|base] [--device cpu|cuda] [--configs DIR] [--json FILE]` (defaults: 3
+//! timed iterations after 1 warm-up, batch 2, 2 threads, CPU, the repository's `configs/`). `--json`
+//! also writes one JSON line per config with each phase's times under the phase names of the official
+//! side (`../shared/bench/official_step_bench.py`), which `scripts/step-speed.sh` compares. On CUDA a config
 //! with `FP16_OPT_LEVEL` O1 trains with fp16 autocast and loss scaling. Without `--bench` in its
 //! arguments (e.g. under `cargo test --all-targets`) it does nothing, so test runs stay fast.
 
@@ -28,6 +30,7 @@ struct Options {
     only: Option<String>,
     device: Device,
     configs: std::path::PathBuf,
+    json: Option<std::path::PathBuf>,
 }
 
 fn parse_options(args: &[String]) -> Result<Options> {
@@ -38,6 +41,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
         only: None,
         device: Device::Cpu,
         configs: Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs"),
+        json: None,
     };
     let mut it = args.iter().skip(1);
     while let Some(a) = it.next() {
@@ -52,6 +56,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
             "--threads" => o.threads = value("--threads")?.parse().context("--threads")?,
             "--only" => o.only = Some(value("--only")?),
             "--configs" => o.configs = value("--configs")?.into(),
+            "--json" => o.json = Some(value("--json")?.into()),
             "--device" => {
                 o.device = match value("--device")?.as_str() {
                     "cpu" => Device::Cpu,
@@ -127,8 +132,34 @@ fn random_batch(
     })
 }
 
-/// Mean and min seconds of `iters` runs after one warm-up run (CUDA work included: synchronised).
-fn time(iters: usize, device: Device, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {
+/// The seconds of each timed run of one phase.
+struct Timing(Vec<f64>);
+
+impl Timing {
+    fn mean(&self) -> f64 {
+        self.0.iter().sum::<f64>() / self.0.len() as f64
+    }
+
+    fn min(&self) -> f64 {
+        self.0.iter().cloned().fold(f64::INFINITY, f64::min)
+    }
+
+    /// `{"mean", "min", "times"}`, as the official side writes a phase.
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({"mean": self.mean(), "min": self.min(), "times": self.0})
+    }
+}
+
+/// The peak resident set of this process so far (`VmHWM`), in MiB.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// `iters` timed runs after one warm-up run (CUDA work included: synchronised).
+fn time(iters: usize, device: Device, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
     let sync = || {
         if let Device::Cuda(i) = device {
             tch::Cuda::synchronize(i as i64);
@@ -143,12 +174,11 @@ fn time(iters: usize, device: Device, mut f: impl FnMut() -> Result<()>) -> Resu
         sync();
         times.push(start.elapsed().as_secs_f64());
     }
-    let mean = times.iter().sum::<f64>() / iters as f64;
-    let min = times.iter().cloned().fold(f64::INFINITY, f64::min);
-    Ok((mean, min))
+    Ok(Timing(times))
 }
 
-fn bench_config(label: &str, path: &Path, o: &Options) -> Result<()> {
+/// Benchmarks one config; its phases and peak RSS as one JSON object.
+fn bench_config(label: &str, path: &Path, o: &Options) -> Result<serde_json::Value> {
     let task = TaskConfig::load(path).with_context(|| format!("loading {}", path.display()))?;
     let vocab = task.load_text_config()?.vocab_size;
     tch::manual_seed(0);
@@ -184,16 +214,16 @@ fn bench_config(label: &str, path: &Path, o: &Options) -> Result<()> {
     );
     let mut sampler = MultinomialSampler::new(0);
     let mut logs = Vec::new();
-    let (mean, min) = time(o.iters, o.device, || {
+    let train_general = time(o.iters, o.device, || {
         logs.push(trainer.step(StepKind::General, &[&general], &SingleProcess, &mut sampler)?);
         Ok(())
     })?;
-    println!("  train step, image-text batch: mean {mean:.3} s, min {min:.3} s");
-    let (mean, min) = time(o.iters, o.device, || {
+    report("train step, image-text batch", &train_general);
+    let train_region = time(o.iters, o.device, || {
         logs.push(trainer.step(StepKind::Region, &[&region], &SingleProcess, &mut sampler)?);
         Ok(())
     })?;
-    println!("  train step, region batch (1 image): mean {mean:.3} s, min {min:.3} s");
+    report("train step, region batch (1 image)", &train_region);
     let losses: Vec<String> = logs
         .iter()
         .map(|l| format!("{:.4}", l.loss_total))
@@ -207,11 +237,11 @@ fn bench_config(label: &str, path: &Path, o: &Options) -> Result<()> {
     if logs.iter().any(|l| !l.loss_total.is_finite()) {
         bail!("{label}: a training loss is not finite");
     }
-    let (mean, min) = time(o.iters, o.device, || {
+    let eval_forward = time(o.iters, o.device, || {
         tch::no_grad(|| model.forward(&general, &SingleProcess, &mut sampler, false))?;
         Ok(())
     })?;
-    println!("  eval forward (no_grad), image-text batch: mean {mean:.3} s, min {min:.3} s");
+    report("eval forward (no_grad), image-text batch", &eval_forward);
     // The optimizer's share: clipping + AdamW over every parameter with a gradient.
     let mut adamw = AdamW::new(
         named_trainable_params(&vs),
@@ -219,7 +249,7 @@ fn bench_config(label: &str, path: &Path, o: &Options) -> Result<()> {
         is_pretrain_init_param,
     )?;
     adamw.set_lr_factor(0.5);
-    let (mean, min) = time(o.iters, o.device, || {
+    let clip_adamw = time(o.iters, o.device, || {
         let grads = Gradients::from_options(
             adamw
                 .params()
@@ -232,8 +262,26 @@ fn bench_config(label: &str, path: &Path, o: &Options) -> Result<()> {
         adamw.step_scaled(&grads, Some(coef))?;
         Ok(())
     })?;
-    println!("  of which clip + AdamW alone: mean {mean:.3} s, min {min:.3} s");
-    Ok(())
+    report("of which clip + AdamW alone", &clip_adamw);
+    Ok(serde_json::json!({
+        "bench": "train_step",
+        "config": label,
+        "params": params,
+        "batch": o.batch,
+        "threads": tch::get_num_threads(),
+        "peak_rss_mib": peak_rss_mib(),
+        "phases": {
+            "train_general": train_general.json(),
+            "train_region": train_region.json(),
+            "eval_forward": eval_forward.json(),
+            "clip_adamw": clip_adamw.json(),
+        },
+    }))
+}
+
+/// One phase's line: mean and min seconds.
+fn report(phase: &str, t: &Timing) {
+    println!("  {phase}: mean {:.3} s, min {:.3} s", t.mean(), t.min());
 }
 
 fn main() -> Result<()> {
@@ -252,7 +300,16 @@ fn main() -> Result<()> {
         if o.only.as_deref().is_some_and(|only| only != *label) {
             continue;
         }
-        bench_config(label, path, &o)?;
+        let result = bench_config(label, path, &o)?;
+        if let Some(json) = &o.json {
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(json)
+                .with_context(|| format!("--json {}", json.display()))?;
+            use std::io::Write;
+            writeln!(file, "{result}").with_context(|| format!("writing {}", json.display()))?;
+        }
     }
     Ok(())
 }

@@ -11,7 +11,7 @@ use crate::checkpoint::{CheckpointError, StateDict};
 use crate::collective::{Collective, CollectiveError};
 use crate::config::{ConfigError, TaskConfig, TextConfig};
 use crate::loss::{self, ItmWeights, NegativeKind, NegativeSampler};
-use crate::text::{CrossContext, TextEncoder};
+use crate::text::{CrossContext, CrossKv, TextEncoder};
 use crate::vision::{Backbone, VisionConfig, VisionEncoder, VisionError};
 
 /// Errors building or running an X-VLM model.
@@ -398,6 +398,12 @@ impl XvlmCore {
             .forward_multimodal(text_ids, text_atts, &cross, train)
     }
 
+    /// The cross-attention keys and values of `image_embeds` for every fusion layer, projected once
+    /// for the fusion passes over these images ([`Self::matching_loss`], [`Self::mlm_loss`]).
+    pub fn cross_kv(&self, image_embeds: &Tensor) -> CrossKv {
+        self.text.cross_kv(image_embeds)
+    }
+
     /// `get_features` image side: L2-normalised `vision_proj(image_embeds[:, 0])` [B, embed_dim].
     pub fn image_feat(&self, image_embeds: &Tensor) -> Result<Tensor, ModelError> {
         let proj = Self::require(&self.vision_proj, "vision_proj")?;
@@ -429,11 +435,13 @@ impl XvlmCore {
 
     /// `get_matching_loss`: hard negatives drawn by `sampler` from the local batch (image negatives for
     /// every text first, then text negatives for every image), fusion on positives and negatives,
-    /// `itm_head` on token 0.
+    /// `itm_head` on token 0. `image_kv` is [`Self::cross_kv`] of `image_embeds`: both passes index
+    /// into it instead of projecting the (gathered) image tokens again.
     #[allow(clippy::too_many_arguments)]
     pub fn matching_loss(
         &self,
         image_embeds: &Tensor,
+        image_kv: &CrossKv,
         image_atts: &Tensor,
         image_feat: &Tensor,
         text_embeds: &Tensor,
@@ -455,28 +463,32 @@ impl XvlmCore {
                 neg_text_idx.size()
             )));
         }
-        let image_embeds_neg = image_embeds.index_select(0, &neg_image_idx);
         let image_atts_neg = image_atts.index_select(0, &neg_image_idx);
         let text_embeds_neg = text_embeds.index_select(0, &neg_text_idx);
         let text_atts_neg = text_atts.index_select(0, &neg_text_idx);
 
         let text_embeds_all = Tensor::cat(&[text_embeds, &text_embeds_neg], 0);
         let text_atts_all = Tensor::cat(&[text_atts, &text_atts_neg], 0);
-        let image_embeds_all = Tensor::cat(&[&image_embeds_neg, image_embeds], 0);
+        // The official image_embeds_all = cat(image_embeds[neg_image_idx], image_embeds), as rows.
+        let own = Tensor::arange(bs, (Kind::Int64, image_embeds.device()));
+        let image_rows_all = Tensor::cat(&[&neg_image_idx.to_kind(Kind::Int64), &own], 0);
         let image_atts_all = Tensor::cat(&[&image_atts_neg, image_atts], 0);
 
-        let cross_pos_cls = self
-            .get_cross_embeds(image_embeds, image_atts, text_embeds, text_atts, train)
-            .select(1, 0);
-        let cross_neg_cls = self
-            .get_cross_embeds(
-                &image_embeds_all,
-                &image_atts_all,
-                &text_embeds_all,
-                &text_atts_all,
-                train,
-            )
-            .select(1, 0);
+        let fuse = |cross: CrossContext, text: &Tensor, atts: &Tensor| {
+            self.text
+                .forward_fusion(text, atts, &[cross], train)
+                .select(1, 0)
+        };
+        let cross_pos_cls = fuse(
+            CrossContext::projected(image_kv, None, image_atts),
+            text_embeds,
+            text_atts,
+        );
+        let cross_neg_cls = fuse(
+            CrossContext::projected(image_kv, Some(image_rows_all), &image_atts_all),
+            &text_embeds_all,
+            &text_atts_all,
+        );
         let logits = itm_head.forward(&Tensor::cat(&[&cross_pos_cls, &cross_neg_cls], 0));
         let loss = loss::itm_loss(&logits);
         Ok(MatchingOutput {
@@ -490,26 +502,24 @@ impl XvlmCore {
         })
     }
 
-    /// `get_mlm_loss`: the masked text through every layer (cross-attending to `image_embeds`), gathered
-    /// at `masked_pos` [B, M], MLM head, CE against `masked_ids` [B, M] (−100 = padding).
+    /// `get_mlm_loss`: the masked text through every layer (cross-attending to the images of
+    /// `image_kv`, [`Self::cross_kv`] of the image embeddings, row `i` to image `i`), gathered at
+    /// `masked_pos` [B, M], MLM head, CE against `masked_ids` [B, M] (−100 = padding).
     #[allow(clippy::too_many_arguments)]
     pub fn mlm_loss(
         &self,
         text_ids_masked: &Tensor,
         text_atts: &Tensor,
-        image_embeds: &Tensor,
+        image_kv: &CrossKv,
         image_atts: &Tensor,
         masked_pos: &Tensor,
         masked_ids: &Tensor,
         train: bool,
     ) -> Result<MlmOutput, ModelError> {
-        let hidden = self.get_cross_embeds_from_ids(
-            image_embeds,
-            image_atts,
-            text_ids_masked,
-            text_atts,
-            train,
-        );
+        let cross = [CrossContext::projected(image_kv, None, image_atts)];
+        let hidden = self
+            .text
+            .forward_multimodal(text_ids_masked, text_atts, &cross, train);
         let d = hidden.size()[2];
         let (b, m) = masked_pos
             .size2()

@@ -196,6 +196,8 @@ impl PretrainModel {
             ("temp".into(), core.temp()?.detach().copy()),
         ];
         let (mut loss_itc, mut loss_itm) = (zero(), zero());
+        // The ITM passes and the MLM pass fuse the same images: their cross keys/values once.
+        let image_kv = core.cross_kv(&vision.embeds);
         if self.itc || self.itm {
             let image_feat = core.image_feat(&vision.embeds)?;
             let text_feat = core.text_feat(&text_embeds)?;
@@ -205,6 +207,7 @@ impl PretrainModel {
             if self.itm {
                 let itm = core.matching_loss(
                     &vision.embeds,
+                    &image_kv,
                     &vision.atts,
                     &image_feat,
                     &text_embeds,
@@ -233,7 +236,7 @@ impl PretrainModel {
         let mlm = core.mlm_loss(
             &batch.text_ids_masked,
             &batch.text_atts,
-            &vision.embeds,
+            &image_kv,
             &vision.atts,
             &batch.masked_pos,
             &batch.masked_ids,

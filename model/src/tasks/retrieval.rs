@@ -67,6 +67,7 @@ impl RetrievalModel {
         let loss_itc = core.contrastive_loss(collective, &image_feat, &text_feat, Some(idx))?;
         let itm = core.matching_loss(
             &vision.embeds,
+            &core.cross_kv(&vision.embeds),
             &vision.atts,
             &image_feat,
             &text_embeds,

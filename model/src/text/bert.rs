@@ -8,6 +8,7 @@ use std::ops::Range;
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
+use super::cross::{CrossContext, CrossKv};
 use crate::config::TextConfig;
 
 /// Which official text backbone: decides the state-dict prefix, position ids and the MLM head layout.
@@ -40,25 +41,6 @@ pub enum EncoderMode {
     MultiModal,
 }
 
-/// One vision stream a cross-attention layer attends to: `embeds` [B, Nv, encoder_width] and its additive
-/// key mask [B, 1, 1, Nv] (see [`cross_attention_mask`]).
-pub struct CrossContext<'a> {
-    /// Vision tokens.
-    pub embeds: &'a Tensor,
-    /// Additive mask, `(1 - m) * -1e9`.
-    pub mask: Tensor,
-}
-
-impl<'a> CrossContext<'a> {
-    /// Builds the context from 0/1 `image_atts` [B, Nv] (any dtype).
-    pub fn new(embeds: &'a Tensor, image_atts: &Tensor) -> Self {
-        CrossContext {
-            embeds,
-            mask: cross_attention_mask(image_atts),
-        }
-    }
-}
-
 /// Self-attention additive mask from 0/1 `atts` [B, L] → [B, 1, 1, L]: `(1 - m) * -10000`
 /// (`BertModel.get_extended_attention_mask`, quirk 17).
 pub fn self_attention_mask(atts: &Tensor) -> Tensor {
@@ -77,13 +59,6 @@ pub fn causal_self_attention_mask(atts: &Tensor) -> Tensor {
         .to_kind(atts.kind());
     let m = (causal.unsqueeze(1) * atts.unsqueeze(1).unsqueeze(1)).to_kind(Kind::Float);
     (m.ones_like() - m) * -10000.0
-}
-
-/// Cross-attention additive mask from 0/1 `image_atts` [B, Nv] → [B, 1, 1, Nv]: `(1 - m) * -1e9`
-/// (transformers 4.12.5 `invert_attention_mask` in float32, quirk 17).
-pub fn cross_attention_mask(image_atts: &Tensor) -> Tensor {
-    let m = image_atts.unsqueeze(1).unsqueeze(1).to_kind(Kind::Float);
-    (m.ones_like() - m) * -1e9
 }
 
 /// A Linear initialised as BERT's `_init_weights` does: weight N(0, initializer_range), bias 0.
@@ -291,9 +266,29 @@ impl BertSelfAttention {
         mask: &Tensor,
         train: bool,
     ) -> (Tensor, Tensor) {
+        let (k, v) = self.project_kv(kv);
+        self.attend(hidden, &k, &v, mask, train)
+    }
+
+    /// The keys and values of `kv` [B, Lk, W], split into heads [B, heads, Lk, head_dim].
+    pub fn project_kv(&self, kv: &Tensor) -> (Tensor, Tensor) {
+        (
+            self.split_heads(&self.key.forward(kv)),
+            self.split_heads(&self.value.forward(kv)),
+        )
+    }
+
+    /// Attention of `hidden` [B, Lq, D] over keys `k` and values `v` [B, heads, Lk, head_dim] with
+    /// the additive `mask` → (context [B, Lq, D], probabilities [B, heads, Lq, Lk]).
+    fn attend(
+        &self,
+        hidden: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+        train: bool,
+    ) -> (Tensor, Tensor) {
         let q = self.split_heads(&self.query.forward(hidden));
-        let k = self.split_heads(&self.key.forward(kv));
-        let v = self.split_heads(&self.value.forward(kv));
         let scale = (self.head_dim as f64).sqrt();
         let scores = if self.scale_query_first {
             (&q / scale).matmul(&k.transpose(-1, -2))
@@ -304,7 +299,7 @@ impl BertSelfAttention {
         let (b, _, lq, _) = q.size4().expect("[B, H, L, d]");
         let ctx = probs
             .dropout(self.dropout, train)
-            .matmul(&v)
+            .matmul(v)
             .permute([0, 2, 1, 3])
             .contiguous()
             .view([b, lq, self.num_heads * self.head_dim]);
@@ -388,12 +383,26 @@ impl BertAttention {
         let (ctx, probs) = self.self_attn.forward_with_probs(hidden, kv, mask, train);
         (self.output.forward_t(&ctx, hidden, train), probs)
     }
+
+    /// Cross-attention block of text layer `layer` over `cross` → (output, probabilities).
+    fn forward_cross(
+        &self,
+        hidden: &Tensor,
+        cross: &CrossContext,
+        layer: usize,
+        train: bool,
+    ) -> (Tensor, Tensor) {
+        let (k, v) = cross.keys_values(layer, |embeds| self.self_attn.project_kv(embeds));
+        let (ctx, probs) = self.self_attn.attend(hidden, &k, &v, &cross.mask, train);
+        (self.output.forward_t(&ctx, hidden, train), probs)
+    }
 }
 
 // models/xbert.py: BertLayer(config, layer_num)
 /// One transformer layer; layers at or after `fusion_layer` carry `crossattention`.
 #[derive(Debug)]
 pub struct BertLayer {
+    index: usize,
     attention: BertAttention,
     crossattention: Option<BertAttention>,
     intermediate: nn::Linear,
@@ -419,6 +428,7 @@ impl BertLayer {
             BertAttention::with_kv(&p / "crossattention", cfg, cfg.encoder_width, shared_cross)
         });
         BertLayer {
+            index: layer_num as usize,
             attention: BertAttention::new(&p / "attention", cfg, cfg.hidden_size),
             crossattention,
             intermediate: bert_linear(
@@ -458,13 +468,9 @@ impl BertLayer {
         let mut probs = None;
         if let Some(crossattention) = &self.crossattention {
             let ctx = cross.expect("a cross-attention layer needs vision embeddings");
-            h = if capture {
-                let (out, p) = crossattention.forward_with_probs(&h, ctx.embeds, &ctx.mask, train);
-                probs = Some(p);
-                out
-            } else {
-                crossattention.forward_t(&h, ctx.embeds, &ctx.mask, train)
-            };
+            let (out, p) = crossattention.forward_cross(&h, ctx, self.index, train);
+            probs = capture.then_some(p);
+            h = out;
         }
         let inter = activation(&self.intermediate.forward(&h), &self.hidden_act);
         (self.output.forward_t(&inter, &h, train), probs)
@@ -517,6 +523,23 @@ impl BertModel {
             layers,
             fusion_layer: cfg.fusion_layer as usize,
         }
+    }
+
+    /// The cross-attention keys and values of `image_embeds` [U, Nv, encoder_width] for every cross
+    /// layer, projected once for fusion passes that share these images
+    /// ([`CrossContext::projected`]).
+    pub fn cross_kv(&self, image_embeds: &Tensor) -> CrossKv {
+        CrossKv::new(
+            self.layers
+                .iter()
+                .map(|layer| {
+                    layer
+                        .crossattention
+                        .as_ref()
+                        .map(|c| c.self_attn.project_kv(image_embeds))
+                })
+                .collect(),
+        )
     }
 
     /// Number of layers.
@@ -718,6 +741,7 @@ impl BertMlmHead {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::text::cross::cross_attention_mask;
     use tch::Device;
 
     fn tiny_cfg() -> TextConfig {
@@ -760,6 +784,61 @@ mod tests {
         attn.scale_query_first = true;
         let guarded = attn.forward_t(&hidden, &kv, &mask, false);
         assert!(plain.allclose(&guarded, 1e-5, 1e-6, false));
+    }
+
+    /// Fusing over keys/values projected once per image and selected per text row gives the states of
+    /// fusing over the gathered image tokens (the official way), and the same gradients for the image
+    /// tokens and every weight: three texts over two images, one image twice, with its own masks.
+    #[test]
+    fn projected_cross_kv_matches_gathered_tokens() {
+        tch::manual_seed(0);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let cfg = TextConfig {
+            num_hidden_layers: 3,
+            ..tiny_cfg()
+        };
+        let model = BertModel::new(vs.root(), &cfg, TextFlavor::Bert);
+        let opts = (Kind::Float, Device::Cpu);
+        let text = Tensor::randn([3, 4, 8], opts);
+        let text_atts = Tensor::from_slice(&[1i64, 1, 1, 0, 1, 1, 1, 1, 1, 1, 0, 0]).view([3, 4]);
+        let images = Tensor::randn([2, 5, 6], opts).set_requires_grad(true);
+        let rows = Tensor::from_slice(&[1i64, 0, 1]);
+        let image_atts =
+            Tensor::from_slice(&[1i64, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 0, 1, 0, 1]).view([3, 5]);
+        let run = |cross: CrossContext| {
+            let out = model.forward_fusion(&text, &text_atts, &[cross], false);
+            let loss = (&out * &out).sum(Kind::Float);
+            let mut inputs: Vec<Tensor> = vs.trainable_variables();
+            inputs.push(images.shallow_clone());
+            let grads = Tensor::run_backward(&[&loss], &inputs, false, false);
+            (out.detach(), grads)
+        };
+        let gathered = images.index_select(0, &rows);
+        let (official, official_grads) = run(CrossContext::new(&gathered, &image_atts));
+        let kv = model.cross_kv(&images);
+        let (projected, projected_grads) = run(CrossContext::projected(
+            &kv,
+            Some(rows.shallow_clone()),
+            &image_atts,
+        ));
+        assert!(official.allclose(&projected, 1e-5, 1e-6, false));
+        assert_eq!(official_grads.len(), projected_grads.len());
+        // Layers before `fusion_layer` take no part (undefined on both sides); the image tokens do.
+        assert!(projected_grads.last().is_some_and(Tensor::defined));
+        for (a, b) in official_grads.iter().zip(&projected_grads) {
+            assert_eq!(a.defined(), b.defined());
+            if a.defined() {
+                assert!(a.allclose(b, 1e-4, 1e-6, false), "{a:?} vs {b:?}");
+            }
+        }
+        // Rows that differ from the gathering give other states: the rows are used.
+        let kv = tch::no_grad(|| model.cross_kv(&images));
+        let swapped_rows = Some(Tensor::from_slice(&[0i64, 1, 0]));
+        let swapped = tch::no_grad(|| {
+            let cross = CrossContext::projected(&kv, swapped_rows, &image_atts);
+            model.forward_fusion(&text, &text_atts, &[cross], false)
+        });
+        assert!(!official.allclose(&swapped, 1e-3, 1e-4, false));
     }
 
     /// The capturing forward computes the same states, and probabilities only for a cross layer.

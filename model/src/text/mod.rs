@@ -2,6 +2,7 @@
 //! wrapper the X-VLM models hold (with the MLM head in pre-training, bare in fine-tuning).
 
 pub mod bert;
+pub mod cross;
 pub mod roberta;
 
 use std::collections::HashMap;
@@ -9,7 +10,8 @@ use std::path::{Path, PathBuf};
 
 use tch::{nn, Tensor};
 
-pub use bert::{BertModel, CrossContext, EncoderMode, TextFlavor};
+pub use bert::{BertModel, EncoderMode, TextFlavor};
+pub use cross::{cross_attention_mask, CrossContext, CrossKv};
 
 use crate::config::TextConfig;
 
@@ -215,6 +217,12 @@ impl TextEncoder {
         train: bool,
     ) -> Tensor {
         self.model.forward_decoder(ids, atts, cross, train)
+    }
+
+    /// The cross-attention keys and values of `image_embeds` for every cross layer (see
+    /// [`BertModel::cross_kv`]).
+    pub fn cross_kv(&self, image_embeds: &Tensor) -> CrossKv {
+        self.model.cross_kv(image_embeds)
     }
 
     /// MLM logits for hidden states [.., D]; `None` without an MLM head.
