@@ -70,14 +70,14 @@ official() { # $1: seed, $2: taskset prefix
 }
 
 xvlm() { # $1: run name (xvlm-S, exact-S), $2: seed, $3: task config, $4: taskset prefix; in its own
-  # folder (the worker writes xvlm-work/ into the working directory)
+  # folder (the run's workers write under its state dir: state/work/)
   local dir=$OUT/$1 t0=$SECONDS
   rm -rf "$dir"
   mkdir -p "$dir"
   (cd "$dir" && $4 "$BIN/xvlm-coord" run "$BENCH/job.yaml" --local-workers 1 --set "seed=$2" \
     --set "config=$CONF/$3" --set "steps=$ITERS" --listen 127.0.0.1:0 --state-dir "$dir/state" --storage "file://$dir/runs" \
     >"$dir/progress.txt" 2>"$dir/coord.log")
-  ln -sf "$(ls "$dir"/xvlm-work/*/g1/rank0.log)" "$dir/rank0.log"
+  ln -sf "$(ls "$dir"/state/work/*/g1/rank0.log)" "$dir/rank0.log"
   ln -sf "$(ls "$dir"/runs/*/final/model.safetensors)" "$dir/model.safetensors"
   echo "$1 (seed $2): $((SECONDS - t0)) s; $(grep -c 'optimizer step.*kind=General' "$dir/rank0.log") iterations"
 }

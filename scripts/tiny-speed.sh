@@ -34,7 +34,7 @@ official() { # $1: run number
     tee "$OUT/official-$1.txt" | grep -o 'it/s=[0-9.]*' | cut -d= -f2
 }
 
-xvlm() { # $1: run number; runs in its own folder (its worker writes xvlm-work/ into the working directory)
+xvlm() { # $1: run number; its own folder (the run's workers write under its state dir: state/work/)
   local dir=$OUT/xvlm-$1 t0 t1
   mkdir -p "$dir"
   t0=$EPOCHREALTIME
@@ -44,7 +44,7 @@ xvlm() { # $1: run number; runs in its own folder (its worker writes xvlm-work/ 
   t1=$EPOCHREALTIME
   # The trainer's log has one timestamped line per optimizer step; an iteration ends with its
   # image-text (General) step, as in the official loop.
-  python3 - "$dir"/xvlm-work/*/g1/rank0.log "$WARMUP" "$t0" "$t1" "$dir/summary.txt" <<'PY'
+  python3 - "$dir"/state/work/*/g1/rank0.log "$WARMUP" "$t0" "$t1" "$dir/summary.txt" <<'PY'
 import sys
 from datetime import datetime
 log, w, t0, t1, summary = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), sys.argv[5]

@@ -70,6 +70,8 @@ enum Outcome {
     Ended(Box<Result<xvlm_proto::v1::JobStatus>>),
     /// A stop signal came first.
     Stopped(&'static str),
+    /// The coordinator itself ended first (its job store could not be opened, say).
+    ServerEnded(Result<()>),
 }
 
 /// Runs the job to its end; returns its final status. A stop signal ends it early with an error.
@@ -106,7 +108,7 @@ pub async fn run(
     let worker_token = config.security.worker_token.clone();
     let state_dir = config.state_dir.clone();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(server::serve_with_http(listener, http, config, async {
+    let mut server = tokio::spawn(server::serve_with_http(listener, http, config, async {
         let _ = stop_rx.await;
     }));
     info!(%url, workers, "coordinator up; starting local workers");
@@ -119,6 +121,11 @@ pub async fn run(
             .arg(format!("local-{i}"))
             .arg("--cpu-slots")
             .arg(spec.workers.devices_per_worker.to_string())
+            // Under this run's own state dir, not the working directory: two runs started in one
+            // folder both number their first job job-0001, and workers sharing `./xvlm-work` would
+            // hand each other's trainers their assignments.
+            .arg("--work-dir")
+            .arg(state_dir.join("work"))
             .stdin(Stdio::null())
             // Their own process group: a terminal's Ctrl-C reaches `run` alone, which then stops
             // the workers in order (drain first) instead of every process at once.
@@ -152,6 +159,7 @@ pub async fn run(
     let outcome = tokio::select! {
         result = submit_and_watch(&url, client_security, job, sets, &mut job_id) => Outcome::Ended(Box::new(result)),
         name = signals.next() => Outcome::Stopped(name),
+        served = &mut server => Outcome::ServerEnded(server_result(served)),
     };
     if let Outcome::Stopped(name) = &outcome {
         warn!(
@@ -161,9 +169,18 @@ pub async fn run(
     }
     stop_workers(&mut children, &mut signals).await;
     let _ = stop_tx.send(());
-    let _ = server.await;
+    if !matches!(outcome, Outcome::ServerEnded(_)) {
+        let _ = server.await;
+    }
     match outcome {
         Outcome::Ended(result) => *result,
+        Outcome::ServerEnded(Err(e)) => Err(e.context(format!(
+            "the coordinator of this run stopped (state dir {})",
+            state_dir.display()
+        ))),
+        Outcome::ServerEnded(Ok(())) => Err(anyhow::anyhow!(
+            "the coordinator of this run stopped before the job ended"
+        )),
         Outcome::Stopped(name) => Err(match job_id {
             Some(id) => anyhow::anyhow!(
                 "stopped by {name}: job {id} stays in the job store {} (`xvlm-coord serve \
@@ -239,5 +256,18 @@ async fn stop_workers(children: &mut [Child], signals: &mut StopSignals) {
     for child in children.iter_mut() {
         // SIGKILL and reap; the worker's trainers die with it (their parent-death signal).
         let _ = child.kill().await;
+    }
+}
+
+/// The coordinator task's outcome as one result.
+fn server_result(
+    joined: std::result::Result<
+        std::result::Result<(), crate::error::CoordError>,
+        tokio::task::JoinError,
+    >,
+) -> Result<()> {
+    match joined {
+        Ok(served) => served.map_err(anyhow::Error::from),
+        Err(e) => Err(anyhow::Error::from(e).context("the coordinator task failed")),
     }
 }
