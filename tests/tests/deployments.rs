@@ -355,7 +355,8 @@ fn slurm_sbatch_worker_trains_and_drains_on_sigterm() {
         .unwrap_or_else(|| panic!("no trainer exit in the Slurm output:\n{log}"));
     assert!(
         trainer_exit.contains("\"code\":75"),
-        "the trainer did not leave through the preemption exit (75): {trainer_exit}"
+        "the trainer did not leave through the preemption exit (75): {trainer_exit}\n{log}\n{}",
+        c.logs()
     );
     let g1 = trainer_logs(&slurm_work, &job, 1);
     let saved = step_after(&g1, "preempted: checkpoint step-")

@@ -271,6 +271,9 @@ pub fn run(a: &Assignment, listener: Option<TcpListener>) -> Result<(), WorkerEr
         }
         println!("{}", serde_json::to_string(&line).unwrap_or_default());
         if request.leave && done < total {
+            if let Err(e) = save_request::ignore_stop_signal() {
+                warn!(error = %e, "cannot ignore SIGTERM while leaving");
+            }
             if let Some(c) = ckpt.as_ref() {
                 // Leaving before the commit would let the next generation start from an older step.
                 c.wait_committed(done, COMMIT_WAIT)?;

@@ -52,6 +52,18 @@ pub fn install() -> std::io::Result<()> {
     Ok(())
 }
 
+/// Ignores SIGTERM from now on: a trainer leaving at a committed step exits on its own moments later
+/// (the daemon's SIGKILL five seconds after its SIGTERM still bounds it). The generation's other
+/// ranks leave at the same step, and the first one out makes the coordinator stop the rest while
+/// they may still be waiting to see the commit.
+pub fn ignore_stop_signal() -> std::io::Result<()> {
+    // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
+    if unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) } == libc::SIG_ERR {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Marks a request in this process, as the signals do (tests, in-process callers).
 pub fn request(leave: bool) {
     if leave {
