@@ -194,4 +194,36 @@ mod tests {
         assert!(agree().leave);
         assert!(agree().leave, "a leave request stays");
     }
+
+    /// After [`ignore_stop_signal`] a SIGTERM no longer ends the process. Checked in a child (this
+    /// test binary re-run on this test alone), so the test process keeps its own SIGTERM; the child
+    /// leaves a marker only after surviving its SIGTERM.
+    #[test]
+    fn sigterm_is_ignored_once_leaving() {
+        const CHILD: &str = "XVLM_TEST_SIGTERM_MARKER";
+        if let Some(marker) = std::env::var_os(CHILD) {
+            ignore_stop_signal().unwrap();
+            // SAFETY: raise(3) of a signal this process now ignores.
+            unsafe { libc::raise(libc::SIGTERM) };
+            std::fs::write(marker, "survived").unwrap();
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("survived");
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "trainer::save_request::tests::sigterm_is_ignored_once_leaving",
+                "--test-threads=1",
+            ])
+            .env(CHILD, &marker)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "the child died of its SIGTERM: {status:?}"
+        );
+        assert!(marker.exists(), "the child did not run the test");
+    }
 }
