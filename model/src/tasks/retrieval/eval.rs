@@ -47,6 +47,7 @@ use super::RetrievalModel;
 use crate::collective::Collective;
 use crate::config::{ConfigError, FinetuneKeys, TaskConfig};
 use crate::metrics::retrieval::{GroundTruth, RetrievalMetrics, RetrievalRanks, TieRule};
+use crate::text::{CrossContext, CrossKv};
 use crate::xvlm::ModelError;
 
 mod plan;
@@ -606,18 +607,35 @@ impl<'a> Evaluation<'a> {
                 continue;
             };
             let mut logits = Vec::with_capacity(batches.len());
+            let mut group_kv: Option<(Range<usize>, CrossKv)> = None;
             for batch in batches {
                 let pairs = &plan.pairs[batch.clone()];
+                // A fusion batch never spans two image batches: the keys and values of the batch's
+                // image group are projected once per text chunk, not once per pair.
+                let group = self.image_group(local, pairs[0].image);
+                if group_kv.as_ref().is_none_or(|(g, _)| *g != group) {
+                    let tokens = local.image_embeds.narrow(
+                        0,
+                        (group.start - local.images.start) as i64,
+                        group.len() as i64,
+                    );
+                    group_kv = Some((group.clone(), self.model.core.text.cross_kv(&tokens)));
+                }
+                let Some((_, kv)) = group_kv.as_ref() else {
+                    unreachable!("set above")
+                };
                 let image_rows = rows(
                     pairs
                         .iter()
-                        .map(|p| (p.image - local.images.start) as i64)
+                        .map(|p| (p.image - group.start) as i64)
                         .collect(),
                 );
                 let chunk_rows = rows(pairs.iter().map(|p| (p.text - span.start) as i64).collect());
                 let text_ids = rows(pairs.iter().map(|p| p.text as i64).collect());
                 logits.push(self.match_logits(
-                    &local.image_embeds.index_select(0, &image_rows),
+                    kv,
+                    image_rows,
+                    local.image_embeds.size()[1],
                     &states.index_select(0, &chunk_rows),
                     &text_atts.index_select(0, &text_ids),
                 )?);
@@ -680,10 +698,21 @@ impl<'a> Evaluation<'a> {
         })
     }
 
-    /// `itm_head(fusion(text, image))[:, 1]` for aligned rows, all-ones image mask [b].
+    /// The image batch (global indices) holding `image`, cut to this rank's slice: the images whose
+    /// cross-attention keys and values are projected together.
+    fn image_group(&self, local: &LocalFeatures, image: usize) -> Range<usize> {
+        let batch = self.cfg.image_batch;
+        let start = (image / batch * batch).max(local.images.start);
+        start..(start + batch).min(local.images.end)
+    }
+
+    /// `itm_head(fusion(text, image))[:, 1]` for text row `i` against image `image_rows[i]` of `kv`
+    /// (vision tokens of `image_tokens` positions, all attended).
     fn match_logits(
         &self,
-        image_embeds: &Tensor,
+        kv: &CrossKv,
+        image_rows: Tensor,
+        image_tokens: i64,
         text_embeds: &Tensor,
         text_atts: &Tensor,
     ) -> Result<Tensor, ModelError> {
@@ -692,10 +721,14 @@ impl<'a> Evaluation<'a> {
             .itm_head
             .as_ref()
             .ok_or_else(|| ModelError::Input("the model was built without `itm_head`".into()))?;
-        let s = image_embeds.size();
-        let ones = Tensor::ones([s[0], s[1]], (Kind::Int64, image_embeds.device()));
+        let ones = Tensor::ones(
+            [image_rows.size()[0], image_tokens],
+            (Kind::Int64, text_embeds.device()),
+        );
+        let cross = [CrossContext::projected(kv, Some(image_rows), &ones)];
         let cls = core
-            .get_cross_embeds(image_embeds, &ones, text_embeds, text_atts, false)
+            .text
+            .forward_fusion(text_embeds, text_atts, &cross, false)
             .select(1, 0);
         Ok(nn::Module::forward(itm_head, &cls).select(1, 1))
     }
