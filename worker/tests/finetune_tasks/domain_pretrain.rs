@@ -2,8 +2,10 @@
 //! `task: grounding_bbox_pretrain` (Grounding_bbox_pretrain.py), on the demo corpus's json lines: from
 //! the binary's shared briefly pre-trained checkpoint each lowers its own loss over a short run, a
 //! resumed run ends bit-identical to an uninterrupted one, and the final weights load into the
-//! downstream task (`nlvr`, `grounding_bbox`) as its `init_checkpoint`. Every run here is without
-//! dropout: the other tests of this binary share libtorch's global generator.
+//! downstream task (`nlvr`, `grounding_bbox`) as its `init_checkpoint`; from the committed learning
+//! start (tests/fixtures/learning) on the learning corpus the NLVR2 pre-training learns the
+//! text-to-images alignment. Every run here is without dropout: the other tests of this binary share
+//! libtorch's global generator.
 
 use std::path::Path;
 use std::time::Instant;
@@ -19,6 +21,7 @@ use xvlm_worker::trainer::finetune::nlvr_pretrain::NlvrPretrainTask;
 use xvlm_worker::trainer::finetune::FinetuneTask;
 use xvlm_worker::trainer::task::TrainTask;
 
+use crate::task_common::learning::{learning_corpus, learning_start};
 use crate::task_common::{
     self, checkpointer, demo_config, finetune_spec, finetune_task, hashes, run, shared_pretrained,
     train_saving,
@@ -48,6 +51,12 @@ fn tensor<'a>(state: &'a [(String, Tensor)], key: &str) -> &'a Tensor {
         .1
 }
 
+/// A runner and every step's losses.
+type Trained<T> = (
+    xvlm_worker::trainer::runner::Runner<T>,
+    Vec<Vec<(String, f64)>>,
+);
+
 /// Trains `T` for `steps` steps from the shared pre-trained checkpoint on demo config `config`
 /// (`patch` applied), returning the runner and every step's losses.
 fn train_from_pretrained<T: FinetuneTask>(
@@ -55,11 +64,21 @@ fn train_from_pretrained<T: FinetuneTask>(
     config: &str,
     patch: &[(&str, &str)],
     steps: u64,
-) -> (
-    xvlm_worker::trainer::runner::Runner<T>,
-    Vec<Vec<(String, f64)>>,
-) {
+) -> Trained<T> {
     let (data, checkpoint, _) = shared_pretrained();
+    train_from(dir, data, checkpoint, config, patch, steps)
+}
+
+/// Trains `T` for `steps` steps from `checkpoint` on demo config `config` over the corpus `data`
+/// (`patch` applied), without dropout.
+fn train_from<T: FinetuneTask>(
+    dir: &Path,
+    data: &Path,
+    checkpoint: &Path,
+    config: &str,
+    patch: &[(&str, &str)],
+    steps: u64,
+) -> Trained<T> {
     let config = demo_config(dir, config, data, patch);
     let spec = finetune_spec(
         T::NAME,
@@ -119,7 +138,7 @@ fn resumes_bit_identically<T: FinetuneTask>(config: &str, total: u64, save_at: u
 /// image-text lines over 80 steps of 8 pairs (lr 1e-4): the mean of the last 20 steps is at least 0.1
 /// below that of the first 20. Measured: 1.255 -> 1.080. What this shows is the new `ta_head`
 /// calibrating onto the label prior (ln 3 = 1.099 is the CE of uniform predictions); that the tiny
-/// model learns the text-to-images alignment itself is the ignored test below.
+/// model learns the text-to-images alignment itself is the next test, from a longer start.
 #[test]
 fn nlvr_pretrain_lowers_its_loss() {
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -138,31 +157,39 @@ fn nlvr_pretrain_lowers_its_loss() {
     assert!(last < first - 0.1, "CE {first:.4} -> {last:.4}");
 }
 
-/// The learning floor one would want: the alignment learned, CE below 0.95 (well under the prior's
-/// ln 3 = 1.099) over the last 40 of 400 steps (10 epochs of the demo lines).
+/// The learning floor: the alignment learned, CE below 0.95 (well under the prior's ln 3 = 1.099) over
+/// the last 40 of 800 steps (2 epochs of the learning corpus's 3,200 lines) from the committed
+/// pre-trained start (tests/fixtures/learning). At the demo config's lr 1e-4 the CE falls too slowly
+/// (0.89 over steps 400-599 of a 2,000-step run), so this takes 3e-4; from the binary's 120-iteration
+/// start on the demo's 320 lines no lr got below the label prior (1.07-1.11).
 #[test]
-#[ignore = "not met: CE 1.078 over steps 360-399 at lr 1e-4 (40-step means 1.267, 1.109, then \
-            1.07-1.10: the label prior); 1.09 / 1.11 at lr 3e-4 / 1e-3; the NLVR2 fine-tune of this \
-            tiny doubled model stalls the same way (nlvr.rs); run with --ignored to measure"]
 fn nlvr_pretrain_learns_the_alignment() {
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().expect("tempdir");
-    let patch = [("epochs: 4,", "epochs: 10,")];
-    let (_task, losses) = train_from_pretrained::<NlvrPretrainTask>(
+    let (data, _) = learning_corpus();
+    let patch = [
+        ("train_dataset_size: 320 ", "train_dataset_size: 3200 "),
+        ("epochs: 4,", "epochs: 2,"),
+        ("lr: 1e-4,", "lr: 3e-4,"),
+    ];
+    let steps = 800;
+    let (_task, losses) = train_from::<NlvrPretrainTask>(
         dir.path(),
+        data,
+        &learning_start("pretrained"),
         "NLVR_pretrain_demo.yaml",
         &patch,
-        400,
+        steps,
     );
-    for (k, chunk) in losses.chunks(40).enumerate() {
+    for (k, chunk) in losses.chunks(100).enumerate() {
         println!(
             "steps {}-{}: CE {:.4}",
-            40 * k,
-            40 * k + 39,
+            100 * k,
+            100 * k + chunk.len() - 1,
             mean_loss(chunk, "ce")
         );
     }
-    let last = mean_loss(&losses[360..], "ce");
+    let last = mean_loss(&losses[losses.len() - 40..], "ce");
     assert!(last < 0.95, "CE {last:.4} over the last 40 steps");
 }
 

@@ -1,28 +1,35 @@
-//! `task: nlvr` on the fine-tune runner: fine-tuning a briefly pre-trained tiny checkpoint (its cross
-//! layers doubled on load) on the synthetic NLVR2 statements beats the floor on held-out balanced
-//! statements, and the distributed accuracy is identical at world 1, 2 and 4. Exact resume shares the
-//! runner's path with retrieval (finetune_retrieval.rs tests it bit for bit at world 1 and 2).
+//! `task: nlvr` on the fine-tune runner: fine-tuning the committed NLVR2-domain-pre-trained tiny
+//! checkpoint (tests/fixtures/learning) on the learning corpus's synthetic statements beats the floor
+//! on held-out balanced statements, and the distributed accuracy is identical at world 1, 2 and 4.
+//! Exact resume shares the runner's path with retrieval (finetune_retrieval.rs tests it bit for bit at
+//! world 1 and 2).
 
+use crate::task_common::learning::{learning_corpus, learning_start};
 use crate::task_common::{
-    self, demo_config, demo_corpus, finetune_spec, finetune_task, finish_at_world, metric,
-    pretrained_checkpoint, run, weights_after_steps_at_world,
+    self, demo_config, finetune_spec, finetune_task, finish_at_world, metric, run,
+    weights_after_steps_at_world,
 };
 use xvlm_model::collective::SingleProcess;
 use xvlm_worker::trainer::finetune::nlvr::NlvrTask;
 use xvlm_worker::trainer::task::TrainTask;
 
-/// Pre-training iterations that make the starting checkpoint (one rank, 8 pairs per batch).
-const PRETRAIN_ITERATIONS: u64 = 120;
+/// The fine-tune of the learning test: NLVR_demo.yaml's lr 1e-3 collapses to one class from this
+/// start (50 %), 3e-4 too (51 %); at 2e-4 the held-out accuracy stays near 60 % for two epochs, then
+/// climbs, for some seeds.
+const LEARNING_PATCH: [(&str, &str); 2] =
+    [("lr: 1e-3,", "lr: 2e-4,"), ("epochs: 2,", "epochs: 3,")];
 
 /// The floor of the issue: at least 70 % on at least 200 balanced held-out statements, and above the
 /// starting checkpoint.
 #[test]
-#[ignore = "not met yet: 320-480 steps at lr 1e-4..1e-3 leave the CE near ln 2 and 50.0 % held out \
-            (constant prediction); from a 20,000-iteration start (ITM 0.18) 60 % at lr 3e-4 over \
-            10 epochs, 50 % at this config's lr 1e-3; run with --ignored to measure"]
+#[ignore = "not met for every seed: from this start at lr 2e-4 over 3 epochs (4,800 steps, ~400 s) the \
+            CE sits near ln 2 for two epochs, then job seed 42 escapes (83.0 % test, dev 59 -> 73 -> \
+            83 % by epoch) and seed 11 does not (59.0 % here, 60.0 % as a job; 62 % at batch 16); \
+            lr 3e-4 collapses to one class (51 %), 1e-4 over 5 epochs 83.7 % (seed 42); run with \
+            --ignored to measure"]
 fn nlvr_fine_tuning_beats_the_floor_on_held_out_statements() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let data = demo_corpus(dir.path());
+    let (data, corpus_secs) = learning_corpus();
     let test: Vec<serde_json::Value> = serde_json::from_slice(
         &std::fs::read(data.join("finetune/nlvr_test.json")).expect("nlvr_test.json"),
     )
@@ -30,11 +37,8 @@ fn nlvr_fine_tuning_beats_the_floor_on_held_out_statements() {
     let trues = test.iter().filter(|e| e["label"] == "True").count();
     assert!(test.len() >= 200 && 2 * trues == test.len(), "unbalanced");
 
-    let started = std::time::Instant::now();
-    let checkpoint = pretrained_checkpoint(dir.path(), &data, PRETRAIN_ITERATIONS, "");
-    let pretrain_secs = started.elapsed().as_secs_f64();
-
-    let config = demo_config(dir.path(), "NLVR_demo.yaml", &data, &[]);
+    let checkpoint = learning_start("nlvr_pretrained");
+    let config = demo_config(dir.path(), "NLVR_demo.yaml", data, &LEARNING_PATCH);
     let job = |extra: &str| {
         finetune_spec(
             "nlvr",
@@ -51,21 +55,28 @@ fn nlvr_fine_tuning_beats_the_floor_on_held_out_statements() {
     let opening = start.finish(&SingleProcess).expect("starting checkpoint");
     drop(start);
 
+    let started = std::time::Instant::now();
     let mut tuned = finetune_task::<NlvrTask>(&job(""), &SingleProcess, &out("ft"));
     let total = tuned.total_steps();
     let losses = run(&mut tuned, &SingleProcess, 0, total);
-    for (step, l) in losses.iter().enumerate().step_by(40) {
-        println!("step {step}: {l:?}");
+    for (k, chunk) in losses.chunks(400).enumerate() {
+        let mean = chunk.iter().map(|l| metric(l, "ce")).sum::<f64>() / chunk.len() as f64;
+        println!(
+            "steps {}-{}: CE {mean:.4}",
+            400 * k,
+            400 * k + chunk.len() - 1
+        );
     }
     let closing = tuned.finish(&SingleProcess).expect("fine-tuned");
     let (before, after) = (metric(&opening, "test.acc"), metric(&closing, "test.acc"));
     println!(
-        "pre-training {PRETRAIN_ITERATIONS} iterations: {pretrain_secs:.0}s; fine-tuning {total} \
-         steps: {:.0}s; held-out NLVR2 accuracy on {} balanced statements {:.1} % -> {:.1} %",
-        started.elapsed().as_secs_f64() - pretrain_secs,
+        "learning corpus {corpus_secs:.0}s; fine-tuning {total} steps: {:.0}s; held-out NLVR2 \
+         accuracy on {} balanced statements {:.1} % -> {:.1} % (dev {:.1} %)",
+        started.elapsed().as_secs_f64(),
         test.len(),
         100.0 * before,
         100.0 * after,
+        100.0 * metric(&closing, "val.acc"),
     );
     assert_eq!(metric(&closing, "test.examples"), test.len() as f64);
     assert!(

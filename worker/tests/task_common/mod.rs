@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod learning;
+
 use std::path::{Path, PathBuf};
 
 use tch::{Device, Tensor};
