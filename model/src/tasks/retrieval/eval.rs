@@ -613,17 +613,18 @@ impl<'a> Evaluation<'a> {
                 // A fusion batch never spans two image batches: the keys and values of the batch's
                 // image group are projected once per text chunk, not once per pair.
                 let group = self.image_group(local, pairs[0].image);
-                if group_kv.as_ref().is_none_or(|(g, _)| *g != group) {
-                    let tokens = local.image_embeds.narrow(
-                        0,
-                        (group.start - local.images.start) as i64,
-                        group.len() as i64,
-                    );
-                    group_kv = Some((group.clone(), self.model.core.text.cross_kv(&tokens)));
-                }
-                let Some((_, kv)) = group_kv.as_ref() else {
-                    unreachable!("set above")
+                let held = match group_kv.take() {
+                    Some((g, kv)) if g == group => (g, kv),
+                    _ => {
+                        let tokens = local.image_embeds.narrow(
+                            0,
+                            (group.start - local.images.start) as i64,
+                            group.len() as i64,
+                        );
+                        (group.clone(), self.model.core.text.cross_kv(&tokens))
+                    }
                 };
+                let kv = &group_kv.insert(held).1;
                 let image_rows = rows(
                     pairs
                         .iter()
